@@ -8,6 +8,8 @@
 //! Decoding is safe on untrusted input: it never panics, allocates at most
 //! [`MAX_DECODE_BYTES`] for one value, and rejects trailing garbage.
 
+pub mod file;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -103,12 +105,20 @@ mod tests {
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     enum Msg {
         Ping(u64),
-        Put { key: String, value: Vec<u8>, extra: Option<BTreeMap<u64, String>> },
+        Put {
+            key: String,
+            value: Vec<u8>,
+            extra: Option<BTreeMap<u64, String>>,
+        },
     }
 
     #[test]
     fn round_trip_keeps_value() {
-        let m = Msg::Put { key: "k".into(), value: vec![1, 2, 3], extra: Some(BTreeMap::from([(7, "x".into())])) };
+        let m = Msg::Put {
+            key: "k".into(),
+            value: vec![1, 2, 3],
+            extra: Some(BTreeMap::from([(7, "x".into())])),
+        };
         let bytes = encode(&m).unwrap();
         assert_eq!(bytes[0], FORMAT_VERSION);
         assert_eq!(decode::<Msg>(&bytes).unwrap(), m);
@@ -118,17 +128,35 @@ mod tests {
     fn refuses_unknown_version_and_trailing_bytes() {
         let mut bytes = encode(&Msg::Ping(5)).unwrap();
         bytes[0] = FORMAT_VERSION + 1;
-        assert!(matches!(decode::<Msg>(&bytes), Err(CodecError::UnsupportedVersion { .. })));
+        assert!(matches!(
+            decode::<Msg>(&bytes),
+            Err(CodecError::UnsupportedVersion { .. })
+        ));
         let mut bytes = encode(&Msg::Ping(5)).unwrap();
         bytes.push(0);
-        assert!(matches!(decode::<Msg>(&bytes), Err(CodecError::TrailingBytes(1))));
+        assert!(matches!(
+            decode::<Msg>(&bytes),
+            Err(CodecError::TrailingBytes(1))
+        ));
         assert!(matches!(decode::<Msg>(&[]), Err(CodecError::Empty)));
     }
 
     #[test]
     fn hostile_length_does_not_allocate_unbounded() {
         // Version byte, variant 1 (Put), then a varint length claiming ~2^64 bytes.
-        let bytes = [FORMAT_VERSION, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        let bytes = [
+            FORMAT_VERSION,
+            1,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+        ];
         assert!(decode::<Msg>(&bytes).is_err());
     }
 

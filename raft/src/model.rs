@@ -1,0 +1,801 @@
+//! The replicated cluster model: hosts, VMs, disks, consistency groups, replication links
+//! and migrations, changed only by [`Command`]s committed through Raft.
+//!
+//! Everything here is pure and deterministic: [`ClusterModel::apply`] must give the same
+//! result on every node for the same command sequence, so it never reads clocks, random
+//! numbers or the environment. Validation happens here (not in the API layer) so that two
+//! racing requests are ordered by the log and exactly one of them wins.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// A host's Raft node id. Ids are never reused, even after a node is removed.
+pub type NodeId = u64;
+/// Cluster-wide disk id, assigned by the model.
+pub type DiskId = u64;
+
+/// Smallest disk the model accepts.
+pub const MIN_DISK_SIZE: u64 = 1 << 20;
+/// Largest disk the model accepts (16 TiB).
+pub const MAX_DISK_SIZE: u64 = 16 << 40;
+/// Disk sizes must be a multiple of this, so NBD clients with 4 KiB blocks see whole blocks.
+pub const DISK_SIZE_ALIGN: u64 = 4096;
+/// Most disks one VM may have.
+pub const MAX_DISKS_PER_VM: usize = 16;
+/// How many request ids the model remembers for retry de-duplication.
+pub const DEDUP_WINDOW: usize = 16384;
+
+/// A host known to the cluster. Registered before it joins the Raft membership.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Node id, also the identity in the host's certificate.
+    pub id: NodeId,
+    /// QUIC address other agents dial.
+    pub raft_addr: String,
+    /// Admin API address (HTTPS).
+    pub admin_addr: String,
+    /// A removed host keeps its record so its id is never handed out again.
+    pub retired: bool,
+}
+
+/// A virtual machine. It runs on exactly one host at a time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    /// Model-assigned id.
+    pub id: u64,
+    /// Unique name.
+    pub name: String,
+    /// The host the VM runs on (and where its disks are created).
+    pub host: NodeId,
+    /// The VM's disks, in attachment order.
+    pub disks: Vec<DiskId>,
+    /// Synthetic-guest workload spec, when the VM is simulated.
+    pub workload: Option<String>,
+    /// The consistency group the VM belongs to, if any.
+    pub cg: Option<String>,
+    /// Whether the (simulated) guest is running.
+    pub running: bool,
+    /// Proposer's wall clock at creation, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+/// A virtual disk of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// Model-assigned id; also names the image file and NBD export.
+    pub id: DiskId,
+    /// Owning VM.
+    pub vm: String,
+    /// Position among the VM's disks.
+    pub index: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Fencing epoch: a write carrying an older epoch is refused.
+    pub epoch: u64,
+}
+
+/// How the copies of a consistency group are kept in sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicationMode {
+    /// Active/passive asynchronous.
+    Async,
+    /// Active/passive synchronous.
+    Sync,
+    /// Both copies accept writes; durable on both before acknowledgement.
+    ActiveActiveSync,
+    /// Both copies accept writes; each streams its writes to the other.
+    ActiveActiveAsync,
+}
+
+/// A copy of a consistency group kept on another host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationLink {
+    /// Host holding the copy.
+    pub to: NodeId,
+    /// Mode of this link.
+    pub mode: ReplicationMode,
+}
+
+/// A consistency group: disks of one or more VMs that share one write order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cg {
+    /// Model-assigned id.
+    pub id: u64,
+    /// Unique name.
+    pub name: String,
+    /// Member VMs.
+    pub vms: Vec<String>,
+    /// Host whose copy takes guest writes.
+    pub primary: NodeId,
+    /// Host whose order defines the group's history (normally the primary).
+    pub sequencer: NodeId,
+    /// Copies on other hosts.
+    pub replicas: Vec<ReplicationLink>,
+}
+
+/// A migration of a consistency group. Filled in by the migration engine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// Model-assigned id.
+    pub id: u64,
+    /// The group being moved.
+    pub cg: String,
+    /// Source host.
+    pub from: NodeId,
+    /// Destination host.
+    pub to: NodeId,
+}
+
+/// A change to the cluster model. Encoded in the Raft log through `convoy-codec`; new
+/// variants go at the end so older logs still decode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Record a host (before it joins Raft). Idempotent for an identical active record;
+    /// refused for a retired id.
+    RegisterHost {
+        /// Node id from the host's certificate.
+        id: NodeId,
+        /// QUIC address.
+        raft_addr: String,
+        /// Admin API address.
+        admin_addr: String,
+    },
+    /// Mark a host removed; its id is never reused.
+    RetireHost {
+        /// The host.
+        id: NodeId,
+    },
+    /// Create a VM with its disks on `host`.
+    CreateVm {
+        /// Unique name.
+        name: String,
+        /// Host to create it on.
+        host: NodeId,
+        /// Size of each disk in bytes.
+        disk_sizes: Vec<u64>,
+        /// Synthetic workload spec, if simulated.
+        workload: Option<String>,
+        /// Proposer's clock, ms since the epoch (informational).
+        created_at_ms: u64,
+    },
+    /// Delete a VM that is in no consistency group.
+    DeleteVm {
+        /// The VM.
+        name: String,
+    },
+    /// Create a consistency group of VMs that all run on one host.
+    CreateCg {
+        /// Unique name.
+        name: String,
+        /// Member VMs (at least one, each in no other group).
+        vms: Vec<String>,
+    },
+    /// Delete a consistency group (its VMs stay).
+    DeleteCg {
+        /// The group.
+        name: String,
+    },
+}
+
+impl Command {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::RegisterHost { .. } => "register_host",
+            Command::RetireHost { .. } => "retire_host",
+            Command::CreateVm { .. } => "create_vm",
+            Command::DeleteVm { .. } => "delete_vm",
+            Command::CreateCg { .. } => "create_cg",
+            Command::DeleteCg { .. } => "delete_cg",
+        }
+    }
+}
+
+/// What a successfully applied command produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Nothing to report (blank or membership entries, deletions).
+    Done,
+    /// The host record after the command.
+    Host(HostRecord),
+    /// The VM created, with its disks.
+    Vm(Vm, Vec<Disk>),
+    /// The consistency group created.
+    Cg(Cg),
+}
+
+/// Why the model refused a command. Messages name the thing and the next step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ModelError {
+    /// A name or value is malformed.
+    #[error("invalid {what}: {why}")]
+    Invalid {
+        /// Which input.
+        what: String,
+        /// What is wrong and what is allowed.
+        why: String,
+    },
+    /// The named object already exists.
+    #[error("{kind} '{name}' already exists: pick another name or delete it first")]
+    Exists {
+        /// Object kind.
+        kind: String,
+        /// Its name.
+        name: String,
+    },
+    /// The named object does not exist.
+    #[error("{kind} '{name}' not found: list them with `convoy {kind} list`")]
+    NotFound {
+        /// Object kind (`vm`, `cg`, `host`).
+        kind: String,
+        /// Its name or id.
+        name: String,
+    },
+    /// A host id was used before and retired.
+    #[error("node id {0} was used by a removed node; ids are never reused: choose a new id")]
+    HostRetired(NodeId),
+    /// A host id is registered with different addresses.
+    #[error(
+        "node id {0} is already registered with other addresses; remove it first or choose a new id"
+    )]
+    HostConflict(NodeId),
+    /// The object is still in use.
+    #[error("{0}")]
+    InUse(String),
+}
+
+fn invalid(what: &str, why: impl Into<String>) -> ModelError {
+    ModelError::Invalid {
+        what: what.into(),
+        why: why.into(),
+    }
+}
+
+fn not_found(kind: &str, name: impl ToString) -> ModelError {
+    ModelError::NotFound {
+        kind: kind.into(),
+        name: name.to_string(),
+    }
+}
+
+/// Names of VMs and groups: 1–63 of `[A-Za-z0-9._-]`, starting with a letter or digit.
+pub fn validate_name(what: &str, name: &str) -> Result<(), ModelError> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > 63 {
+        return Err(invalid(
+            what,
+            format!("'{name}' must be 1 to 63 characters"),
+        ));
+    }
+    if !name.chars().all(ok_char) || !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(invalid(
+            what,
+            format!(
+                "'{name}' may only use letters, digits, '.', '_' and '-', starting with a letter or digit"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The whole replicated model. Cheap enough to clone for a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterModel {
+    /// Every host ever registered, by id.
+    pub hosts: BTreeMap<NodeId, HostRecord>,
+    /// VMs by name.
+    pub vms: BTreeMap<String, Vm>,
+    /// Disks by id.
+    pub disks: BTreeMap<DiskId, Disk>,
+    /// Consistency groups by name.
+    pub cgs: BTreeMap<String, Cg>,
+    /// Migrations by id (filled by the migration engine).
+    pub migrations: BTreeMap<u64, Migration>,
+    next_vm_id: u64,
+    next_disk_id: u64,
+    next_cg_id: u64,
+    dedup: Dedup,
+}
+
+/// Remembers the responses to the last [`DEDUP_WINDOW`] client request ids, so a client
+/// that retries after losing a response gets the original answer instead of applying twice.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Dedup {
+    order: VecDeque<u128>,
+    answers: HashMap<u128, Result<Outcome, ModelError>>,
+}
+
+impl Dedup {
+    fn get(&self, id: u128) -> Option<&Result<Outcome, ModelError>> {
+        self.answers.get(&id)
+    }
+
+    fn remember(&mut self, id: u128, answer: Result<Outcome, ModelError>) {
+        if self.answers.insert(id, answer).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > DEDUP_WINDOW {
+            if let Some(old) = self.order.pop_front() {
+                self.answers.remove(&old);
+            }
+        }
+    }
+}
+
+impl ClusterModel {
+    /// Applies one command. `request_id` (non-zero) makes retries idempotent: a repeated id
+    /// returns the first answer without applying again.
+    pub fn apply(&mut self, request_id: u128, cmd: &Command) -> Result<Outcome, ModelError> {
+        if request_id != 0 {
+            if let Some(answer) = self.dedup.get(request_id) {
+                return answer.clone();
+            }
+        }
+        let answer = self.apply_command(cmd);
+        if request_id != 0 {
+            self.dedup.remember(request_id, answer.clone());
+        }
+        answer
+    }
+
+    fn apply_command(&mut self, cmd: &Command) -> Result<Outcome, ModelError> {
+        match cmd {
+            Command::RegisterHost {
+                id,
+                raft_addr,
+                admin_addr,
+            } => self.register_host(*id, raft_addr, admin_addr),
+            Command::RetireHost { id } => self.retire_host(*id),
+            Command::CreateVm {
+                name,
+                host,
+                disk_sizes,
+                workload,
+                created_at_ms,
+            } => self.create_vm(name, *host, disk_sizes, workload.clone(), *created_at_ms),
+            Command::DeleteVm { name } => self.delete_vm(name),
+            Command::CreateCg { name, vms } => self.create_cg(name, vms),
+            Command::DeleteCg { name } => self.delete_cg(name),
+        }
+    }
+
+    /// Active (not retired) hosts.
+    pub fn active_hosts(&self) -> impl Iterator<Item = &HostRecord> {
+        self.hosts.values().filter(|h| !h.retired)
+    }
+
+    /// The disks of a VM, in order.
+    pub fn vm_disks(&self, vm: &Vm) -> Vec<Disk> {
+        vm.disks
+            .iter()
+            .filter_map(|id| self.disks.get(id).cloned())
+            .collect()
+    }
+
+    fn register_host(
+        &mut self,
+        id: NodeId,
+        raft_addr: &str,
+        admin_addr: &str,
+    ) -> Result<Outcome, ModelError> {
+        if id == 0 {
+            return Err(invalid("node id", "0 is reserved; node ids start at 1"));
+        }
+        let record = HostRecord {
+            id,
+            raft_addr: raft_addr.into(),
+            admin_addr: admin_addr.into(),
+            retired: false,
+        };
+        match self.hosts.get(&id) {
+            Some(h) if h.retired => Err(ModelError::HostRetired(id)),
+            Some(h) if *h != record => Err(ModelError::HostConflict(id)),
+            _ => {
+                self.hosts.insert(id, record.clone());
+                Ok(Outcome::Host(record))
+            }
+        }
+    }
+
+    fn retire_host(&mut self, id: NodeId) -> Result<Outcome, ModelError> {
+        if let Some(vm) = self.vms.values().find(|vm| vm.host == id) {
+            return Err(ModelError::InUse(format!(
+                "node {id} still hosts VM '{}': move or delete its VMs first",
+                vm.name
+            )));
+        }
+        let host = self
+            .hosts
+            .get_mut(&id)
+            .ok_or_else(|| not_found("host", id))?;
+        host.retired = true;
+        Ok(Outcome::Host(host.clone()))
+    }
+
+    fn create_vm(
+        &mut self,
+        name: &str,
+        host: NodeId,
+        disk_sizes: &[u64],
+        workload: Option<String>,
+        created_at_ms: u64,
+    ) -> Result<Outcome, ModelError> {
+        validate_name("VM name", name)?;
+        if self.vms.contains_key(name) {
+            return Err(ModelError::Exists {
+                kind: "vm".into(),
+                name: name.into(),
+            });
+        }
+        match self.hosts.get(&host) {
+            Some(h) if !h.retired => {}
+            _ => return Err(not_found("host", host)),
+        }
+        if disk_sizes.is_empty() || disk_sizes.len() > MAX_DISKS_PER_VM {
+            return Err(invalid(
+                "disks",
+                format!("a VM needs 1 to {MAX_DISKS_PER_VM} disks"),
+            ));
+        }
+        for &size in disk_sizes {
+            if !(MIN_DISK_SIZE..=MAX_DISK_SIZE).contains(&size) || size % DISK_SIZE_ALIGN != 0 {
+                return Err(invalid(
+                    "disk size",
+                    format!("{size} bytes: sizes must be 1 MiB to 16 TiB and a multiple of 4 KiB"),
+                ));
+            }
+        }
+        self.next_vm_id += 1;
+        let mut disks = Vec::with_capacity(disk_sizes.len());
+        for (index, &size) in disk_sizes.iter().enumerate() {
+            self.next_disk_id += 1;
+            let disk = Disk {
+                id: self.next_disk_id,
+                vm: name.into(),
+                index: index as u32,
+                size,
+                epoch: 1,
+            };
+            self.disks.insert(disk.id, disk.clone());
+            disks.push(disk);
+        }
+        let vm = Vm {
+            id: self.next_vm_id,
+            name: name.into(),
+            host,
+            disks: disks.iter().map(|d| d.id).collect(),
+            workload,
+            cg: None,
+            running: false,
+            created_at_ms,
+        };
+        self.vms.insert(vm.name.clone(), vm.clone());
+        Ok(Outcome::Vm(vm, disks))
+    }
+
+    fn delete_vm(&mut self, name: &str) -> Result<Outcome, ModelError> {
+        let vm = self.vms.get(name).ok_or_else(|| not_found("vm", name))?;
+        if let Some(cg) = &vm.cg {
+            return Err(ModelError::InUse(format!(
+                "VM '{name}' is in consistency group '{cg}': delete the group first (`convoy cg delete {cg}`)"
+            )));
+        }
+        if let Some(vm) = self.vms.remove(name) {
+            for id in &vm.disks {
+                self.disks.remove(id);
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn create_cg(&mut self, name: &str, vms: &[String]) -> Result<Outcome, ModelError> {
+        validate_name("group name", name)?;
+        if self.cgs.contains_key(name) {
+            return Err(ModelError::Exists {
+                kind: "cg".into(),
+                name: name.into(),
+            });
+        }
+        if vms.is_empty() {
+            return Err(invalid(
+                "group members",
+                "a consistency group needs at least one VM (--vm NAME)",
+            ));
+        }
+        let unique: BTreeSet<&String> = vms.iter().collect();
+        if unique.len() != vms.len() {
+            return Err(invalid("group members", "a VM is listed twice"));
+        }
+        let mut host = None;
+        for vm_name in vms {
+            let vm = self
+                .vms
+                .get(vm_name)
+                .ok_or_else(|| not_found("vm", vm_name))?;
+            if let Some(other) = &vm.cg {
+                return Err(ModelError::InUse(format!(
+                    "VM '{vm_name}' is already in consistency group '{other}'"
+                )));
+            }
+            match host {
+                None => host = Some(vm.host),
+                Some(h) if h != vm.host => {
+                    return Err(invalid(
+                        "group members",
+                        format!(
+                            "VM '{vm_name}' runs on node {} but the others on node {h}; a group starts on one host",
+                            vm.host
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let primary = host.unwrap_or_default();
+        for vm_name in vms {
+            if let Some(vm) = self.vms.get_mut(vm_name) {
+                vm.cg = Some(name.into());
+            }
+        }
+        self.next_cg_id += 1;
+        let cg = Cg {
+            id: self.next_cg_id,
+            name: name.into(),
+            vms: vms.to_vec(),
+            primary,
+            sequencer: primary,
+            replicas: Vec::new(),
+        };
+        self.cgs.insert(cg.name.clone(), cg.clone());
+        Ok(Outcome::Cg(cg))
+    }
+
+    fn delete_cg(&mut self, name: &str) -> Result<Outcome, ModelError> {
+        if self.migrations.values().any(|m| m.cg == name) {
+            return Err(ModelError::InUse(format!(
+                "group '{name}' has a migration: wait for it to end"
+            )));
+        }
+        let cg = self.cgs.remove(name).ok_or_else(|| not_found("cg", name))?;
+        for vm_name in &cg.vms {
+            if let Some(vm) = self.vms.get_mut(vm_name) {
+                vm.cg = None;
+            }
+        }
+        Ok(Outcome::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn with_hosts(ids: &[NodeId]) -> ClusterModel {
+        let mut m = ClusterModel::default();
+        for &id in ids {
+            m.apply(
+                0,
+                &Command::RegisterHost {
+                    id,
+                    raft_addr: format!("r{id}"),
+                    admin_addr: format!("a{id}"),
+                },
+            )
+            .unwrap();
+        }
+        m
+    }
+
+    fn create_vm(name: &str, host: NodeId) -> Command {
+        Command::CreateVm {
+            name: name.into(),
+            host,
+            disk_sizes: vec![64 * MIB],
+            workload: None,
+            created_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn vm_lifecycle() {
+        let mut m = with_hosts(&[1, 2]);
+        let Outcome::Vm(vm, disks) = m.apply(0, &create_vm("web", 1)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(vm.host, 1);
+        assert_eq!(disks.len(), 1);
+        assert_eq!(disks[0].epoch, 1);
+        assert!(matches!(
+            m.apply(0, &create_vm("web", 2)),
+            Err(ModelError::Exists { .. })
+        ));
+        m.apply(0, &Command::DeleteVm { name: "web".into() })
+            .unwrap();
+        assert!(m.vms.is_empty() && m.disks.is_empty());
+        assert!(matches!(
+            m.apply(0, &Command::DeleteVm { name: "web".into() }),
+            Err(ModelError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn vm_needs_live_host_and_sane_disks() {
+        let mut m = with_hosts(&[1]);
+        assert!(matches!(
+            m.apply(0, &create_vm("a", 9)),
+            Err(ModelError::NotFound { .. })
+        ));
+        let bad = Command::CreateVm {
+            name: "a".into(),
+            host: 1,
+            disk_sizes: vec![1000],
+            workload: None,
+            created_at_ms: 0,
+        };
+        assert!(matches!(m.apply(0, &bad), Err(ModelError::Invalid { .. })));
+        let none = Command::CreateVm {
+            name: "a".into(),
+            host: 1,
+            disk_sizes: vec![],
+            workload: None,
+            created_at_ms: 0,
+        };
+        assert!(matches!(m.apply(0, &none), Err(ModelError::Invalid { .. })));
+        assert!(matches!(
+            m.apply(0, &create_vm("bad name", 1)),
+            Err(ModelError::Invalid { .. })
+        ));
+        assert!(matches!(
+            m.apply(0, &create_vm("-x", 1)),
+            Err(ModelError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn host_ids_are_never_reused() {
+        let mut m = with_hosts(&[1, 2]);
+        m.apply(0, &Command::RetireHost { id: 2 }).unwrap();
+        let again = Command::RegisterHost {
+            id: 2,
+            raft_addr: "r2".into(),
+            admin_addr: "a2".into(),
+        };
+        assert_eq!(m.apply(0, &again), Err(ModelError::HostRetired(2)));
+        let conflict = Command::RegisterHost {
+            id: 1,
+            raft_addr: "other".into(),
+            admin_addr: "a1".into(),
+        };
+        assert_eq!(m.apply(0, &conflict), Err(ModelError::HostConflict(1)));
+        let same = Command::RegisterHost {
+            id: 1,
+            raft_addr: "r1".into(),
+            admin_addr: "a1".into(),
+        };
+        assert!(
+            m.apply(0, &same).is_ok(),
+            "re-registering the same record is idempotent"
+        );
+    }
+
+    #[test]
+    fn host_with_vms_cannot_retire() {
+        let mut m = with_hosts(&[1]);
+        m.apply(0, &create_vm("a", 1)).unwrap();
+        assert!(matches!(
+            m.apply(0, &Command::RetireHost { id: 1 }),
+            Err(ModelError::InUse(_))
+        ));
+    }
+
+    #[test]
+    fn cg_membership_rules() {
+        let mut m = with_hosts(&[1, 2]);
+        m.apply(0, &create_vm("a", 1)).unwrap();
+        m.apply(0, &create_vm("b", 1)).unwrap();
+        m.apply(0, &create_vm("c", 2)).unwrap();
+        let cg = |name: &str, vms: &[&str]| Command::CreateCg {
+            name: name.into(),
+            vms: vms.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(matches!(
+            m.apply(0, &cg("g", &["a", "c"])),
+            Err(ModelError::Invalid { .. })
+        ));
+        assert!(matches!(
+            m.apply(0, &cg("g", &["a", "a"])),
+            Err(ModelError::Invalid { .. })
+        ));
+        assert!(matches!(
+            m.apply(0, &cg("g", &["zz"])),
+            Err(ModelError::NotFound { .. })
+        ));
+        let Outcome::Cg(g) = m.apply(0, &cg("g", &["a", "b"])).unwrap() else {
+            panic!()
+        };
+        assert_eq!((g.primary, g.sequencer), (1, 1));
+        assert!(matches!(
+            m.apply(0, &cg("h", &["a"])),
+            Err(ModelError::InUse(_))
+        ));
+        assert!(matches!(
+            m.apply(0, &Command::DeleteVm { name: "a".into() }),
+            Err(ModelError::InUse(_))
+        ));
+        m.apply(0, &Command::DeleteCg { name: "g".into() }).unwrap();
+        assert_eq!(m.vms["a"].cg, None);
+        m.apply(0, &Command::DeleteVm { name: "a".into() }).unwrap();
+    }
+
+    #[test]
+    fn retried_request_returns_first_answer() {
+        let mut m = with_hosts(&[1]);
+        let first = m.apply(42, &create_vm("a", 1)).unwrap();
+        assert_eq!(m.apply(42, &create_vm("a", 1)).unwrap(), first);
+        assert_eq!(m.vms.len(), 1);
+        assert!(matches!(
+            m.apply(43, &create_vm("a", 1)),
+            Err(ModelError::Exists { .. })
+        ));
+    }
+
+    #[test]
+    fn dedup_window_is_bounded() {
+        let mut m = with_hosts(&[1]);
+        for i in 1..=(DEDUP_WINDOW as u128 + 10) {
+            let _ = m.apply(
+                i,
+                &Command::DeleteVm {
+                    name: "none".into(),
+                },
+            );
+        }
+        assert_eq!(m.dedup.order.len(), DEDUP_WINDOW);
+        assert_eq!(m.dedup.answers.len(), DEDUP_WINDOW);
+    }
+
+    fn arb_command() -> impl Strategy<Value = Command> {
+        let name = prop::sample::select(vec!["a", "b", "c", "d"]).prop_map(String::from);
+        let host = 0u64..4;
+        prop_oneof![
+            host.clone().prop_map(|id| Command::RegisterHost {
+                id,
+                raft_addr: format!("r{id}"),
+                admin_addr: "x".into()
+            }),
+            host.clone().prop_map(|id| Command::RetireHost { id }),
+            (name.clone(), host).prop_map(|(n, h)| create_vm(&n, h)),
+            name.clone().prop_map(|name| Command::DeleteVm { name }),
+            (name.clone(), prop::collection::vec(name.clone(), 0..3))
+                .prop_map(|(name, vms)| Command::CreateCg { name, vms }),
+            name.prop_map(|name| Command::DeleteCg { name }),
+        ]
+    }
+
+    proptest! {
+        /// Replaying the same log gives the same model, and references stay consistent.
+        #[test]
+        fn apply_is_deterministic_and_consistent(cmds in prop::collection::vec(arb_command(), 0..60)) {
+            let mut a = ClusterModel::default();
+            let mut b = ClusterModel::default();
+            for (i, c) in cmds.iter().enumerate() {
+                prop_assert_eq!(a.apply(i as u128 + 1, c), b.apply(i as u128 + 1, c));
+            }
+            prop_assert_eq!(&a, &b);
+            for vm in a.vms.values() {
+                prop_assert!(a.hosts.contains_key(&vm.host));
+                for d in &vm.disks { prop_assert_eq!(&a.disks[d].vm, &vm.name); }
+                if let Some(cg) = &vm.cg { prop_assert!(a.cgs[cg].vms.contains(&vm.name)); }
+            }
+            for cg in a.cgs.values() {
+                for vm in &cg.vms { prop_assert_eq!(a.vms[vm].cg.as_deref(), Some(cg.name.as_str())); }
+            }
+            let disk_count: usize = a.vms.values().map(|v| v.disks.len()).sum();
+            prop_assert_eq!(disk_count, a.disks.len());
+        }
+    }
+}
