@@ -1,1 +1,79 @@
-fn main() {}
+//! `convoy`: the agent daemon, the local dev cluster and the admin CLI in one binary.
+
+mod api;
+mod certs;
+mod cli;
+mod client;
+mod config;
+mod dev;
+mod metrics;
+mod node;
+mod units;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Cmd};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_env("CONVOY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Agent { config } => {
+            init_logging("info,openraft=warn");
+            dev::die_with_dev_parent();
+            config::AgentConfig::load(&config).and_then(|cfg| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .thread_name("convoy-agent")
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(node::run(cfg)))
+            })
+        }
+        Cmd::Dev(args) => {
+            init_logging("warn");
+            // Single-threaded on purpose: agents are spawned from this thread, and their
+            // parent-death signal is tied to the thread that spawned them.
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(dev::run(args)))
+        }
+        Cmd::Cert(cmd) => certs::run(cmd),
+        remote => {
+            init_logging("warn");
+            let global = cli.global;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        match remote {
+                            Cmd::Cluster(c) => cli::cluster(&global, c).await,
+                            Cmd::Vm(c) => cli::vm(&global, c).await,
+                            Cmd::Cg(c) => cli::cg(&global, c).await,
+                            _ => unreachable!("local commands are handled above"),
+                        }
+                    })
+                })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The admin API: HTTP/JSON over TLS, client certificate required, on every agent.
+//!
+//! Any node answers any request: writes go through [`Cluster::write`] (forwarded to the
+//! leader), and reads pass a linearizable barrier first unless `?local=true` asks for this
+//! node's possibly stale view.
+
+pub mod types;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use convoy_raft::model::{ClusterModel, ModelError};
+use convoy_raft::{Command, Outcome};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::node::service::{Cluster, ServiceError};
+use types::*;
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The cluster service.
+    pub cluster: Arc<Cluster>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+/// An API error: status plus JSON body.
+pub struct ApiError(StatusCode, ErrorBody);
+
+impl ApiError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let status = match code {
+            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::NoLeader | ErrorCode::NotInitialized | ErrorCode::Unavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(
+            status,
+            ErrorBody {
+                error: message.into(),
+                code,
+            },
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let code = match &e {
+            ServiceError::Model(ModelError::Invalid { .. }) | ServiceError::BadRequest(_) => {
+                ErrorCode::BadRequest
+            }
+            ServiceError::Model(ModelError::NotFound { .. }) | ServiceError::NotFound(_) => {
+                ErrorCode::NotFound
+            }
+            ServiceError::Model(_) | ServiceError::Conflict(_) => ErrorCode::Conflict,
+            ServiceError::NoLeader { .. } => ErrorCode::NoLeader,
+            ServiceError::NotInitialized => ErrorCode::NotInitialized,
+            ServiceError::Internal(_) => ErrorCode::Internal,
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("invalid request body: {}", e.body_text()),
+        )
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Builds the router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/node", get(node_status))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/init", post(cluster_init))
+        .route("/v1/cluster/nodes", post(add_node))
+        .route("/v1/cluster/nodes/{id}", delete(remove_node))
+        .route("/v1/vms", post(create_vm).get(list_vms))
+        .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
+        .route("/v1/cgs", post(create_cg).get(list_cgs))
+        .route("/v1/cgs/{name}", get(show_cg).delete(delete_cg))
+        .with_state(state)
+}
+
+/// The subset served on the optional plain-HTTP metrics address.
+pub fn metrics_router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(s): State<ApiState>) -> String {
+    s.metrics.render()
+}
+
+async fn node_status(State(s): State<ApiState>) -> Json<NodeStatus> {
+    Json(s.cluster.node_status().await)
+}
+
+async fn cluster_status(State(s): State<ApiState>) -> Json<ClusterStatus> {
+    Json(s.cluster.cluster_status().await)
+}
+
+async fn cluster_init(State(s): State<ApiState>) -> ApiResult<Json<ClusterStatus>> {
+    s.cluster.init().await?;
+    Ok(Json(s.cluster.cluster_status().await))
+}
+
+async fn add_node(
+    State(s): State<ApiState>,
+    body: Result<Json<AddNodeRequest>, JsonRejection>,
+) -> ApiResult<Json<ClusterStatus>> {
+    let Json(req) = body?;
+    s.cluster
+        .add_node(req.id, req.raft_addr, req.admin_addr)
+        .await?;
+    Ok(Json(s.cluster.cluster_status().await))
+}
+
+async fn remove_node(State(s): State<ApiState>, Path(id): Path<u64>) -> ApiResult<StatusCode> {
+    s.cluster.remove_node(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn parse_request_id(text: Option<&str>) -> ApiResult<Option<u128>> {
+    text.map(|t| {
+        u128::from_str_radix(t, 16).map_err(|_| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                format!("request_id '{t}' must be up to 32 hex digits"),
+            )
+        })
+    })
+    .transpose()
+}
+
+/// Waits for a linearizable view unless the caller asked for the local one.
+async fn read_model<T>(
+    s: &ApiState,
+    q: &ReadQuery,
+    f: impl FnOnce(&ClusterModel) -> T,
+) -> ApiResult<T> {
+    if !q.local {
+        s.cluster.read_barrier().await?;
+    }
+    Ok(s.cluster.model.read(f))
+}
+
+fn vm_view(model: &ClusterModel, vm: &convoy_raft::model::Vm) -> VmView {
+    vm_view_with(vm, model.vm_disks(vm))
+}
+
+fn vm_view_with(vm: &convoy_raft::model::Vm, disks: Vec<convoy_raft::model::Disk>) -> VmView {
+    VmView {
+        id: vm.id,
+        name: vm.name.clone(),
+        host: vm.host,
+        disks: disks.into_iter().map(disk_view).collect(),
+        cg: vm.cg.clone(),
+        running: vm.running,
+        workload: vm.workload.clone(),
+        created_at_ms: vm.created_at_ms,
+    }
+}
+
+fn disk_view(d: convoy_raft::model::Disk) -> DiskView {
+    DiskView {
+        id: d.id,
+        index: d.index,
+        size: d.size,
+        epoch: d.epoch,
+    }
+}
+
+fn cg_view(cg: &convoy_raft::model::Cg) -> CgView {
+    CgView {
+        id: cg.id,
+        name: cg.name.clone(),
+        vms: cg.vms.clone(),
+        primary: cg.primary,
+        sequencer: cg.sequencer,
+        replicas: cg
+            .replicas
+            .iter()
+            .map(|r| ReplicaView {
+                host: r.to,
+                mode: format!("{:?}", r.mode),
+            })
+            .collect(),
+    }
+}
+
+fn not_found(kind: &str, name: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("{kind} '{name}' not found: list them with `convoy {kind} list`"),
+    )
+}
+
+async fn create_vm(
+    State(s): State<ApiState>,
+    body: Result<Json<CreateVmRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<VmView>)> {
+    let Json(req) = body?;
+    let request_id = parse_request_id(req.request_id.as_deref())?;
+    let cmd = Command::CreateVm {
+        name: req.name,
+        host: req.host,
+        disk_sizes: req.disks,
+        workload: req.workload,
+        created_at_ms: s.cluster.now_ms(),
+    };
+    match s.cluster.write(cmd, request_id).await? {
+        Outcome::Vm(vm, disks) => Ok((StatusCode::CREATED, Json(vm_view_with(&vm, disks)))),
+        other => Err(ApiError::new(
+            ErrorCode::Internal,
+            format!("unexpected outcome {other:?}"),
+        )),
+    }
+}
+
+async fn list_vms(
+    State(s): State<ApiState>,
+    Query(q): Query<ReadQuery>,
+) -> ApiResult<Json<Vec<VmView>>> {
+    let vms = read_model(&s, &q, |m| {
+        m.vms.values().map(|vm| vm_view(m, vm)).collect()
+    })
+    .await?;
+    Ok(Json(vms))
+}
+
+async fn show_vm(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> ApiResult<Json<VmView>> {
+    read_model(&s, &q, |m| m.vms.get(&name).map(|vm| vm_view(m, vm)))
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found("vm", &name))
+}
+
+async fn delete_vm(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    s.cluster.write(Command::DeleteVm { name }, None).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn create_cg(
+    State(s): State<ApiState>,
+    body: Result<Json<CreateCgRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<CgView>)> {
+    let Json(req) = body?;
+    let request_id = parse_request_id(req.request_id.as_deref())?;
+    match s
+        .cluster
+        .write(
+            Command::CreateCg {
+                name: req.name,
+                vms: req.vms,
+            },
+            request_id,
+        )
+        .await?
+    {
+        Outcome::Cg(cg) => Ok((StatusCode::CREATED, Json(cg_view(&cg)))),
+        other => Err(ApiError::new(
+            ErrorCode::Internal,
+            format!("unexpected outcome {other:?}"),
+        )),
+    }
+}
+
+async fn list_cgs(
+    State(s): State<ApiState>,
+    Query(q): Query<ReadQuery>,
+) -> ApiResult<Json<Vec<CgView>>> {
+    Ok(Json(
+        read_model(&s, &q, |m| m.cgs.values().map(cg_view).collect()).await?,
+    ))
+}
+
+async fn show_cg(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> ApiResult<Json<CgView>> {
+    read_model(&s, &q, |m| m.cgs.get(&name).map(cg_view))
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found("cg", &name))
+}
+
+async fn delete_cg(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    s.cluster.write(Command::DeleteCg { name }, None).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Serves `app` over TLS on `listener`; the TLS config must require client certificates.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    app: Router,
+) -> anyhow::Result<()> {
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    loop {
+        let (tcp, peer) = listener.accept().await.context("admin API accept failed")?;
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "admin API: TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            serve_connection(stream, peer, app).await;
+        });
+    }
+}
+
+/// Serves `app` over plain HTTP (metrics only).
+pub async fn serve_plain(listener: TcpListener, app: Router) -> anyhow::Result<()> {
+    loop {
+        let (tcp, peer) = listener.accept().await.context("metrics accept failed")?;
+        let app = app.clone();
+        tokio::spawn(serve_connection(tcp, peer, app));
+    }
+}
+
+async fn serve_connection<S>(stream: S, peer: SocketAddr, app: Router)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(app);
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(%peer, error = %e, "admin API connection ended with an error");
+    }
+}

@@ -1,0 +1,217 @@
+//! JSON bodies of the admin API, shared by the server and the CLI. These shapes are what
+//! `-o json` prints, so operators' scripts depend on them: add fields, never rename.
+
+use serde::{Deserialize, Serialize};
+
+/// Error body of every failed request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Human message that says what to do next.
+    pub error: String,
+    /// Machine-readable class.
+    pub code: ErrorCode,
+}
+
+/// Class of an API error; also decides the HTTP status and the CLI's exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed or invalid input (400).
+    BadRequest,
+    /// The named object does not exist (404).
+    NotFound,
+    /// Conflicts with existing state (409).
+    Conflict,
+    /// No leader could be reached in time (503).
+    NoLeader,
+    /// The cluster is not initialized yet (503).
+    NotInitialized,
+    /// Temporarily unable to serve (503).
+    Unavailable,
+    /// A bug or storage failure (500).
+    Internal,
+}
+
+/// One member as seen by the node that answered `cluster status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Node id.
+    pub id: u64,
+    /// `leader`, `follower` or `learner`.
+    pub role: String,
+    /// Whether it votes.
+    pub voter: bool,
+    /// QUIC address.
+    pub raft_addr: String,
+    /// Admin address.
+    pub admin_addr: String,
+    /// Whether the answering node reached it just now.
+    pub reachable: bool,
+    /// Last log index the leader knows it holds (leader's view), if known.
+    pub matched_index: Option<u64>,
+}
+
+/// `GET /v1/cluster`: the cluster as seen from the answering node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// Node that answered.
+    pub answered_by: u64,
+    /// Whether the cluster has been initialized.
+    pub initialized: bool,
+    /// Current leader, if one is known.
+    pub leader: Option<u64>,
+    /// Current term.
+    pub term: u64,
+    /// Voter ids.
+    pub voters: Vec<u64>,
+    /// Learner ids.
+    pub learners: Vec<u64>,
+    /// Every member.
+    pub nodes: Vec<MemberStatus>,
+    /// Committed log index (answering node's view).
+    pub commit_index: u64,
+    /// Applied log index of the answering node.
+    pub applied_index: u64,
+    /// Last log index of the answering node.
+    pub last_log_index: u64,
+    /// Members reachable from the answering node (itself included).
+    pub reachable: usize,
+    /// Set when something needs attention, e.g. "no leader: 1 of 3 nodes reachable".
+    pub warning: Option<String>,
+}
+
+/// `GET /v1/node`: this node's own Raft state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node id.
+    pub id: u64,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub state: String,
+    /// Current term.
+    pub term: u64,
+    /// Known leader.
+    pub leader: Option<u64>,
+    /// Last log index.
+    pub last_log_index: u64,
+    /// Committed index.
+    pub commit_index: u64,
+    /// Applied index.
+    pub applied_index: u64,
+    /// Index covered by the latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Index up to which the log was purged.
+    pub purged_index: Option<u64>,
+    /// Appends to the log and WAL fsyncs (appends/fsyncs = group commit factor).
+    pub log_appends: u64,
+    /// WAL fsyncs.
+    pub log_fsyncs: u64,
+}
+
+/// `POST /v1/cluster/nodes`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddNodeRequest {
+    /// New node's id (from its certificate); never one used before.
+    pub id: u64,
+    /// Its QUIC address.
+    pub raft_addr: String,
+    /// Its admin address.
+    pub admin_addr: String,
+}
+
+/// `POST /v1/vms`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateVmRequest {
+    /// Unique name.
+    pub name: String,
+    /// Host node id.
+    pub host: u64,
+    /// Disk sizes in bytes.
+    pub disks: Vec<u64>,
+    /// Synthetic workload spec.
+    #[serde(default)]
+    pub workload: Option<String>,
+    /// Client request id (hex, up to 32 digits) so a retried request applies once.
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+/// A disk in API output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskView {
+    /// Disk id.
+    pub id: u64,
+    /// Position among the VM's disks.
+    pub index: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Fencing epoch.
+    pub epoch: u64,
+}
+
+/// A VM in API output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmView {
+    /// VM id.
+    pub id: u64,
+    /// Name.
+    pub name: String,
+    /// Host it runs on.
+    pub host: u64,
+    /// Its disks.
+    pub disks: Vec<DiskView>,
+    /// Consistency group.
+    pub cg: Option<String>,
+    /// Whether the simulated guest runs.
+    pub running: bool,
+    /// Workload spec.
+    pub workload: Option<String>,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+/// `POST /v1/cgs`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateCgRequest {
+    /// Unique name.
+    pub name: String,
+    /// Member VMs.
+    pub vms: Vec<String>,
+    /// Client request id (hex).
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+/// A replica link in API output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicaView {
+    /// Host of the copy.
+    pub host: u64,
+    /// Replication mode.
+    pub mode: String,
+}
+
+/// A consistency group in API output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CgView {
+    /// Group id.
+    pub id: u64,
+    /// Name.
+    pub name: String,
+    /// Member VMs.
+    pub vms: Vec<String>,
+    /// Host taking guest writes.
+    pub primary: u64,
+    /// Host ordering the writes.
+    pub sequencer: u64,
+    /// Copies elsewhere.
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// Query string of read endpoints.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReadQuery {
+    /// Answer from this node's applied state without a linearizable barrier (may be stale;
+    /// works without a leader).
+    #[serde(default)]
+    pub local: bool,
+}

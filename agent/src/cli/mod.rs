@@ -1,0 +1,341 @@
+//! Command-line interface: argument definitions and the remote (admin API) commands.
+//!
+//! Local commands (`agent`, `dev`, `cert`) work on this machine; remote commands talk to
+//! any agent through the admin API.
+
+pub mod output;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::api::types::*;
+use crate::client::{AdminClient, parse_addrs};
+use output::Output;
+
+/// Convoy: live migration of consistency groups of VMs with an always-safe fail-back copy.
+#[derive(Parser, Debug)]
+#[command(name = "convoy", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// Flags every remote command understands.
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// Agent admin address(es), comma-separated; the CLI tries them in order.
+    #[arg(
+        long,
+        env = "CONVOY_ADDR",
+        global = true,
+        value_name = "IP:PORT[,IP:PORT...]"
+    )]
+    pub addr: Option<String>,
+    /// Cluster CA certificate (PEM).
+    #[arg(long, env = "CONVOY_CA", global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) issued by the cluster CA.
+    #[arg(long, env = "CONVOY_CERT", global = true, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, env = "CONVOY_KEY", global = true, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Output format: tables for people, JSON for scripts.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table, global = true)]
+    pub output: Format,
+}
+
+/// Output format.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Human-readable tables.
+    Table,
+    /// JSON, stable field names.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the agent daemon (one per host; usually started by systemd).
+    Agent {
+        /// Path of the agent's TOML config.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run a local cluster of agents on 127.0.0.1 for trying Convoy out.
+    Dev(crate::dev::DevArgs),
+    /// Cluster membership and health.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Consistency groups.
+    #[command(subcommand)]
+    Cg(CgCmd),
+    /// Certificates: cluster CA, node and client certificates.
+    #[command(subcommand)]
+    Cert(crate::certs::CertCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Initialize a new cluster with the addressed agent as its first voter.
+    Init,
+    /// Add a node (its agent must be running): it joins as a learner, then becomes a voter.
+    AddNode {
+        /// The new node's id, as in its certificate; ids of removed nodes cannot be reused.
+        #[arg(long)]
+        id: u64,
+        /// Its QUIC address (IP:PORT).
+        #[arg(long, value_name = "IP:PORT")]
+        raft_addr: SocketAddr,
+        /// Its admin API address (IP:PORT).
+        #[arg(long, value_name = "IP:PORT")]
+        admin_addr: SocketAddr,
+    },
+    /// Remove a node from the cluster; its id is retired for good.
+    RemoveNode {
+        /// The node id.
+        id: u64,
+    },
+    /// Show members, roles, leader and replication progress.
+    Status,
+    /// Show the addressed agent's own Raft state.
+    Node,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Create a VM with its disks on a host.
+    Create {
+        /// VM name (letters, digits, '.', '_', '-').
+        name: String,
+        /// Node id of the host it runs on.
+        #[arg(long)]
+        host: u64,
+        /// Disk size, e.g. 64MiB or 4GiB; repeat for more disks.
+        #[arg(long = "disk", required = true, value_parser = parse_size_arg, value_name = "SIZE")]
+        disks: Vec<u64>,
+        /// Synthetic guest workload, e.g. 'iops=200,size=4k,pattern=random'.
+        #[arg(long)]
+        workload: Option<String>,
+    },
+    /// List VMs.
+    List(ReadArgs),
+    /// Show one VM and its disks.
+    Show {
+        /// VM name.
+        name: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Delete a VM (it must not be in a consistency group).
+    Delete {
+        /// VM name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CgCmd {
+    /// Create a consistency group of VMs running on one host.
+    Create {
+        /// Group name.
+        name: String,
+        /// Member VM; repeat for more.
+        #[arg(long = "vm", required = true, value_name = "VM")]
+        vms: Vec<String>,
+    },
+    /// List consistency groups.
+    List(ReadArgs),
+    /// Show one consistency group.
+    Show {
+        /// Group name.
+        name: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Delete a consistency group (its VMs stay).
+    Delete {
+        /// Group name.
+        name: String,
+    },
+}
+
+/// Read options.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ReadArgs {
+    /// Answer from the addressed node's local state (may be stale; works without a leader).
+    #[arg(long)]
+    pub local: bool,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::units::parse_size(s)
+}
+
+impl GlobalArgs {
+    /// Builds the admin client from the global flags, with messages naming the missing flag.
+    pub fn client(&self) -> Result<AdminClient> {
+        let addr = self.addr.as_deref().context(
+            "no agent address: pass --addr IP:PORT or set CONVOY_ADDR (`convoy dev` prints the export lines)",
+        )?;
+        let addrs = parse_addrs(addr)?;
+        let need = |v: &Option<PathBuf>, flag: &str, env: &str| {
+            v.clone()
+                .with_context(|| format!("no {flag} given: pass --{flag} FILE or set {env}"))
+        };
+        AdminClient::from_files(
+            addrs,
+            &need(&self.ca, "ca", "CONVOY_CA")?,
+            &need(&self.cert, "cert", "CONVOY_CERT")?,
+            &need(&self.key, "key", "CONVOY_KEY")?,
+        )
+    }
+}
+
+fn read_query(r: &ReadArgs) -> &'static str {
+    if r.local { "?local=true" } else { "" }
+}
+
+fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Runs a cluster command.
+pub async fn cluster(global: &GlobalArgs, cmd: ClusterCmd) -> Result<()> {
+    let client = global.client()?;
+    let out = Output::new(global.output);
+    match cmd {
+        ClusterCmd::Init => {
+            let status: ClusterStatus = client
+                .post("/v1/cluster/init", &serde_json::json!({}))
+                .await?;
+            out.cluster_status(&status)
+        }
+        ClusterCmd::AddNode {
+            id,
+            raft_addr,
+            admin_addr,
+        } => {
+            let req = AddNodeRequest {
+                id,
+                raft_addr: raft_addr.to_string(),
+                admin_addr: admin_addr.to_string(),
+            };
+            let status: ClusterStatus = client.post("/v1/cluster/nodes", &req).await?;
+            out.cluster_status(&status)
+        }
+        ClusterCmd::RemoveNode { id } => {
+            client.delete(&format!("/v1/cluster/nodes/{id}")).await?;
+            out.done(&format!("node {id} removed; its id is retired"))
+        }
+        ClusterCmd::Status => {
+            let status: ClusterStatus = client.get("/v1/cluster").await?;
+            out.cluster_status(&status)
+        }
+        ClusterCmd::Node => {
+            let status: NodeStatus = client.get("/v1/node").await?;
+            out.node_status(&status)
+        }
+    }
+}
+
+/// Runs a VM command.
+pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
+    let client = global.client()?;
+    let out = Output::new(global.output);
+    match cmd {
+        VmCmd::Create {
+            name,
+            host,
+            disks,
+            workload,
+        } => {
+            let req = CreateVmRequest {
+                name,
+                host,
+                disks,
+                workload,
+                request_id: Some(new_request_id()),
+            };
+            let vm: VmView = client.post("/v1/vms", &req).await?;
+            out.vm(&vm)
+        }
+        VmCmd::List(r) => {
+            let vms: Vec<VmView> = client.get(&format!("/v1/vms{}", read_query(&r))).await?;
+            out.vms(&vms)
+        }
+        VmCmd::Show { name, read } => {
+            let vm: VmView = client
+                .get(&format!(
+                    "/v1/vms/{}{}",
+                    encode_path(&name),
+                    read_query(&read)
+                ))
+                .await?;
+            out.vm(&vm)
+        }
+        VmCmd::Delete { name } => {
+            client
+                .delete(&format!("/v1/vms/{}", encode_path(&name)))
+                .await?;
+            out.done(&format!("VM '{name}' deleted"))
+        }
+    }
+}
+
+/// Runs a consistency-group command.
+pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
+    let client = global.client()?;
+    let out = Output::new(global.output);
+    match cmd {
+        CgCmd::Create { name, vms } => {
+            let req = CreateCgRequest {
+                name,
+                vms,
+                request_id: Some(new_request_id()),
+            };
+            let cg: CgView = client.post("/v1/cgs", &req).await?;
+            out.cg(&cg)
+        }
+        CgCmd::List(r) => {
+            let cgs: Vec<CgView> = client.get(&format!("/v1/cgs{}", read_query(&r))).await?;
+            out.cgs(&cgs)
+        }
+        CgCmd::Show { name, read } => {
+            let cg: CgView = client
+                .get(&format!(
+                    "/v1/cgs/{}{}",
+                    encode_path(&name),
+                    read_query(&read)
+                ))
+                .await?;
+            out.cg(&cg)
+        }
+        CgCmd::Delete { name } => {
+            client
+                .delete(&format!("/v1/cgs/{}", encode_path(&name)))
+                .await?;
+            out.done(&format!("consistency group '{name}' deleted"))
+        }
+    }
+}
+
+/// Names are validated server-side; escape anything that would break the URL path.
+fn encode_path(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

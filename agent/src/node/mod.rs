@@ -1,0 +1,145 @@
+//! The agent daemon: wires storage, transport, Raft and the admin API together.
+
+pub mod raft_net;
+pub mod rpc;
+pub mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use convoy_raft::{LogStore, NodeAddr, Raft, StateMachineStore};
+use convoy_transport::pki::{self, PeerIdentity, TlsIdentity};
+use convoy_transport::{Endpoint, TransportConfig};
+use openraft::SnapshotPolicy;
+use tokio::net::TcpListener;
+
+use crate::api::{self, ApiState};
+use crate::config::AgentConfig;
+use service::Cluster;
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let identity = TlsIdentity::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+        .context("cannot load the agent's TLS files (keys `tls.ca`, `tls.cert`, `tls.key`)")?;
+    match identity.identity() {
+        PeerIdentity::Node(id) if *id == cfg.node_id => {}
+        other => bail!(
+            "certificate {} identifies {other}, but `node_id` is {}: issue a certificate for node {} (`convoy cert issue-node --id {}`)",
+            cfg.tls.cert.display(),
+            cfg.node_id,
+            cfg.node_id,
+            cfg.node_id
+        ),
+    }
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+    let log_store = LogStore::open(&cfg.data_dir.join("raft-log")).with_context(|| {
+        format!(
+            "cannot open the Raft log in {} (is another agent using this data_dir?)",
+            cfg.data_dir.display()
+        )
+    })?;
+    let log_stats = log_store.stats();
+    let state_machine = StateMachineStore::open(&cfg.data_dir.join("raft-sm"))
+        .context("cannot open the state machine")?;
+    let model = state_machine.reader();
+
+    let (endpoint, inbound) = Endpoint::bind(
+        cfg.listen.raft,
+        cfg.node_id,
+        &identity,
+        TransportConfig::default(),
+    )
+    .with_context(|| {
+        format!(
+            "cannot bind the QUIC endpoint on {} (key `listen.raft`)",
+            cfg.listen.raft
+        )
+    })?;
+
+    let r = &cfg.raft;
+    let raft_config = openraft::Config {
+        cluster_name: "convoy".into(),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_every),
+        max_in_snapshot_log_to_keep: r.keep_after_snapshot,
+        install_snapshot_timeout: r.rpc_timeout_ms.max(2_000),
+        ..Default::default()
+    }
+    .validate()
+    .context("invalid [raft] settings")?;
+    let network = raft_net::Network::new(endpoint.clone(), Duration::from_millis(r.rpc_timeout_ms));
+    let raft = Raft::new(
+        cfg.node_id,
+        Arc::new(raft_config),
+        network,
+        log_store,
+        state_machine,
+    )
+    .await
+    .context("cannot start Raft")?;
+
+    let addr = NodeAddr {
+        raft_addr: cfg.advertised_raft().to_string(),
+        admin_addr: cfg.advertised_admin().to_string(),
+    };
+    let cluster = Arc::new(Cluster {
+        id: cfg.node_id,
+        raft: raft.clone(),
+        model,
+        endpoint: endpoint.clone(),
+        addr,
+        log_stats,
+    });
+    tokio::spawn(rpc::serve_inbound(inbound, Arc::clone(&cluster)));
+
+    let metrics = crate::metrics::install()?;
+    crate::metrics::spawn_sampler(Arc::clone(&cluster), metrics.clone());
+    let state = ApiState {
+        cluster: Arc::clone(&cluster),
+        metrics,
+    };
+
+    let tls = pki::server_config(&identity, &[b"http/1.1"])
+        .context("cannot build the admin TLS config")?;
+    let admin = TcpListener::bind(cfg.listen.admin)
+        .await
+        .with_context(|| format!("cannot listen on {} (key `listen.admin`)", cfg.listen.admin))?;
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(api::serve_tls(admin, tls, api::router(state.clone())));
+    if let Some(maddr) = cfg.listen.metrics {
+        let l = TcpListener::bind(maddr)
+            .await
+            .with_context(|| format!("cannot listen on {maddr} (key `listen.metrics`)"))?;
+        servers.spawn(api::serve_plain(l, api::metrics_router(state.clone())));
+    }
+
+    tracing::info!(
+        node = cfg.node_id,
+        raft = %cfg.listen.raft,
+        admin = %cfg.listen.admin,
+        data_dir = %cfg.data_dir.display(),
+        "agent ready"
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    let outcome = tokio::select! {
+        _ = term.recv() => Ok(()),
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT"),
+        Some(r) = servers.join_next() => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
+        },
+    };
+    tracing::info!("shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let _ = tokio::time::timeout(Duration::from_secs(5), raft.shutdown()).await;
+    endpoint.close().await;
+    outcome
+}

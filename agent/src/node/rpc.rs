@@ -1,0 +1,158 @@
+//! Node-to-node messages carried on QUIC streams, and the inbound dispatcher.
+//!
+//! Raft RPCs travel as openraft's own request/response types; everything an agent asks the
+//! leader to do on its behalf travels as a [`ForwardRequest`]. All of it goes through
+//! `convoy-codec`, so it carries the format version byte.
+
+use std::sync::Arc;
+
+use convoy_raft::{NodeId, Request, Response, TypeConfig};
+use convoy_transport::{Inbound, InboundStream, StreamKind};
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use super::service::Cluster;
+
+/// What a follower asks the leader to do.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ForwardRequest {
+    /// Propose a command.
+    Write(Request),
+    /// Confirm leadership and return the index a linearizable read must wait for.
+    ReadIndex,
+    /// Register a host and add it as learner, then voter.
+    AddNode {
+        /// Its id.
+        id: NodeId,
+        /// QUIC address.
+        raft_addr: String,
+        /// Admin address.
+        admin_addr: String,
+    },
+    /// Remove a node from the membership and retire its id.
+    RemoveNode {
+        /// Its id.
+        id: NodeId,
+    },
+    /// The leader's replication progress, for `cluster status`.
+    Progress,
+    /// Liveness probe.
+    Ping,
+}
+
+/// The leader's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ForwardResponse {
+    /// Result of a proposed command.
+    Written(Response),
+    /// The read index.
+    ReadIndex(u64),
+    /// Done.
+    Done,
+    /// Replication progress: (node, matched index) and the commit index.
+    Progress {
+        /// Matched index per member.
+        matched: Vec<(NodeId, Option<u64>)>,
+        /// Leader's commit index.
+        commit_index: u64,
+    },
+    /// The receiver is not the leader; `leader` is its best guess.
+    NotLeader {
+        /// Known leader, if any.
+        leader: Option<NodeId>,
+    },
+    /// The request failed on the leader.
+    Failed(ForwardFailure),
+}
+
+/// Why a forwarded request failed, keeping the class so the API maps it to the same status.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ForwardFailure {
+    /// Invalid input.
+    BadRequest(String),
+    /// Conflicts with existing state.
+    Conflict(String),
+    /// Unknown object.
+    NotFound(String),
+    /// Anything else.
+    Other(String),
+}
+
+type AppendResult = Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>;
+type VoteResult = Result<VoteResponse<NodeId>, RaftError<NodeId>>;
+type SnapshotResult =
+    Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>;
+
+/// Accepts inbound streams until the endpoint closes, serving each on its own task.
+pub async fn serve_inbound(mut inbound: Inbound, cluster: Arc<Cluster>) {
+    while let Some(stream) = inbound.next().await {
+        let cluster = Arc::clone(&cluster);
+        tokio::spawn(async move {
+            let peer = stream.peer;
+            let kind = stream.kind;
+            if let Err(e) = serve_stream(stream, &cluster).await {
+                tracing::debug!(peer, ?kind, error = %e, "inbound stream failed");
+            }
+        });
+    }
+}
+
+/// Refuses a Raft message whose claimed sender differs from the certificate's node id:
+/// a node must not speak for another.
+fn check_sender(peer: NodeId, claimed: NodeId, what: &str) -> anyhow::Result<()> {
+    if peer != claimed {
+        anyhow::bail!(
+            "{what} claims to come from node {claimed} but the connection is authenticated as node {peer}"
+        );
+    }
+    Ok(())
+}
+
+async fn serve_stream(mut stream: InboundStream, cluster: &Cluster) -> anyhow::Result<()> {
+    let peer = stream.peer;
+    let request = stream.read_request().await?;
+    let reply: Vec<u8> = match stream.kind {
+        StreamKind::RaftAppend => {
+            let rpc: AppendEntriesRequest<TypeConfig> = convoy_codec::decode(&request)?;
+            check_sender(
+                peer,
+                rpc.vote.leader_id().voted_for().unwrap_or_default(),
+                "append-entries",
+            )?;
+            let res: AppendResult = cluster.raft.append_entries(rpc).await;
+            convoy_codec::encode(&res)?
+        }
+        StreamKind::RaftVote => {
+            let rpc: VoteRequest<NodeId> = convoy_codec::decode(&request)?;
+            check_sender(
+                peer,
+                rpc.vote.leader_id().voted_for().unwrap_or_default(),
+                "vote request",
+            )?;
+            let res: VoteResult = cluster.raft.vote(rpc).await;
+            convoy_codec::encode(&res)?
+        }
+        StreamKind::RaftSnapshot => {
+            let rpc: InstallSnapshotRequest<TypeConfig> = convoy_codec::decode(&request)?;
+            check_sender(
+                peer,
+                rpc.vote.leader_id().voted_for().unwrap_or_default(),
+                "install-snapshot",
+            )?;
+            let res: SnapshotResult = cluster.raft.install_snapshot(rpc).await;
+            convoy_codec::encode(&res)?
+        }
+        StreamKind::Forward => {
+            let req: ForwardRequest = convoy_codec::decode(&request)?;
+            let res = cluster.handle_forward(peer, req).await;
+            convoy_codec::encode(&res)?
+        }
+        other => anyhow::bail!("stream kind {other:?} is not served by this agent yet"),
+    };
+    stream.respond(&reply).await?;
+    Ok(())
+}

@@ -1,0 +1,781 @@
+//! What any agent can do for a client: propose writes (forwarding them to the leader),
+//! linearizable reads, membership changes and status. The admin API and the inbound
+//! forwarding handler both call into [`Cluster`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use convoy_raft::log_store::LogStats;
+use convoy_raft::model::ModelError;
+use convoy_raft::state_machine::ModelReader;
+use convoy_raft::{Command, NodeAddr, NodeId, Outcome, Raft, Request, Response};
+use convoy_transport::{Endpoint, StreamKind};
+use openraft::ChangeMembers;
+use openraft::error::{ClientWriteError, RaftError};
+
+use super::rpc::{ForwardFailure, ForwardRequest, ForwardResponse};
+use crate::api::types::{ClusterStatus, MemberStatus, NodeStatus};
+
+/// How long a write or read waits for a leader before giving up.
+pub const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// Timeout of one forwarded request; a dead leader is noticed this fast.
+const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Timeout of the reachability probes behind `cluster status`.
+const PING_TIMEOUT: Duration = Duration::from_millis(700);
+/// How long a new node may take to catch up as a learner before add-node gives up.
+const LEARNER_CATCH_UP: Duration = Duration::from_secs(60);
+
+/// Errors of cluster operations, classed the way the API reports them.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The model refused the command.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// No leader within the wait.
+    #[error(
+        "no leader: {reachable} of {total} nodes reachable; a majority must be up (check `convoy cluster status` and the agents' logs)"
+    )]
+    NoLeader {
+        /// Members this node reached.
+        reachable: usize,
+        /// Members in the configuration.
+        total: usize,
+    },
+    /// This node's Raft has no membership yet.
+    #[error(
+        "the cluster is not initialized: run `convoy cluster init` on one node, then `convoy cluster add-node` for the others"
+    )]
+    NotInitialized,
+    /// Invalid input detected before proposing.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Conflicts with current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// Unknown object.
+    #[error("{0}")]
+    NotFound(String),
+    /// Anything else (storage failure, shutdown, bug).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<ForwardFailure> for ServiceError {
+    fn from(f: ForwardFailure) -> Self {
+        match f {
+            ForwardFailure::BadRequest(m) => ServiceError::BadRequest(m),
+            ForwardFailure::Conflict(m) => ServiceError::Conflict(m),
+            ForwardFailure::NotFound(m) => ServiceError::NotFound(m),
+            ForwardFailure::Other(m) => ServiceError::Internal(m),
+        }
+    }
+}
+
+impl ServiceError {
+    fn to_failure(&self) -> ForwardFailure {
+        match self {
+            ServiceError::Model(ModelError::Invalid { .. }) | ServiceError::BadRequest(_) => {
+                ForwardFailure::BadRequest(self.to_string())
+            }
+            ServiceError::Model(ModelError::NotFound { .. }) | ServiceError::NotFound(_) => {
+                ForwardFailure::NotFound(self.to_string())
+            }
+            ServiceError::Model(_) | ServiceError::Conflict(_) => {
+                ForwardFailure::Conflict(self.to_string())
+            }
+            _ => ForwardFailure::Other(self.to_string()),
+        }
+    }
+}
+
+/// One step of a leader-directed operation.
+enum Attempt<T> {
+    Done(T),
+    /// Not the leader (any more); try again with this hint.
+    Retry(Option<NodeId>),
+}
+
+/// The cluster as one agent sees and drives it.
+pub struct Cluster {
+    /// This node.
+    pub id: NodeId,
+    /// The Raft instance.
+    pub raft: Raft,
+    /// The applied model.
+    pub model: ModelReader,
+    /// The QUIC endpoint.
+    pub endpoint: Endpoint,
+    /// This node's advertised addresses.
+    pub addr: NodeAddr,
+    /// Group-commit counters of the log store.
+    pub log_stats: Arc<LogStats>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Cluster {
+    fn metrics(&self) -> openraft::RaftMetrics<NodeId, NodeAddr> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    fn members(&self) -> BTreeMap<NodeId, NodeAddr> {
+        let m = self.metrics();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
+    }
+
+    fn peer_addr(&self, id: NodeId) -> Option<SocketAddr> {
+        self.members()
+            .get(&id)
+            .and_then(|n| n.raft_addr.parse().ok())
+    }
+
+    fn is_initialized(&self) -> bool {
+        self.metrics()
+            .membership_config
+            .membership()
+            .nodes()
+            .next()
+            .is_some()
+    }
+
+    /// Waits (up to `deadline`) until a leader other than `not` is known.
+    async fn wait_leader(&self, not: Option<NodeId>, deadline: Instant) -> Option<NodeId> {
+        let mut rx = self.raft.metrics();
+        loop {
+            let leader = rx.borrow().current_leader;
+            if leader.is_some() && leader != not {
+                return leader;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            // Wake on any metrics change, or re-check after a short pause: a leader we
+            // believe in may be dead, which metrics only show after an election.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(100)), rx.changed()).await;
+        }
+    }
+
+    async fn no_leader_error(&self) -> ServiceError {
+        if !self.is_initialized() {
+            return ServiceError::NotInitialized;
+        }
+        let members = self.members();
+        let reachable = self
+            .probe_members(&members)
+            .await
+            .values()
+            .filter(|ok| **ok)
+            .count();
+        ServiceError::NoLeader {
+            reachable,
+            total: members.len(),
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: NodeId,
+        req: &ForwardRequest,
+    ) -> Result<ForwardResponse, String> {
+        let addr = self
+            .peer_addr(leader)
+            .ok_or_else(|| format!("leader {leader} has no known address"))?;
+        let payload = convoy_codec::encode(req).map_err(|e| e.to_string())?;
+        let timeout = match req {
+            // Membership changes wait for a learner to catch up on the leader.
+            ForwardRequest::AddNode { .. } | ForwardRequest::RemoveNode { .. } => {
+                LEARNER_CATCH_UP + FORWARD_TIMEOUT
+            }
+            _ => FORWARD_TIMEOUT,
+        };
+        let reply: Bytes = self
+            .endpoint
+            .request(leader, addr, StreamKind::Forward, &payload, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        convoy_codec::decode(&reply).map_err(|e| e.to_string())
+    }
+
+    /// Runs `local` on the leader: here if this node leads, else forwarded as `req`.
+    /// Retries across leader changes until [`LEADER_WAIT`] has passed.
+    async fn on_leader<T, F, Fut>(
+        &self,
+        req: ForwardRequest,
+        local: F,
+        from_remote: impl Fn(ForwardResponse) -> Result<Attempt<T>, ServiceError>,
+    ) -> Result<T, ServiceError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, ServiceError>>,
+    {
+        if !self.is_initialized() {
+            return Err(ServiceError::NotInitialized);
+        }
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut hint = self.metrics().current_leader;
+        let mut failed_leader = None;
+        loop {
+            let leader = match hint {
+                Some(l) if Some(l) != failed_leader => Some(l),
+                _ => self.wait_leader(failed_leader, deadline).await,
+            };
+            let Some(leader) = leader else {
+                return Err(self.no_leader_error().await);
+            };
+            let attempt = if leader == self.id {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, local()).await {
+                    Ok(r) => r?,
+                    // A leader that lost its quorum cannot commit; report it as no leader.
+                    Err(_) => return Err(self.no_leader_error().await),
+                }
+            } else {
+                match self.forward(leader, &req).await {
+                    Ok(resp) => from_remote(resp)?,
+                    Err(e) => {
+                        tracing::debug!(leader, error = %e, "forward to leader failed; waiting for a new leader");
+                        failed_leader = Some(leader);
+                        Attempt::Retry(None)
+                    }
+                }
+            };
+            match attempt {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Retry(next) => {
+                    if Instant::now() >= deadline {
+                        return Err(self.no_leader_error().await);
+                    }
+                    hint = next;
+                    if next.is_none() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Proposes `command` and returns what the model answered. Retries with the same
+    /// request id across leader changes, so the command applies at most once.
+    pub async fn write(
+        &self,
+        command: Command,
+        request_id: Option<u128>,
+    ) -> Result<Outcome, ServiceError> {
+        let req = Request {
+            request_id: request_id.unwrap_or_else(rand::random),
+            command,
+        };
+        let resp = self
+            .on_leader(
+                ForwardRequest::Write(req.clone()),
+                || self.write_local(req.clone()),
+                |resp| match resp {
+                    ForwardResponse::Written(r) => Ok(Attempt::Done(r)),
+                    ForwardResponse::NotLeader { leader } => Ok(Attempt::Retry(leader)),
+                    ForwardResponse::Failed(f) => Err(f.into()),
+                    other => Err(ServiceError::Internal(format!(
+                        "unexpected reply to a write: {other:?}"
+                    ))),
+                },
+            )
+            .await?;
+        Ok(resp.result?)
+    }
+
+    async fn write_local(&self, req: Request) -> Result<Attempt<Response>, ServiceError> {
+        let started = Instant::now();
+        let kind = req.command.kind();
+        match self.raft.client_write(req).await {
+            Ok(r) => {
+                crate::metrics::record_write(kind, started.elapsed());
+                Ok(Attempt::Done(r.data))
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Ok(Attempt::Retry(f.leader_id))
+            }
+            Err(e) => Err(ServiceError::Internal(format!("raft write failed: {e}"))),
+        }
+    }
+
+    /// Returns once this node's state machine reflects every write committed before the
+    /// call, so reads that follow are linearizable.
+    pub async fn read_barrier(&self) -> Result<(), ServiceError> {
+        let index = self
+            .on_leader(
+                ForwardRequest::ReadIndex,
+                || self.read_index_local(),
+                |resp| match resp {
+                    ForwardResponse::ReadIndex(i) => Ok(Attempt::Done(i)),
+                    ForwardResponse::NotLeader { leader } => Ok(Attempt::Retry(leader)),
+                    ForwardResponse::Failed(f) => Err(f.into()),
+                    other => Err(ServiceError::Internal(format!(
+                        "unexpected reply to a read index: {other:?}"
+                    ))),
+                },
+            )
+            .await?;
+        self.raft
+            .wait(Some(LEADER_WAIT))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map_err(|e| {
+                ServiceError::Internal(format!(
+                    "state machine did not catch up to index {index}: {e}"
+                ))
+            })?;
+        Ok(())
+    }
+
+    async fn read_index_local(&self) -> Result<Attempt<u64>, ServiceError> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(Attempt::Done(read.map_or(0, |l| l.index))),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                Ok(Attempt::Retry(f.leader_id))
+            }
+            Err(RaftError::APIError(e)) => {
+                tracing::debug!(error = %e, "leadership not confirmed");
+                Ok(Attempt::Retry(None))
+            }
+            Err(e) => Err(ServiceError::Internal(format!("read index failed: {e}"))),
+        }
+    }
+
+    /// Initializes a new cluster with this node as its only voter.
+    pub async fn init(&self) -> Result<(), ServiceError> {
+        if self.is_initialized() {
+            return Err(ServiceError::Conflict(
+                "the cluster is already initialized: see `convoy cluster status`; add nodes with `convoy cluster add-node`"
+                    .into(),
+            ));
+        }
+        let members = BTreeMap::from([(self.id, self.addr.clone())]);
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| ServiceError::Conflict(format!("cannot initialize: {e}")))?;
+        self.raft
+            .wait(Some(LEADER_WAIT))
+            .metrics(|m| m.current_leader == Some(self.id), "init: become leader")
+            .await
+            .map_err(|e| {
+                ServiceError::Internal(format!("initialized, but did not become leader: {e}"))
+            })?;
+        self.write(self.register_command(), None).await?;
+        Ok(())
+    }
+
+    fn register_command(&self) -> Command {
+        Command::RegisterHost {
+            id: self.id,
+            raft_addr: self.addr.raft_addr.clone(),
+            admin_addr: self.addr.admin_addr.clone(),
+        }
+    }
+
+    /// Adds a node: registers its id (refused if ever used by a removed node), adds it as a
+    /// learner, waits for it to catch up, then makes it a voter.
+    pub async fn add_node(
+        &self,
+        id: NodeId,
+        raft_addr: String,
+        admin_addr: String,
+    ) -> Result<(), ServiceError> {
+        raft_addr.parse::<SocketAddr>().map_err(|e| {
+            ServiceError::BadRequest(format!("invalid raft address '{raft_addr}': {e}"))
+        })?;
+        admin_addr.parse::<SocketAddr>().map_err(|e| {
+            ServiceError::BadRequest(format!("invalid admin address '{admin_addr}': {e}"))
+        })?;
+        let req = ForwardRequest::AddNode {
+            id,
+            raft_addr: raft_addr.clone(),
+            admin_addr: admin_addr.clone(),
+        };
+        self.on_leader(
+            req,
+            || self.add_node_local(id, &raft_addr, &admin_addr),
+            done_or_retry,
+        )
+        .await
+    }
+
+    async fn add_node_local(
+        &self,
+        id: NodeId,
+        raft_addr: &str,
+        admin_addr: &str,
+    ) -> Result<Attempt<()>, ServiceError> {
+        let register = Command::RegisterHost {
+            id,
+            raft_addr: raft_addr.to_string(),
+            admin_addr: admin_addr.to_string(),
+        };
+        match self
+            .write_local(Request {
+                request_id: rand::random(),
+                command: register,
+            })
+            .await?
+        {
+            Attempt::Retry(l) => return Ok(Attempt::Retry(l)),
+            Attempt::Done(resp) => {
+                resp.result?;
+            }
+        }
+        let node = NodeAddr {
+            raft_addr: raft_addr.to_string(),
+            admin_addr: admin_addr.to_string(),
+        };
+        let added =
+            tokio::time::timeout(LEARNER_CATCH_UP, self.raft.add_learner(id, node, true)).await;
+        match added {
+            Err(_) => {
+                return Err(ServiceError::Internal(format!(
+                    "node {id} did not catch up within {}s: is its agent running and reachable at {raft_addr}?",
+                    LEARNER_CATCH_UP.as_secs()
+                )));
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                return Ok(Attempt::Retry(f.leader_id));
+            }
+            Ok(Err(e)) => {
+                return Err(ServiceError::Internal(format!(
+                    "cannot add node {id} as learner: {e}"
+                )));
+            }
+            Ok(Ok(_)) => {}
+        }
+        let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+        match self.raft.change_membership(change, false).await {
+            Ok(_) => Ok(Attempt::Done(())),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Ok(Attempt::Retry(f.leader_id))
+            }
+            Err(e) => Err(ServiceError::Internal(format!(
+                "cannot make node {id} a voter: {e}"
+            ))),
+        }
+    }
+
+    /// Removes a node from the membership and retires its id for good.
+    pub async fn remove_node(&self, id: NodeId) -> Result<(), ServiceError> {
+        self.on_leader(
+            ForwardRequest::RemoveNode { id },
+            || self.remove_node_local(id),
+            done_or_retry,
+        )
+        .await
+    }
+
+    async fn remove_node_local(&self, id: NodeId) -> Result<Attempt<()>, ServiceError> {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let is_member = membership.nodes().any(|(n, _)| *n == id);
+        if is_member {
+            if voters.len() == 1 && voters.contains(&id) {
+                return Err(ServiceError::Conflict(format!(
+                    "node {id} is the last voter; a cluster cannot remove its last voter"
+                )));
+            }
+            if let Some(vm) = self.model.read(|m| {
+                m.vms
+                    .values()
+                    .find(|v| v.host == id)
+                    .map(|v| v.name.clone())
+            }) {
+                return Err(ServiceError::Conflict(format!(
+                    "node {id} still hosts VM '{vm}': move or delete its VMs first"
+                )));
+            }
+            let change = if voters.contains(&id) {
+                ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+            } else {
+                ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+            };
+            match self.raft.change_membership(change, false).await {
+                Ok(_) => {}
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    return Ok(Attempt::Retry(f.leader_id));
+                }
+                Err(e) => {
+                    return Err(ServiceError::Internal(format!(
+                        "cannot remove node {id}: {e}"
+                    )));
+                }
+            }
+        } else if !self.model.read(|m| m.hosts.contains_key(&id)) {
+            return Err(ServiceError::NotFound(format!(
+                "node {id} is not a member: see `convoy cluster status`"
+            )));
+        }
+        // Retiring may run on a new leader if this node just removed itself: go through write().
+        match self.write(Command::RetireHost { id }, None).await {
+            Ok(_) => Ok(Attempt::Done(())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Serves a request forwarded by another node. Only the leader executes; others say
+    /// who they think leads.
+    pub async fn handle_forward(&self, peer: NodeId, req: ForwardRequest) -> ForwardResponse {
+        if let ForwardRequest::Ping = req {
+            return ForwardResponse::Done;
+        }
+        let not_leader = || ForwardResponse::NotLeader {
+            leader: self.metrics().current_leader,
+        };
+        tracing::trace!(peer, ?req, "forwarded request");
+        let result = match req {
+            ForwardRequest::Write(r) => self
+                .write_local(r)
+                .await
+                .map(|a| a.map(ForwardResponse::Written)),
+            ForwardRequest::ReadIndex => self
+                .read_index_local()
+                .await
+                .map(|a| a.map(ForwardResponse::ReadIndex)),
+            ForwardRequest::AddNode {
+                id,
+                raft_addr,
+                admin_addr,
+            } => self
+                .add_node_local(id, &raft_addr, &admin_addr)
+                .await
+                .map(|a| a.map(|_| ForwardResponse::Done)),
+            ForwardRequest::RemoveNode { id } => self
+                .remove_node_local(id)
+                .await
+                .map(|a| a.map(|_| ForwardResponse::Done)),
+            ForwardRequest::Progress => Ok(Attempt::Done(self.progress_local().await)),
+            ForwardRequest::Ping => Ok(Attempt::Done(ForwardResponse::Done)),
+        };
+        match result {
+            Ok(Attempt::Done(resp)) => resp,
+            Ok(Attempt::Retry(_)) => not_leader(),
+            Err(e) => ForwardResponse::Failed(e.to_failure()),
+        }
+    }
+
+    async fn progress_local(&self) -> ForwardResponse {
+        let m = self.metrics();
+        match &m.replication {
+            Some(repl) if m.current_leader == Some(self.id) => ForwardResponse::Progress {
+                matched: repl
+                    .iter()
+                    .map(|(id, l)| (*id, l.map(|l| l.index)))
+                    .collect(),
+                commit_index: self.commit_index().await,
+            },
+            _ => ForwardResponse::NotLeader {
+                leader: m.current_leader,
+            },
+        }
+    }
+
+    async fn commit_index(&self) -> u64 {
+        self.raft
+            .with_raft_state(|s| s.committed.map_or(0, |l| l.index))
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Probes every member concurrently; returns whether each answered.
+    async fn probe_members(&self, members: &BTreeMap<NodeId, NodeAddr>) -> BTreeMap<NodeId, bool> {
+        let probes = members.iter().map(|(id, node)| {
+            let id = *id;
+            let addr = node.raft_addr.parse::<SocketAddr>().ok();
+            async move {
+                if id == self.id {
+                    return (id, true);
+                }
+                let Some(addr) = addr else { return (id, false) };
+                let Ok(payload) = convoy_codec::encode(&ForwardRequest::Ping) else {
+                    return (id, false);
+                };
+                let ok = self
+                    .endpoint
+                    .request(id, addr, StreamKind::Forward, &payload, PING_TIMEOUT)
+                    .await
+                    .is_ok();
+                (id, ok)
+            }
+        });
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// This node's own Raft state.
+    pub async fn node_status(&self) -> NodeStatus {
+        let m = self.metrics();
+        let state = if m.state == openraft::ServerState::Learner {
+            "learner"
+        } else {
+            server_state(m.state)
+        };
+        NodeStatus {
+            id: self.id,
+            state: state.to_string(),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index: self.commit_index().await,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            log_appends: self
+                .log_stats
+                .appends
+                .load(std::sync::atomic::Ordering::Relaxed),
+            log_fsyncs: self
+                .log_stats
+                .fsyncs
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// The cluster as seen from here, with the leader's replication progress when the
+    /// leader can be asked.
+    pub async fn cluster_status(&self) -> ClusterStatus {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        let members: BTreeMap<NodeId, NodeAddr> =
+            membership.nodes().map(|(i, n)| (*i, n.clone())).collect();
+        let reach = self.probe_members(&members).await;
+        let leader = m
+            .current_leader
+            .filter(|l| reach.get(l).copied().unwrap_or(false));
+        let (matched, commit_index) = match leader {
+            Some(l) if l == self.id => match self.progress_local().await {
+                ForwardResponse::Progress {
+                    matched,
+                    commit_index,
+                } => (matched, commit_index),
+                _ => (Vec::new(), self.commit_index().await),
+            },
+            Some(l) => match self.forward(l, &ForwardRequest::Progress).await {
+                Ok(ForwardResponse::Progress {
+                    matched,
+                    commit_index,
+                }) => (matched, commit_index),
+                _ => (Vec::new(), self.commit_index().await),
+            },
+            None => (Vec::new(), self.commit_index().await),
+        };
+        let matched: BTreeMap<NodeId, Option<u64>> = matched.into_iter().collect();
+        let nodes: Vec<MemberStatus> = members
+            .iter()
+            .map(|(id, n)| {
+                let voter = voters.contains(id);
+                let role = if Some(*id) == leader {
+                    "leader"
+                } else if voter {
+                    "follower"
+                } else {
+                    "learner"
+                };
+                MemberStatus {
+                    id: *id,
+                    role: role.into(),
+                    voter,
+                    raft_addr: n.raft_addr.clone(),
+                    admin_addr: n.admin_addr.clone(),
+                    reachable: reach.get(id).copied().unwrap_or(false),
+                    matched_index: if Some(*id) == leader {
+                        m.last_log_index.filter(|_| leader == Some(self.id))
+                    } else {
+                        matched.get(id).copied().flatten()
+                    },
+                }
+            })
+            .collect();
+        let reachable = reach.values().filter(|ok| **ok).count();
+        let initialized = !members.is_empty();
+        let warning = if !initialized {
+            Some("not initialized: run `convoy cluster init` on one node".to_string())
+        } else if leader.is_none() {
+            Some(format!(
+                "no leader: {reachable} of {} nodes reachable",
+                members.len()
+            ))
+        } else if reachable < members.len() {
+            Some(format!(
+                "{} of {} nodes unreachable",
+                members.len() - reachable,
+                members.len()
+            ))
+        } else {
+            None
+        };
+        ClusterStatus {
+            answered_by: self.id,
+            initialized,
+            leader,
+            term: m.current_term,
+            voters,
+            learners,
+            nodes,
+            commit_index,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            reachable,
+            warning,
+        }
+    }
+
+    /// Proposer-side timestamp for commands that record one.
+    pub fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+}
+
+fn done_or_retry(resp: ForwardResponse) -> Result<Attempt<()>, ServiceError> {
+    match resp {
+        ForwardResponse::Done => Ok(Attempt::Done(())),
+        ForwardResponse::NotLeader { leader } => Ok(Attempt::Retry(leader)),
+        ForwardResponse::Failed(f) => Err(f.into()),
+        other => Err(ServiceError::Internal(format!(
+            "unexpected reply: {other:?}"
+        ))),
+    }
+}
+
+fn server_state(s: openraft::ServerState) -> &'static str {
+    match s {
+        openraft::ServerState::Leader => "leader",
+        openraft::ServerState::Follower => "follower",
+        openraft::ServerState::Candidate => "candidate",
+        openraft::ServerState::Learner => "learner",
+        openraft::ServerState::Shutdown => "shutdown",
+    }
+}
+
+trait AttemptMap<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Attempt<U>;
+}
+
+impl<T> AttemptMap<T> for Attempt<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Attempt<U> {
+        match self {
+            Attempt::Done(v) => Attempt::Done(f(v)),
+            Attempt::Retry(l) => Attempt::Retry(l),
+        }
+    }
+}
