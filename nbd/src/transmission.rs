@@ -1,0 +1,326 @@
+//! The transmission phase: one reader that parses requests, one task per request that
+//! calls the device, and one writer that serialises replies.
+
+use std::future::Future;
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::{debug, error, warn};
+
+use crate::device::{BlockDevice, DeviceError, Errno};
+use crate::error::Error;
+use crate::proto::{self, Command, Limits, MAX_PAYLOAD, REQUEST_LEN, RequestHeader};
+use crate::server::ServerConfig;
+
+/// Socket buffer sizes: big enough to batch many small headers per system call.
+const IO_BUFFER: usize = 64 << 10;
+
+/// Serves requests until the client disconnects, breaks the protocol, or `stop` fires.
+///
+/// Whatever ends the loop, every request already read is still executed and answered
+/// (if the client is still there) before this returns.
+pub(crate) async fn serve<R, W>(
+    reader: R,
+    writer: W,
+    name: &str,
+    device: Arc<dyn BlockDevice>,
+    limits: Limits,
+    config: &ServerConfig,
+    stop: impl Future<Output = ()>,
+) -> Result<(), Error>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let max_in_flight = config.max_in_flight.max(1);
+    // A single request may need a whole payload's worth of budget.
+    let budget = config.max_in_flight_bytes.max(MAX_PAYLOAD);
+    let limiter = Limiter {
+        slots: Arc::new(Semaphore::new(max_in_flight)),
+        bytes: Arc::new(Semaphore::new(budget as usize)),
+    };
+    // Every queued reply holds a slot permit, so the channel never holds more than
+    // `max_in_flight` replies and sending into it does not block for long.
+    let (tx, rx) = mpsc::channel::<Reply>(max_in_flight);
+    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let name: Arc<str> = Arc::from(name);
+    let mut reader = BufReader::with_capacity(IO_BUFFER, reader);
+    tokio::pin!(stop);
+
+    let ended = loop {
+        let step = tokio::select! {
+            biased;
+            () = &mut stop => {
+                debug!(export = %name, "export removed or server stopping; finishing in-flight requests");
+                break Ok(());
+            }
+            // The writer stopped: the client is gone.
+            () = tx.closed() => break Ok(()),
+            step = next_request(&mut reader, &limiter, &name, &limits) => step,
+        };
+        match step {
+            Ok(Step::Eof) | Ok(Step::Disconnect) => break Ok(()),
+            Ok(Step::Reply(reply)) => {
+                if tx.send(reply).await.is_err() {
+                    break Ok(());
+                }
+            }
+            Ok(Step::Run(job)) => {
+                tokio::spawn(job.run(Arc::clone(&device), Arc::clone(&name), tx.clone()));
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    // The writer ends once the reader's and every running job's sender is gone, i.e.
+    // after the last reply has been written.
+    drop(tx);
+    let written = match writer_task.await {
+        Ok(r) => r.map_err(Error::from),
+        Err(join) => Err(Error::Io(io::Error::other(join))),
+    };
+    ended.and(written)
+}
+
+/// Per-connection bounds on concurrent work; a full limiter stops the reader, which in
+/// turn stops the client through TCP (or socket) backpressure.
+struct Limiter {
+    slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+}
+
+/// Held until a request's reply has been written.
+struct Permits {
+    _slot: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+enum Step {
+    /// The client closed the connection between requests.
+    Eof,
+    /// `NBD_CMD_DISC`.
+    Disconnect,
+    /// A request refused without touching the device.
+    Reply(Reply),
+    /// A request for the device.
+    Run(Job),
+}
+
+/// Reads one request (header and any payload) and decides what to do with it.
+async fn next_request<R>(
+    reader: &mut R,
+    limiter: &Limiter,
+    export: &str,
+    limits: &Limits,
+) -> Result<Step, Error>
+where
+    R: AsyncRead + Unpin,
+{
+    let Ok(slot) = Arc::clone(&limiter.slots).acquire_owned().await else {
+        return Ok(Step::Eof);
+    };
+    let mut header = [0u8; REQUEST_LEN];
+    match reader.read_exact(&mut header).await {
+        Ok(_) => {}
+        // A client may drop the connection instead of sending DISC.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Step::Eof),
+        Err(e) => return Err(e.into()),
+    }
+    let h = RequestHeader::decode(&header).map_err(|magic| Error::BadMagic {
+        what: "request",
+        got: u64::from(magic),
+    })?;
+    let payload_len = h.payload_len().map_err(|len| Error::PayloadTooLarge {
+        len,
+        max: MAX_PAYLOAD,
+    })?;
+    let checked = proto::check(&h, limits);
+    let budget = match checked {
+        Ok(Command::Read { len, .. }) => len,
+        _ => payload_len,
+    };
+    let bytes = if budget > 0 {
+        match Arc::clone(&limiter.bytes).acquire_many_owned(budget).await {
+            Ok(p) => Some(p),
+            Err(_) => return Ok(Step::Eof),
+        }
+    } else {
+        None
+    };
+    // A refused WRITE's payload is still read, to stay in step with the stream.
+    let payload = if payload_len > 0 {
+        read_payload(reader, payload_len as usize).await?
+    } else {
+        Bytes::new()
+    };
+    let permits = Permits {
+        _slot: slot,
+        _bytes: bytes,
+    };
+    Ok(match checked {
+        Err(errno) => {
+            debug!(%export, ?h, %errno, "request refused");
+            Step::Reply(Reply {
+                cookie: h.cookie,
+                error: errno.code(),
+                data: None,
+                _permits: permits,
+            })
+        }
+        Ok(Command::Disconnect) => Step::Disconnect,
+        Ok(command) => Step::Run(Job {
+            cookie: h.cookie,
+            command,
+            payload,
+            permits,
+        }),
+    })
+}
+
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(len);
+    // `take` keeps a larger-than-asked allocation from swallowing the next request.
+    let mut limited = reader.take(len as u64);
+    while buf.len() < len {
+        if limited.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// A valid request on its way to the device.
+struct Job {
+    cookie: u64,
+    command: Command,
+    payload: Bytes,
+    permits: Permits,
+}
+
+impl Job {
+    async fn run(self, device: Arc<dyn BlockDevice>, export: Arc<str>, tx: mpsc::Sender<Reply>) {
+        let command = self.command;
+        // A panicking backend must not leave the client waiting forever for this reply.
+        let outcome = AssertUnwindSafe(execute(&*device, command, self.payload))
+            .catch_unwind()
+            .await;
+        let (error, data) = match outcome {
+            Ok(Ok(data)) => (0, data),
+            Ok(Err(e)) => {
+                let errno = e.errno();
+                warn!(%export, ?command, error = %e, %errno, "device operation failed");
+                (errno.code(), None)
+            }
+            Err(_) => {
+                error!(%export, ?command, "device operation panicked; replying EIO");
+                (Errno::Io.code(), None)
+            }
+        };
+        // The client may be gone; the operation has run either way.
+        let _ = tx
+            .send(Reply {
+                cookie: self.cookie,
+                error,
+                data,
+                _permits: self.permits,
+            })
+            .await;
+    }
+}
+
+/// Runs one command; `Ok(Some(data))` only for reads.
+async fn execute(
+    device: &dyn BlockDevice,
+    command: Command,
+    payload: Bytes,
+) -> Result<Option<Bytes>, DeviceError> {
+    match command {
+        Command::Read { offset, len } => {
+            if len == 0 {
+                return Ok(Some(Bytes::new()));
+            }
+            let data = device.read(offset, len).await?;
+            if data.len() != len as usize {
+                // A simple reply's payload length is fixed by the request: never send
+                // a different amount.
+                return Err(DeviceError::Io(io::Error::other(format!(
+                    "device returned {} bytes for a {len}-byte read",
+                    data.len()
+                ))));
+            }
+            Ok(Some(data))
+        }
+        Command::Write { offset, fua } => {
+            if !payload.is_empty() {
+                device.write(offset, payload, fua).await?;
+            }
+            Ok(None)
+        }
+        Command::Flush => {
+            device.flush().await?;
+            Ok(None)
+        }
+        Command::Trim { offset, len, fua } => {
+            if len > 0 {
+                device.trim(offset, len).await?;
+                if fua {
+                    device.flush().await?;
+                }
+            }
+            Ok(None)
+        }
+        Command::WriteZeroes {
+            offset,
+            len,
+            fua,
+            may_trim,
+        } => {
+            if len > 0 {
+                device.write_zeroes(offset, len, fua, may_trim).await?;
+            }
+            Ok(None)
+        }
+        // Handled by the reader; never turned into a job.
+        Command::Disconnect => Ok(None),
+    }
+}
+
+/// A simple reply, with the permits of its request.
+struct Reply {
+    cookie: u64,
+    error: u32,
+    data: Option<Bytes>,
+    _permits: Permits,
+}
+
+/// The only task that writes to the socket, so a reply's header and payload are never
+/// split by another reply.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut rx: mpsc::Receiver<Reply>,
+) -> io::Result<()> {
+    let mut out = BufWriter::with_capacity(IO_BUFFER, writer);
+    while let Some(reply) = rx.recv().await {
+        put_reply(&mut out, reply).await?;
+        // Coalesce the replies already waiting into one flush.
+        while let Ok(reply) = rx.try_recv() {
+            put_reply(&mut out, reply).await?;
+        }
+        out.flush().await?;
+    }
+    out.shutdown().await
+}
+
+async fn put_reply<W: AsyncWrite + Unpin>(out: &mut W, reply: Reply) -> io::Result<()> {
+    out.write_all(&proto::simple_reply(reply.cookie, reply.error))
+        .await?;
+    if let Some(data) = &reply.data {
+        out.write_all(data).await?;
+    }
+    // Dropping the reply here releases its permits, letting the reader take more work.
+    Ok(())
+}
