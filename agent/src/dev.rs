@@ -369,6 +369,7 @@ async fn start_and_form(
             id: node.id,
             raft_addr: node.raft_addr.clone(),
             admin_addr: node.admin_addr.clone(),
+            timeout_secs: None,
         };
         let _: ClusterStatus = first
             .post("/v1/cluster/nodes", &req)

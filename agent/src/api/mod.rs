@@ -147,8 +147,11 @@ async fn add_node(
     body: Result<Json<AddNodeRequest>, JsonRejection>,
 ) -> ApiResult<Json<ClusterStatus>> {
     let Json(req) = body?;
+    let catch_up = req
+        .timeout_secs
+        .map_or(crate::node::service::LEARNER_CATCH_UP, Duration::from_secs);
     s.cluster
-        .add_node(req.id, req.raft_addr, req.admin_addr)
+        .add_node(req.id, req.raft_addr, req.admin_addr, catch_up)
         .await?;
     Ok(Json(s.cluster.cluster_status().await))
 }

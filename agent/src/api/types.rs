@@ -116,6 +116,9 @@ pub struct AddNodeRequest {
     pub raft_addr: String,
     /// Its admin address.
     pub admin_addr: String,
+    /// How long the new node may take to catch up as a learner (default 60 s).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
 }
 
 /// `POST /v1/vms`.

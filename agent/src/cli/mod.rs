@@ -98,6 +98,9 @@ pub enum ClusterCmd {
         /// Its admin API address (IP:PORT).
         #[arg(long, value_name = "IP:PORT")]
         admin_addr: SocketAddr,
+        /// Seconds the new node may take to catch up before the command gives up.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
     /// Remove a node from the cluster; its id is retired for good.
     RemoveNode {
@@ -223,11 +226,13 @@ pub async fn cluster(global: &GlobalArgs, cmd: ClusterCmd) -> Result<()> {
             id,
             raft_addr,
             admin_addr,
+            timeout,
         } => {
             let req = AddNodeRequest {
                 id,
                 raft_addr: raft_addr.to_string(),
                 admin_addr: admin_addr.to_string(),
+                timeout_secs: Some(timeout),
             };
             let status: ClusterStatus = client.post("/v1/cluster/nodes", &req).await?;
             out.cluster_status(&status)

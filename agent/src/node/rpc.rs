@@ -5,6 +5,7 @@
 //! `convoy-codec`, so it carries the format version byte.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use convoy_raft::{NodeId, Request, Response, TypeConfig};
 use convoy_transport::{Inbound, InboundStream, StreamKind};
@@ -32,6 +33,8 @@ pub enum ForwardRequest {
         raft_addr: String,
         /// Admin address.
         admin_addr: String,
+        /// Learner catch-up limit.
+        catch_up: Duration,
     },
     /// Remove a node from the membership and retire its id.
     RemoveNode {

@@ -26,7 +26,7 @@ const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Timeout of the reachability probes behind `cluster status`.
 const PING_TIMEOUT: Duration = Duration::from_millis(700);
 /// How long a new node may take to catch up as a learner before add-node gives up.
-const LEARNER_CATCH_UP: Duration = Duration::from_secs(60);
+pub const LEARNER_CATCH_UP: Duration = Duration::from_secs(60);
 
 /// Errors of cluster operations, classed the way the API reports them.
 #[derive(Debug, thiserror::Error)]
@@ -196,9 +196,8 @@ impl Cluster {
         let payload = convoy_codec::encode(req).map_err(|e| e.to_string())?;
         let timeout = match req {
             // Membership changes wait for a learner to catch up on the leader.
-            ForwardRequest::AddNode { .. } | ForwardRequest::RemoveNode { .. } => {
-                LEARNER_CATCH_UP + FORWARD_TIMEOUT
-            }
+            ForwardRequest::AddNode { catch_up, .. } => *catch_up + FORWARD_TIMEOUT,
+            ForwardRequest::RemoveNode { .. } => LEADER_WAIT + FORWARD_TIMEOUT,
             _ => FORWARD_TIMEOUT,
         };
         let reply: Bytes = self
@@ -392,6 +391,7 @@ impl Cluster {
         id: NodeId,
         raft_addr: String,
         admin_addr: String,
+        catch_up: Duration,
     ) -> Result<(), ServiceError> {
         raft_addr.parse::<SocketAddr>().map_err(|e| {
             ServiceError::BadRequest(format!("invalid raft address '{raft_addr}': {e}"))
@@ -403,10 +403,11 @@ impl Cluster {
             id,
             raft_addr: raft_addr.clone(),
             admin_addr: admin_addr.clone(),
+            catch_up,
         };
         self.on_leader(
             req,
-            || self.add_node_local(id, &raft_addr, &admin_addr),
+            || self.add_node_local(id, &raft_addr, &admin_addr, catch_up),
             done_or_retry,
         )
         .await
@@ -417,6 +418,7 @@ impl Cluster {
         id: NodeId,
         raft_addr: &str,
         admin_addr: &str,
+        catch_up: Duration,
     ) -> Result<Attempt<()>, ServiceError> {
         let register = Command::RegisterHost {
             id,
@@ -439,24 +441,40 @@ impl Cluster {
             raft_addr: raft_addr.to_string(),
             admin_addr: admin_addr.to_string(),
         };
-        let added =
-            tokio::time::timeout(LEARNER_CATCH_UP, self.raft.add_learner(id, node, true)).await;
-        match added {
-            Err(_) => {
-                return Err(ServiceError::Internal(format!(
-                    "node {id} did not catch up within {}s: is its agent running and reachable at {raft_addr}?",
-                    LEARNER_CATCH_UP.as_secs()
-                )));
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+        // openraft's own "blocking" add_learner counts a learner within 5000 entries as
+        // caught up, even one that never received anything; wait for real replication.
+        let membership_index = match self.raft.add_learner(id, node, false).await {
+            Ok(r) => r.log_id.index,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 return Ok(Attempt::Retry(f.leader_id));
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 return Err(ServiceError::Internal(format!(
                     "cannot add node {id} as learner: {e}"
                 )));
             }
-            Ok(Ok(_)) => {}
+        };
+        let caught_up = self
+            .raft
+            .wait(Some(catch_up))
+            .metrics(
+                |m| match &m.replication {
+                    Some(repl) => repl
+                        .get(&id)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|l| l.index >= membership_index),
+                    // No longer leader: stop waiting; the change below reports it.
+                    None => true,
+                },
+                "learner caught up",
+            )
+            .await;
+        if caught_up.is_err() {
+            return Err(ServiceError::Internal(format!(
+                "node {id} did not catch up within {}s: is its agent running and reachable at {raft_addr}, with a certificate from this cluster's CA? It stays a learner until removed (`convoy cluster remove-node {id}`)",
+                catch_up.as_secs()
+            )));
         }
         let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
         match self.raft.change_membership(change, false).await {
@@ -552,8 +570,9 @@ impl Cluster {
                 id,
                 raft_addr,
                 admin_addr,
+                catch_up,
             } => self
-                .add_node_local(id, &raft_addr, &admin_addr)
+                .add_node_local(id, &raft_addr, &admin_addr, catch_up)
                 .await
                 .map(|a| a.map(|_| ForwardResponse::Done)),
             ForwardRequest::RemoveNode { id } => self

@@ -1,0 +1,575 @@
+//! The cluster spine with real agent processes: formation, leader loss under load,
+//! catch-up from snapshots, certificate checks and operator errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use convoy_agent::api::types::{CreateVmRequest, NodeStatus, VmView};
+
+fn vm_names(list: &serde_json::Value) -> Vec<String> {
+    list.as_array()
+        .expect("vm list is an array")
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn three_node_cluster_forms() {
+    let dev = Dev::start(3, &[]);
+    let status = wait_for("a leader", Duration::from_secs(10), || {
+        dev.status().filter(|s| s["leader"].is_u64())
+    });
+    let voters: BTreeSet<u64> = status["voters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(voters, BTreeSet::from([1, 2, 3]));
+    let roles: Vec<&str> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "leader").count(),
+        1,
+        "{status}"
+    );
+    assert_eq!(
+        roles.iter().filter(|r| **r == "follower").count(),
+        2,
+        "{status}"
+    );
+    assert!(
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["reachable"] == true)
+    );
+    assert_eq!(status["warning"], serde_json::Value::Null);
+
+    // Every node answers and agrees on the leader.
+    let leader = status["leader"].as_u64().unwrap();
+    for id in 1..=3 {
+        let s = dev.node_status(id).expect("node status");
+        assert_eq!(s["leader"].as_u64(), Some(leader), "node {id}: {s}");
+    }
+
+    // The table output names the roles too.
+    let table = dev.cli(&["cluster", "status"]);
+    assert!(
+        table.ok && table.stdout.contains("leader") && table.stdout.contains("follower"),
+        "{table:?}"
+    );
+
+    // /metrics and /healthz on the admin API.
+    let rt = rt();
+    let client = dev.client_at(leader);
+    let metrics = rt
+        .block_on(client.send(hyper::Method::GET, "/metrics", None))
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics);
+    for name in [
+        "convoy_raft_term",
+        "convoy_raft_commit_index",
+        "convoy_raft_applied_index",
+        "convoy_raft_is_leader",
+    ] {
+        assert!(
+            wait_for(name, Duration::from_secs(5), || {
+                let m = rt
+                    .block_on(client.send(hyper::Method::GET, "/metrics", None))
+                    .ok()?;
+                String::from_utf8_lossy(&m).contains(name).then_some(true)
+            }),
+            "{name} missing from:\n{metrics}"
+        );
+    }
+    let health = rt
+        .block_on(client.send(hyper::Method::GET, "/healthz", None))
+        .unwrap();
+    assert_eq!(&health[..], b"ok\n");
+    dev.assert_no_panics();
+}
+
+/// The leader is SIGKILLed ten times in a row while a client keeps creating VMs; every
+/// acknowledged creation must afterwards be listed by every node, exactly once.
+#[test]
+fn leader_killed_ten_times_loses_no_acknowledged_write() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let stop = AtomicBool::new(false);
+    let acked = Mutex::new(Vec::<String>::new());
+    let attempted = Mutex::new(BTreeSet::<String>::new());
+    let mut failovers = Vec::new();
+
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let name = format!("vm-{i}");
+                i += 1;
+                attempted.lock().unwrap().insert(name.clone());
+                let r = dev.cli(&[
+                    "vm", "create", &name, "--host", "1", "--disk", "1MiB", "-o", "json",
+                ]);
+                if r.ok {
+                    let vm = r.json();
+                    assert_eq!(vm["name"], name.as_str());
+                    acked.lock().unwrap().push(name);
+                } else {
+                    // Unacknowledged: may or may not exist. It must still fail cleanly.
+                    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+                }
+            }
+        });
+
+        for round in 0..10 {
+            let leader = wait_for("a leader", Duration::from_secs(15), || dev.leader());
+            let before = acked.lock().unwrap().len();
+            wait_for("writes to flow", Duration::from_secs(15), || {
+                (acked.lock().unwrap().len() > before).then_some(())
+            });
+            dev.kill(leader);
+            let killed_at = Instant::now();
+            let new_leader = wait_for("a new leader", Duration::from_secs(15), || {
+                dev.leader().filter(|l| *l != leader)
+            });
+            failovers.push(killed_at.elapsed());
+            eprintln!(
+                "round {round}: killed leader {leader}, new leader {new_leader} after {:?}",
+                killed_at.elapsed()
+            );
+            dev.restart(leader);
+            dev.wait_caught_up(leader, Duration::from_secs(30));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+
+    let acked = acked.into_inner().unwrap();
+    let attempted = attempted.into_inner().unwrap();
+    assert!(
+        acked.len() >= 20,
+        "too few acknowledged writes to mean anything: {}",
+        acked.len()
+    );
+    eprintln!(
+        "{} VMs acknowledged, {} attempted; failover times {failovers:?}",
+        acked.len(),
+        attempted.len()
+    );
+    for id in 1..=3 {
+        dev.wait_caught_up(id, Duration::from_secs(30));
+        let listed = vm_names(&dev.cli_at(id, &["vm", "list", "-o", "json"]).json());
+        let mut counts = BTreeMap::<&str, usize>::new();
+        for n in &listed {
+            *counts.entry(n.as_str()).or_default() += 1;
+        }
+        for name in &acked {
+            assert_eq!(
+                counts.get(name.as_str()),
+                Some(&1),
+                "node {id}: acknowledged {name} listed {:?} times",
+                counts.get(name.as_str())
+            );
+        }
+        for name in &listed {
+            assert!(
+                attempted.contains(name),
+                "node {id} lists {name}, which was never requested"
+            );
+        }
+    }
+    dev.assert_no_panics();
+}
+
+/// A node killed while the others compact their logs rejoins from a snapshot and catches up;
+/// restarted again, it recovers from its own snapshot and log.
+#[test]
+fn restarted_node_catches_up_after_log_compaction() {
+    let dev = Dev::start(3, &["--snapshot-every", "20"]);
+    let leader = wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let follower_last = dev.node_status(follower).unwrap()["last_log_index"]
+        .as_u64()
+        .unwrap();
+    dev.kill(follower);
+
+    let rt = rt();
+    let client = dev.client();
+    let total = 150;
+    rt.block_on(async {
+        for i in 0..total {
+            let req = CreateVmRequest {
+                name: format!("c-{i}"),
+                host: leader,
+                disks: vec![1 << 20],
+                workload: None,
+                request_id: Some(format!("{:x}", 0xc0ffee_0000u64 + i)),
+            };
+            let _: VmView = client.post("/v1/vms", &req).await.unwrap();
+        }
+    });
+    let leader_state: NodeStatus = rt.block_on(dev.client_at(leader).get("/v1/node")).unwrap();
+    let purged = leader_state.purged_index.expect("leader compacted its log");
+    assert!(
+        purged > follower_last,
+        "log purged to {purged}, follower had {follower_last}: it must need a snapshot"
+    );
+
+    dev.restart(follower);
+    dev.wait_caught_up(follower, Duration::from_secs(30));
+    let caught: NodeStatus = rt
+        .block_on(dev.client_at(follower).get("/v1/node"))
+        .unwrap();
+    assert!(
+        caught.snapshot_index.is_some(),
+        "follower installed a snapshot: {caught:?}"
+    );
+    let local = vm_names(
+        &dev.cli_at(follower, &["vm", "list", "--local", "-o", "json"])
+            .json(),
+    );
+    assert_eq!(local.len(), total as usize);
+
+    // Restart once more: state comes back from its own snapshot plus log, even with no
+    // leader to ask (local read right after start).
+    dev.kill(follower);
+    dev.restart(follower);
+    let local = wait_for("restored state", Duration::from_secs(20), || {
+        let r = dev.cli_at(follower, &["vm", "list", "--local", "-o", "json"]);
+        r.ok.then(|| vm_names(&r.json()))
+            .filter(|v| v.len() == total as usize)
+    });
+    assert_eq!(local.len(), total as usize);
+    dev.assert_no_panics();
+}
+
+/// Certificates from another CA are refused for the CLI and for agents; removed node ids
+/// cannot be reused.
+#[test]
+fn foreign_certificates_are_refused_and_ids_are_never_reused() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let other = tempfile::tempdir().unwrap();
+    let o = other.path().to_str().unwrap();
+    assert!(run_convoy(&["cert", "init-ca", "--dir", o], &[]).ok);
+    assert!(
+        run_convoy(
+            &["cert", "issue-client", "--dir", o, "--name", "admin"],
+            &[]
+        )
+        .ok
+    );
+    let ip = dev.ip.to_string();
+    assert!(
+        run_convoy(
+            &["cert", "issue-node", "--dir", o, "--id", "4", "--san", &ip],
+            &[]
+        )
+        .ok
+    );
+
+    // The CLI with a foreign client certificate.
+    let mut env = dev.env();
+    for (k, v) in env.iter_mut() {
+        match k.as_str() {
+            "CONVOY_CERT" => *v = format!("{o}/client-admin.crt"),
+            "CONVOY_KEY" => *v = format!("{o}/client-admin.key"),
+            "CONVOY_CA" => *v = format!("{o}/ca.crt"),
+            _ => {}
+        }
+    }
+    let r = run_convoy(&["vm", "list"], &env);
+    assert!(
+        !r.ok && r.stderr.contains("TLS"),
+        "foreign CLI was not refused: {r:?}"
+    );
+
+    // An agent whose certificate comes from another CA.
+    let port = |udp: bool| {
+        let a = std::net::SocketAddr::new(dev.ip, 0);
+        if udp {
+            std::net::UdpSocket::bind(a)
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        } else {
+            std::net::TcpListener::bind(a)
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        }
+    };
+    let (raft, admin) = (
+        format!("{ip}:{}", port(true)),
+        format!("{ip}:{}", port(false)),
+    );
+    let config = other.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 4\ndata_dir = \"{o}/data\"\n[listen]\nraft = \"{raft}\"\nadmin = \"{admin}\"\n[tls]\nca = \"{o}/ca.crt\"\ncert = \"{o}/node-4.crt\"\nkey = \"{o}/node-4.key\"\n"
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(other.path().join("agent.log")).unwrap();
+    let mut foreign = std::process::Command::new(convoy_bin())
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let foreign_env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| {
+            if k == "CONVOY_ADDR" {
+                (k.clone(), admin.clone())
+            } else {
+                (k.clone(), v.clone())
+            }
+        })
+        .collect();
+    wait_for("the foreign agent", Duration::from_secs(20), || {
+        run_convoy(&["cluster", "node", "-o", "json"], &foreign_env)
+            .ok
+            .then_some(())
+    });
+
+    let r = dev.cli(&[
+        "cluster",
+        "add-node",
+        "--id",
+        "4",
+        "--raft-addr",
+        &raft,
+        "--admin-addr",
+        &admin,
+        "--timeout",
+        "5",
+    ]);
+    assert!(
+        !r.ok && r.stderr.contains("did not catch up"),
+        "foreign agent was admitted: {r:?}"
+    );
+    let foreign_state = run_convoy(&["cluster", "node", "-o", "json"], &foreign_env).json();
+    assert_eq!(
+        foreign_state["last_log_index"], 0,
+        "foreign agent received log entries: {foreign_state}"
+    );
+    // And the foreign agent does not accept the cluster's client either.
+    let mut mixed = dev.env();
+    for (k, v) in mixed.iter_mut() {
+        if k == "CONVOY_ADDR" {
+            *v = admin.clone();
+        }
+    }
+    assert!(!run_convoy(&["cluster", "node"], &mixed).ok);
+    let _ = foreign.kill();
+    let _ = foreign.wait();
+
+    // Node 4 is a learner that never caught up: remove it; its id is then retired.
+    let r = dev.cli(&["cluster", "remove-node", "4"]);
+    assert!(r.ok, "{r:?}");
+    let r = dev.cli(&[
+        "cluster",
+        "add-node",
+        "--id",
+        "4",
+        "--raft-addr",
+        &raft,
+        "--admin-addr",
+        &admin,
+        "--timeout",
+        "5",
+    ]);
+    assert!(!r.ok && r.stderr.contains("never reused"), "{r:?}");
+    let status = dev.status().unwrap();
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 3, "{status}");
+    dev.assert_no_panics();
+}
+
+/// Operators get clear errors, never panics, for bad config and bad input.
+#[test]
+fn bad_config_and_cli_input_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let check = |r: CliRun, needle: &str| {
+        assert!(!r.ok, "expected failure containing {needle:?}: {r:?}");
+        assert!(
+            r.stderr.contains(needle),
+            "stderr lacks {needle:?}: {}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
+    };
+    let missing = d.join("nope.toml");
+    check(
+        run_convoy(&["agent", "--config", missing.to_str().unwrap()], &[]),
+        "cannot read config file",
+    );
+    let write = |name: &str, text: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let base = "data_dir = \"/tmp/x\"\n[listen]\nraft = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+    check(
+        run_convoy(&["agent", "--config", &write("a.toml", base)], &[]),
+        "node_id",
+    );
+    check(
+        run_convoy(
+            &[
+                "agent",
+                "--config",
+                &write("b.toml", &format!("node_id = 1\nnode_name = 2\n{base}")),
+            ],
+            &[],
+        ),
+        "node_name",
+    );
+    check(
+        run_convoy(
+            &[
+                "agent",
+                "--config",
+                &write(
+                    "c.toml",
+                    &format!("node_id = 1\n{base}").replace("127.0.0.1:1", "localhost"),
+                ),
+            ],
+            &[],
+        ),
+        "raft",
+    );
+    check(
+        run_convoy(
+            &[
+                "agent",
+                "--config",
+                &write("d.toml", &format!("node_id = 1\n{base}")),
+            ],
+            &[],
+        ),
+        "TLS files",
+    );
+
+    // A certificate for another node id.
+    let pki = d.join("pki");
+    let p = pki.to_str().unwrap();
+    assert!(run_convoy(&["cert", "init-ca", "--dir", p], &[]).ok);
+    assert!(run_convoy(&["cert", "issue-node", "--dir", p, "--id", "2"], &[]).ok);
+    let wrong = format!("node_id = 1\n{base}")
+        .replace("\"a\"", &format!("\"{p}/ca.crt\""))
+        .replace("\"b\"", &format!("\"{p}/node-2.crt\""))
+        .replace("\"c\"", &format!("\"{p}/node-2.key\""));
+    check(
+        run_convoy(&["agent", "--config", &write("e.toml", &wrong)], &[]),
+        "identifies node 2",
+    );
+    check(
+        run_convoy(&["cert", "init-ca", "--dir", p], &[]),
+        "already holds a CA",
+    );
+
+    // CLI without a cluster.
+    check(run_convoy(&["vm", "list"], &[]), "no agent address");
+    check(
+        run_convoy(&["vm", "list", "--addr", "not-an-address"], &[]),
+        "invalid agent address",
+    );
+    check(
+        run_convoy(
+            &[
+                "vm",
+                "list",
+                "--addr",
+                "127.0.0.1:1",
+                "--ca",
+                "x",
+                "--cert",
+                "y",
+                "--key",
+                "z",
+            ],
+            &[],
+        ),
+        "TLS files",
+    );
+    check(
+        run_convoy(&["vm", "create", "a", "--host", "1", "--disk", "12XB"], &[]),
+        "unknown unit",
+    );
+    check(
+        run_convoy(&["vm", "create", "a", "--host", "1"], &[]),
+        "--disk",
+    );
+
+    // CLI against a cluster.
+    let dev = Dev::start(1, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    check(
+        dev.cli(&["vm", "create", "a b", "--host", "1", "--disk", "64MiB"]),
+        "invalid VM name",
+    );
+    check(
+        dev.cli(&["vm", "create", "a", "--host", "9", "--disk", "64MiB"]),
+        "host '9' not found",
+    );
+    check(
+        dev.cli(&["vm", "create", "a", "--host", "1", "--disk", "1000"]),
+        "multiple of 4 KiB",
+    );
+    check(dev.cli(&["vm", "show", "ghost"]), "not found");
+    check(
+        dev.cli(&["cg", "create", "g", "--vm", "ghost"]),
+        "not found",
+    );
+    assert!(
+        dev.cli(&["vm", "create", "a", "--host", "1", "--disk", "64MiB"])
+            .ok
+    );
+    check(
+        dev.cli(&["vm", "create", "a", "--host", "1", "--disk", "64MiB"]),
+        "already exists",
+    );
+    check(dev.cli(&["cluster", "init"]), "already initialized");
+    check(dev.cli(&["cluster", "remove-node", "1"]), "last voter");
+    // An unreachable address first in the list is skipped.
+    let mut env = dev.env();
+    for (k, v) in env.iter_mut() {
+        if k == "CONVOY_ADDR" {
+            *v = format!("{}:1,{v}", dev.ip);
+        }
+    }
+    assert!(run_convoy(&["vm", "list"], &env).ok);
+    let unreachable: Vec<(String, String)> = dev
+        .env()
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "CONVOY_ADDR" {
+                (k, format!("{}:1", dev.ip))
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    check(
+        run_convoy(&["vm", "list"], &unreachable),
+        "cannot reach any agent",
+    );
+    dev.assert_no_panics();
+}
