@@ -1,0 +1,866 @@
+//! The cluster's public-key infrastructure: one CA per cluster, one certificate per node
+//! and per admin client, and the rustls configurations built from them.
+//!
+//! Identity lives in exactly one URI subject alternative name per certificate:
+//! `urn:convoy:node:<id>` for agents, `urn:convoy:client:<name>` for admin clients.
+//! Node certificates also carry the DNS name `node-<id>`, the TLS server name used when
+//! dialing that node, so rustls itself refuses a server that is not the dialed node.
+//!
+//! Every configuration built here uses the `ring` crypto provider explicitly and never a
+//! process-wide default, trusts only the cluster CA (no web roots), speaks TLS 1.3 only,
+//! disables 0-RTT and session resumption, and requires a certificate on both sides.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use x509_parser::extensions::GeneralName;
+
+use crate::fsutil::{self, DurableWriteError};
+
+const NODE_URN_PREFIX: &str = "urn:convoy:node:";
+const CLIENT_URN_PREFIX: &str = "urn:convoy:client:";
+const CONVOY_URN_PREFIX: &str = "urn:convoy:";
+
+/// Validity of a cluster CA. Long, because replacing a CA means reissuing every certificate.
+const CA_VALIDITY: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
+/// Validity of node and client certificates.
+const LEAF_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates start being valid a day in the past so modest clock skew between hosts
+/// does not reject a freshly issued certificate.
+const BACKDATE: Duration = Duration::from_secs(24 * 3600);
+
+/// Errors of certificate generation, loading and TLS configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// rcgen could not generate a key or sign a certificate.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A file that must exist does not.
+    #[error(
+        "{path} does not exist; create it with the certificate tooling or fix the configured path"
+    )]
+    Missing {
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// A file exists but could not be read.
+    #[error("cannot read {path}: {source}; check its permissions")]
+    Read {
+        /// The unreadable file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file could not be written durably.
+    #[error(transparent)]
+    Write(#[from] DurableWriteError),
+    /// A PEM source contains no `CERTIFICATE` block.
+    #[error("no certificate found in {source_name}; expected a PEM `BEGIN CERTIFICATE` block")]
+    NoCertificate {
+        /// The file path or in-memory source that was read.
+        source_name: String,
+    },
+    /// A PEM source contains no private key block.
+    #[error(
+        "no private key found in {source_name}; expected a PEM `BEGIN PRIVATE KEY` (PKCS#8, SEC1 or PKCS#1) block"
+    )]
+    NoKey {
+        /// The file path or in-memory source that was read.
+        source_name: String,
+    },
+    /// A PEM source is malformed, or a certificate in it cannot be parsed.
+    #[error("{source_name} is not valid: {reason}")]
+    BadPem {
+        /// The file path or in-memory source that was read.
+        source_name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The private key does not belong to the certificate.
+    #[error(
+        "the key in {key} does not match the certificate in {cert}: {reason}; they must come from the same issuance"
+    )]
+    KeyMismatch {
+        /// Where the certificate came from.
+        cert: String,
+        /// Where the key came from.
+        key: String,
+        /// What rustls or rcgen reported.
+        reason: String,
+    },
+    /// The certificate does not chain to the configured CA (or is expired, or lacks the
+    /// client-authentication usage every Convoy certificate has).
+    #[error(
+        "the certificate in {cert} is not valid under the CA in {ca}: {reason}; was it issued by this cluster's CA?"
+    )]
+    NotIssuedByCa {
+        /// Where the certificate came from.
+        cert: String,
+        /// Where the CA came from.
+        ca: String,
+        /// What the verifier reported.
+        reason: String,
+    },
+    /// The certificate carries no `urn:convoy:` URI name.
+    #[error(
+        "certificate carries no Convoy identity (URI SAN `urn:convoy:node:<id>` or `urn:convoy:client:<name>`)"
+    )]
+    NoIdentity,
+    /// The certificate carries more than one `urn:convoy:` URI name.
+    #[error("certificate carries several Convoy identities ({0:?}); exactly one is allowed")]
+    AmbiguousIdentity(Vec<String>),
+    /// A `urn:convoy:` name or an input name is malformed.
+    #[error("invalid identity {0:?}")]
+    BadIdentity(String),
+    /// An extra subject alternative name is neither an IP address nor a valid DNS name.
+    #[error("invalid subject alternative name {0:?}: not an IP address nor a DNS name")]
+    BadSan(String),
+    /// rustls refused to build a configuration.
+    #[error("TLS configuration failed: {0}")]
+    Tls(String),
+}
+
+/// A certificate and its private key, both PEM-encoded.
+///
+/// `Debug` does not print the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CertAndKeyPem {
+    /// The certificate, one PEM `CERTIFICATE` block.
+    pub cert_pem: String,
+    /// The private key, one PEM `PRIVATE KEY` (PKCS#8) block. Secret.
+    pub key_pem: String,
+}
+
+impl fmt::Debug for CertAndKeyPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertAndKeyPem")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Who a certificate says its holder is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PeerIdentity {
+    /// A Convoy agent with this node id.
+    Node(u64),
+    /// An admin client (for example the CLI) with this name.
+    Client(String),
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerIdentity::Node(id) => write!(f, "node {id}"),
+            PeerIdentity::Client(name) => write!(f, "client {name:?}"),
+        }
+    }
+}
+
+/// The TLS server name of node `id`: the DNS name its certificate carries and the name a
+/// dialer asks rustls to verify.
+pub fn node_server_name(id: u64) -> String {
+    format!("node-{id}")
+}
+
+/// Generates a new self-signed cluster CA named `name` (its common name).
+///
+/// The CA may sign end-entity certificates only (path length 0). Its key is ECDSA P-256.
+pub fn generate_ca(name: &str) -> Result<CertAndKeyPem, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = distinguished_name(name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    set_validity(&mut params, CA_VALIDITY);
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok(CertAndKeyPem {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Issues the certificate of node `node_id`, signed by `ca`.
+///
+/// The certificate carries the URI name `urn:convoy:node:<id>` (its identity), the DNS
+/// name `node-<id>` (its QUIC server name), and each of `extra_sans` as an IP address if
+/// it parses as one, else as a DNS name (so the admin HTTPS API can be reached by address).
+/// It is valid for both TLS server and client authentication.
+pub fn issue_node_cert(
+    ca: &CertAndKeyPem,
+    node_id: u64,
+    extra_sans: &[String],
+) -> Result<CertAndKeyPem, PkiError> {
+    let mut sans = vec![
+        SanType::URI(ia5(format!("{NODE_URN_PREFIX}{node_id}"))?),
+        SanType::DnsName(ia5(node_server_name(node_id))?),
+    ];
+    for san in extra_sans {
+        sans.push(parse_extra_san(san)?);
+    }
+    issue_leaf(
+        ca,
+        &format!("convoy node {node_id}"),
+        sans,
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    )
+}
+
+/// Issues an admin client certificate named `name`, signed by `ca`.
+///
+/// The certificate carries the URI name `urn:convoy:client:<name>` and is valid for TLS
+/// client authentication only. `name` must be non-empty and use only ASCII letters,
+/// digits, `.`, `_` and `-`.
+pub fn issue_client_cert(ca: &CertAndKeyPem, name: &str) -> Result<CertAndKeyPem, PkiError> {
+    validate_client_name(name)?;
+    issue_leaf(
+        ca,
+        &format!("convoy client {name}"),
+        vec![SanType::URI(ia5(format!("{CLIENT_URN_PREFIX}{name}"))?)],
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+    )
+}
+
+/// Reads the Convoy identity from a DER certificate's URI subject alternative names.
+///
+/// Fails if the certificate cannot be parsed, carries no `urn:convoy:` URI, carries more
+/// than one, or the one it carries is malformed. Does not check the signature: call it
+/// only on certificates a verifier (rustls, [`TlsIdentity::load`]) has accepted.
+pub fn identity_from_cert(der: &CertificateDer<'_>) -> Result<PeerIdentity, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| PkiError::BadPem {
+            source_name: "peer certificate".into(),
+            reason: e.to_string(),
+        })?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::BadPem {
+            source_name: "peer certificate".into(),
+            reason: format!("subject alternative names: {e}"),
+        })?;
+    let uris: Vec<String> = san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::URI(uri) if uri.starts_with(CONVOY_URN_PREFIX) => {
+                        Some((*uri).to_string())
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match uris.as_slice() {
+        [] => Err(PkiError::NoIdentity),
+        [uri] => parse_identity_uri(uri),
+        _ => Err(PkiError::AmbiguousIdentity(uris)),
+    }
+}
+
+fn parse_identity_uri(uri: &str) -> Result<PeerIdentity, PkiError> {
+    if let Some(id) = uri.strip_prefix(NODE_URN_PREFIX) {
+        // Only canonical decimal, so one node id has exactly one spelling.
+        let canonical = id == "0"
+            || (!id.is_empty() && !id.starts_with('0') && id.bytes().all(|b| b.is_ascii_digit()));
+        if let (true, Ok(id)) = (canonical, id.parse()) {
+            return Ok(PeerIdentity::Node(id));
+        }
+    } else if let Some(name) = uri.strip_prefix(CLIENT_URN_PREFIX) {
+        if validate_client_name(name).is_ok() {
+            return Ok(PeerIdentity::Client(name.to_string()));
+        }
+    }
+    Err(PkiError::BadIdentity(uri.to_string()))
+}
+
+fn validate_client_name(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::BadIdentity(name.to_string()))
+    }
+}
+
+fn ia5(s: String) -> Result<rcgen::Ia5String, PkiError> {
+    rcgen::Ia5String::try_from(s.as_str()).map_err(|_| PkiError::BadSan(s))
+}
+
+fn parse_extra_san(san: &str) -> Result<SanType, PkiError> {
+    if let Ok(ip) = san.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    // Validate with the same rules rustls applies when verifying, so a name accepted here
+    // can actually be used as a server name.
+    rustls::pki_types::DnsName::try_from(san).map_err(|_| PkiError::BadSan(san.to_string()))?;
+    Ok(SanType::DnsName(ia5(san.to_string())?))
+}
+
+fn distinguished_name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Convoy");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn set_validity(params: &mut CertificateParams, validity: Duration) {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let now = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
+    params.not_before = now - BACKDATE;
+    params.not_after = now + validity;
+}
+
+fn issue_leaf(
+    ca: &CertAndKeyPem,
+    common_name: &str,
+    sans: Vec<SanType>,
+    ekus: Vec<ExtendedKeyUsagePurpose>,
+) -> Result<CertAndKeyPem, PkiError> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|e| PkiError::BadPem {
+        source_name: "CA key".into(),
+        reason: e.to_string(),
+    })?;
+    let ca_params =
+        CertificateParams::from_ca_cert_pem(&ca.cert_pem).map_err(|e| PkiError::BadPem {
+            source_name: "CA certificate".into(),
+            reason: e.to_string(),
+        })?;
+    check_ca_key(ca, &ca_key)?;
+    // rcgen signs with an issuer `Certificate`; re-signing the parsed CA parameters with
+    // the CA key yields one with the same subject and key identifier as the stored CA.
+    let issuer = ca_params.self_signed(&ca_key)?;
+
+    let mut params = CertificateParams::default();
+    params.distinguished_name = distinguished_name(common_name);
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = ekus;
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, LEAF_VALIDITY);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer, &ca_key)?;
+    Ok(CertAndKeyPem {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Refuses to sign with a CA key that does not belong to the CA certificate: the issued
+/// certificates would not verify, and the failure would only show much later.
+fn check_ca_key(ca: &CertAndKeyPem, ca_key: &KeyPair) -> Result<(), PkiError> {
+    let der = parse_certs(ca.cert_pem.as_bytes(), "CA certificate")?;
+    let Some(first) = der.first() else {
+        return Err(PkiError::NoCertificate {
+            source_name: "CA certificate".into(),
+        });
+    };
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(first.as_ref()).map_err(|e| PkiError::BadPem {
+            source_name: "CA certificate".into(),
+            reason: e.to_string(),
+        })?;
+    if cert.public_key().raw != ca_key.public_key_der().as_slice() {
+        return Err(PkiError::KeyMismatch {
+            cert: "CA certificate".into(),
+            key: "CA key".into(),
+            reason: "public keys differ".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes `<dir>/<stem>.crt` (mode 0644) and `<dir>/<stem>.key` (mode 0600) crash-safely,
+/// replacing existing files. Returns the two paths (certificate, key).
+///
+/// Each file is replaced atomically, but the pair is not: after a crash between the two
+/// replacements the certificate may be new and the key old. [`TlsIdentity::load`] detects
+/// that mismatch; reissue in that case.
+pub fn write_pem_files(
+    dir: &Path,
+    stem: &str,
+    pem: &CertAndKeyPem,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    if stem.is_empty() || stem.contains('/') {
+        return Err(PkiError::BadIdentity(stem.to_string()));
+    }
+    let cert_path = dir.join(format!("{stem}.crt"));
+    let key_path = dir.join(format!("{stem}.key"));
+    // Key first: a crash in between leaves a new key with an old certificate, which load
+    // reports as a mismatch rather than silently using a stale pair.
+    fsutil::durable_write_with_mode(&key_path, pem.key_pem.as_bytes(), 0o600)?;
+    fsutil::durable_write_with_mode(&cert_path, pem.cert_pem.as_bytes(), 0o644)?;
+    Ok((cert_path, key_path))
+}
+
+/// The credentials one party presents and trusts: the cluster CA certificate(s), its own
+/// certificate chain and private key, and the identity its certificate proves.
+///
+/// Constructing one checks that the key matches the certificate, that the certificate
+/// chains to the CA and is currently valid, and that it carries a Convoy identity; a
+/// `TlsIdentity` that exists is therefore usable. `Debug` does not print the key.
+pub struct TlsIdentity {
+    ca: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    identity: PeerIdentity,
+}
+
+impl Clone for TlsIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            identity: self.identity.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("identity", &self.identity)
+            .field("ca_certs", &self.ca.len())
+            .field("chain_len", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsIdentity {
+    /// Loads the CA bundle, certificate chain and private key from PEM files.
+    ///
+    /// Errors name the file and what is wrong with it: missing, unreadable, no
+    /// certificate/key found, malformed, key not matching, not issued by the CA.
+    pub fn load(ca_path: &Path, cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
+        let ca = read_file(ca_path)?;
+        let cert = read_file(cert_path)?;
+        let key = read_file(key_path)?;
+        Self::build(
+            (&ca, &ca_path.display().to_string()),
+            (&cert, &cert_path.display().to_string()),
+            (&key, &key_path.display().to_string()),
+        )
+    }
+
+    /// Builds an identity from in-memory PEM text, with the same checks as [`Self::load`].
+    pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        Self::build(
+            (ca_pem.as_bytes(), "CA PEM"),
+            (cert_pem.as_bytes(), "certificate PEM"),
+            (key_pem.as_bytes(), "key PEM"),
+        )
+    }
+
+    /// The identity this party's certificate proves.
+    pub fn identity(&self) -> &PeerIdentity {
+        &self.identity
+    }
+
+    /// This party's end-entity certificate.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        // `build` refuses an empty chain.
+        &self.chain[0]
+    }
+
+    /// The trusted CA certificates.
+    pub fn ca_certificates(&self) -> &[CertificateDer<'static>] {
+        &self.ca
+    }
+
+    fn build(ca: (&[u8], &str), cert: (&[u8], &str), key: (&[u8], &str)) -> Result<Self, PkiError> {
+        let (ca_bytes, ca_name) = ca;
+        let (cert_bytes, cert_name) = cert;
+        let (key_bytes, key_name) = key;
+
+        let ca_certs = parse_certs(ca_bytes, ca_name)?;
+        let chain = parse_certs(cert_bytes, cert_name)?;
+        let private_key = parse_key(key_bytes, key_name)?;
+        let provider = provider();
+
+        CertifiedKey::from_der(chain.clone(), private_key.clone_key(), &provider).map_err(|e| {
+            PkiError::KeyMismatch {
+                cert: cert_name.to_string(),
+                key: key_name.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+
+        let roots = root_store(&ca_certs, ca_name)?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::new(provider))
+                .build()
+                .map_err(|e| PkiError::Tls(e.to_string()))?;
+        verifier
+            .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+            .map_err(|e| PkiError::NotIssuedByCa {
+                cert: cert_name.to_string(),
+                ca: ca_name.to_string(),
+                reason: e.to_string(),
+            })?;
+
+        let identity = identity_from_cert(&chain[0])?;
+        Ok(Self {
+            ca: ca_certs,
+            chain,
+            key: private_key,
+            identity,
+        })
+    }
+
+    fn roots(&self) -> Result<RootCertStore, PkiError> {
+        root_store(&self.ca, "CA")
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, PkiError> {
+    fs::read(path).map_err(|source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            PkiError::Missing {
+                path: path.to_path_buf(),
+            }
+        } else {
+            PkiError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+fn parse_certs(bytes: &[u8], source_name: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs = rustls_pemfile::certs(&mut &bytes[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::BadPem {
+            source_name: source_name.to_string(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(PkiError::NoCertificate {
+            source_name: source_name.to_string(),
+        });
+    }
+    Ok(certs)
+}
+
+fn parse_key(bytes: &[u8], source_name: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
+    match rustls_pemfile::private_key(&mut &bytes[..]) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) => Err(PkiError::NoKey {
+            source_name: source_name.to_string(),
+        }),
+        Err(e) => Err(PkiError::BadPem {
+            source_name: source_name.to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn root_store(
+    ca_certs: &[CertificateDer<'static>],
+    source_name: &str,
+) -> Result<RootCertStore, PkiError> {
+    let mut roots = RootCertStore::empty();
+    for cert in ca_certs {
+        roots.add(cert.clone()).map_err(|e| PkiError::BadPem {
+            source_name: source_name.to_string(),
+            reason: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+fn alpn_list(alpn: &[&[u8]]) -> Vec<Vec<u8>> {
+    alpn.iter().map(|p| p.to_vec()).collect()
+}
+
+/// Builds the TLS server configuration of a Convoy agent.
+///
+/// The server presents `identity`'s certificate and requires every client to present a
+/// certificate chaining to the cluster CA; clients without one fail the handshake.
+/// Whether the client is a node or an admin client is the caller's decision (read it with
+/// [`identity_from_cert`]). Offers exactly the protocols in `alpn`. Used by the QUIC
+/// endpoint (ALPN [`crate::ALPN`]) and by the admin HTTPS server (ALPN `http/1.1`).
+pub fn server_config(identity: &TlsIdentity, alpn: &[&[u8]]) -> Result<ServerConfig, PkiError> {
+    let provider = Arc::new(provider());
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(identity.roots()?), provider.clone())
+            .build()
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| PkiError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| PkiError::Tls(e.to_string()))?;
+    config.alpn_protocols = alpn_list(alpn);
+    // 0-RTT data is replayable; Convoy never accepts it.
+    config.max_early_data_size = 0;
+    // No resumption: every connection runs a full handshake, so every connection carries
+    // the peer's certificate and its identity is checked afresh.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// Builds the TLS client configuration of a Convoy agent or admin client.
+///
+/// The client trusts only the cluster CA (no web roots), verifies the server name it
+/// dials against the server's certificate, presents `identity`'s certificate, and offers
+/// exactly the protocols in `alpn`. Used by QUIC dialing and by the admin CLI.
+pub fn client_config(identity: &TlsIdentity, alpn: &[&[u8]]) -> Result<ClientConfig, PkiError> {
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| PkiError::Tls(e.to_string()))?
+        .with_root_certificates(identity.roots()?)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| PkiError::Tls(e.to_string()))?;
+    config.alpn_protocols = alpn_list(alpn);
+    config.enable_early_data = false;
+    config.resumption = Resumption::disabled();
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::prelude::FromDer;
+
+    fn der(pem: &CertAndKeyPem) -> CertificateDer<'static> {
+        parse_certs(pem.cert_pem.as_bytes(), "test")
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn node_identity_round_trips() {
+        let ca = generate_ca("test ca").unwrap();
+        let node = issue_node_cert(&ca, 42, &[]).unwrap();
+        assert_eq!(
+            identity_from_cert(&der(&node)).unwrap(),
+            PeerIdentity::Node(42)
+        );
+        let id = TlsIdentity::from_pem(&ca.cert_pem, &node.cert_pem, &node.key_pem).unwrap();
+        assert_eq!(id.identity(), &PeerIdentity::Node(42));
+    }
+
+    #[test]
+    fn client_identity_round_trips() {
+        let ca = generate_ca("test ca").unwrap();
+        let client = issue_client_cert(&ca, "admin").unwrap();
+        assert_eq!(
+            identity_from_cert(&der(&client)).unwrap(),
+            PeerIdentity::Client("admin".into())
+        );
+        let id = TlsIdentity::from_pem(&ca.cert_pem, &client.cert_pem, &client.key_pem).unwrap();
+        assert_eq!(id.identity(), &PeerIdentity::Client("admin".into()));
+    }
+
+    #[test]
+    fn bad_client_names_are_refused() {
+        let ca = generate_ca("test ca").unwrap();
+        for name in ["", "a b", "x/y", "é"] {
+            assert!(matches!(
+                issue_client_cert(&ca, name),
+                Err(PkiError::BadIdentity(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn node_cert_carries_server_name_extra_sans_and_both_usages() {
+        let ca = generate_ca("test ca").unwrap();
+        let node = issue_node_cert(&ca, 7, &["10.1.2.3".into(), "host7.example".into()]).unwrap();
+        let der = der(&node);
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert!(
+            names.contains(&"URI(urn:convoy:node:7)".to_string()),
+            "{names:?}"
+        );
+        assert!(names.contains(&"DNSName(node-7)".to_string()), "{names:?}");
+        assert!(
+            names.contains(&"DNSName(host7.example)".to_string()),
+            "{names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n.starts_with("IPAddress(")),
+            "{names:?}"
+        );
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert!(!cert.is_ca());
+    }
+
+    #[test]
+    fn bad_extra_san_is_refused() {
+        let ca = generate_ca("test ca").unwrap();
+        assert!(matches!(
+            issue_node_cert(&ca, 1, &["not a name!".into()]),
+            Err(PkiError::BadSan(_))
+        ));
+    }
+
+    #[test]
+    fn identity_uri_parsing_is_strict() {
+        assert_eq!(
+            parse_identity_uri("urn:convoy:node:0").unwrap(),
+            PeerIdentity::Node(0)
+        );
+        for bad in [
+            "urn:convoy:node:",
+            "urn:convoy:node:01",
+            "urn:convoy:node:+1",
+            "urn:convoy:node:99999999999999999999999",
+            "urn:convoy:client:",
+            "urn:convoy:client:a b",
+            "urn:convoy:other:1",
+        ] {
+            assert!(parse_identity_uri(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mismatched_ca_key_is_refused() {
+        let ca = generate_ca("a").unwrap();
+        let other = generate_ca("b").unwrap();
+        let franken = CertAndKeyPem {
+            cert_pem: ca.cert_pem.clone(),
+            key_pem: other.key_pem,
+        };
+        assert!(matches!(
+            issue_node_cert(&franken, 1, &[]),
+            Err(PkiError::KeyMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn load_reports_missing_and_garbage_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_ca("test ca").unwrap();
+        let node = issue_node_cert(&ca, 1, &[]).unwrap();
+        let (ca_crt, _) = write_pem_files(dir.path(), "ca", &ca).unwrap();
+        let (crt, key) = write_pem_files(dir.path(), "node-1", &node).unwrap();
+
+        let id = TlsIdentity::load(&ca_crt, &crt, &key).unwrap();
+        assert_eq!(id.identity(), &PeerIdentity::Node(1));
+
+        let missing = dir.path().join("missing.crt");
+        let err = TlsIdentity::load(&ca_crt, &missing, &key).unwrap_err();
+        assert!(matches!(err, PkiError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("missing.crt"), "{err}");
+
+        let garbage = dir.path().join("garbage.pem");
+        fs::write(&garbage, b"this is not PEM at all\n").unwrap();
+        let err = TlsIdentity::load(&ca_crt, &garbage, &key).unwrap_err();
+        assert!(matches!(err, PkiError::NoCertificate { .. }), "{err}");
+        assert!(err.to_string().contains("garbage.pem"), "{err}");
+        let err = TlsIdentity::load(&ca_crt, &crt, &garbage).unwrap_err();
+        assert!(matches!(err, PkiError::NoKey { .. }), "{err}");
+        assert!(err.to_string().contains("garbage.pem"), "{err}");
+        let err = TlsIdentity::load(&garbage, &crt, &key).unwrap_err();
+        assert!(matches!(err, PkiError::NoCertificate { .. }), "{err}");
+
+        // A key file holding the certificate, not a key.
+        let err = TlsIdentity::load(&ca_crt, &crt, &crt).unwrap_err();
+        assert!(matches!(err, PkiError::NoKey { .. }), "{err}");
+
+        // A corrupted base64 body inside a well-formed PEM frame.
+        let broken = dir.path().join("broken.crt");
+        fs::write(
+            &broken,
+            b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = TlsIdentity::load(&ca_crt, &broken, &key).unwrap_err();
+        assert!(err.to_string().contains("broken.crt"), "{err}");
+    }
+
+    #[test]
+    fn load_reports_key_mismatch_and_foreign_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_ca("test ca").unwrap();
+        let other_ca = generate_ca("other ca").unwrap();
+        let node1 = issue_node_cert(&ca, 1, &[]).unwrap();
+        let node2 = issue_node_cert(&ca, 2, &[]).unwrap();
+        let (ca_crt, _) = write_pem_files(dir.path(), "ca", &ca).unwrap();
+        let (other_crt, _) = write_pem_files(dir.path(), "other", &other_ca).unwrap();
+        let (crt1, _) = write_pem_files(dir.path(), "n1", &node1).unwrap();
+        let (_, key2) = write_pem_files(dir.path(), "n2", &node2).unwrap();
+        let err = TlsIdentity::load(&ca_crt, &crt1, &key2).unwrap_err();
+        assert!(matches!(err, PkiError::KeyMismatch { .. }), "{err}");
+
+        let (_, key1) = write_pem_files(dir.path(), "n1", &node1).unwrap();
+        let err = TlsIdentity::load(&other_crt, &crt1, &key1).unwrap_err();
+        assert!(matches!(err, PkiError::NotIssuedByCa { .. }), "{err}");
+    }
+
+    #[test]
+    fn key_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_ca("test ca").unwrap();
+        let (crt, key) = write_pem_files(dir.path(), "ca", &ca).unwrap();
+        assert_eq!(
+            fs::metadata(key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::metadata(crt).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+    }
+
+    #[test]
+    fn configs_build_with_alpn_and_without_early_data() {
+        let ca = generate_ca("test ca").unwrap();
+        let node = issue_node_cert(&ca, 1, &[]).unwrap();
+        let id = TlsIdentity::from_pem(&ca.cert_pem, &node.cert_pem, &node.key_pem).unwrap();
+        let server = server_config(&id, &[b"http/1.1"]).unwrap();
+        assert_eq!(server.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert_eq!(server.max_early_data_size, 0);
+        let client = client_config(&id, &[crate::ALPN]).unwrap();
+        assert!(!client.enable_early_data);
+    }
+}

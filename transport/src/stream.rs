@@ -1,0 +1,385 @@
+//! The wire format of one Convoy stream.
+//!
+//! A stream opened by a dialer starts with one [`StreamKind`] byte. After it, each
+//! direction carries frames: a `u32` big-endian length followed by that many bytes. A
+//! direction ends cleanly only when its sender calls [`FramedSend::finish`]; a sender that
+//! is dropped unfinished resets the stream, so a receiver never mistakes a cut-off transfer
+//! for a complete one.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{ConnectionError, ReadError, ReadExactError, VarInt, WriteError};
+
+use crate::codes;
+use crate::error::TransportError;
+
+/// Default largest frame: 64 MiB.
+pub const DEFAULT_MAX_FRAME_SIZE: usize = 64 * 1024 * 1024;
+
+/// Receive buffers start at most this large and grow with the bytes that actually arrive,
+/// so a header announcing a large frame costs memory only as its data comes in.
+const INITIAL_FRAME_BUFFER: usize = 1024 * 1024;
+
+/// What a stream carries; the dialer sends it as the stream's first byte, and the
+/// acceptor routes the stream by it. Several kinds share one connection.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    /// openraft AppendEntries (including heartbeats).
+    RaftAppend = 1,
+    /// openraft Vote.
+    RaftVote = 2,
+    /// openraft InstallSnapshot / full snapshot transfer.
+    RaftSnapshot = 3,
+    /// An admin or client request forwarded to another node (usually the leader).
+    Forward = 4,
+    /// Bulk data: delta disk data, replication, mirrored writes.
+    Data = 5,
+}
+
+impl StreamKind {
+    /// Every kind, in wire-value order.
+    pub const ALL: [StreamKind; 5] = [
+        StreamKind::RaftAppend,
+        StreamKind::RaftVote,
+        StreamKind::RaftSnapshot,
+        StreamKind::Forward,
+        StreamKind::Data,
+    ];
+
+    /// The wire value of this kind.
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+
+    /// The kind with wire value `byte`, or `None` for an unknown value.
+    pub fn from_u8(byte: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_u8() == byte)
+    }
+}
+
+impl fmt::Display for StreamKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StreamKind::RaftAppend => "raft-append",
+            StreamKind::RaftVote => "raft-vote",
+            StreamKind::RaftSnapshot => "raft-snapshot",
+            StreamKind::Forward => "forward",
+            StreamKind::Data => "data",
+        })
+    }
+}
+
+/// Maps a connection-level quinn error to ours. A crypto-range close means a TLS failure
+/// (typically the peer refused our certificate right after the handshake).
+pub(crate) fn connection_error(peer: u64, addr: SocketAddr, e: &ConnectionError) -> TransportError {
+    let tls = match e {
+        ConnectionError::TransportError(t) => is_crypto(u64::from(t.code)),
+        ConnectionError::ConnectionClosed(c) => is_crypto(u64::from(c.error_code)),
+        _ => false,
+    };
+    if tls {
+        TransportError::Tls {
+            peer,
+            addr,
+            reason: e.to_string(),
+        }
+    } else {
+        TransportError::ConnectionLost {
+            peer,
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// QUIC carries TLS alerts as transport error codes 0x100..=0x1ff.
+fn is_crypto(code: u64) -> bool {
+    (0x100..0x200).contains(&code)
+}
+
+/// The sending half of a framed stream.
+///
+/// Dropping it without [`finish`](Self::finish) resets the stream with
+/// [`codes::CANCELLED`], so the receiver sees an error rather than a clean end.
+pub struct FramedSend {
+    stream: quinn::SendStream,
+    peer: u64,
+    addr: SocketAddr,
+    max_frame: usize,
+    finished: bool,
+}
+
+impl fmt::Debug for FramedSend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FramedSend")
+            .field("peer", &self.peer)
+            .field("stream", &self.stream.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FramedSend {
+    pub(crate) fn new(
+        stream: quinn::SendStream,
+        peer: u64,
+        addr: SocketAddr,
+        max_frame: usize,
+    ) -> Self {
+        Self {
+            stream,
+            peer,
+            addr,
+            max_frame,
+            finished: false,
+        }
+    }
+
+    /// The node on the other end of this stream (proven by its certificate).
+    pub fn peer(&self) -> u64 {
+        self.peer
+    }
+
+    /// Sends one frame. Returns once the frame is in quinn's send buffer (flow control may
+    /// make it wait for the peer to read); not a delivery acknowledgement. Frames arrive in
+    /// the order sent. A frame longer than the maximum frame size is refused with
+    /// [`TransportError::FrameTooLarge`] before anything is sent.
+    pub async fn send_frame(&mut self, payload: &[u8]) -> Result<(), TransportError> {
+        let header = self.header(payload.len())?;
+        self.write(&header).await?;
+        self.write(payload).await
+    }
+
+    /// Like [`send_frame`](Self::send_frame) but hands `payload` to quinn without copying.
+    pub async fn send_frame_bytes(&mut self, payload: Bytes) -> Result<(), TransportError> {
+        let header = self.header(payload.len())?;
+        let mut chunks = [Bytes::copy_from_slice(&header), payload];
+        self.stream
+            .write_all_chunks(&mut chunks)
+            .await
+            .map_err(|e| self.write_error(e))
+    }
+
+    /// Ends this direction cleanly: the receiver's [`FramedRecv::recv_frame`] returns
+    /// `None` after the last frame. Buffered frames are still delivered after this returns
+    /// as long as the connection lives; it does not wait for acknowledgement.
+    pub fn finish(&mut self) -> Result<(), TransportError> {
+        self.stream.finish().map_err(|_| TransportError::Protocol {
+            peer: self.peer,
+            detail: "stream was already finished or reset".into(),
+        })?;
+        self.finished = true;
+        Ok(())
+    }
+
+    /// Writes raw bytes (the stream kind) outside the framing.
+    pub(crate) async fn write(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|e| self.write_error(e))
+    }
+
+    /// Resets the stream with `code`; the peer's reads fail with it.
+    pub(crate) fn reset(&mut self, code: u32) {
+        // Already finished or reset is fine: either way the peer is told.
+        let _ = self.stream.reset(VarInt::from_u32(code));
+        self.finished = true;
+    }
+
+    fn header(&self, len: usize) -> Result<[u8; 4], TransportError> {
+        match u32::try_from(len) {
+            Ok(n) if len <= self.max_frame => Ok(n.to_be_bytes()),
+            _ => Err(TransportError::FrameTooLarge {
+                peer: self.peer,
+                len: len as u64,
+                max: self.max_frame,
+            }),
+        }
+    }
+
+    fn write_error(&self, e: WriteError) -> TransportError {
+        match e {
+            WriteError::Stopped(code) => TransportError::StreamReset {
+                peer: self.peer,
+                code: code.into_inner(),
+            },
+            WriteError::ConnectionLost(e) => connection_error(self.peer, self.addr, &e),
+            WriteError::ClosedStream => TransportError::Protocol {
+                peer: self.peer,
+                detail: "write on a finished or reset stream".into(),
+            },
+            WriteError::ZeroRttRejected => TransportError::Protocol {
+                peer: self.peer,
+                detail: "0-RTT rejected (Convoy never sends 0-RTT)".into(),
+            },
+        }
+    }
+}
+
+impl Drop for FramedSend {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.stream.reset(VarInt::from_u32(codes::CANCELLED));
+        }
+    }
+}
+
+/// The receiving half of a framed stream.
+pub struct FramedRecv {
+    stream: quinn::RecvStream,
+    peer: u64,
+    addr: SocketAddr,
+    max_frame: usize,
+    /// Set after an error: the stream position is no longer at a frame boundary.
+    broken: bool,
+}
+
+impl fmt::Debug for FramedRecv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FramedRecv")
+            .field("peer", &self.peer)
+            .field("stream", &self.stream.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FramedRecv {
+    pub(crate) fn new(
+        stream: quinn::RecvStream,
+        peer: u64,
+        addr: SocketAddr,
+        max_frame: usize,
+    ) -> Self {
+        Self {
+            stream,
+            peer,
+            addr,
+            max_frame,
+            broken: false,
+        }
+    }
+
+    /// The node on the other end of this stream (proven by its certificate).
+    pub fn peer(&self) -> u64 {
+        self.peer
+    }
+
+    /// Receives the next frame, or `None` once the sender has finished the stream cleanly
+    /// after a complete frame.
+    ///
+    /// A header announcing more than the maximum frame size fails with
+    /// [`TransportError::FrameTooLarge`] and stops the stream (the sender sees
+    /// [`codes::FRAME_TOO_LARGE`]) without allocating for it. A stream that ends inside a
+    /// frame is a [`TransportError::Protocol`] error. After any error, further calls fail.
+    pub async fn recv_frame(&mut self) -> Result<Option<Bytes>, TransportError> {
+        if self.broken {
+            return Err(self.protocol("stream already failed"));
+        }
+        let result = self.read_frame().await;
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    async fn read_frame(&mut self) -> Result<Option<Bytes>, TransportError> {
+        let mut header = [0u8; 4];
+        match self.stream.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(ReadExactError::FinishedEarly(_)) => {
+                return Err(self.protocol("stream ended inside a frame header"));
+            }
+            Err(ReadExactError::ReadError(e)) => return Err(self.read_error(e)),
+        }
+        let len = u32::from_be_bytes(header) as usize;
+        if len > self.max_frame {
+            let _ = self.stream.stop(VarInt::from_u32(codes::FRAME_TOO_LARGE));
+            return Err(TransportError::FrameTooLarge {
+                peer: self.peer,
+                len: len as u64,
+                max: self.max_frame,
+            });
+        }
+        let mut buf = BytesMut::new();
+        while buf.len() < len {
+            let chunk = match self.stream.read_chunk(len - buf.len(), true).await {
+                Ok(Some(chunk)) => chunk.bytes,
+                Ok(None) => {
+                    return Err(self.protocol(&format!(
+                        "stream ended inside a frame ({} of {len} bytes received)",
+                        buf.len()
+                    )));
+                }
+                Err(e) => return Err(self.read_error(e)),
+            };
+            // The common case for small frames: one chunk is the whole frame, no copy.
+            if buf.is_empty() && chunk.len() == len {
+                return Ok(Some(chunk));
+            }
+            if buf.capacity() == 0 {
+                buf.reserve(len.min(INITIAL_FRAME_BUFFER));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(Some(buf.freeze()))
+    }
+
+    /// Reads the single kind byte at the start of an accepted stream; `None` if the stream
+    /// ended before it.
+    pub(crate) async fn read_kind(&mut self) -> Result<Option<u8>, TransportError> {
+        let mut byte = [0u8; 1];
+        match self.stream.read_exact(&mut byte).await {
+            Ok(()) => Ok(Some(byte[0])),
+            Err(ReadExactError::FinishedEarly(_)) => Ok(None),
+            Err(ReadExactError::ReadError(e)) => Err(self.read_error(e)),
+        }
+    }
+
+    /// Asks the peer to stop sending, with `code`.
+    pub(crate) fn stop(&mut self, code: u32) {
+        let _ = self.stream.stop(VarInt::from_u32(code));
+        self.broken = true;
+    }
+
+    fn protocol(&self, detail: &str) -> TransportError {
+        TransportError::Protocol {
+            peer: self.peer,
+            detail: detail.to_string(),
+        }
+    }
+
+    fn read_error(&self, e: ReadError) -> TransportError {
+        match e {
+            ReadError::Reset(code) => TransportError::StreamReset {
+                peer: self.peer,
+                code: code.into_inner(),
+            },
+            ReadError::ConnectionLost(e) => connection_error(self.peer, self.addr, &e),
+            ReadError::ClosedStream => self.protocol("read on a stopped stream"),
+            ReadError::ZeroRttRejected => {
+                self.protocol("0-RTT rejected (Convoy never sends 0-RTT)")
+            }
+            ReadError::IllegalOrderedRead => self.protocol("ordered read after an unordered one"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_and_unknown_is_none() {
+        for kind in StreamKind::ALL {
+            assert_eq!(StreamKind::from_u8(kind.as_u8()), Some(kind));
+        }
+        assert_eq!(StreamKind::RaftAppend.as_u8(), 1);
+        assert_eq!(StreamKind::Data.as_u8(), 5);
+        for b in [0u8, 6, 99, 255] {
+            assert_eq!(StreamKind::from_u8(b), None);
+        }
+    }
+}
