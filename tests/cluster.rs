@@ -215,7 +215,7 @@ fn restarted_node_catches_up_after_log_compaction() {
                 host: leader,
                 disks: vec![1 << 20],
                 workload: None,
-                request_id: Some(format!("{:x}", 0xc0ffee_0000u64 + i)),
+                request_id: Some(format!("{:x}", 0x00c0_ffee_0000_u64 + i)),
             };
             let _: VmView = client.post("/v1/vms", &req).await.unwrap();
         }

@@ -91,8 +91,10 @@ impl Default for RaftConfig {
     fn default() -> Self {
         Self {
             heartbeat_ms: 50,
-            election_timeout_min_ms: 250,
-            election_timeout_max_ms: 500,
+            // openraft waits out a leader lease (= the max) before this randomised timeout,
+            // so a dead leader is replaced after 300 + 150..300 ms.
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
             snapshot_every: 10_000,
             keep_after_snapshot: 1_000,
             rpc_timeout_ms: 1_000,

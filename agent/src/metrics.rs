@@ -55,7 +55,7 @@ pub fn spawn_sampler(cluster: Arc<Cluster>, handle: PrometheusHandle) {
             metrics::gauge!("convoy_raft_commit_index").set(s.commit_index as f64);
             metrics::gauge!("convoy_raft_applied_index").set(s.applied_index as f64);
             metrics::gauge!("convoy_raft_snapshot_index").set(s.snapshot_index.unwrap_or(0) as f64);
-            metrics::counter!("convoy_raft_log_appends_total").absolute(s.log_appends);
+            metrics::counter!("convoy_raft_log_entries_total").absolute(s.log_entries);
             metrics::counter!("convoy_raft_log_fsyncs_total").absolute(s.log_fsyncs);
             handle.run_upkeep();
         }

@@ -66,11 +66,31 @@ pub struct Response {
     pub result: Result<Outcome, ModelError>,
 }
 
+/// One Raft entry: client requests proposed together. Batching many requests into one entry
+/// is Convoy's group commit: openraft 0.9 appends (and fsyncs) entry by entry, so one
+/// entry per request would cap writes at one per fsync.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// The requests, applied in this order.
+    pub requests: Vec<Request>,
+}
+
+impl fmt::Display for Proposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "proposal of {} request(s)", self.requests.len())
+    }
+}
+
+/// The state machine's answers to one entry: one [`Response`] per request of a
+/// [`Proposal`], in order; empty for blank and membership entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Responses(pub Vec<Response>);
+
 openraft::declare_raft_types!(
     /// Convoy's openraft type configuration.
     pub TypeConfig:
-        D = Request,
-        R = Response,
+        D = Proposal,
+        R = Responses,
         NodeId = NodeId,
         Node = NodeAddr,
         Entry = openraft::Entry<TypeConfig>,

@@ -47,6 +47,8 @@ pub enum LogStoreError {
 pub struct LogStats {
     /// Append calls made by openraft.
     pub appends: AtomicU64,
+    /// Entries appended (one append call may carry several).
+    pub entries: AtomicU64,
     /// WAL fsyncs done by the flusher.
     pub fsyncs: AtomicU64,
 }
@@ -329,6 +331,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut encoded = Vec::new();
         for entry in entries {
+            self.stats.entries.fetch_add(1, Ordering::Relaxed);
             let bytes = convoy_codec::encode(&entry).map_err(logs_write_err)?;
             encoded.push((index_key(entry.log_id.index), bytes));
         }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::model::ClusterModel;
-use crate::{NodeAddr, NodeId, Response, StorageError, TypeConfig};
+use crate::{NodeAddr, NodeId, Response, Responses, StorageError, TypeConfig};
 
 type Entry = openraft::Entry<TypeConfig>;
 
@@ -185,7 +185,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((s.last_applied, s.last_membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Responses>, StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -195,15 +195,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let mut s = self.state.write().unwrap_or_else(|p| p.into_inner());
             for entry in entries {
                 s.last_applied = Some(entry.log_id);
-                let result = match entry.payload {
-                    EntryPayload::Blank => Ok(crate::Outcome::Done),
-                    EntryPayload::Normal(req) => s.model.apply(req.request_id, &req.command),
+                let answers = match entry.payload {
+                    EntryPayload::Blank => Vec::new(),
+                    EntryPayload::Normal(proposal) => proposal
+                        .requests
+                        .iter()
+                        .map(|req| Response {
+                            result: s.model.apply(req.request_id, &req.command),
+                        })
+                        .collect(),
                     EntryPayload::Membership(m) => {
                         s.last_membership = StoredMembership::new(Some(entry.log_id), m);
-                        Ok(crate::Outcome::Done)
+                        Vec::new()
                     }
                 };
-                responses.push(Response { result });
+                responses.push(Responses(answers));
             }
             s.last_applied.map_or(0, |l| l.index)
         };

@@ -104,8 +104,13 @@ pub fn run_convoy(args: &[&str], env: &[(String, String)]) -> CliRun {
     CliRun::from(cmd.stdin(Stdio::null()).output().expect("run convoy"))
 }
 
+/// Cluster tests in one test binary run one at a time: several 3-agent clusters on a
+/// 2-core machine would starve each other's heartbeats and make timings meaningless.
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// A dev cluster started by `convoy dev`.
 pub struct Dev {
+    _turn: std::sync::MutexGuard<'static, ()>,
     pub dir: tempfile::TempDir,
     pub ip: IpAddr,
     dev: Mutex<Option<Child>>,
@@ -117,6 +122,9 @@ pub struct Dev {
 impl Dev {
     /// Starts `convoy dev --nodes N` plus `extra` flags and waits for `cluster.json`.
     pub fn start(nodes: u64, extra: &[&str]) -> Dev {
+        let turn = ONE_CLUSTER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().expect("tempdir");
         let ip = unique_ip();
         let log = std::fs::File::create(dir.path().join("dev.log")).unwrap();
@@ -154,6 +162,7 @@ impl Dev {
             std::thread::sleep(Duration::from_millis(50));
         };
         Dev {
+            _turn: turn,
             dir,
             ip,
             dev: Mutex::new(Some(child)),
@@ -322,6 +331,11 @@ impl Dev {
 
 impl Drop for Dev {
     fn drop(&mut self) {
+        // CONVOY_KEEP_TEST_DIRS=1 keeps configs, data and agent logs for a post-mortem.
+        if std::env::var_os("CONVOY_KEEP_TEST_DIRS").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept test directory {}", self.dir.path().display());
+        }
         for (_, mut c) in self
             .restarted
             .lock()

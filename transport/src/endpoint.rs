@@ -36,7 +36,7 @@ use crate::{ALPN, codes};
 ///   dial to a peer runs at a time;
 /// - after a failed dial the peer is in backoff (50 ms doubling to 1 s by default) and
 ///   calls fail fast with [`TransportError::Unreachable`];
-/// - a closed cached connection, or one on which a request timed out, is dropped, so the
+/// - a closed cached connection is dropped (a restarted peer resets it at once), so the
 ///   next call redials (a peer restarted at the same address is reached again).
 #[derive(Clone)]
 pub struct Endpoint {
@@ -66,8 +66,8 @@ impl Drop for Inner {
 
 /// Dial state of one peer.
 struct Peer {
-    /// Serialises dials so concurrent callers share one connection attempt.
-    dial_lock: tokio::sync::Mutex<()>,
+    /// Woken whenever a dial to this peer ends.
+    dialed: tokio::sync::Notify,
     slot: Mutex<Slot>,
 }
 
@@ -75,6 +75,46 @@ struct Slot {
     addr: SocketAddr,
     conn: Option<quinn::Connection>,
     health: Health,
+    /// A dial task is running (at most one per peer).
+    dialing: bool,
+    /// Counts finished dials, so a waiter knows whether the outcome is news to it.
+    dial_seq: u64,
+    /// Why the last dial failed, replayed to the callers that waited for it.
+    last_dial_failure: Option<DialFailure>,
+}
+
+/// A failed dial's error, kept so every caller waiting on that dial gets the same class.
+#[derive(Clone)]
+enum DialFailure {
+    Unreachable(String),
+    Tls(String),
+    WrongPeer(PeerIdentity),
+    Closed,
+}
+
+impl DialFailure {
+    fn of(e: &TransportError) -> Self {
+        match e {
+            TransportError::Tls { reason, .. } => DialFailure::Tls(reason.clone()),
+            TransportError::WrongPeer { found, .. } => DialFailure::WrongPeer(found.clone()),
+            TransportError::Closed => DialFailure::Closed,
+            TransportError::Unreachable { reason, .. } => DialFailure::Unreachable(reason.clone()),
+            other => DialFailure::Unreachable(other.to_string()),
+        }
+    }
+
+    fn replay(&self, peer: u64, addr: SocketAddr) -> TransportError {
+        match self.clone() {
+            DialFailure::Unreachable(reason) => TransportError::Unreachable { peer, addr, reason },
+            DialFailure::Tls(reason) => TransportError::Tls { peer, addr, reason },
+            DialFailure::WrongPeer(found) => TransportError::WrongPeer {
+                expected: peer,
+                addr,
+                found,
+            },
+            DialFailure::Closed => TransportError::Closed,
+        }
+    }
 }
 
 /// A snapshot of what the endpoint knows about one dialed peer, for status output.
@@ -215,7 +255,13 @@ impl Endpoint {
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
 
-        let mut endpoint_cfg = quinn::EndpointConfig::default();
+        let reset_key =
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &identity.stateless_reset_secret());
+        let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(reset_key));
+        // quinn's default CIDs carry a per-process signature, so a restarted agent would
+        // drop packets for its old connections silently instead of answering with the
+        // stateless reset that lets peers reconnect at once.
+        endpoint_cfg.cid_generator(|| Box::new(RandomCids));
         endpoint_cfg
             .max_udp_payload_size(cfg.max_udp_payload_size)
             .map_err(|e| TransportError::Config(format!("max_udp_payload_size: {e}")))?;
@@ -420,11 +466,13 @@ impl Endpoint {
         match result {
             Ok(_) => slot.health.succeeded(Instant::now()),
             Err(e) => {
+                // A timeout alone does not condemn the connection: Raft's heartbeat RPCs
+                // have TTLs of tens of milliseconds, and redialing on each would never let
+                // a handshake finish. A dead peer is detected by the idle timeout, or at
+                // once by its stateless reset when it restarts.
                 let drop_conn = matches!(
                     e,
-                    TransportError::Timeout { .. }
-                        | TransportError::ConnectionLost { .. }
-                        | TransportError::Tls { .. }
+                    TransportError::ConnectionLost { .. } | TransportError::Tls { .. }
                 );
                 if drop_conn
                     && slot
@@ -446,11 +494,14 @@ impl Endpoint {
             .entry(peer)
             .or_insert_with(|| {
                 Arc::new(Peer {
-                    dial_lock: tokio::sync::Mutex::new(()),
+                    dialed: tokio::sync::Notify::new(),
                     slot: Mutex::new(Slot {
                         addr,
                         conn: None,
                         health: Health::default(),
+                        dialing: false,
+                        dial_seq: 0,
+                        last_dial_failure: None,
                     }),
                 })
             })
@@ -517,47 +568,89 @@ impl Endpoint {
             return Err(TransportError::Closed);
         }
         let entry = self.peer_entry(peer, addr);
-        if let Some(conn) = self.cached(&entry, peer, addr)? {
-            return Ok(conn);
-        }
-        let Ok(_dialing) = tokio::time::timeout_at(deadline.into(), entry.dial_lock.lock()).await
-        else {
-            return Err(TransportError::Unreachable {
-                peer,
-                addr,
-                reason: "another dial to this node was still running at the deadline".into(),
-            });
-        };
-        // Another caller may have dialed (or failed) while we waited for the lock.
-        if let Some(conn) = self.cached(&entry, peer, addr)? {
-            return Ok(conn);
-        }
-        let cfg = &self.inner.cfg;
-        let dial_deadline = deadline.min(Instant::now() + cfg.connect_timeout);
-        let result = self.dial(peer, addr, dial_deadline).await;
-        let now = Instant::now();
-        let mut slot = lock(&entry.slot);
-        if slot.addr != addr {
-            // The address changed during the dial; the outcome says nothing about the new one.
-            return result;
-        }
-        match &result {
-            Ok(conn) => {
-                slot.conn = Some(conn.clone());
-                slot.health.succeeded(now);
-                debug!(peer, %addr, "connected");
+        let started = Instant::now();
+        loop {
+            let notified = entry.dialed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(conn) = self.cached(&entry, peer, addr)? {
+                return Ok(conn);
             }
-            Err(e) => {
-                let reason = match e {
-                    TransportError::Unreachable { reason, .. } => reason.clone(),
-                    other => other.to_string(),
-                };
-                debug!(peer, %addr, %reason, "dial failed");
-                slot.health
-                    .dial_failed(now, reason, cfg.backoff_initial, cfg.backoff_max);
+            let seq = lock(&entry.slot).dial_seq;
+            self.start_dial(&entry, peer, addr);
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
+                return Err(TransportError::Unreachable {
+                    peer,
+                    addr,
+                    reason: format!(
+                        "no QUIC handshake completed within {} ms (still dialing in the background)",
+                        started.elapsed().as_millis()
+                    ),
+                });
+            }
+            let slot = lock(&entry.slot);
+            if slot.dial_seq > seq {
+                if let Some(failure) = &slot.last_dial_failure {
+                    return Err(failure.replay(peer, addr));
+                }
             }
         }
-        result
+    }
+
+    /// Starts a dial to `peer` unless one is running. The dial runs in its own task bounded
+    /// only by the connect timeout, so a caller with a short deadline (a heartbeat) never
+    /// cuts short, and backs off, a dial that would have succeeded.
+    fn start_dial(&self, entry: &Arc<Peer>, peer: u64, addr: SocketAddr) {
+        {
+            let mut slot = lock(&entry.slot);
+            if slot.dialing {
+                return;
+            }
+            slot.dialing = true;
+        }
+        let this = self.clone();
+        let entry = Arc::clone(entry);
+        tokio::spawn(async move {
+            let cfg = &this.inner.cfg;
+            let result = this
+                .dial(peer, addr, Instant::now() + cfg.connect_timeout)
+                .await;
+            let now = Instant::now();
+            {
+                let mut slot = lock(&entry.slot);
+                slot.dialing = false;
+                slot.dial_seq += 1;
+                // If the address changed meanwhile, the outcome says nothing about the new one.
+                if slot.addr == addr {
+                    match result {
+                        Ok(conn) => {
+                            slot.conn = Some(conn);
+                            slot.health.succeeded(now);
+                            slot.last_dial_failure = None;
+                            debug!(peer, %addr, "connected");
+                        }
+                        Err(e) => {
+                            let reason = match &e {
+                                TransportError::Unreachable { reason, .. } => reason.clone(),
+                                other => other.to_string(),
+                            };
+                            debug!(peer, %addr, %reason, "dial failed");
+                            slot.health.dial_failed(
+                                now,
+                                reason,
+                                cfg.backoff_initial,
+                                cfg.backoff_max,
+                            );
+                            slot.last_dial_failure = Some(DialFailure::of(&e));
+                        }
+                    }
+                }
+            }
+            entry.dialed.notify_waiters();
+        });
     }
 
     async fn dial(
@@ -610,6 +703,23 @@ impl Endpoint {
                 Err(TransportError::Tls { peer, addr, reason })
             }
         }
+    }
+}
+
+/// Random 8-byte connection ids that any instance of this node accepts as its own.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
     }
 }
 

@@ -459,6 +459,18 @@ impl fmt::Debug for TlsIdentity {
 }
 
 impl TlsIdentity {
+    /// A secret derived from the private key, stable across restarts of the same node.
+    /// Keys QUIC stateless resets, so peers of a restarted agent drop their dead
+    /// connection to it at once instead of waiting for the idle timeout.
+    pub(crate) fn stateless_reset_secret(&self) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"convoy quic stateless reset v1");
+        ctx.update(self.key.secret_der());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
     /// Loads the CA bundle, certificate chain and private key from PEM files.
     ///
     /// Errors name the file and what is wrong with it: missing, unreadable, no

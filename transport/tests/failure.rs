@@ -230,8 +230,15 @@ async fn killed_peer_fails_inflight_request_and_its_replacement_is_reached() {
             "{took:?}"
         );
 
-        let (_b, b_in) =
-            Endpoint::bind(addr, 2, &node_identity(&ca, 2), TransportConfig::default()).unwrap();
+        // The replacement is the same node restarted: same key, so its stateless reset
+        // tells `a` at once that the old connection is gone.
+        let same_node = TlsIdentity::load(
+            &dir.path().join("ca.crt"),
+            &dir.path().join("node-2.crt"),
+            &dir.path().join("node-2.key"),
+        )
+        .unwrap();
+        let (_b, b_in) = Endpoint::bind(addr, 2, &same_node, TransportConfig::default()).unwrap();
         spawn_echo(b_in);
         let took = until_reachable(&a, 2, addr, Duration::from_secs(5)).await;
         eprintln!("replacement peer reached after {took:?}");

@@ -101,8 +101,10 @@ pub struct NodeStatus {
     pub snapshot_index: Option<u64>,
     /// Index up to which the log was purged.
     pub purged_index: Option<u64>,
-    /// Appends to the log and WAL fsyncs (appends/fsyncs = group commit factor).
+    /// Append calls to the log.
     pub log_appends: u64,
+    /// Entries appended to the log (entries/fsyncs = group commit factor).
+    pub log_entries: u64,
     /// WAL fsyncs.
     pub log_fsyncs: u64,
 }

@@ -105,8 +105,8 @@ impl Output {
             ("snapshot index", opt(s.snapshot_index)),
             ("purged index", opt(s.purged_index)),
             (
-                "log appends / fsyncs",
-                format!("{} / {}", s.log_appends, s.log_fsyncs),
+                "log entries / fsyncs",
+                format!("{} / {}", s.log_entries, s.log_fsyncs),
             ),
         ];
         for (k, v) in rows {

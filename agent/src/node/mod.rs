@@ -1,5 +1,6 @@
 //! The agent daemon: wires storage, transport, Raft and the admin API together.
 
+pub mod proposer;
 pub mod raft_net;
 pub mod rpc;
 pub mod service;
@@ -93,6 +94,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         endpoint: endpoint.clone(),
         addr,
         log_stats,
+        proposer: proposer::Proposer::spawn(raft.clone()),
     });
     tokio::spawn(rpc::serve_inbound(inbound, Arc::clone(&cluster)));
 

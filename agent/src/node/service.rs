@@ -16,6 +16,7 @@ use convoy_transport::{Endpoint, StreamKind};
 use openraft::ChangeMembers;
 use openraft::error::{ClientWriteError, RaftError};
 
+use super::proposer::{Proposed, Proposer};
 use super::rpc::{ForwardFailure, ForwardRequest, ForwardResponse};
 use crate::api::types::{ClusterStatus, MemberStatus, NodeStatus};
 
@@ -112,6 +113,8 @@ pub struct Cluster {
     pub addr: NodeAddr,
     /// Group-commit counters of the log store.
     pub log_stats: Arc<LogStats>,
+    /// Batches concurrent writes into Raft entries.
+    pub proposer: Proposer,
 }
 
 fn now_ms() -> u64 {
@@ -208,6 +211,20 @@ impl Cluster {
         convoy_codec::decode(&reply).map_err(|e| e.to_string())
     }
 
+    /// Resolves once this node no longer believes `leader` leads.
+    async fn leader_changed_from(&self, leader: NodeId) {
+        let mut rx = self.raft.metrics();
+        loop {
+            if rx.borrow_and_update().current_leader != Some(leader) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                // Raft stopped: never resolve; the forward's own timeout ends the wait.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Runs `local` on the leader: here if this node leads, else forwarded as `req`.
     /// Retries across leader changes until [`LEADER_WAIT`] has passed.
     async fn on_leader<T, F, Fut>(
@@ -242,9 +259,17 @@ impl Cluster {
                     Err(_) => return Err(self.no_leader_error().await),
                 }
             } else {
-                match self.forward(leader, &req).await {
-                    Ok(resp) => from_remote(resp)?,
-                    Err(e) => {
+                // Give up on a leader as soon as Raft elects another: a SIGKILLed leader
+                // would otherwise hold the request until the forward timeout. Retrying is
+                // safe: writes carry a request id the state machine de-duplicates.
+                let outcome = tokio::select! {
+                    r = self.forward(leader, &req) => Some(r),
+                    _ = self.leader_changed_from(leader) => None,
+                };
+                match outcome {
+                    None => Attempt::Retry(None),
+                    Some(Ok(resp)) => from_remote(resp)?,
+                    Some(Err(e)) => {
                         tracing::debug!(leader, error = %e, "forward to leader failed; waiting for a new leader");
                         failed_leader = Some(leader);
                         Attempt::Retry(None)
@@ -297,15 +322,13 @@ impl Cluster {
     async fn write_local(&self, req: Request) -> Result<Attempt<Response>, ServiceError> {
         let started = Instant::now();
         let kind = req.command.kind();
-        match self.raft.client_write(req).await {
-            Ok(r) => {
+        match self.proposer.propose(req).await {
+            Proposed::Applied(r) => {
                 crate::metrics::record_write(kind, started.elapsed());
-                Ok(Attempt::Done(r.data))
+                Ok(Attempt::Done(r))
             }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Ok(Attempt::Retry(f.leader_id))
-            }
-            Err(e) => Err(ServiceError::Internal(format!("raft write failed: {e}"))),
+            Proposed::NotLeader(leader) => Ok(Attempt::Retry(leader)),
+            Proposed::Failed(e) => Err(ServiceError::Internal(e)),
         }
     }
 
@@ -660,6 +683,10 @@ impl Cluster {
             log_appends: self
                 .log_stats
                 .appends
+                .load(std::sync::atomic::Ordering::Relaxed),
+            log_entries: self
+                .log_stats
+                .entries
                 .load(std::sync::atomic::Ordering::Relaxed),
             log_fsyncs: self
                 .log_stats
