@@ -1,0 +1,743 @@
+//! [`DiskImage`]: the I/O shell around the pure [`ChunkMap`] and [`ActivityLog`].
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+
+use crate::activity::{ActivityLog, LogEntry, decide_trust, encode_frame, encode_log, parse_log};
+use crate::backend::{Backend, FileBackend, image_paths};
+use crate::chunkmap::{ChunkMap, DirtySet, MetaRecord, RecoveryReport, Trust, WriteSeq};
+use crate::error::{Result, StoreError};
+use crate::geometry::Geometry;
+use crate::hash::{ChunkHash, ZERO_CHUNK_HASH, hash_chunk};
+use crate::tree::HashTree;
+
+/// Default number of active extents above which [`DiskImage::flush`] also checkpoints
+/// (256 × 4 MiB: at most 1 GiB to rehash after a crash).
+pub const DEFAULT_ACTIVITY_LIMIT: u64 = 256;
+
+/// Chunks hashed per batch of tickets (bounds memory on large disks).
+const HASH_WINDOW: usize = 4096;
+
+/// How often tree-returning calls retry when concurrent writes keep invalidating hashes.
+const TREE_ATTEMPTS: usize = 8;
+
+/// Counts from a hashing pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HashPass {
+    /// Chunks read and hashed.
+    pub read: u64,
+    /// Chunks found in holes and given [`ZERO_CHUNK_HASH`] without reading.
+    pub holes: u64,
+}
+
+struct State {
+    map: ChunkMap,
+    log: ActivityLog,
+    generation: u64,
+    closed: bool,
+}
+
+/// One virtual disk: a sparse raw image plus chunk metadata that survives SIGKILL and
+/// power loss and is never trusted when it could be stale.
+///
+/// All methods take `&self` and are safe to call from many threads at once; reads and
+/// writes to different ranges proceed in parallel. Methods **block** on disk I/O: from
+/// async code use the `*_async` wrappers or `tokio::task::spawn_blocking`.
+///
+/// Ordering: concurrent writes to overlapping ranges land in an unspecified order (as with
+/// `pwrite`); callers that need an order must serialise them. A write that returned is
+/// visible to every later read, durable once a later [`DiskImage::flush`] returns, and
+/// reflected in every dirty tracker the moment it returns.
+///
+/// Crash-safety invariant: *a chunk that may differ from what the durable metadata says
+/// is always either in an extent of the durable activity log or already reflected in the
+/// durable metadata (hash unknown, dirty in every tracker).* Opening after a crash
+/// distrusts every chunk of every active extent: its hash is dropped (recomputed on
+/// demand) and it is marked dirty in every tracker.
+pub struct DiskImage<B: Backend = FileBackend> {
+    backend: B,
+    geometry: Geometry,
+    state: Mutex<State>,
+    /// Signalled when the last in-flight write returns (for `close`).
+    idle: Condvar,
+    /// Held by the one thread appending to or replacing the activity log. Writers queue
+    /// here, so one append + fsync admits every writer that queued meanwhile.
+    log_leader: Mutex<()>,
+    /// Serialises checkpoints. Lock order: checkpointing, then log_leader, then state.
+    checkpointing: Mutex<()>,
+    recovery: RecoveryReport,
+    activity_limit: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Code under these locks is pure bookkeeping; a panic there leaves the state as
+    // consistent as any other interleaving would.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl DiskImage<FileBackend> {
+    /// Creates `<dir>/disk-<id>.img`, a sparse all-zero image of `size` bytes with default
+    /// geometry, and its metadata. When this returns the image, its metadata and the
+    /// directory entries are durable. Fails if the image exists. A create interrupted by a
+    /// crash leaves files that `open` refuses as [`StoreError::Corrupt`]: `destroy` them and
+    /// create again.
+    pub fn create(dir: &Path, id: &str, size: u64) -> Result<Self> {
+        Self::create_with_geometry(dir, id, Geometry::new(size)?)
+    }
+
+    /// [`DiskImage::create`] with an explicit geometry.
+    pub fn create_with_geometry(dir: &Path, id: &str, geometry: Geometry) -> Result<Self> {
+        geometry.validate()?;
+        let backend = FileBackend::create(dir, id, geometry.size())?;
+        Self::init(backend, ChunkMap::new_zeroed(geometry))
+    }
+
+    /// Opens `<dir>/disk-<id>.img`, recovering its metadata if it was not closed cleanly
+    /// (see [`DiskImage::recovery`]). The recovery is durable when this returns.
+    pub fn open(dir: &Path, id: &str) -> Result<Self> {
+        Self::open_on(FileBackend::open(dir, id)?)
+    }
+
+    /// Deletes the image and its metadata. The caller must make sure nobody has it open.
+    pub fn destroy(dir: &Path, id: &str) -> Result<()> {
+        for p in image_paths(dir, id)? {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io(format!("remove {}", p.display()), e)),
+            }
+        }
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))
+    }
+
+    /// Path of the raw image file (e.g. for an NBD export or `qemu-img`).
+    pub fn path(&self) -> &Path {
+        self.backend.image_path()
+    }
+}
+
+impl<B: Backend> DiskImage<B> {
+    /// Creates an image on `backend`, whose data must be `geometry.size()` bytes of zeros
+    /// and which must hold no metadata yet.
+    pub fn create_on(backend: B, geometry: Geometry) -> Result<Self> {
+        geometry.validate()?;
+        Self::init(backend, ChunkMap::new_zeroed(geometry))
+    }
+
+    /// Writes the first metadata and log for `map`, which must describe the backend's data.
+    fn init(backend: B, map: ChunkMap) -> Result<Self> {
+        let what = backend.describe();
+        let len = backend
+            .image_len()
+            .map_err(|e| StoreError::io(format!("stat {what}"), e))?;
+        if len != map.geometry().size() {
+            return Err(StoreError::invalid(
+                "image",
+                format!("{what} is {len} bytes, expected {}", map.geometry().size()),
+            ));
+        }
+        let generation = 1;
+        write_meta(&backend, &map.to_record(generation))?;
+        backend
+            .replace_log(&encode_log(generation, false, &[]))
+            .map_err(|e| StoreError::io(format!("write activity log of {what}"), e))?;
+        let report = RecoveryReport {
+            clean: true,
+            untrusted_chunks: 0,
+            generation,
+        };
+        Ok(Self::assemble(backend, map, generation, report))
+    }
+
+    /// Opens the image on `backend`, recovering as [`DiskImage::open`] does.
+    pub fn open_on(backend: B) -> Result<Self> {
+        let what = backend.describe();
+        let corrupt = |reason: String| StoreError::Corrupt {
+            what: what.clone(),
+            reason,
+        };
+        let bytes = backend
+            .read_meta()
+            .map_err(|e| StoreError::io(format!("read metadata of {what}"), e))?
+            .ok_or_else(|| corrupt("metadata file missing".into()))?;
+        let record: MetaRecord =
+            convoy_codec::decode(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let len = backend
+            .image_len()
+            .map_err(|e| StoreError::io(format!("stat {what}"), e))?;
+        if len != record.geometry.size() {
+            return Err(corrupt(format!(
+                "image is {len} bytes, metadata says {}",
+                record.geometry.size()
+            )));
+        }
+        let log = backend
+            .read_log()
+            .map_err(|e| StoreError::io(format!("read activity log of {what}"), e))?
+            .as_deref()
+            .and_then(parse_log);
+        let trust = decide_trust(record.generation, log.as_ref());
+        let (map, report) = ChunkMap::recover(record, &trust).map_err(corrupt)?;
+        let generation = report.generation;
+        let img = Self::assemble(backend, map, generation, report);
+        if trust == Trust::Clean {
+            // From here on the image may be written: the log must say "not clean" first.
+            img.backend
+                .replace_log(&encode_log(generation, false, &[]))
+                .map_err(|e| StoreError::io(format!("write activity log of {what}"), e))?;
+        } else {
+            tracing::warn!(
+                image = %what,
+                untrusted_chunks = img.recovery.untrusted_chunks,
+                "image was not closed cleanly; distrusted chunks are marked dirty and will be rehashed"
+            );
+            // Make the recovered state durable so the same work is not redone.
+            img.checkpoint()?;
+        }
+        Ok(img)
+    }
+
+    fn assemble(backend: B, map: ChunkMap, generation: u64, recovery: RecoveryReport) -> Self {
+        let geometry = *map.geometry();
+        Self {
+            backend,
+            geometry,
+            state: Mutex::new(State {
+                log: ActivityLog::new(geometry.extent_count(), []),
+                map,
+                generation,
+                closed: false,
+            }),
+            idle: Condvar::new(),
+            log_leader: Mutex::new(()),
+            checkpointing: Mutex::new(()),
+            recovery,
+            activity_limit: AtomicU64::new(DEFAULT_ACTIVITY_LIMIT),
+        }
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.geometry.size()
+    }
+
+    /// Number of chunks (leaves of the hash tree).
+    pub fn chunk_count(&self) -> u64 {
+        self.geometry.chunk_count()
+    }
+
+    /// What opening found: clean, or how much was distrusted.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// The storage backend (for tests and diagnostics).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Extents currently in the durable activity log (what a crash now would distrust).
+    pub fn active_extents(&self) -> u64 {
+        lock(&self.state).log.active_count()
+    }
+
+    /// Current metadata generation (incremented by every checkpoint).
+    pub fn generation(&self) -> u64 {
+        lock(&self.state).generation
+    }
+
+    /// Sets how many active extents make [`DiskImage::flush`] also checkpoint.
+    pub fn set_activity_limit(&self, extents: u64) {
+        self.activity_limit.store(extents, Ordering::Relaxed);
+    }
+
+    fn ensure_open(&self) -> Result<()> {
+        if lock(&self.state).closed {
+            Err(StoreError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Sees every write that returned before the call;
+    /// a write racing with it may be seen partly.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.geometry.check_range(offset, buf.len() as u64)?;
+        self.backend.read_at(buf, offset).map_err(|e| {
+            StoreError::io(
+                format!(
+                    "read {}+{} of {}",
+                    offset,
+                    buf.len(),
+                    self.backend.describe()
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Writes `buf` at `offset`; any alignment. Durable only after a later
+    /// [`DiskImage::flush`]. Before the data is issued, the extents it touches are durably
+    /// in the activity log (one fsync shared by all writers arriving meanwhile; none once
+    /// the extent is active). When it returns, every tracker has the touched chunks dirty,
+    /// even if it failed.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.mutate(offset, buf.len() as u64, || {
+            self.backend.write_at(buf, offset)
+        })
+    }
+
+    /// Makes `offset..offset + len` read as zeros, releasing disk space where the file
+    /// system can (NBD TRIM / WRITE_ZEROES). Same guarantees as [`DiskImage::write_at`].
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.mutate(offset, len, || self.backend.punch_hole(offset, len))
+    }
+
+    fn mutate(
+        &self,
+        offset: u64,
+        len: u64,
+        io: impl FnOnce() -> std::io::Result<()>,
+    ) -> Result<()> {
+        self.geometry.check_range(offset, len)?;
+        let chunks = self.geometry.chunks_of(offset, len);
+        let extents = self.geometry.extents_of(&chunks);
+        self.admit(extents.clone(), chunks.clone())?;
+        let res = io();
+        {
+            let mut st = lock(&self.state);
+            st.map.write_finished(chunks);
+            st.log.finish(extents);
+            if st.log.inflight() == 0 {
+                self.idle.notify_all();
+            }
+        }
+        res.map_err(|e| {
+            StoreError::io(
+                format!("write {offset}+{len} of {}", self.backend.describe()),
+                e,
+            )
+        })
+    }
+
+    /// Waits until `extents` are durably active, then counts the write in flight and
+    /// invalidates `chunks`.
+    fn admit(&self, extents: Range<u32>, chunks: Range<u64>) -> Result<()> {
+        loop {
+            {
+                let mut st = lock(&self.state);
+                if st.closed {
+                    return Err(StoreError::Closed);
+                }
+                if st.log.admit(extents.clone()) {
+                    st.map.write_started(chunks);
+                    return Ok(());
+                }
+            }
+            let _leader = lock(&self.log_leader);
+            let batch = lock(&self.state).log.take_batch(extents.clone());
+            if batch.is_empty() {
+                continue;
+            }
+            let frame = encode_frame(&LogEntry::Active {
+                extents: batch.clone(),
+            });
+            self.backend.append_log(&frame).map_err(|e| {
+                StoreError::io(
+                    format!("append to activity log of {}", self.backend.describe()),
+                    e,
+                )
+            })?;
+            lock(&self.state).log.batch_durable(&batch);
+        }
+    }
+
+    /// Makes every write that returned before this call durable (fdatasync). If the
+    /// activity log has grown past the limit ([`DiskImage::set_activity_limit`]), also
+    /// checkpoints, which bounds the work of a crash recovery.
+    pub fn flush(&self) -> Result<()> {
+        self.ensure_open()?;
+        self.backend
+            .sync_data()
+            .map_err(|e| StoreError::io(format!("fdatasync {}", self.backend.describe()), e))?;
+        let over =
+            lock(&self.state).log.active_count() > self.activity_limit.load(Ordering::Relaxed);
+        if over { self.checkpoint() } else { Ok(()) }
+    }
+
+    /// Writes the metadata (hashes, trackers) durably and shrinks the activity log to the
+    /// extents written since. Also flushes the data (hashes in the checkpoint must describe
+    /// durable content). Safe to call concurrently with writes.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.checkpoint_inner(false)
+    }
+
+    fn checkpoint_inner(&self, closing: bool) -> Result<()> {
+        let _one = lock(&self.checkpointing);
+        let what = self.backend.describe();
+        let (record, generation) = {
+            let mut st = lock(&self.state);
+            if st.closed && !closing {
+                return Err(StoreError::Closed);
+            }
+            st.log.begin_checkpoint();
+            let g = st.generation + 1;
+            (st.map.to_record(g), g)
+        };
+        let abort = |e: StoreError| {
+            lock(&self.state).log.abort_checkpoint();
+            e
+        };
+        // Every hash in the snapshot was computed from data written before the snapshot;
+        // flushing now makes that data durable before the metadata claims it.
+        self.backend
+            .sync_data()
+            .map_err(|e| abort(StoreError::io(format!("fdatasync {what}"), e)))?;
+        write_meta(&self.backend, &record).map_err(abort)?;
+        let _leader = lock(&self.log_leader);
+        let keep = {
+            let mut st = lock(&self.state);
+            st.generation = generation;
+            st.log.cut_over()
+        };
+        let clean = closing && keep.is_empty();
+        self.backend
+            .replace_log(&encode_log(generation, clean, &keep))
+            .map_err(|e| StoreError::io(format!("write activity log of {what}"), e))?;
+        tracing::debug!(image = %what, generation, active = keep.len(), clean, "checkpoint");
+        Ok(())
+    }
+
+    /// Closes the image: refuses new writes, waits for writes in flight, checkpoints and
+    /// marks the metadata clean, so the next open trusts it completely. Later calls that
+    /// change the image fail with [`StoreError::Closed`]. Dropping an image without closing
+    /// is safe but makes the next open recover as after a crash.
+    pub fn close(&self) -> Result<()> {
+        {
+            let mut st = lock(&self.state);
+            if st.closed {
+                return Ok(());
+            }
+            st.closed = true;
+            while st.log.inflight() > 0 {
+                st = self.idle.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        self.checkpoint_inner(true)
+    }
+
+    // ---- hashes -------------------------------------------------------------------------
+
+    /// The cached hash of `chunk`, without computing it. `None` when unknown or past the
+    /// end. A returned hash always equals the hash of the chunk's current content unless a
+    /// write to it is in flight.
+    pub fn cached_hash(&self, chunk: u64) -> Option<ChunkHash> {
+        lock(&self.state).map.cached_hash(chunk)
+    }
+
+    /// The hash of `chunk` (see [`hash_chunk`]), computed from the image if not cached. It
+    /// describes the chunk's content at some moment during the call.
+    pub fn chunk_hash(&self, chunk: u64) -> Result<ChunkHash> {
+        self.geometry.check_chunk(chunk)?;
+        let ticket = {
+            let st = lock(&self.state);
+            if let Some(h) = st.map.cached_hash(chunk) {
+                return Ok(h);
+            }
+            st.map.hash_ticket(chunk)
+        };
+        let mut buf = Vec::new();
+        let h = self.read_hash(chunk, &mut buf)?;
+        lock(&self.state).map.offer_hash(ticket, h);
+        Ok(h)
+    }
+
+    fn read_hash(&self, chunk: u64, buf: &mut Vec<u8>) -> Result<ChunkHash> {
+        buf.resize(self.geometry.chunk_len(chunk), 0);
+        self.read_at(buf, self.geometry.chunk_offset(chunk))?;
+        Ok(hash_chunk(buf))
+    }
+
+    /// Computes every unknown chunk hash, skipping holes without reading them.
+    pub fn hash_all(&self) -> Result<HashPass> {
+        let mut pass = HashPass::default();
+        let mut buf = Vec::new();
+        let mut next = 0;
+        loop {
+            // Tickets first, then hole lookups: hole information gathered after a ticket
+            // cannot predate a write the ticket would not notice.
+            let tickets: Vec<_> = {
+                let st = lock(&self.state);
+                st.map
+                    .unknown_chunks_from(next, HASH_WINDOW)
+                    .into_iter()
+                    .map(|c| st.map.hash_ticket(c))
+                    .collect()
+            };
+            let Some(last) = tickets.last() else {
+                return Ok(pass);
+            };
+            next = last.chunk() + 1;
+            let mut holes = HoleCursor::default();
+            let mut done = Vec::with_capacity(tickets.len());
+            for t in tickets {
+                let c = t.chunk();
+                let h = if holes.is_hole(&self.backend, &self.geometry, c)? {
+                    pass.holes += 1;
+                    ZERO_CHUNK_HASH
+                } else {
+                    pass.read += 1;
+                    self.read_hash(c, &mut buf)?
+                };
+                done.push((t, h));
+            }
+            let mut st = lock(&self.state);
+            for (t, h) in done {
+                st.map.offer_hash(t, h);
+            }
+        }
+    }
+
+    fn with_tree<T>(&self, f: impl Fn(&HashTree) -> T) -> Result<T> {
+        for _ in 0..TREE_ATTEMPTS {
+            self.hash_all()?;
+            if let Some(t) = lock(&self.state).map.tree() {
+                return Ok(f(t));
+            }
+        }
+        Err(StoreError::Busy)
+    }
+
+    /// Root of the hash tree over all chunks, computing missing hashes first. Two copies
+    /// with equal geometry and equal roots have equal content (up to BLAKE3 collisions).
+    pub fn root(&self) -> Result<ChunkHash> {
+        self.with_tree(HashTree::root)
+    }
+
+    /// Node hashes of tree level `level` (0 = chunks, `tree_height() - 1` = root) for the
+    /// node indices in `range` (clamped), computing missing hashes first.
+    pub fn tree_level(&self, level: usize, range: Range<usize>) -> Result<Vec<ChunkHash>> {
+        if level >= self.tree_height() {
+            return Err(StoreError::invalid(
+                "tree level",
+                format!("{level}: the tree has {} levels", self.tree_height()),
+            ));
+        }
+        self.with_tree(|t| t.level(level, range.clone()).to_vec())
+    }
+
+    /// A copy of the whole hash tree, computing missing hashes first.
+    pub fn tree(&self) -> Result<HashTree> {
+        self.with_tree(HashTree::clone)
+    }
+
+    /// Number of tree levels, leaves included.
+    pub fn tree_height(&self) -> usize {
+        let fanout = u64::from(self.geometry.fanout());
+        let mut n = self.geometry.chunk_count();
+        let mut h = 1;
+        while n > 1 {
+            n = n.div_ceil(fanout);
+            h += 1;
+        }
+        h
+    }
+
+    // ---- dirty trackers -----------------------------------------------------------------
+
+    /// Starts tracker `name`: from now on it collects every chunk written. Durable when it
+    /// returns (this checkpoints). On error the tracker exists in memory but may not
+    /// survive a crash; drop it or retry.
+    pub fn start_tracking(&self, name: &str) -> Result<()> {
+        {
+            let mut st = lock(&self.state);
+            if st.closed {
+                return Err(StoreError::Closed);
+            }
+            st.map.start_tracking(name)?;
+        }
+        self.checkpoint()
+    }
+
+    /// Removes tracker `name`. Durable when it returns (this checkpoints).
+    pub fn drop_tracking(&self, name: &str) -> Result<()> {
+        {
+            let mut st = lock(&self.state);
+            if st.closed {
+                return Err(StoreError::Closed);
+            }
+            st.map.drop_tracking(name)?;
+        }
+        self.checkpoint()
+    }
+
+    /// Names of all trackers.
+    pub fn trackers(&self) -> Vec<String> {
+        lock(&self.state).map.tracker_names()
+    }
+
+    /// The chunks tracker `name` holds dirty: a superset of the chunks written since it
+    /// started (or since they were cleared). After a crash it may hold more, never fewer.
+    pub fn dirty_chunks(&self, name: &str) -> Result<DirtySet> {
+        lock(&self.state).map.dirty_chunks(name)
+    }
+
+    /// Clears `chunks` in tracker `name` once their content (read *after* `as_of` was
+    /// obtained from [`DiskImage::dirty_chunks`]) is safe elsewhere. Chunks written after
+    /// `as_of` stay dirty. Clears become durable at the next checkpoint; a crash before
+    /// that brings them back (extra work, never a lost write). Returns the number cleared.
+    pub fn clear(&self, name: &str, chunks: &[u64], as_of: WriteSeq) -> Result<u64> {
+        lock(&self.state).map.clear(name, chunks, as_of)
+    }
+
+    // ---- snapshots ----------------------------------------------------------------------
+
+    /// Copies the image to a new image `<dir>/disk-<id>.img` (with metadata, all hashes
+    /// known, no trackers), skipping holes and all-zero chunks so the copy stays sparse.
+    /// The copy is a point-in-time image only if the caller keeps writes away for the
+    /// duration; concurrent writes are safe but may land in the copy chunk by chunk. The
+    /// copy is durable when this returns; on error its files are removed.
+    pub fn snapshot_to(&self, dir: &Path, id: &str) -> Result<DiskImage<FileBackend>> {
+        self.ensure_open()?;
+        let dest = FileBackend::create(dir, id, self.size())?;
+        match self.copy_into(&dest) {
+            Ok(map) => DiskImage::init(dest, map).inspect_err(|_| {
+                let _ = DiskImage::destroy(dir, id);
+            }),
+            Err(e) => {
+                drop(dest);
+                let _ = DiskImage::destroy(dir, id);
+                Err(e)
+            }
+        }
+    }
+
+    fn copy_into(&self, dest: &FileBackend) -> Result<ChunkMap> {
+        let mut map = ChunkMap::new_zeroed(self.geometry);
+        let mut buf = Vec::new();
+        let n = self.chunk_count();
+        for window in (0..n).step_by(HASH_WINDOW) {
+            let tickets: Vec<_> = {
+                let st = lock(&self.state);
+                (window..(window + HASH_WINDOW as u64).min(n))
+                    .map(|c| st.map.hash_ticket(c))
+                    .collect()
+            };
+            let mut holes = HoleCursor::default();
+            for t in tickets {
+                let c = t.chunk();
+                if holes.is_hole(&self.backend, &self.geometry, c)? {
+                    continue;
+                }
+                let h = self.read_hash(c, &mut buf)?;
+                if h != ZERO_CHUNK_HASH {
+                    let off = self.geometry.chunk_offset(c);
+                    dest.write_at(&buf, off).map_err(|e| {
+                        StoreError::io(format!("write {off} of {}", dest.describe()), e)
+                    })?;
+                }
+                map.set_hash(c, h);
+                lock(&self.state).map.offer_hash(t, h);
+            }
+        }
+        dest.sync_data()
+            .map_err(|e| StoreError::io(format!("fdatasync {}", dest.describe()), e))?;
+        Ok(map)
+    }
+}
+
+fn write_meta<B: Backend>(backend: &B, record: &MetaRecord) -> Result<()> {
+    let what = backend.describe();
+    let bytes = convoy_codec::encode(record).map_err(|e| StoreError::Corrupt {
+        what: what.clone(),
+        reason: format!("cannot encode metadata: {e}"),
+    })?;
+    backend
+        .replace_meta(&bytes)
+        .map_err(|e| StoreError::io(format!("write metadata of {what}"), e))
+}
+
+/// Walks data regions forward to answer "is this chunk entirely in a hole?".
+#[derive(Default)]
+struct HoleCursor {
+    /// The current data region, `None` before the first query; `Some(None)` when the rest
+    /// of the image is a hole.
+    region: Option<Option<Range<u64>>>,
+}
+
+impl HoleCursor {
+    fn is_hole<B: Backend>(&mut self, backend: &B, g: &Geometry, chunk: u64) -> Result<bool> {
+        let start = g.chunk_offset(chunk);
+        let end = start + g.chunk_len(chunk) as u64;
+        let stale = match &self.region {
+            None => true,
+            Some(Some(r)) => r.end <= start,
+            Some(None) => false,
+        };
+        if stale {
+            let r = backend
+                .next_data(start)
+                .map_err(|e| StoreError::io(format!("seek data in {}", backend.describe()), e))?;
+            self.region = Some(r);
+        }
+        Ok(match &self.region {
+            Some(Some(r)) => r.start >= end,
+            _ => true,
+        })
+    }
+}
+
+// ---- async wrappers ----------------------------------------------------------------------
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+impl<B: Backend + 'static> DiskImage<B> {
+    /// [`DiskImage::read_at`] of `len` bytes on tokio's blocking pool.
+    pub async fn read_async(self: Arc<Self>, offset: u64, len: usize) -> Result<Bytes> {
+        blocking(move || {
+            let mut buf = vec![0; len];
+            self.read_at(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    /// [`DiskImage::write_at`] on tokio's blocking pool.
+    pub async fn write_async(self: Arc<Self>, offset: u64, data: Bytes) -> Result<()> {
+        blocking(move || self.write_at(&data, offset)).await
+    }
+
+    /// [`DiskImage::flush`] on tokio's blocking pool.
+    pub async fn flush_async(self: Arc<Self>) -> Result<()> {
+        blocking(move || self.flush()).await
+    }
+
+    /// [`DiskImage::chunk_hash`] on tokio's blocking pool.
+    pub async fn chunk_hash_async(self: Arc<Self>, chunk: u64) -> Result<ChunkHash> {
+        blocking(move || self.chunk_hash(chunk)).await
+    }
+}
