@@ -30,6 +30,51 @@ pub struct AgentConfig {
     /// Peers this agent knows at first start (informational for `cluster init --all`).
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+    /// NBD exports of this host's disks.
+    #[serde(default)]
+    pub nbd: NbdConfig,
+    /// Replication tuning.
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+}
+
+/// Where disks are exported over NBD.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdConfig {
+    /// Directory for one Unix socket per disk (`<dir>/disk-<id>.sock`).
+    pub socket_dir: PathBuf,
+    /// Optional TCP address serving every export (keep it on loopback unless the
+    /// hypervisor is remote: NBD has no authentication).
+    pub tcp: Option<SocketAddr>,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        Self {
+            socket_dir: PathBuf::from("/run/convoy"),
+            tcp: None,
+        }
+    }
+}
+
+/// Replication tuning.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// In-memory journal per group, MiB; a replica further behind resyncs from dirty chunks.
+    pub journal_limit_mib: u64,
+    /// How long a synchronous write waits for its replica before marking it outdated.
+    pub sync_timeout_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            journal_limit_mib: 256,
+            sync_timeout_ms: 2_000,
+        }
+    }
 }
 
 /// Listen addresses.

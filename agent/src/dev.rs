@@ -114,6 +114,11 @@ fn node_config(dir: &Path, pki: &Path, id: u64, args: &DevArgs) -> Result<(PathB
         },
         raft,
         peers: Vec::new(),
+        nbd: crate::config::NbdConfig {
+            socket_dir: node_dir.join("run"),
+            tcp: Some(SocketAddr::new(args.ip, free_port(args.ip, false)?)),
+        },
+        replication: Default::default(),
     };
     convoy_codec::file::durable_write(&path, cfg.to_toml()?.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;

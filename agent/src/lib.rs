@@ -7,6 +7,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod data;
 pub mod dev;
 pub mod metrics;
 pub mod node;

@@ -54,6 +54,7 @@ fn main() -> ExitCode {
                             Cmd::Cluster(c) => cli::cluster(&global, c).await,
                             Cmd::Vm(c) => cli::vm(&global, c).await,
                             Cmd::Cg(c) => cli::cg(&global, c).await,
+                            Cmd::Disk(c) => cli::disk(&global, c).await,
                             Cmd::Agent { .. } | Cmd::Dev(_) | Cmd::Cert(_) => Ok(()),
                         }
                     })

@@ -98,6 +98,21 @@ impl ExportRegistry {
         Ok(())
     }
 
+    /// Serves `device` under `name` to clients that open it from now on, while clients
+    /// that opened it before keep the device they have. Returns whether `name` existed
+    /// (if not, nothing changes). Convoy uses this for fencing: connections opened before
+    /// an epoch bump keep a volume whose writes are refused, instead of being cut.
+    pub fn replace(&self, name: &str, device: Arc<dyn BlockDevice>) -> bool {
+        let mut map = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        match map.get_mut(name) {
+            Some(entry) => {
+                entry.device = device;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Withdraws the export `name`; returns whether it existed.
     ///
     /// New clients no longer see it. Every connection that opened it stops reading

@@ -88,6 +88,75 @@ pub enum ReplicationMode {
     ActiveActiveAsync,
 }
 
+impl ReplicationMode {
+    /// The CLI spelling (`async`, `sync`, `active-active-sync`, `active-active-async`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationMode::Async => "async",
+            ReplicationMode::Sync => "sync",
+            ReplicationMode::ActiveActiveSync => "active-active-sync",
+            ReplicationMode::ActiveActiveAsync => "active-active-async",
+        }
+    }
+
+    /// Parses the CLI spelling.
+    pub fn parse(text: &str) -> Result<Self, ModelError> {
+        match text {
+            "async" => Ok(ReplicationMode::Async),
+            "sync" => Ok(ReplicationMode::Sync),
+            "active-active-sync" => Ok(ReplicationMode::ActiveActiveSync),
+            "active-active-async" => Ok(ReplicationMode::ActiveActiveAsync),
+            other => Err(invalid(
+                "replication mode",
+                format!("'{other}': use async, sync, active-active-sync or active-active-async"),
+            )),
+        }
+    }
+
+    /// Whether a guest write waits for the replica to hold it durably.
+    pub fn is_synchronous(self) -> bool {
+        matches!(
+            self,
+            ReplicationMode::Sync | ReplicationMode::ActiveActiveSync
+        )
+    }
+
+    /// Whether both copies accept guest writes.
+    pub fn is_active_active(self) -> bool {
+        matches!(
+            self,
+            ReplicationMode::ActiveActiveSync | ReplicationMode::ActiveActiveAsync
+        )
+    }
+}
+
+/// What a replica copy is good for right now, as reported by the primary's agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinkState {
+    /// Being filled for the first time; not usable.
+    Syncing,
+    /// A crash-consistent prefix of the group's history (async), or identical (sync).
+    Consistent,
+    /// Dirty-chunk resync running; the replica kept a snapshot of its last consistent
+    /// state, which is the usable copy until the resync ends.
+    Inconsistent,
+    /// The primary acknowledged writes this copy does not have (it was unreachable in
+    /// sync mode): it must not be failed over to.
+    Outdated,
+}
+
+impl LinkState {
+    /// The CLI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Syncing => "syncing",
+            LinkState::Consistent => "consistent",
+            LinkState::Inconsistent => "inconsistent",
+            LinkState::Outdated => "outdated",
+        }
+    }
+}
+
 /// A copy of a consistency group kept on another host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicationLink {
@@ -95,6 +164,19 @@ pub struct ReplicationLink {
     pub to: NodeId,
     /// Mode of this link.
     pub mode: ReplicationMode,
+    /// What the copy is good for.
+    pub state: LinkState,
+}
+
+/// A crash-consistent point across all disks of a group, kept on the primary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgSnapshot {
+    /// Name, unique within the group.
+    pub name: String,
+    /// Host holding the snapshot images.
+    pub host: NodeId,
+    /// Proposer's clock at creation, ms since the epoch.
+    pub created_at_ms: u64,
 }
 
 /// A consistency group: disks of one or more VMs that share one write order.
@@ -112,6 +194,9 @@ pub struct Cg {
     pub sequencer: NodeId,
     /// Copies on other hosts.
     pub replicas: Vec<ReplicationLink>,
+    /// Snapshots, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<CgSnapshot>,
 }
 
 /// A migration of a consistency group. Filled in by the migration engine.
@@ -176,6 +261,67 @@ pub enum Command {
         /// The group.
         name: String,
     },
+    /// Add a copy of a group on another host (starts `Syncing`).
+    AddReplica {
+        /// The group.
+        cg: String,
+        /// Host for the copy.
+        to: NodeId,
+        /// Replication mode of the link.
+        mode: ReplicationMode,
+    },
+    /// Drop a group's copy on a host.
+    RemoveReplica {
+        /// The group.
+        cg: String,
+        /// Host of the copy.
+        to: NodeId,
+    },
+    /// Change the replication mode of every link of a group.
+    SetMode {
+        /// The group.
+        cg: String,
+        /// New mode.
+        mode: ReplicationMode,
+    },
+    /// Record what a replica copy is good for (reported by the primary's agent).
+    SetLinkState {
+        /// The group.
+        cg: String,
+        /// Host of the copy.
+        to: NodeId,
+        /// New state.
+        state: LinkState,
+    },
+    /// Start or stop a VM's (simulated) guest.
+    SetVmRunning {
+        /// The VM.
+        name: String,
+        /// Running or not.
+        running: bool,
+    },
+    /// Record a group snapshot taken on the primary.
+    CreateSnapshot {
+        /// The group.
+        cg: String,
+        /// Snapshot name.
+        name: String,
+        /// Proposer's clock, ms since the epoch.
+        created_at_ms: u64,
+    },
+    /// Forget a group snapshot.
+    DeleteSnapshot {
+        /// The group.
+        cg: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Fence every disk of a group: all get epoch = old maximum + 1, so writes and data
+    /// messages carrying an older epoch are refused.
+    BumpEpoch {
+        /// The group.
+        cg: String,
+    },
 }
 
 impl Command {
@@ -188,6 +334,14 @@ impl Command {
             Command::DeleteVm { .. } => "delete_vm",
             Command::CreateCg { .. } => "create_cg",
             Command::DeleteCg { .. } => "delete_cg",
+            Command::AddReplica { .. } => "add_replica",
+            Command::RemoveReplica { .. } => "remove_replica",
+            Command::SetMode { .. } => "set_mode",
+            Command::SetLinkState { .. } => "set_link_state",
+            Command::SetVmRunning { .. } => "set_vm_running",
+            Command::CreateSnapshot { .. } => "create_snapshot",
+            Command::DeleteSnapshot { .. } => "delete_snapshot",
+            Command::BumpEpoch { .. } => "bump_epoch",
         }
     }
 }
@@ -357,6 +511,34 @@ impl ClusterModel {
             Command::DeleteVm { name } => self.delete_vm(name),
             Command::CreateCg { name, vms } => self.create_cg(name, vms),
             Command::DeleteCg { name } => self.delete_cg(name),
+            Command::AddReplica { cg, to, mode } => self.add_replica(cg, *to, *mode),
+            Command::RemoveReplica { cg, to } => self.remove_replica(cg, *to),
+            Command::SetMode { cg, mode } => self.set_mode(cg, *mode),
+            Command::SetLinkState { cg, to, state } => self.set_link_state(cg, *to, *state),
+            Command::SetVmRunning { name, running } => self.set_vm_running(name, *running),
+            Command::CreateSnapshot {
+                cg,
+                name,
+                created_at_ms,
+            } => self.create_snapshot(cg, name, *created_at_ms),
+            Command::DeleteSnapshot { cg, name } => self.delete_snapshot(cg, name),
+            Command::BumpEpoch { cg } => self.bump_epoch(cg),
+        }
+    }
+
+    /// A copy of the model without the request de-duplication table: what the data plane
+    /// reconciles against, cheap enough to take on every change.
+    pub fn topology(&self) -> ClusterModel {
+        ClusterModel {
+            hosts: self.hosts.clone(),
+            vms: self.vms.clone(),
+            disks: self.disks.clone(),
+            cgs: self.cgs.clone(),
+            migrations: self.migrations.clone(),
+            next_vm_id: self.next_vm_id,
+            next_disk_id: self.next_disk_id,
+            next_cg_id: self.next_cg_id,
+            dedup: Dedup::default(),
         }
     }
 
@@ -403,6 +585,16 @@ impl ClusterModel {
             return Err(ModelError::InUse(format!(
                 "node {id} still hosts VM '{}': move or delete its VMs first",
                 vm.name
+            )));
+        }
+        if let Some(cg) = self
+            .cgs
+            .values()
+            .find(|c| c.replicas.iter().any(|r| r.to == id))
+        {
+            return Err(ModelError::InUse(format!(
+                "node {id} holds a replica of group '{}': remove it first (`convoy cg unreplicate {} --from {id}`)",
+                cg.name, cg.name
             )));
         }
         let host = self
@@ -546,6 +738,7 @@ impl ClusterModel {
             primary,
             sequencer: primary,
             replicas: Vec::new(),
+            snapshots: Vec::new(),
         };
         self.cgs.insert(cg.name.clone(), cg.clone());
         Ok(Outcome::Cg(cg))
@@ -564,6 +757,165 @@ impl ClusterModel {
             }
         }
         Ok(Outcome::Done)
+    }
+
+    /// The disks of a group's VMs, in VM then attachment order.
+    pub fn cg_disks(&self, cg: &Cg) -> Vec<Disk> {
+        cg.vms
+            .iter()
+            .filter_map(|v| self.vms.get(v))
+            .flat_map(|vm| self.vm_disks(vm))
+            .collect()
+    }
+
+    /// A group's fencing epoch: the highest epoch of its disks.
+    pub fn cg_epoch(&self, cg: &Cg) -> u64 {
+        self.cg_disks(cg).iter().map(|d| d.epoch).max().unwrap_or(1)
+    }
+
+    fn bump_epoch(&mut self, cg: &str) -> Result<Outcome, ModelError> {
+        let group = self.cgs.get(cg).ok_or_else(|| not_found("cg", cg))?.clone();
+        let next = self.cg_epoch(&group) + 1;
+        for disk in self.cg_disks(&group) {
+            if let Some(d) = self.disks.get_mut(&disk.id) {
+                d.epoch = next;
+            }
+        }
+        Ok(Outcome::Cg(group))
+    }
+
+    fn cg_mut(&mut self, cg: &str) -> Result<&mut Cg, ModelError> {
+        self.cgs.get_mut(cg).ok_or_else(|| not_found("cg", cg))
+    }
+
+    fn add_replica(
+        &mut self,
+        cg: &str,
+        to: NodeId,
+        mode: ReplicationMode,
+    ) -> Result<Outcome, ModelError> {
+        match self.hosts.get(&to) {
+            Some(h) if !h.retired => {}
+            _ => return Err(not_found("host", to)),
+        }
+        let group = self.cg_mut(cg)?;
+        if group.primary == to {
+            return Err(invalid(
+                "replica host",
+                format!("node {to} is the primary of '{cg}'; pick another host"),
+            ));
+        }
+        if group.replicas.iter().any(|r| r.to == to) {
+            return Err(ModelError::Exists {
+                kind: "replica".into(),
+                name: format!("{cg} on node {to}"),
+            });
+        }
+        if !group.replicas.is_empty() {
+            return Err(invalid(
+                "replica host",
+                format!("'{cg}' already has a replica; one replica per group is supported"),
+            ));
+        }
+        group.replicas.push(ReplicationLink {
+            to,
+            mode,
+            state: LinkState::Syncing,
+        });
+        Ok(Outcome::Cg(group.clone()))
+    }
+
+    fn remove_replica(&mut self, cg: &str, to: NodeId) -> Result<Outcome, ModelError> {
+        let group = self.cg_mut(cg)?;
+        let before = group.replicas.len();
+        group.replicas.retain(|r| r.to != to);
+        if group.replicas.len() == before {
+            return Err(not_found("replica", format!("{cg} on node {to}")));
+        }
+        Ok(Outcome::Cg(group.clone()))
+    }
+
+    fn set_mode(&mut self, cg: &str, mode: ReplicationMode) -> Result<Outcome, ModelError> {
+        let group = self.cg_mut(cg)?;
+        if group.replicas.is_empty() {
+            return Err(invalid(
+                "replication mode",
+                format!(
+                    "'{cg}' has no replica: add one with `convoy cg replicate {cg} --to HOST --mode MODE`"
+                ),
+            ));
+        }
+        for link in &mut group.replicas {
+            link.mode = mode;
+        }
+        Ok(Outcome::Cg(group.clone()))
+    }
+
+    fn set_link_state(
+        &mut self,
+        cg: &str,
+        to: NodeId,
+        state: LinkState,
+    ) -> Result<Outcome, ModelError> {
+        let group = self.cg_mut(cg)?;
+        let link = group
+            .replicas
+            .iter_mut()
+            .find(|r| r.to == to)
+            .ok_or_else(|| not_found("replica", format!("{cg} on node {to}")))?;
+        link.state = state;
+        Ok(Outcome::Cg(group.clone()))
+    }
+
+    fn set_vm_running(&mut self, name: &str, running: bool) -> Result<Outcome, ModelError> {
+        let vm = self
+            .vms
+            .get_mut(name)
+            .ok_or_else(|| not_found("vm", name))?;
+        if running && vm.workload.is_none() {
+            return Err(invalid(
+                "vm start",
+                format!(
+                    "VM '{name}' has no --workload; only simulated guests are started by Convoy"
+                ),
+            ));
+        }
+        vm.running = running;
+        let vm = vm.clone();
+        let disks = self.vm_disks(&vm);
+        Ok(Outcome::Vm(vm, disks))
+    }
+
+    fn create_snapshot(
+        &mut self,
+        cg: &str,
+        name: &str,
+        created_at_ms: u64,
+    ) -> Result<Outcome, ModelError> {
+        validate_name("snapshot name", name)?;
+        let group = self.cg_mut(cg)?;
+        if group.snapshots.iter().any(|s| s.name == name) {
+            return Err(ModelError::Exists {
+                kind: "snapshot".into(),
+                name: format!("{cg}/{name}"),
+            });
+        }
+        group.snapshots.push(CgSnapshot {
+            name: name.into(),
+            host: group.primary,
+            created_at_ms,
+        });
+        Ok(Outcome::Cg(group.clone()))
+    }
+
+    fn delete_snapshot(&mut self, cg: &str, name: &str) -> Result<Outcome, ModelError> {
+        let group = self.cg_mut(cg)?;
+        let before = group.snapshots.len();
+        group.snapshots.retain(|s| s.name != name);
+        if group.snapshots.len() == before {
+            return Err(not_found("snapshot", format!("{cg}/{name}")));
+        }
+        Ok(Outcome::Cg(group.clone()))
     }
 }
 
@@ -729,6 +1081,130 @@ mod tests {
         m.apply(0, &Command::DeleteCg { name: "g".into() }).unwrap();
         assert_eq!(m.vms["a"].cg, None);
         m.apply(0, &Command::DeleteVm { name: "a".into() }).unwrap();
+    }
+
+    #[test]
+    fn replica_links_and_modes() {
+        let mut m = with_hosts(&[1, 2, 3]);
+        m.apply(0, &create_vm("a", 1)).unwrap();
+        m.apply(
+            0,
+            &Command::CreateCg {
+                name: "g".into(),
+                vms: vec!["a".into()],
+            },
+        )
+        .unwrap();
+        let add = |to, mode| Command::AddReplica {
+            cg: "g".into(),
+            to,
+            mode,
+        };
+        assert!(matches!(
+            m.apply(0, &add(1, ReplicationMode::Async)),
+            Err(ModelError::Invalid { .. })
+        ));
+        assert!(matches!(
+            m.apply(0, &add(9, ReplicationMode::Async)),
+            Err(ModelError::NotFound { .. })
+        ));
+        m.apply(0, &add(2, ReplicationMode::Async)).unwrap();
+        assert_eq!(m.cgs["g"].replicas[0].state, LinkState::Syncing);
+        assert!(matches!(
+            m.apply(0, &add(2, ReplicationMode::Sync)),
+            Err(ModelError::Exists { .. })
+        ));
+        m.apply(
+            0,
+            &Command::SetMode {
+                cg: "g".into(),
+                mode: ReplicationMode::Sync,
+            },
+        )
+        .unwrap();
+        assert_eq!(m.cgs["g"].replicas[0].mode, ReplicationMode::Sync);
+        let consistent = Command::SetLinkState {
+            cg: "g".into(),
+            to: 2,
+            state: LinkState::Consistent,
+        };
+        m.apply(0, &consistent).unwrap();
+        assert!(matches!(
+            m.apply(0, &Command::RetireHost { id: 2 }),
+            Err(ModelError::InUse(_))
+        ));
+        m.apply(
+            0,
+            &Command::RemoveReplica {
+                cg: "g".into(),
+                to: 2,
+            },
+        )
+        .unwrap();
+        assert!(m.cgs["g"].replicas.is_empty());
+        assert!(matches!(
+            m.apply(
+                0,
+                &Command::SetMode {
+                    cg: "g".into(),
+                    mode: ReplicationMode::Async
+                }
+            ),
+            Err(ModelError::Invalid { .. })
+        ));
+        for text in ["async", "sync", "active-active-sync", "active-active-async"] {
+            assert_eq!(ReplicationMode::parse(text).unwrap().as_str(), text);
+        }
+        assert!(ReplicationMode::parse("fast").is_err());
+    }
+
+    #[test]
+    fn snapshots_and_running_flag() {
+        let mut m = with_hosts(&[1]);
+        m.apply(0, &create_vm("a", 1)).unwrap();
+        assert!(matches!(
+            m.apply(
+                0,
+                &Command::SetVmRunning {
+                    name: "a".into(),
+                    running: true
+                }
+            ),
+            Err(ModelError::Invalid { .. })
+        ));
+        m.apply(
+            0,
+            &Command::CreateCg {
+                name: "g".into(),
+                vms: vec!["a".into()],
+            },
+        )
+        .unwrap();
+        let snap = |name: &str| Command::CreateSnapshot {
+            cg: "g".into(),
+            name: name.into(),
+            created_at_ms: 5,
+        };
+        m.apply(0, &snap("s1")).unwrap();
+        assert!(matches!(
+            m.apply(0, &snap("s1")),
+            Err(ModelError::Exists { .. })
+        ));
+        assert_eq!(m.cgs["g"].snapshots[0].host, 1);
+        m.apply(
+            0,
+            &Command::DeleteSnapshot {
+                cg: "g".into(),
+                name: "s1".into(),
+            },
+        )
+        .unwrap();
+        assert!(m.cgs["g"].snapshots.is_empty());
+        let g = m.cgs["g"].clone();
+        assert_eq!(m.cg_epoch(&g), 1);
+        m.apply(0, &Command::BumpEpoch { cg: "g".into() }).unwrap();
+        assert_eq!(m.cg_epoch(&g), 2);
+        assert!(m.cg_disks(&g).iter().all(|d| d.epoch == 2));
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! cluster CA, and length-prefixed framed streams multiplexed on one connection per peer.
 //!
 //! Layers, bottom up:
-//! - [`fsutil`]: crash-safe file replacement used wherever a file is rewritten.
 //! - [`pki`]: the cluster CA, node and client certificates, identities read from
 //!   certificates, and the rustls configurations every TLS user in Convoy shares
 //!   (QUIC here, the admin HTTPS API and CLI elsewhere).
@@ -19,7 +18,6 @@ mod backoff;
 mod config;
 mod endpoint;
 mod error;
-pub mod fsutil;
 pub mod pki;
 mod stream;
 

@@ -30,7 +30,6 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use x509_parser::extensions::GeneralName;
 
-use crate::fsutil::{self, DurableWriteError};
 
 const NODE_URN_PREFIX: &str = "urn:convoy:node:";
 const CLIENT_URN_PREFIX: &str = "urn:convoy:client:";
@@ -68,8 +67,14 @@ pub enum PkiError {
         source: io::Error,
     },
     /// A file could not be written durably.
-    #[error(transparent)]
-    Write(#[from] DurableWriteError),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// A PEM source contains no `CERTIFICATE` block.
     #[error("no certificate found in {source_name}; expected a PEM `BEGIN CERTIFICATE` block")]
     NoCertificate {
@@ -419,8 +424,17 @@ pub fn write_pem_files(
     let key_path = dir.join(format!("{stem}.key"));
     // Key first: a crash in between leaves a new key with an old certificate, which load
     // reports as a mismatch rather than silently using a stale pair.
-    fsutil::durable_write_with_mode(&key_path, pem.key_pem.as_bytes(), 0o600)?;
-    fsutil::durable_write_with_mode(&cert_path, pem.cert_pem.as_bytes(), 0o644)?;
+    for (path, bytes, mode) in [
+        (&key_path, pem.key_pem.as_bytes(), 0o600),
+        (&cert_path, pem.cert_pem.as_bytes(), 0o644),
+    ] {
+        convoy_codec::file::durable_write_mode(path, bytes, mode).map_err(|source| {
+            PkiError::Write {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
     Ok((cert_path, key_path))
 }
 

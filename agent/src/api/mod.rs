@@ -17,7 +17,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use convoy_raft::model::{ClusterModel, ModelError};
+use convoy_raft::model::{ClusterModel, ModelError, ReplicationMode};
 use convoy_raft::{Command, Outcome};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
@@ -25,6 +25,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::data::GroupStatus;
+use crate::node::rpc::LocalRequest;
 use crate::node::service::{Cluster, ServiceError};
 use types::*;
 
@@ -80,6 +82,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::NoLeader { .. } => ErrorCode::NoLeader,
             ServiceError::NotInitialized => ErrorCode::NotInitialized,
             ServiceError::Internal(_) => ErrorCode::Internal,
+            ServiceError::Unavailable(_) => ErrorCode::Unavailable,
         };
         ApiError::new(code, e.to_string())
     }
@@ -110,6 +113,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
         .route("/v1/cgs", post(create_cg).get(list_cgs))
         .route("/v1/cgs/{name}", get(show_cg).delete(delete_cg))
+        .route("/v1/cgs/{name}/replicas", post(add_replica))
+        .route("/v1/cgs/{name}/replicas/{host}", delete(remove_replica))
+        .route("/v1/cgs/{name}/mode", post(set_mode))
+        .route("/v1/cgs/{name}/fence", post(fence_cg))
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/disks", get(list_disks))
+        .route("/v1/disks/{id}/expose", post(expose_disk))
         .with_state(state)
 }
 
@@ -208,10 +219,11 @@ fn disk_view(d: convoy_raft::model::Disk) -> DiskView {
         index: d.index,
         size: d.size,
         epoch: d.epoch,
+        uris: Vec::new(),
     }
 }
 
-fn cg_view(cg: &convoy_raft::model::Cg) -> CgView {
+fn cg_view(model: &ClusterModel, cg: &convoy_raft::model::Cg) -> CgView {
     CgView {
         id: cg.id,
         name: cg.name.clone(),
@@ -223,9 +235,19 @@ fn cg_view(cg: &convoy_raft::model::Cg) -> CgView {
             .iter()
             .map(|r| ReplicaView {
                 host: r.to,
-                mode: format!("{:?}", r.mode),
+                mode: r.mode.as_str().to_string(),
+                state: r.state.as_str().to_string(),
+                phase: None,
+                acked_seq: None,
+                lag_writes: None,
+                lag_seconds: None,
+                bytes_sent: None,
+                last_error: None,
             })
             .collect(),
+        epoch: model.cg_epoch(cg),
+        last_seq: None,
+        stale_epoch_refused: None,
     }
 }
 
@@ -274,10 +296,23 @@ async fn show_vm(
     Path(name): Path<String>,
     Query(q): Query<ReadQuery>,
 ) -> ApiResult<Json<VmView>> {
-    read_model(&s, &q, |m| m.vms.get(&name).map(|vm| vm_view(m, vm)))
+    let mut view = read_model(&s, &q, |m| m.vms.get(&name).map(|vm| vm_view(m, vm)))
         .await?
-        .map(Json)
-        .ok_or_else(|| not_found("vm", &name))
+        .ok_or_else(|| not_found("vm", &name))?;
+    // The URIs live on the VM's host; without an answer the view is still useful.
+    let req = LocalRequest::Uris {
+        disks: view.disks.iter().map(|d| d.id).collect(),
+    };
+    if let Ok(json) = s.cluster.local(view.host, req).await {
+        if let Ok(uris) = serde_json::from_str::<Vec<(u64, Vec<String>)>>(&json) {
+            for d in &mut view.disks {
+                if let Some((_, u)) = uris.iter().find(|(id, _)| *id == d.id) {
+                    d.uris = u.clone();
+                }
+            }
+        }
+    }
+    Ok(Json(view))
 }
 
 async fn delete_vm(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
@@ -302,7 +337,10 @@ async fn create_cg(
         )
         .await?
     {
-        Outcome::Cg(cg) => Ok((StatusCode::CREATED, Json(cg_view(&cg)))),
+        Outcome::Cg(cg) => Ok((
+            StatusCode::CREATED,
+            Json(s.cluster.model.read(|m| cg_view(m, &cg))),
+        )),
         other => Err(ApiError::new(
             ErrorCode::Internal,
             format!("unexpected outcome {other:?}"),
@@ -315,7 +353,7 @@ async fn list_cgs(
     Query(q): Query<ReadQuery>,
 ) -> ApiResult<Json<Vec<CgView>>> {
     Ok(Json(
-        read_model(&s, &q, |m| m.cgs.values().map(cg_view).collect()).await?,
+        read_model(&s, &q, |m| m.cgs.values().map(|c| cg_view(m, c)).collect()).await?,
     ))
 }
 
@@ -324,10 +362,177 @@ async fn show_cg(
     Path(name): Path<String>,
     Query(q): Query<ReadQuery>,
 ) -> ApiResult<Json<CgView>> {
-    read_model(&s, &q, |m| m.cgs.get(&name).map(cg_view))
+    let mut view = read_model(&s, &q, |m| m.cgs.get(&name).map(|c| cg_view(m, c)))
         .await?
-        .map(Json)
-        .ok_or_else(|| not_found("cg", &name))
+        .ok_or_else(|| not_found("cg", &name))?;
+    // Live replication status comes from the primary, which runs the pipeline.
+    let req = LocalRequest::GroupStatus { cg: name.clone() };
+    if let Ok(json) = s.cluster.local(view.primary, req).await {
+        if let Ok(Some(status)) = serde_json::from_str::<Option<GroupStatus>>(&json) {
+            view.last_seq = Some(status.last_seq);
+            view.stale_epoch_refused = Some(status.stale_epoch_refused);
+            for r in &mut view.replicas {
+                if let Some(l) = status.links.get(&r.host) {
+                    r.phase = Some(l.phase.clone());
+                    r.acked_seq = Some(l.acked_seq);
+                    r.lag_writes = Some(l.lag_writes);
+                    r.lag_seconds = Some(l.lag_seconds);
+                    r.bytes_sent = Some(l.bytes_sent);
+                    r.last_error = l.last_error.clone();
+                }
+            }
+        }
+    }
+    Ok(Json(view))
+}
+
+async fn write_cg(s: &ApiState, cmd: Command) -> ApiResult<Json<CgView>> {
+    match s.cluster.write(cmd, None).await? {
+        Outcome::Cg(cg) => Ok(Json(s.cluster.model.read(|m| cg_view(m, &cg)))),
+        other => Err(ApiError::new(
+            ErrorCode::Internal,
+            format!("unexpected outcome {other:?}"),
+        )),
+    }
+}
+
+fn parse_mode(text: &str) -> ApiResult<ReplicationMode> {
+    ReplicationMode::parse(text).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+async fn add_replica(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<ReplicateRequest>, JsonRejection>,
+) -> ApiResult<Json<CgView>> {
+    let Json(req) = body?;
+    let mode = parse_mode(&req.mode)?;
+    write_cg(
+        &s,
+        Command::AddReplica {
+            cg: name,
+            to: req.to,
+            mode,
+        },
+    )
+    .await
+}
+
+async fn remove_replica(
+    State(s): State<ApiState>,
+    Path((name, host)): Path<(String, u64)>,
+) -> ApiResult<Json<CgView>> {
+    write_cg(&s, Command::RemoveReplica { cg: name, to: host }).await
+}
+
+async fn set_mode(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<SetModeRequest>, JsonRejection>,
+) -> ApiResult<Json<CgView>> {
+    let Json(req) = body?;
+    let mode = parse_mode(&req.mode)?;
+    write_cg(&s, Command::SetMode { cg: name, mode }).await
+}
+
+async fn fence_cg(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<CgView>> {
+    write_cg(&s, Command::BumpEpoch { cg: name }).await
+}
+
+async fn set_running(s: &ApiState, name: String, running: bool) -> ApiResult<Json<VmView>> {
+    match s
+        .cluster
+        .write(Command::SetVmRunning { name, running }, None)
+        .await?
+    {
+        Outcome::Vm(vm, disks) => Ok(Json(vm_view_with(&vm, disks))),
+        other => Err(ApiError::new(
+            ErrorCode::Internal,
+            format!("unexpected outcome {other:?}"),
+        )),
+    }
+}
+
+async fn start_vm(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<VmView>> {
+    set_running(&s, name, true).await
+}
+
+async fn stop_vm(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<VmView>> {
+    set_running(&s, name, false).await
+}
+
+fn disk_info(model: &ClusterModel, d: &convoy_raft::model::Disk) -> Option<DiskInfo> {
+    let vm = model.vms.get(&d.vm)?;
+    let replicas = vm
+        .cg
+        .as_ref()
+        .and_then(|c| model.cgs.get(c))
+        .map(|c| c.replicas.iter().map(|r| r.to).collect())
+        .unwrap_or_default();
+    Some(DiskInfo {
+        id: d.id,
+        vm: d.vm.clone(),
+        index: d.index,
+        size: d.size,
+        epoch: d.epoch,
+        host: vm.host,
+        replicas,
+    })
+}
+
+async fn list_disks(
+    State(s): State<ApiState>,
+    Query(q): Query<ReadQuery>,
+) -> ApiResult<Json<Vec<DiskInfo>>> {
+    Ok(Json(
+        read_model(&s, &q, |m| {
+            m.disks.values().filter_map(|d| disk_info(m, d)).collect()
+        })
+        .await?,
+    ))
+}
+
+async fn expose_disk(
+    State(s): State<ApiState>,
+    Path(id): Path<u64>,
+    body: Result<Json<ExposeRequest>, JsonRejection>,
+) -> ApiResult<Json<ExposeResponse>> {
+    let Json(req) = body?;
+    let info = read_model(&s, &ReadQuery::default(), |m| {
+        m.disks.get(&id).and_then(|d| disk_info(m, d))
+    })
+    .await?
+    .ok_or_else(|| not_found("disk", &id.to_string()))?;
+    if info.host != req.on && !info.replicas.contains(&req.on) {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "node {} holds no copy of disk {id}: its copies are on node {} and {:?}",
+                req.on, info.host, info.replicas
+            ),
+        ));
+    }
+    let json = s
+        .cluster
+        .local(
+            req.on,
+            LocalRequest::Expose {
+                disk: id,
+                size: info.size,
+            },
+        )
+        .await?;
+    let uris: Vec<String> = serde_json::from_str(&json).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("bad answer from node {}: {e}", req.on),
+        )
+    })?;
+    Ok(Json(ExposeResponse {
+        disk: id,
+        host: req.on,
+        uris,
+    }))
 }
 
 async fn delete_cg(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<StatusCode> {

@@ -151,6 +151,62 @@ pub struct DiskView {
     pub size: u64,
     /// Fencing epoch.
     pub epoch: u64,
+    /// NBD URIs of its writable export on the VM's host (empty if the host did not answer).
+    #[serde(default)]
+    pub uris: Vec<String>,
+}
+
+/// A disk in `convoy disk list`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Disk id.
+    pub id: u64,
+    /// Owning VM.
+    pub vm: String,
+    /// Position among the VM's disks.
+    pub index: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Fencing epoch.
+    pub epoch: u64,
+    /// Host the VM runs on (writes there).
+    pub host: u64,
+    /// Hosts holding a replica copy.
+    pub replicas: Vec<u64>,
+}
+
+/// `POST /v1/disks/{id}/expose`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExposeRequest {
+    /// Host whose copy to expose.
+    pub on: u64,
+}
+
+/// Answer to an expose.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExposeResponse {
+    /// Disk id.
+    pub disk: u64,
+    /// Host serving it.
+    pub host: u64,
+    /// NBD URIs of the read-only export.
+    pub uris: Vec<String>,
+}
+
+/// `POST /v1/cgs/{name}/replicas`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicateRequest {
+    /// Host for the copy.
+    pub to: u64,
+    /// Replication mode.
+    pub mode: String,
+}
+
+/// `POST /v1/cgs/{name}/mode`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SetModeRequest {
+    /// New mode.
+    pub mode: String,
 }
 
 /// A VM in API output.
@@ -193,6 +249,27 @@ pub struct ReplicaView {
     pub host: u64,
     /// Replication mode.
     pub mode: String,
+    /// `syncing`, `consistent`, `inconsistent` or `outdated` (committed in Raft).
+    #[serde(default)]
+    pub state: String,
+    /// What the link is doing now, from the primary (`streaming`, `resync`...), if known.
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// Highest sequence the replica holds durably.
+    #[serde(default)]
+    pub acked_seq: Option<u64>,
+    /// Writes the replica lacks (RPO in writes).
+    #[serde(default)]
+    pub lag_writes: Option<u64>,
+    /// Seconds since the replica last held every write (RPO in seconds).
+    #[serde(default)]
+    pub lag_seconds: Option<f64>,
+    /// Bytes sent on the link.
+    #[serde(default)]
+    pub bytes_sent: Option<u64>,
+    /// Last error on the link.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// A consistency group in API output.
@@ -210,6 +287,15 @@ pub struct CgView {
     pub sequencer: u64,
     /// Copies elsewhere.
     pub replicas: Vec<ReplicaView>,
+    /// Fencing epoch.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Last sequence number assigned (from the primary, if it answered).
+    #[serde(default)]
+    pub last_seq: Option<u64>,
+    /// Writes refused for a stale epoch on the primary.
+    #[serde(default)]
+    pub stale_epoch_refused: Option<u64>,
 }
 
 /// Query string of read endpoints.

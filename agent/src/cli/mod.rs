@@ -78,6 +78,9 @@ pub enum Cmd {
     /// Consistency groups.
     #[command(subcommand)]
     Cg(CgCmd),
+    /// Disks and their copies.
+    #[command(subcommand)]
+    Disk(DiskCmd),
     /// Certificates: cluster CA, node and client certificates.
     #[command(subcommand)]
     Cert(crate::certs::CertCmd),
@@ -143,6 +146,16 @@ pub enum VmCmd {
         /// VM name.
         name: String,
     },
+    /// Start the VM's simulated guest (VMs created with --workload).
+    Start {
+        /// VM name.
+        name: String,
+    },
+    /// Stop the VM's simulated guest.
+    Stop {
+        /// VM name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +181,51 @@ pub enum CgCmd {
     Delete {
         /// Group name.
         name: String,
+    },
+    /// Keep a copy of the group on another host, replicated in MODE.
+    Replicate {
+        /// Group name.
+        name: String,
+        /// Host for the copy.
+        #[arg(long)]
+        to: u64,
+        /// async, sync, active-active-sync or active-active-async.
+        #[arg(long)]
+        mode: String,
+    },
+    /// Drop the group's copy on a host.
+    Unreplicate {
+        /// Group name.
+        name: String,
+        /// Host of the copy.
+        #[arg(long)]
+        from: u64,
+    },
+    /// Change the replication mode of the group's copies while guests keep writing.
+    SetMode {
+        /// Group name.
+        name: String,
+        /// async, sync, active-active-sync or active-active-async.
+        mode: String,
+    },
+    /// Bump the group's fencing epoch: writers that opened its disks before are refused.
+    Fence {
+        /// Group name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// List disks with the hosts holding their copies.
+    List(ReadArgs),
+    /// Expose a host's copy of a disk read-only over NBD and print its URI.
+    Expose {
+        /// Disk id, or VM:INDEX (e.g. web:0).
+        disk: String,
+        /// Host whose copy to expose.
+        #[arg(long)]
+        on: u64,
     },
 }
 
@@ -293,6 +351,16 @@ pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
                 .await?;
             out.done(&format!("VM '{name}' deleted"))
         }
+        VmCmd::Start { name } => {
+            let path = format!("/v1/vms/{}/start", encode_path(&name));
+            let vm: VmView = client.post(&path, &serde_json::json!({})).await?;
+            out.vm(&vm)
+        }
+        VmCmd::Stop { name } => {
+            let path = format!("/v1/vms/{}/stop", encode_path(&name));
+            let vm: VmView = client.post(&path, &serde_json::json!({})).await?;
+            out.vm(&vm)
+        }
     }
 }
 
@@ -330,6 +398,28 @@ pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
                 .await?;
             out.done(&format!("consistency group '{name}' deleted"))
         }
+        CgCmd::Replicate { name, to, mode } => {
+            let req = ReplicateRequest { to, mode };
+            let path = format!("/v1/cgs/{}/replicas", encode_path(&name));
+            let cg: CgView = client.post(&path, &req).await?;
+            out.cg(&cg)
+        }
+        CgCmd::Unreplicate { name, from } => {
+            client
+                .delete(&format!("/v1/cgs/{}/replicas/{from}", encode_path(&name)))
+                .await?;
+            out.done(&format!("copy of '{name}' on node {from} dropped"))
+        }
+        CgCmd::SetMode { name, mode } => {
+            let path = format!("/v1/cgs/{}/mode", encode_path(&name));
+            let cg: CgView = client.post(&path, &SetModeRequest { mode }).await?;
+            out.cg(&cg)
+        }
+        CgCmd::Fence { name } => {
+            let path = format!("/v1/cgs/{}/fence", encode_path(&name));
+            let cg: CgView = client.post(&path, &serde_json::json!({})).await?;
+            out.cg(&cg)
+        }
     }
 }
 
@@ -343,4 +433,46 @@ fn encode_path(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// Resolves a disk given as an id or `VM:INDEX`.
+async fn resolve_disk(client: &AdminClient, text: &str) -> Result<u64> {
+    if let Ok(id) = text.parse::<u64>() {
+        return Ok(id);
+    }
+    let (vm, index) = text
+        .split_once(':')
+        .context("a disk is a number (see `convoy disk list`) or VM:INDEX such as web:0")?;
+    let index: u32 = index
+        .parse()
+        .with_context(|| format!("'{index}' is not a disk index"))?;
+    let view: VmView = client.get(&format!("/v1/vms/{}", encode_path(vm))).await?;
+    view.disks
+        .iter()
+        .find(|d| d.index == index)
+        .map(|d| d.id)
+        .with_context(|| {
+            format!(
+                "VM '{vm}' has no disk {index} (it has {})",
+                view.disks.len()
+            )
+        })
+}
+
+/// Runs a disk command.
+pub async fn disk(global: &GlobalArgs, cmd: DiskCmd) -> Result<()> {
+    let client = global.client()?;
+    let out = Output::new(global.output);
+    match cmd {
+        DiskCmd::List(r) => {
+            let disks: Vec<DiskInfo> = client.get(&format!("/v1/disks{}", read_query(&r))).await?;
+            out.disks(&disks)
+        }
+        DiskCmd::Expose { disk, on } => {
+            let id = resolve_disk(&client, &disk).await?;
+            let path = format!("/v1/disks/{id}/expose");
+            let resp: ExposeResponse = client.post(&path, &ExposeRequest { on }).await?;
+            out.exposed(&resp)
+        }
+    }
 }

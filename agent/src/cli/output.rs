@@ -154,13 +154,18 @@ impl Output {
         if let Some(w) = &vm.workload {
             println!("workload: {w}");
         }
-        let mut t = table(&["DISK", "ID", "SIZE", "EPOCH"]);
+        let mut t = table(&["DISK", "ID", "SIZE", "EPOCH", "NBD"]);
         for d in &vm.disks {
             t.add_row(vec![
                 d.index.to_string(),
                 d.id.to_string(),
                 format_size(d.size),
                 d.epoch.to_string(),
+                if d.uris.is_empty() {
+                    "-".to_string()
+                } else {
+                    d.uris.join("\n")
+                },
             ]);
         }
         println!("{t}");
@@ -192,13 +197,90 @@ impl Output {
         if self.format == Format::Json {
             return self.json(cg);
         }
-        println!("consistency group {} (id {})", cg.name, cg.id);
-        let mut t = table(&["FIELD", "VALUE"]);
-        t.add_row(vec!["vms".to_string(), cg.vms.join(", ")]);
-        t.add_row(vec!["primary".to_string(), cg.primary.to_string()]);
-        t.add_row(vec!["sequencer".to_string(), cg.sequencer.to_string()]);
-        t.add_row(vec!["replicas".to_string(), replicas(cg)]);
+        println!(
+            "consistency group {} (id {})   vms: {}   primary: node {}   epoch: {}   last seq: {}",
+            cg.name,
+            cg.id,
+            cg.vms.join(", "),
+            cg.primary,
+            cg.epoch,
+            opt(cg.last_seq)
+        );
+        if cg.replicas.is_empty() {
+            println!(
+                "no replicas (add one with `convoy cg replicate {} --to HOST --mode MODE`)",
+                cg.name
+            );
+            return Ok(());
+        }
+        let mut t = table(&[
+            "COPY",
+            "MODE",
+            "STATE",
+            "PHASE",
+            "ACKED",
+            "LAG (writes)",
+            "LAG (s)",
+            "SENT",
+            "ERROR",
+        ]);
+        for r in &cg.replicas {
+            t.add_row(vec![
+                format!("node {}", r.host),
+                r.mode.clone(),
+                r.state.clone(),
+                opt(r.phase.as_ref()),
+                opt(r.acked_seq),
+                opt(r.lag_writes),
+                r.lag_seconds.map_or("-".into(), |s| format!("{s:.1}")),
+                r.bytes_sent.map_or("-".into(), format_size),
+                opt(r.last_error.as_ref()),
+            ]);
+        }
         println!("{t}");
+        Ok(())
+    }
+
+    /// `disk list`.
+    pub fn disks(&self, disks: &[DiskInfo]) -> Result<()> {
+        if self.format == Format::Json {
+            return self.json(disks);
+        }
+        let mut t = table(&["DISK", "VM", "INDEX", "SIZE", "EPOCH", "HOST", "REPLICAS"]);
+        for d in disks {
+            let replicas = d
+                .replicas
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            t.add_row(vec![
+                d.id.to_string(),
+                d.vm.clone(),
+                d.index.to_string(),
+                format_size(d.size),
+                d.epoch.to_string(),
+                d.host.to_string(),
+                if replicas.is_empty() {
+                    "-".into()
+                } else {
+                    replicas
+                },
+            ]);
+        }
+        println!("{t}");
+        Ok(())
+    }
+
+    /// `disk expose`.
+    pub fn exposed(&self, e: &ExposeResponse) -> Result<()> {
+        if self.format == Format::Json {
+            return self.json(e);
+        }
+        println!("disk {} on node {}, read-only:", e.disk, e.host);
+        for u in &e.uris {
+            println!("  {u}");
+        }
         Ok(())
     }
 }

@@ -17,6 +17,10 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ApiState};
 use crate::config::AgentConfig;
+use crate::data::pipeline::LinkReporter;
+use crate::data::{DataConfig, DataPlane};
+use convoy_raft::Command;
+use convoy_raft::model::{LinkState, NodeId};
 use service::Cluster;
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -95,8 +99,23 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         addr,
         log_stats,
         proposer: proposer::Proposer::spawn(raft.clone()),
+        data: std::sync::OnceLock::new(),
     });
     tokio::spawn(rpc::serve_inbound(inbound, Arc::clone(&cluster)));
+
+    let data_cfg = DataConfig {
+        data_dir: cfg.data_dir.clone(),
+        socket_dir: cfg.nbd.socket_dir.clone(),
+        nbd_tcp: cfg.nbd.tcp,
+        journal_limit: cfg.replication.journal_limit_mib << 20,
+        sync_timeout: Duration::from_millis(cfg.replication.sync_timeout_ms),
+    };
+    let reporter = Arc::new(RaftLinkReporter(Arc::downgrade(&cluster)));
+    let plane = DataPlane::start(cfg.node_id, data_cfg, endpoint.clone(), reporter)
+        .await
+        .context("cannot start the data plane")?;
+    let _ = cluster.data.set(Arc::clone(&plane));
+    tokio::spawn(reconcile_loop(Arc::clone(&cluster), Arc::clone(&plane)));
 
     let metrics = crate::metrics::install()?;
     crate::metrics::spawn_sampler(Arc::clone(&cluster), metrics.clone());
@@ -141,7 +160,54 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     };
     tracing::info!("shutting down");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let _ = tokio::task::spawn_blocking(move || plane.shutdown()).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), raft.shutdown()).await;
     endpoint.close().await;
     outcome
+}
+
+/// Records link states through Raft on behalf of the data plane.
+struct RaftLinkReporter(std::sync::Weak<Cluster>);
+
+impl LinkReporter for RaftLinkReporter {
+    fn report(
+        &self,
+        cg: String,
+        to: NodeId,
+        state: LinkState,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let cluster = self.0.upgrade();
+        Box::pin(async move {
+            let cluster = cluster.ok_or("the agent is shutting down")?;
+            cluster
+                .write(Command::SetLinkState { cg, to, state }, None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Reconciles the data plane whenever the applied model changes (and every few seconds,
+/// to retry what failed).
+async fn reconcile_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>) {
+    let mut applied = cluster.model.subscribe();
+    loop {
+        let model = cluster.model.read(|m| m.topology());
+        let p = Arc::clone(&plane);
+        if let Err(e) = tokio::task::spawn_blocking(move || p.reconcile(&model)).await {
+            tracing::warn!(error = %e, "data plane reconcile panicked");
+        }
+        tokio::select! {
+            r = applied.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                // Let a burst of entries land before looking again.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                applied.borrow_and_update();
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
 }

@@ -45,6 +45,31 @@ pub enum ForwardRequest {
     Progress,
     /// Liveness probe.
     Ping,
+    /// Something only the addressed node can do (its disks, its exports); served by any
+    /// node whatever its Raft role.
+    Local(LocalRequest),
+}
+
+/// A request about the addressed node's own data plane.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LocalRequest {
+    /// NBD URIs of these local disks' writable exports.
+    Uris {
+        /// Disk ids.
+        disks: Vec<u64>,
+    },
+    /// Expose the local copy of a disk read-only.
+    Expose {
+        /// Disk id.
+        disk: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// Replication status of a group this node is primary of.
+    GroupStatus {
+        /// Group name.
+        cg: String,
+    },
 }
 
 /// The leader's answer.
@@ -70,6 +95,8 @@ pub enum ForwardResponse {
     },
     /// The request failed on the leader.
     Failed(ForwardFailure),
+    /// Answer to a [`LocalRequest`], as JSON (its shape depends on the request).
+    Local(String),
 }
 
 /// Why a forwarded request failed, keeping the class so the API maps it to the same status.
@@ -94,6 +121,18 @@ type SnapshotResult =
 pub async fn serve_inbound(mut inbound: Inbound, cluster: Arc<Cluster>) {
     while let Some(stream) = inbound.next().await {
         let cluster = Arc::clone(&cluster);
+        if stream.kind == StreamKind::Data {
+            match cluster.data() {
+                Some(plane) => {
+                    tokio::spawn(plane.serve_stream(stream));
+                }
+                None => tracing::debug!(
+                    peer = stream.peer,
+                    "data stream before the data plane started"
+                ),
+            }
+            continue;
+        }
         tokio::spawn(async move {
             let peer = stream.peer;
             let kind = stream.kind;

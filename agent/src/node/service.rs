@@ -17,13 +17,15 @@ use openraft::ChangeMembers;
 use openraft::error::{ClientWriteError, RaftError};
 
 use super::proposer::{Proposed, Proposer};
-use super::rpc::{ForwardFailure, ForwardRequest, ForwardResponse};
+use super::rpc::{ForwardFailure, ForwardRequest, ForwardResponse, LocalRequest};
 use crate::api::types::{ClusterStatus, MemberStatus, NodeStatus};
 
 /// How long a write or read waits for a leader before giving up.
 pub const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// Timeout of one forwarded request; a dead leader is noticed this fast.
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Timeout of a node-local request forwarded to another node.
+const LOCAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout of the reachability probes behind `cluster status`.
 const PING_TIMEOUT: Duration = Duration::from_millis(700);
 /// How long a new node may take to catch up as a learner before add-node gives up.
@@ -62,6 +64,9 @@ pub enum ServiceError {
     /// Anything else (storage failure, shutdown, bug).
     #[error("{0}")]
     Internal(String),
+    /// A node needed for the request did not answer.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<ForwardFailure> for ServiceError {
@@ -115,6 +120,8 @@ pub struct Cluster {
     pub log_stats: Arc<LogStats>,
     /// Batches concurrent writes into Raft entries.
     pub proposer: Proposer,
+    /// This host's data plane, set once it started.
+    pub data: std::sync::OnceLock<Arc<crate::data::DataPlane>>,
 }
 
 fn now_ms() -> u64 {
@@ -573,9 +580,16 @@ impl Cluster {
     /// Serves a request forwarded by another node. Only the leader executes; others say
     /// who they think leads.
     pub async fn handle_forward(&self, peer: NodeId, req: ForwardRequest) -> ForwardResponse {
-        if let ForwardRequest::Ping = req {
-            return ForwardResponse::Done;
-        }
+        let req = match req {
+            ForwardRequest::Ping => return ForwardResponse::Done,
+            ForwardRequest::Local(local) => {
+                return match self.local_here(local).await {
+                    Ok(json) => ForwardResponse::Local(json),
+                    Err(e) => ForwardResponse::Failed(e.to_failure()),
+                };
+            }
+            other => other,
+        };
         let not_leader = || ForwardResponse::NotLeader {
             leader: self.metrics().current_leader,
         };
@@ -603,7 +617,9 @@ impl Cluster {
                 .await
                 .map(|a| a.map(|_| ForwardResponse::Done)),
             ForwardRequest::Progress => Ok(Attempt::Done(self.progress_local().await)),
-            ForwardRequest::Ping => Ok(Attempt::Done(ForwardResponse::Done)),
+            ForwardRequest::Ping | ForwardRequest::Local(_) => {
+                Ok(Attempt::Done(ForwardResponse::Done))
+            }
         };
         match result {
             Ok(Attempt::Done(resp)) => resp,
@@ -784,6 +800,71 @@ impl Cluster {
             reachable,
             warning,
         }
+    }
+
+    /// The data plane, once started.
+    pub fn data(&self) -> Option<Arc<crate::data::DataPlane>> {
+        self.data.get().cloned()
+    }
+
+    /// Runs a node-local request on node `node` (here, or forwarded to it) and returns
+    /// its JSON answer.
+    pub async fn local(&self, node: NodeId, req: LocalRequest) -> Result<String, ServiceError> {
+        if node == self.id {
+            return self.local_here(req).await;
+        }
+        let addr = self
+            .model
+            .read(|m| m.hosts.get(&node).map(|h| h.raft_addr.clone()))
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .ok_or_else(|| ServiceError::NotFound(format!("node {node} is not a known host")))?;
+        let payload = convoy_codec::encode(&ForwardRequest::Local(req))
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let reply = self
+            .endpoint
+            .request(node, addr, StreamKind::Forward, &payload, LOCAL_TIMEOUT)
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("node {node} did not answer: {e}")))?;
+        match convoy_codec::decode(&reply).map_err(|e| ServiceError::Internal(e.to_string()))? {
+            ForwardResponse::Local(json) => Ok(json),
+            ForwardResponse::Failed(f) => Err(f.into()),
+            other => Err(ServiceError::Internal(format!(
+                "unexpected reply: {other:?}"
+            ))),
+        }
+    }
+
+    async fn local_here(&self, req: LocalRequest) -> Result<String, ServiceError> {
+        let plane = self.data().ok_or_else(|| {
+            ServiceError::Unavailable("this node's data plane is still starting".into())
+        })?;
+        let json = match req {
+            LocalRequest::Uris { disks } => {
+                let uris: Vec<(u64, Vec<String>)> = disks
+                    .into_iter()
+                    .map(|d| {
+                        let name = crate::data::export_name(d);
+                        let uris = if plane.pipeline_for(d).is_some() {
+                            plane.uris(&name)
+                        } else {
+                            Vec::new()
+                        };
+                        (d, uris)
+                    })
+                    .collect();
+                serde_json::to_string(&uris)
+            }
+            LocalRequest::Expose { disk, size } => {
+                let plane2 = Arc::clone(&plane);
+                let uris = tokio::task::spawn_blocking(move || plane2.expose_readonly(disk, size))
+                    .await
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?
+                    .map_err(|e| ServiceError::Internal(format!("{e:#}")))?;
+                serde_json::to_string(&uris)
+            }
+            LocalRequest::GroupStatus { cg } => serde_json::to_string(&plane.group_status(&cg)),
+        };
+        json.map_err(|e| ServiceError::Internal(e.to_string()))
     }
 
     /// Proposer-side timestamp for commands that record one.

@@ -1,0 +1,649 @@
+//! The data plane of one host: disk images, write pipelines (sequencers), replication
+//! senders and receivers, and the NBD exports, all driven by the replicated model.
+//!
+//! [`DataPlane::reconcile`] is level-triggered: on every applied Raft entry it compares what
+//! the model says this host should serve with what runs, and starts or stops pieces. So a
+//! restarted agent, a missed event or a crash in the middle all converge the same way.
+
+pub mod journal;
+pub mod pipeline;
+pub mod receiver;
+pub mod replica_state;
+pub mod sender;
+pub mod volume;
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use convoy_nbd::{ExportRegistry, Server};
+use convoy_raft::model::{ClusterModel, DiskId, LinkState, NodeId, ReplicationMode};
+use convoy_store::DiskImage;
+use convoy_transport::Endpoint;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use pipeline::{LinkReporter, Pipeline};
+use replica_state::{ReplicaState, StateFile};
+use sender::{LinkReport, LinkSender};
+use volume::{ReadOnlyCopy, Volume};
+
+/// Data-plane settings (from the agent config).
+#[derive(Clone, Debug)]
+pub struct DataConfig {
+    /// Where images, replication state and snapshots live.
+    pub data_dir: PathBuf,
+    /// Where per-disk NBD sockets are created.
+    pub socket_dir: PathBuf,
+    /// Optional TCP address serving every export.
+    pub nbd_tcp: Option<std::net::SocketAddr>,
+    /// Journal limit per group, bytes; beyond it a lagging replica resyncs from dirty chunks.
+    pub journal_limit: u64,
+    /// How long a synchronous write waits for its replica before marking it outdated.
+    pub sync_timeout: Duration,
+}
+
+/// What this host must do for a group it replicates.
+#[derive(Clone, Debug)]
+pub struct ReplicaRole {
+    /// Group name.
+    pub cg: String,
+    /// The primary allowed to stream to us.
+    pub primary: NodeId,
+    /// The group's epoch in the model.
+    pub epoch: u64,
+    /// Disks and sizes, in group order.
+    pub disks: Vec<(DiskId, u64)>,
+}
+
+/// A running pipeline and its link senders.
+struct Domain {
+    pipeline: Arc<Pipeline>,
+    disks: Vec<DiskId>,
+    senders: HashMap<NodeId, (watch::Sender<bool>, Arc<Mutex<LinkReport>>)>,
+}
+
+/// One exported disk (writable volume or read-only copy).
+struct Export {
+    name: String,
+    socket: PathBuf,
+    stop: watch::Sender<bool>,
+    epoch: u64,
+}
+
+/// Status of a group's copies as the primary sees it, for `convoy cg show`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct GroupStatus {
+    /// Last sequence assigned.
+    pub last_seq: u64,
+    /// Writes acknowledged since the pipeline started.
+    pub writes: u64,
+    /// Writes refused for a stale epoch.
+    pub stale_epoch_refused: u64,
+    /// Per replica host.
+    pub links: BTreeMap<NodeId, LinkReport>,
+}
+
+/// The host's data plane.
+pub struct DataPlane {
+    node: NodeId,
+    cfg: DataConfig,
+    endpoint: Endpoint,
+    reporter: Arc<dyn LinkReporter>,
+    images: Mutex<HashMap<DiskId, Arc<DiskImage>>>,
+    domains: Mutex<HashMap<String, Domain>>,
+    disk_domain: RwLock<HashMap<DiskId, Arc<Pipeline>>>,
+    replica_roles: RwLock<HashMap<u64, ReplicaRole>>,
+    replica_turns: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    exports: Mutex<HashMap<String, Export>>,
+    registry: ExportRegistry,
+    peers: RwLock<HashMap<NodeId, std::net::SocketAddr>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Export name of a disk's writable volume.
+pub fn export_name(disk: DiskId) -> String {
+    format!("disk-{disk}")
+}
+
+/// Export name of a read-only exposed copy.
+pub fn readonly_export_name(disk: DiskId) -> String {
+    format!("disk-{disk}-ro")
+}
+
+/// Tracker name of the link to `to`.
+pub fn tracker_name(to: NodeId) -> String {
+    format!("link-{to}")
+}
+
+impl DataPlane {
+    /// Creates the data plane and starts the TCP NBD listener if configured.
+    pub async fn start(
+        node: NodeId,
+        cfg: DataConfig,
+        endpoint: Endpoint,
+        reporter: Arc<dyn LinkReporter>,
+    ) -> anyhow::Result<Arc<Self>> {
+        for dir in [
+            cfg.data_dir.join("disks"),
+            cfg.data_dir.join("replication"),
+            cfg.socket_dir.clone(),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let plane = Arc::new(Self {
+            node,
+            cfg: cfg.clone(),
+            endpoint,
+            reporter,
+            images: Mutex::new(HashMap::new()),
+            domains: Mutex::new(HashMap::new()),
+            disk_domain: RwLock::new(HashMap::new()),
+            replica_roles: RwLock::new(HashMap::new()),
+            replica_turns: Mutex::new(HashMap::new()),
+            exports: Mutex::new(HashMap::new()),
+            registry: ExportRegistry::new(),
+            peers: RwLock::new(HashMap::new()),
+        });
+        if let Some(addr) = cfg.nbd_tcp {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {addr} (key `nbd.tcp`)"))?;
+            let server = Server::new(plane.registry.clone());
+            tokio::spawn(async move { server.serve_tcp(listener, std::future::pending()).await });
+        }
+        Ok(plane)
+    }
+
+    fn disks_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("disks")
+    }
+
+    /// The NBD URIs of an export on this host.
+    pub fn uris(&self, export: &str) -> Vec<String> {
+        let socket = self.cfg.socket_dir.join(format!("{export}.sock"));
+        let mut out = vec![format!("nbd+unix:///{export}?socket={}", socket.display())];
+        if let Some(tcp) = self.cfg.nbd_tcp {
+            out.push(format!("nbd://{tcp}/{export}"));
+        }
+        out
+    }
+
+    /// Opens (creating if needed) the local image of `disk`.
+    fn image(&self, disk: DiskId, size: u64) -> anyhow::Result<Arc<DiskImage>> {
+        let mut images = lock(&self.images);
+        if let Some(img) = images.get(&disk) {
+            return Ok(Arc::clone(img));
+        }
+        let dir = self.disks_dir();
+        let id = disk.to_string();
+        let [img_path, _, _] = convoy_store::image_paths(&dir, &id)?;
+        let image = if img_path.exists() {
+            DiskImage::open(&dir, &id)
+                .with_context(|| format!("cannot open the image of disk {disk}"))?
+        } else {
+            DiskImage::create(&dir, &id, size)
+                .with_context(|| format!("cannot create the image of disk {disk}"))?
+        };
+        if image.size() != size {
+            anyhow::bail!(
+                "image of disk {disk} has {} bytes but the model says {size}",
+                image.size()
+            );
+        }
+        let image = Arc::new(image);
+        images.insert(disk, Arc::clone(&image));
+        Ok(image)
+    }
+
+    /// The pipeline that writes `disk`, if this host is its writer.
+    pub fn pipeline_for(&self, disk: DiskId) -> Option<Arc<Pipeline>> {
+        self.disk_domain
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&disk)
+            .cloned()
+    }
+
+    /// This host's role for group `cg_id` as a replica.
+    pub fn replica_role(&self, cg_id: u64) -> Option<ReplicaRole> {
+        self.replica_roles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&cg_id)
+            .cloned()
+    }
+
+    /// Serialises streams of one group.
+    pub fn replica_turn(&self, cg_id: u64) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(lock(&self.replica_turns).entry(cg_id).or_default())
+    }
+
+    /// Opens the replica's images for the group's disks.
+    pub fn open_replica_images(
+        &self,
+        disks: &[(DiskId, u64)],
+    ) -> anyhow::Result<BTreeMap<DiskId, Arc<DiskImage>>> {
+        disks
+            .iter()
+            .map(|(d, size)| Ok((*d, self.image(*d, *size)?)))
+            .collect()
+    }
+
+    /// Opens the replica's progress record of a group.
+    pub fn open_replica_state(&self, cg_id: u64) -> anyhow::Result<(StateFile, ReplicaState)> {
+        let path = self
+            .cfg
+            .data_dir
+            .join("replication")
+            .join(format!("cg-{cg_id}.replica"));
+        StateFile::open(&path).with_context(|| format!("cannot open {}", path.display()))
+    }
+
+    fn resync_dir(&self, cg_id: u64) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("resync-snapshots")
+            .join(format!("cg-{cg_id}"))
+    }
+
+    /// Keeps the replica's current (consistent) images before a resync overwrites them.
+    pub fn snapshot_before_resync(
+        &self,
+        cg_id: u64,
+        images: &BTreeMap<DiskId, Arc<DiskImage>>,
+    ) -> anyhow::Result<()> {
+        let dir = self.resync_dir(cg_id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        for (disk, image) in images {
+            image.flush()?;
+            let snap = image.snapshot_to(&dir, &disk.to_string())?;
+            snap.close()?;
+        }
+        tracing::info!(cg_id, dir = %dir.display(), "kept a before-resync snapshot");
+        Ok(())
+    }
+
+    /// Drops the before-resync snapshot once the copy is consistent again.
+    pub fn drop_resync_snapshot(&self, cg_id: u64, _images: &BTreeMap<DiskId, Arc<DiskImage>>) {
+        let _ = std::fs::remove_dir_all(self.resync_dir(cg_id));
+    }
+
+    /// Serves an inbound replication stream.
+    pub async fn serve_stream(self: Arc<Self>, stream: convoy_transport::InboundStream) {
+        let peer = stream.peer;
+        if let Err(e) = receiver::serve(stream, self).await {
+            tracing::info!(peer, error = %e, "replication stream ended with an error");
+        }
+    }
+
+    /// Status of group `cg` if this host runs its pipeline.
+    pub fn group_status(&self, cg: &str) -> Option<GroupStatus> {
+        let domains = lock(&self.domains);
+        let d = domains.get(cg)?;
+        let stats = &d.pipeline.stats;
+        Some(GroupStatus {
+            last_seq: d.pipeline.last_seq(),
+            writes: stats.writes.load(std::sync::atomic::Ordering::Relaxed),
+            stale_epoch_refused: stats.stale_epoch.load(std::sync::atomic::Ordering::Relaxed),
+            links: d
+                .senders
+                .iter()
+                .map(|(to, (_, r))| (*to, lock(r).clone()))
+                .collect(),
+        })
+    }
+
+    /// The volume of a local disk, for the simulated guest.
+    pub fn volume(self: &Arc<Self>, disk: DiskId) -> Option<Volume> {
+        let pipeline = self.pipeline_for(disk)?;
+        let size = pipeline.image(disk)?.size();
+        Some(Volume::new(
+            disk,
+            size,
+            pipeline.epoch(),
+            Arc::downgrade(self),
+        ))
+    }
+
+    /// Exposes the local copy of `disk` read-only; returns its URIs.
+    pub fn expose_readonly(
+        self: &Arc<Self>,
+        disk: DiskId,
+        size: u64,
+    ) -> anyhow::Result<Vec<String>> {
+        let name = readonly_export_name(disk);
+        if !lock(&self.exports).contains_key(&name) {
+            let image = self.image(disk, size)?;
+            self.add_export(
+                &name,
+                Arc::new(ReadOnlyCopy::new(image)),
+                "read-only copy",
+                0,
+            )?;
+        }
+        Ok(self.uris(&name))
+    }
+
+    fn add_export(
+        &self,
+        name: &str,
+        device: Arc<dyn convoy_nbd::BlockDevice>,
+        description: &str,
+        epoch: u64,
+    ) -> anyhow::Result<()> {
+        let socket = self.cfg.socket_dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .with_context(|| format!("cannot create NBD socket {}", socket.display()))?;
+        self.registry
+            .add(name, device, description)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (stop, mut stopped) = watch::channel(false);
+        let server = Server::new(self.registry.clone());
+        tokio::spawn(async move {
+            server
+                .serve_unix(listener, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+        lock(&self.exports).insert(
+            name.to_string(),
+            Export {
+                name: name.to_string(),
+                socket,
+                stop,
+                epoch,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_export(&self, name: &str) {
+        if let Some(e) = lock(&self.exports).remove(name) {
+            self.registry.remove(&e.name);
+            let _ = e.stop.send(true);
+            let _ = std::fs::remove_file(&e.socket);
+        }
+    }
+
+    /// Brings this host's data plane in line with the model.
+    pub fn reconcile(self: &Arc<Self>, model: &ClusterModel) {
+        if let Err(e) = self.reconcile_inner(model) {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "data plane reconcile failed; will retry on the next change"
+            );
+        }
+    }
+
+    fn reconcile_inner(self: &Arc<Self>, model: &ClusterModel) -> anyhow::Result<()> {
+        let me = self.node;
+        {
+            let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+            for h in model.active_hosts() {
+                if let Ok(a) = h.raft_addr.parse() {
+                    peers.insert(h.id, a);
+                }
+            }
+        }
+
+        // What this host must write: groups it is primary of, and its VMs in no group.
+        struct Want {
+            cg_id: u64,
+            disks: Vec<(DiskId, u64)>,
+            epoch: u64,
+            links: Vec<(NodeId, ReplicationMode, LinkState)>,
+        }
+        let mut want: BTreeMap<String, Want> = BTreeMap::new();
+        for cg in model.cgs.values().filter(|c| c.primary == me) {
+            let disks = model.cg_disks(cg);
+            want.insert(
+                cg.name.clone(),
+                Want {
+                    cg_id: cg.id,
+                    epoch: model.cg_epoch(cg),
+                    disks: disks.iter().map(|d| (d.id, d.size)).collect(),
+                    links: cg
+                        .replicas
+                        .iter()
+                        .map(|l| (l.to, l.mode, l.state))
+                        .collect(),
+                },
+            );
+        }
+        for vm in model
+            .vms
+            .values()
+            .filter(|v| v.host == me && v.cg.is_none())
+        {
+            let disks = model.vm_disks(vm);
+            want.insert(
+                format!("vm:{}", vm.name),
+                Want {
+                    cg_id: 0,
+                    epoch: disks.iter().map(|d| d.epoch).max().unwrap_or(1),
+                    disks: disks.iter().map(|d| (d.id, d.size)).collect(),
+                    links: Vec::new(),
+                },
+            );
+        }
+
+        let mut domains = lock(&self.domains);
+        // Stop domains no longer wanted (or whose disk set changed).
+        let stale: Vec<String> = domains
+            .iter()
+            .filter(|(name, d)| {
+                want.get(*name).is_none_or(|w| {
+                    w.disks.iter().map(|(id, _)| *id).collect::<Vec<_>>() != d.disks
+                })
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stale {
+            if let Some(d) = domains.remove(&name) {
+                d.pipeline.close();
+                for (_, (stop, _)) in d.senders {
+                    let _ = stop.send(true);
+                }
+                let mut map = self.disk_domain.write().unwrap_or_else(|p| p.into_inner());
+                for disk in &d.disks {
+                    map.remove(disk);
+                }
+            }
+        }
+        for (name, w) in &want {
+            if !domains.contains_key(name) {
+                let mut images = BTreeMap::new();
+                for (disk, size) in &w.disks {
+                    images.insert(*disk, self.image(*disk, *size)?);
+                }
+                let seq_path = self
+                    .cfg
+                    .data_dir
+                    .join("replication")
+                    .join(format!("{}.seq", name.replace(':', "-")));
+                let pipeline = Pipeline::open(
+                    w.cg_id,
+                    name.clone(),
+                    images,
+                    w.epoch,
+                    seq_path,
+                    self.cfg.journal_limit,
+                    self.cfg.sync_timeout,
+                    Arc::clone(&self.reporter),
+                )?;
+                let mut map = self.disk_domain.write().unwrap_or_else(|p| p.into_inner());
+                for (disk, _) in &w.disks {
+                    map.insert(*disk, Arc::clone(&pipeline));
+                }
+                drop(map);
+                domains.insert(
+                    name.clone(),
+                    Domain {
+                        pipeline,
+                        disks: w.disks.iter().map(|(d, _)| *d).collect(),
+                        senders: HashMap::new(),
+                    },
+                );
+            }
+            let Some(domain) = domains.get_mut(name) else {
+                continue;
+            };
+            domain.pipeline.set_epoch(w.epoch);
+            domain.pipeline.set_links(&w.links);
+            // Trackers first: every write from now on marks the link's dirty chunks.
+            for (to, _, _) in &w.links {
+                for image in domain.pipeline.images().values() {
+                    if !image.trackers().contains(&tracker_name(*to)) {
+                        image.start_tracking(&tracker_name(*to))?;
+                    }
+                }
+            }
+            domain.senders.retain(|to, (stop, _)| {
+                let keep = w.links.iter().any(|(t, _, _)| t == to);
+                if !keep {
+                    let _ = stop.send(true);
+                }
+                keep
+            });
+            for (to, _, _) in &w.links {
+                if domain.senders.contains_key(to) {
+                    continue;
+                }
+                let Some(addr) = self
+                    .peers
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(to)
+                    .copied()
+                else {
+                    continue;
+                };
+                let report = Arc::new(Mutex::new(LinkReport::default()));
+                let (stop, stopped) = watch::channel(false);
+                let sender = LinkSender {
+                    pipeline: Arc::clone(&domain.pipeline),
+                    to: *to,
+                    addr,
+                    endpoint: self.endpoint.clone(),
+                    tracker: tracker_name(*to),
+                    report: Arc::clone(&report),
+                };
+                tokio::spawn(sender.run(stopped));
+                domain.senders.insert(*to, (stop, report));
+            }
+            // Drop trackers of links that went away.
+            for image in domain.pipeline.images().values() {
+                for t in image.trackers() {
+                    if t.starts_with("link-")
+                        && !w.links.iter().any(|(to, _, _)| tracker_name(*to) == t)
+                    {
+                        image.drop_tracking(&t)?;
+                    }
+                }
+            }
+        }
+        drop(domains);
+
+        // Writable exports for every local disk. When the epoch moves, new connections get
+        // a volume at the new epoch while connections opened before keep the old one,
+        // whose writes are refused as stale (that is the fence).
+        let mut local: BTreeMap<DiskId, (u64, u64)> = BTreeMap::new();
+        for w in want.values() {
+            for (disk, size) in &w.disks {
+                local.insert(*disk, (*size, w.epoch));
+            }
+        }
+        let current: Vec<String> = lock(&self.exports)
+            .keys()
+            .filter(|n| !n.ends_with("-ro"))
+            .cloned()
+            .collect();
+        for name in current {
+            if !local.keys().any(|d| export_name(*d) == name) {
+                self.remove_export(&name);
+            }
+        }
+        for (disk, (size, epoch)) in &local {
+            let name = export_name(*disk);
+            let volume = Arc::new(Volume::new(*disk, *size, *epoch, Arc::downgrade(self)));
+            let existing = lock(&self.exports).get(&name).map(|e| e.epoch);
+            match existing {
+                Some(e) if e == *epoch => {}
+                Some(_) => {
+                    self.registry.replace(&name, volume);
+                    if let Some(export) = lock(&self.exports).get_mut(&name) {
+                        export.epoch = *epoch;
+                    }
+                }
+                None => self.add_export(&name, volume, &format!("disk {disk}"), *epoch)?,
+            }
+        }
+
+        // Replica roles.
+        let mut roles = HashMap::new();
+        for cg in model.cgs.values() {
+            if cg.replicas.iter().any(|l| l.to == me) {
+                let disks = model.cg_disks(cg);
+                roles.insert(
+                    cg.id,
+                    ReplicaRole {
+                        cg: cg.name.clone(),
+                        primary: cg.primary,
+                        epoch: model.cg_epoch(cg),
+                        disks: disks.iter().map(|d| (d.id, d.size)).collect(),
+                    },
+                );
+            }
+        }
+        *self
+            .replica_roles
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = roles;
+
+        // Images of disks that left the model are deleted; read-only exports of them too.
+        let gone: Vec<DiskId> = lock(&self.images)
+            .keys()
+            .filter(|d| !model.disks.contains_key(d))
+            .copied()
+            .collect();
+        for disk in gone {
+            self.remove_export(&readonly_export_name(disk));
+            if let Some(img) = lock(&self.images).remove(&disk) {
+                let _ = img.close();
+            }
+            if let Err(e) = DiskImage::destroy(&self.disks_dir(), &disk.to_string()) {
+                tracing::warn!(disk, error = %e, "cannot delete the image of a deleted disk");
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every image cleanly (agent shutdown).
+    pub fn shutdown(&self) {
+        for (_, d) in lock(&self.domains).drain() {
+            d.pipeline.close();
+            for (_, (stop, _)) in d.senders {
+                let _ = stop.send(true);
+            }
+        }
+        for (_, img) in lock(&self.images).drain() {
+            let _ = img.close();
+        }
+    }
+
+    /// The socket directory.
+    pub fn socket_dir(&self) -> &Path {
+        &self.cfg.socket_dir
+    }
+}

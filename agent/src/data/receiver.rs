@@ -1,0 +1,367 @@
+//! The replica's side of a replication stream: validates the sender, applies writes in
+//! sequence order, makes them durable, and acknowledges.
+//!
+//! Refused and counted: a sender that is not the group's primary, an epoch older than the
+//! replica has seen, a write whose sequence is not exactly the next one (a duplicate or a
+//! gap), a disk that is not in the group. After a refusal the stream ends; the primary
+//! reconnects and resumes from what the replica acknowledged.
+//!
+//! Durability: frames are applied as they arrive; before each acknowledgement the written
+//! images are fdatasynced and the progress record is stored, so an acknowledged sequence
+//! survives SIGKILL and power loss. After a crash the replica reports the last stored
+//! sequence and the primary resends from there (re-applying a suffix in order is harmless).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use convoy_raft::model::DiskId;
+use convoy_store::DiskImage;
+use convoy_transport::InboundStream;
+use tokio::sync::mpsc;
+
+use super::DataPlane;
+use super::replica_state::{ReplicaState, StateFile};
+use super::wire::{FromReplica, Hello, HelloReply, Payload, ToReplica};
+
+/// Why a stream was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Sender's epoch is older than the replica's.
+    #[error("stale epoch {got}: this replica has seen epoch {have}")]
+    StaleEpoch {
+        /// Epoch in the message.
+        got: u64,
+        /// Epoch the replica knows.
+        have: u64,
+    },
+    /// A write arrived out of order.
+    #[error("write {got} out of order: expected {expected} (duplicate or gap)")]
+    OutOfOrder {
+        /// Expected sequence.
+        expected: u64,
+        /// Received sequence.
+        got: u64,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Checks a batch of writes against the replica's progress: pure, for unit tests.
+pub fn check_writes(state: &ReplicaState, epoch: u64, seqs: &[u64]) -> Result<(), Refusal> {
+    if epoch < state.epoch {
+        return Err(Refusal::StaleEpoch {
+            got: epoch,
+            have: state.epoch,
+        });
+    }
+    for (expected, &s) in (state.applied_seq + 1..).zip(seqs) {
+        if s != expected {
+            return Err(Refusal::OutOfOrder { expected, got: s });
+        }
+    }
+    Ok(())
+}
+
+fn refuse_metric(r: &Refusal) {
+    let kind = match r {
+        Refusal::StaleEpoch { .. } => "stale_epoch",
+        Refusal::OutOfOrder { .. } => "out_of_order",
+        Refusal::Other(_) => "other",
+    };
+    metrics::counter!("convoy_replica_refused_total", "reason" => kind).increment(1);
+    if matches!(r, Refusal::StaleEpoch { .. }) {
+        metrics::counter!("convoy_stale_epoch_refused_total", "where" => "replica").increment(1);
+    }
+}
+
+/// Serves one inbound replication stream until it ends.
+pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Result<()> {
+    let InboundStream {
+        peer,
+        mut send,
+        mut recv,
+        ..
+    } = stream;
+    let Some(first) = recv.recv_frame().await? else {
+        return Ok(());
+    };
+    let hello: Hello = convoy_codec::decode(&first)?;
+    let refuse = |reason: String| HelloReply::Refuse { reason };
+    let role = match plane.replica_role(hello.cg_id) {
+        Some(r) => r,
+        None => {
+            let msg = refuse(format!("this node holds no replica of group {}", hello.cg));
+            send.send_frame(&convoy_codec::encode(&msg)?).await?;
+            return Ok(());
+        }
+    };
+    if role.primary != peer {
+        let msg = refuse(format!(
+            "node {peer} is not the primary of '{}' (node {} is)",
+            role.cg, role.primary
+        ));
+        send.send_frame(&convoy_codec::encode(&msg)?).await?;
+        return Ok(());
+    }
+    if hello.epoch < role.epoch {
+        let r = Refusal::StaleEpoch {
+            got: hello.epoch,
+            have: role.epoch,
+        };
+        refuse_metric(&r);
+        send.send_frame(&convoy_codec::encode(&refuse(r.to_string()))?)
+            .await?;
+        return Ok(());
+    }
+    let expected: Vec<(DiskId, u64)> = role.disks.clone();
+    if hello.disks != expected {
+        let msg = refuse(format!(
+            "disk list {:?} does not match the model's {:?}",
+            hello.disks, expected
+        ));
+        send.send_frame(&convoy_codec::encode(&msg)?).await?;
+        return Ok(());
+    }
+    // One stream per group at a time; a new primary connection replaces a dead one.
+    let _turn = match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        plane.replica_turn(hello.cg_id).lock_owned(),
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(_) => {
+            send.send_frame(&convoy_codec::encode(&refuse(
+                "another stream for this group is active".into(),
+            ))?)
+            .await?;
+            return Ok(());
+        }
+    };
+    let images = plane.open_replica_images(&expected)?;
+    let (mut state_file, mut state) = plane.open_replica_state(hello.cg_id)?;
+    if hello.epoch < state.epoch {
+        let r = Refusal::StaleEpoch {
+            got: hello.epoch,
+            have: state.epoch,
+        };
+        refuse_metric(&r);
+        send.send_frame(&convoy_codec::encode(&refuse(r.to_string()))?)
+            .await?;
+        return Ok(());
+    }
+    state.epoch = hello.epoch;
+    let accept = HelloReply::Accept {
+        applied_seq: state.applied_seq,
+        consistent: state.consistent,
+    };
+    send.send_frame(&convoy_codec::encode(&accept)?).await?;
+    tracing::info!(cg = %role.cg, primary = peer, applied = state.applied_seq, consistent = state.consistent, "replication stream accepted");
+
+    // Frames are read ahead so that everything queued is applied before one fsync.
+    let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(64);
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(frame)) = recv.recv_frame().await {
+            if tx.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let result = async {
+        while let Some(frame) = rx.recv().await {
+            let mut frames = vec![frame];
+            while frames.len() < 64 {
+                match rx.try_recv() {
+                    Ok(f) => frames.push(f),
+                    Err(_) => break,
+                }
+            }
+            let msgs: Vec<ToReplica> = frames.iter().map(|f| convoy_codec::decode(f)).collect::<Result<_, _>>()?;
+            let plane2 = Arc::clone(&plane);
+            let images2 = images.clone();
+            let cg_id = hello.cg_id;
+            let outcome = tokio::task::spawn_blocking(move || {
+                let r = apply_batch(&plane2, cg_id, &images2, &mut state, &mut state_file, msgs);
+                (r, state, state_file)
+            })
+            .await?;
+            let (r, s, f) = outcome;
+            state = s;
+            state_file = f;
+            match r {
+                Ok(()) => {
+                    let ack = FromReplica::Ack { applied_seq: state.applied_seq, consistent: state.consistent };
+                    send.send_frame(&convoy_codec::encode(&ack)?).await?;
+                }
+                Err(refusal) => {
+                    refuse_metric(&refusal);
+                    tracing::warn!(cg = %role.cg, primary = peer, reason = %refusal, "refused replication data");
+                    let msg = FromReplica::Refused { reason: refusal.to_string() };
+                    send.send_frame(&convoy_codec::encode(&msg)?).await?;
+                    send.finish()?;
+                    return Ok(());
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    reader.abort();
+    result
+}
+
+/// Applies decoded messages in order, then makes them durable and stores the progress.
+fn apply_batch(
+    plane: &DataPlane,
+    cg_id: u64,
+    images: &BTreeMap<DiskId, Arc<DiskImage>>,
+    state: &mut ReplicaState,
+    state_file: &mut StateFile,
+    msgs: Vec<ToReplica>,
+) -> Result<(), Refusal> {
+    let mut touched = BTreeSet::new();
+    let io = |e: convoy_store::StoreError| Refusal::Other(format!("local storage: {e}"));
+    let mut result = Ok(());
+    for msg in msgs {
+        match msg {
+            ToReplica::Writes { epoch, writes } => {
+                let seqs: Vec<u64> = writes.iter().map(|w| w.seq).collect();
+                if let Err(r) = check_writes(state, epoch, &seqs) {
+                    result = Err(r);
+                    break;
+                }
+                for w in writes {
+                    let image = images.get(&w.disk).ok_or_else(|| {
+                        Refusal::Other(format!("disk {} is not in this group", w.disk))
+                    })?;
+                    apply(image, w.offset, &w.payload).map_err(io)?;
+                    touched.insert(w.disk);
+                    state.applied_seq = w.seq;
+                }
+            }
+            ToReplica::ResyncBegin { epoch } => {
+                if epoch < state.epoch {
+                    result = Err(Refusal::StaleEpoch {
+                        got: epoch,
+                        have: state.epoch,
+                    });
+                    break;
+                }
+                if state.consistent && !state.resync_snapshot {
+                    // Keep the last consistent state before the copy stops being a prefix.
+                    plane
+                        .snapshot_before_resync(cg_id, images)
+                        .map_err(|e| Refusal::Other(e.to_string()))?;
+                    state.resync_snapshot = true;
+                }
+                state.consistent = false;
+                state.consistent_at = None;
+                state_file
+                    .store(state)
+                    .map_err(|e| Refusal::Other(e.to_string()))?;
+            }
+            ToReplica::Chunks { epoch, chunks } => {
+                if epoch < state.epoch {
+                    result = Err(Refusal::StaleEpoch {
+                        got: epoch,
+                        have: state.epoch,
+                    });
+                    break;
+                }
+                for (disk, offset, payload) in chunks {
+                    let image = images.get(&disk).ok_or_else(|| {
+                        Refusal::Other(format!("disk {disk} is not in this group"))
+                    })?;
+                    apply(image, offset, &payload).map_err(io)?;
+                    touched.insert(disk);
+                }
+            }
+            ToReplica::ResyncEnd {
+                epoch,
+                resume_seq,
+                consistent_at,
+            } => {
+                if epoch < state.epoch {
+                    result = Err(Refusal::StaleEpoch {
+                        got: epoch,
+                        have: state.epoch,
+                    });
+                    break;
+                }
+                state.applied_seq = resume_seq.saturating_sub(1);
+                state.consistent_at = Some(consistent_at);
+            }
+        }
+    }
+    for disk in &touched {
+        if let Some(image) = images.get(disk) {
+            image.flush().map_err(io)?;
+        }
+    }
+    if let Some(at) = state.consistent_at {
+        if state.applied_seq + 1 >= at {
+            state.consistent = true;
+            state.consistent_at = None;
+        }
+    }
+    state_file
+        .store(state)
+        .map_err(|e| Refusal::Other(e.to_string()))?;
+    if state.consistent && state.resync_snapshot {
+        plane.drop_resync_snapshot(cg_id, images);
+        state.resync_snapshot = false;
+        state_file
+            .store(state)
+            .map_err(|e| Refusal::Other(e.to_string()))?;
+    }
+    result
+}
+
+fn apply(image: &DiskImage, offset: u64, payload: &Payload) -> convoy_store::Result<()> {
+    match payload {
+        Payload::Data(b) => image.write_at(b, offset),
+        Payload::Zeroes(n) => image.write_zeroes(offset, *n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_duplicate_and_gap_are_refused() {
+        let s = ReplicaState {
+            applied_seq: 10,
+            epoch: 3,
+            consistent: true,
+            ..Default::default()
+        };
+        assert!(check_writes(&s, 3, &[11, 12, 13]).is_ok());
+        assert!(matches!(
+            check_writes(&s, 2, &[11]),
+            Err(Refusal::StaleEpoch { got: 2, have: 3 })
+        ));
+        assert!(matches!(
+            check_writes(&s, 3, &[10]),
+            Err(Refusal::OutOfOrder {
+                expected: 11,
+                got: 10
+            })
+        ));
+        assert!(matches!(
+            check_writes(&s, 3, &[12]),
+            Err(Refusal::OutOfOrder {
+                expected: 11,
+                got: 12
+            })
+        ));
+        assert!(matches!(
+            check_writes(&s, 4, &[11, 13]),
+            Err(Refusal::OutOfOrder {
+                expected: 12,
+                got: 13
+            })
+        ));
+    }
+}
