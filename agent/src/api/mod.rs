@@ -119,6 +119,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cgs/{name}/fence", post(fence_cg))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/verify", post(verify_vm))
+        .route("/v1/cgs/{name}/verify", post(verify_cg))
         .route("/v1/disks", get(list_disks))
         .route("/v1/disks/{id}/expose", post(expose_disk))
         .with_state(state)
@@ -588,4 +590,90 @@ where
     {
         tracing::debug!(%peer, error = %e, "admin API connection ended with an error");
     }
+}
+
+fn to_verify(m: &ClusterModel, vm: &convoy_raft::model::Vm) -> crate::data::guests::VmToVerify {
+    crate::data::guests::VmToVerify {
+        name: vm.name.clone(),
+        vm_id: vm.id,
+        log_host: vm.host,
+        disks: m.vm_disks(vm).iter().map(|d| (d.id, d.size)).collect(),
+    }
+}
+
+async fn run_verify(
+    s: &ApiState,
+    host: u64,
+    vms: Vec<crate::data::guests::VmToVerify>,
+    prefix: bool,
+    freeze_cg: Option<u64>,
+) -> ApiResult<Json<VerifyResponse>> {
+    let mode = if prefix {
+        convoy_guest::VerifyMode::Prefix
+    } else {
+        convoy_guest::VerifyMode::Latest
+    };
+    let json = s
+        .cluster
+        .local(
+            host,
+            LocalRequest::Verify {
+                vms,
+                mode,
+                freeze_cg,
+            },
+        )
+        .await?;
+    let resp: VerifyResponse = serde_json::from_str(&json).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("bad answer from node {host}: {e}"),
+        )
+    })?;
+    Ok(Json(resp))
+}
+
+async fn verify_vm(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<VerifyRequest>, JsonRejection>,
+) -> ApiResult<Json<VerifyResponse>> {
+    let Json(req) = body?;
+    let (vm, host, freeze) = read_model(&s, &ReadQuery::default(), |m| {
+        m.vms.get(&name).map(|vm| {
+            let host = req.on.unwrap_or(vm.host);
+            // A copy other than the VM's own is a replica: pause its applier while reading.
+            let freeze = (host != vm.host)
+                .then(|| vm.cg.as_ref().and_then(|c| m.cgs.get(c)).map(|c| c.id))
+                .flatten();
+            (to_verify(m, vm), host, freeze)
+        })
+    })
+    .await?
+    .ok_or_else(|| not_found("vm", &name))?;
+    run_verify(&s, host, vec![vm], req.prefix, freeze).await
+}
+
+async fn verify_cg(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<VerifyRequest>, JsonRejection>,
+) -> ApiResult<Json<VerifyResponse>> {
+    let Json(req) = body?;
+    let (vms, host, freeze) = read_model(&s, &ReadQuery::default(), |m| {
+        m.cgs.get(&name).map(|cg| {
+            let host = req.on.unwrap_or(cg.primary);
+            let vms: Vec<_> = cg
+                .vms
+                .iter()
+                .filter_map(|v| m.vms.get(v))
+                .map(|vm| to_verify(m, vm))
+                .collect();
+            let freeze = (host != cg.primary).then_some(cg.id);
+            (vms, host, freeze)
+        })
+    })
+    .await?
+    .ok_or_else(|| not_found("cg", &name))?;
+    run_verify(&s, host, vms, req.prefix, freeze).await
 }

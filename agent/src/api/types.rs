@@ -306,3 +306,29 @@ pub struct ReadQuery {
     #[serde(default)]
     pub local: bool,
 }
+
+/// `POST /v1/vms/{name}/verify` and `POST /v1/cgs/{name}/verify`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VerifyRequest {
+    /// Host whose copy to check (default: where the VM runs / the group's primary).
+    #[serde(default)]
+    pub on: Option<u64>,
+    /// Check that the copy is a crash-consistent prefix instead of holding every
+    /// acknowledged write.
+    #[serde(default)]
+    pub prefix: bool,
+}
+
+/// Result of a verification.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifyResponse {
+    /// True when no acknowledged write is missing or wrong (latest), or the copy is a
+    /// prefix (prefix).
+    pub ok: bool,
+    /// Host whose copy was checked.
+    pub host: u64,
+    /// The checker's report.
+    pub report: serde_json::Value,
+    /// The report for people.
+    pub text: String,
+}

@@ -156,6 +156,26 @@ pub enum VmCmd {
         /// VM name.
         name: String,
     },
+    /// Check a copy of the VM's disks against its guest's log of acknowledged writes
+    /// (exit 0 only when no acknowledged write is missing or wrong).
+    Verify {
+        /// VM name.
+        name: String,
+        #[command(flatten)]
+        verify: VerifyArgs,
+    },
+}
+
+/// Options of `verify`.
+#[derive(Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// Host whose copy to check (default: where the VM runs / the group's primary).
+    #[arg(long)]
+    pub on: Option<u64>,
+    /// Check that the copy is a crash-consistent prefix of the write order (async
+    /// replicas) instead of holding every acknowledged write.
+    #[arg(long)]
+    pub prefix: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,6 +232,13 @@ pub enum CgCmd {
     Fence {
         /// Group name.
         name: String,
+    },
+    /// Check a copy of the whole group against its guests' logs, for one common cut.
+    Verify {
+        /// Group name.
+        name: String,
+        #[command(flatten)]
+        verify: VerifyArgs,
     },
 }
 
@@ -356,6 +383,15 @@ pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
             let vm: VmView = client.post(&path, &serde_json::json!({})).await?;
             out.vm(&vm)
         }
+        VmCmd::Verify { name, verify } => {
+            let path = format!("/v1/vms/{}/verify", encode_path(&name));
+            let req = VerifyRequest {
+                on: verify.on,
+                prefix: verify.prefix,
+            };
+            let resp: VerifyResponse = client.post(&path, &req).await?;
+            out.verified(&resp)
+        }
         VmCmd::Stop { name } => {
             let path = format!("/v1/vms/{}/stop", encode_path(&name));
             let vm: VmView = client.post(&path, &serde_json::json!({})).await?;
@@ -414,6 +450,15 @@ pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
             let path = format!("/v1/cgs/{}/mode", encode_path(&name));
             let cg: CgView = client.post(&path, &SetModeRequest { mode }).await?;
             out.cg(&cg)
+        }
+        CgCmd::Verify { name, verify } => {
+            let path = format!("/v1/cgs/{}/verify", encode_path(&name));
+            let req = VerifyRequest {
+                on: verify.on,
+                prefix: verify.prefix,
+            };
+            let resp: VerifyResponse = client.post(&path, &req).await?;
+            out.verified(&resp)
         }
         CgCmd::Fence { name } => {
             let path = format!("/v1/cgs/{}/fence", encode_path(&name));

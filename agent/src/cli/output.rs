@@ -272,6 +272,24 @@ impl Output {
         Ok(())
     }
 
+    /// `vm verify` / `cg verify`: prints the report; fails (non-zero exit) unless it is ok.
+    pub fn verified(&self, v: &VerifyResponse) -> Result<()> {
+        if self.format == Format::Json {
+            self.json(v)?;
+        } else {
+            println!(
+                "copy on node {}: {}",
+                v.host,
+                if v.ok { "OK" } else { "FAILED" }
+            );
+            println!("{}", v.text);
+        }
+        if !v.ok {
+            anyhow::bail!("verification failed on node {}", v.host);
+        }
+        Ok(())
+    }
+
     /// `disk expose`.
     pub fn exposed(&self, e: &ExposeResponse) -> Result<()> {
         if self.format == Format::Json {

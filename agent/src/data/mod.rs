@@ -5,6 +5,7 @@
 //! the model says this host should serve with what runs, and starts or stops pieces. So a
 //! restarted agent, a missed event or a crash in the middle all converge the same way.
 
+pub mod guests;
 pub mod journal;
 pub mod pipeline;
 pub mod receiver;
@@ -101,6 +102,8 @@ pub struct DataPlane {
     exports: Mutex<HashMap<String, Export>>,
     registry: ExportRegistry,
     peers: RwLock<HashMap<NodeId, std::net::SocketAddr>>,
+    guests: tokio::sync::Mutex<guests::Guests>,
+    apply_locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -151,6 +154,8 @@ impl DataPlane {
             exports: Mutex::new(HashMap::new()),
             registry: ExportRegistry::new(),
             peers: RwLock::new(HashMap::new()),
+            guests: tokio::sync::Mutex::new(guests::Guests::default()),
+            apply_locks: Mutex::new(HashMap::new()),
         });
         if let Some(addr) = cfg.nbd_tcp {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -219,6 +224,129 @@ impl DataPlane {
             .unwrap_or_else(|p| p.into_inner())
             .get(&cg_id)
             .cloned()
+    }
+
+    /// Held (write) while a replica applies a batch of group `cg_id`, and (read) while a
+    /// checker reads that copy, so the checker sees a state between batches.
+    pub fn apply_lock(&self, cg_id: u64) -> Arc<RwLock<()>> {
+        Arc::clone(lock(&self.apply_locks).entry(cg_id).or_default())
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.cfg.data_dir
+    }
+
+    /// Starts, restarts (after a fence) and stops simulated guests to match the model.
+    pub async fn reconcile_guests(self: &Arc<Self>, model: &ClusterModel) {
+        let mut guests = self.guests.lock().await;
+        let mut want = Vec::new();
+        for vm in model
+            .vms
+            .values()
+            .filter(|v| v.host == self.node && v.running)
+        {
+            let Some(workload) = &vm.workload else {
+                continue;
+            };
+            let disks = model.vm_disks(vm);
+            let Some(first) = disks.first() else { continue };
+            let Some(pipeline) = self.pipeline_for(first.id) else {
+                continue;
+            };
+            want.push((
+                vm.name.clone(),
+                vm.id,
+                workload.clone(),
+                disks,
+                pipeline.epoch(),
+            ));
+        }
+        for name in guests.names() {
+            let keep = want
+                .iter()
+                .any(|(n, _, _, _, e)| *n == name && guests.is_running(n, *e));
+            if !keep {
+                if let Some(handle) = guests.take(&name) {
+                    let stats = handle.stop().await;
+                    tracing::info!(vm = %name, acked = stats.writes_acked, failed = stats.writes_failed, "simulated guest stopped");
+                    guests.stopped(&name, stats);
+                }
+            }
+        }
+        for (name, vm_id, workload, disks, epoch) in want {
+            if guests.is_running(&name, epoch) {
+                continue;
+            }
+            let volumes: Option<Vec<(Volume, u64)>> = disks
+                .iter()
+                .map(|d| self.volume(d.id).map(|v| (v, d.size)))
+                .collect();
+            let Some(volumes) = volumes else { continue };
+            if let Err(e) =
+                guests.start(&self.cfg.data_dir, &name, vm_id, &workload, volumes, epoch)
+            {
+                tracing::warn!(vm = %name, error = format!("{e:#}"), "cannot start the simulated guest");
+            }
+        }
+    }
+
+    /// Stats of `vm`'s simulated guest on this host.
+    pub async fn guest_stats(&self, vm: &str) -> Option<convoy_guest::GuestStats> {
+        self.guests.lock().await.stats(vm)
+    }
+
+    /// Verifies this host's copies of `vms` against their logs (fetched with `fetch_log`
+    /// when they live on another host).
+    pub fn verify(
+        &self,
+        vms: &[guests::VmToVerify],
+        logs: &[Vec<convoy_guest::LogRecord>],
+        mode: convoy_guest::VerifyMode,
+        freeze: Option<u64>,
+    ) -> anyhow::Result<convoy_guest::VerifyReport> {
+        let mut readers = Vec::new();
+        for vm in vms {
+            let images: anyhow::Result<Vec<Arc<DiskImage>>> = vm
+                .disks
+                .iter()
+                .map(|(d, size)| {
+                    if !lock(&self.images).contains_key(d) && !self.has_image_file(*d) {
+                        anyhow::bail!(
+                            "node {} holds no copy of disk {d} of VM '{}'",
+                            self.node,
+                            vm.name
+                        );
+                    }
+                    self.image(*d, *size)
+                })
+                .collect();
+            readers.push(guests::LocalCopy { images: images? });
+        }
+        let lock_handle = freeze.map(|cg| self.apply_lock(cg));
+        let _frozen = lock_handle
+            .as_ref()
+            .map(|l| l.read().unwrap_or_else(|p| p.into_inner()));
+        let copies: Vec<convoy_guest::VmCopy<'_>> = vms
+            .iter()
+            .zip(&readers)
+            .zip(logs)
+            .map(|((vm, reader), records)| convoy_guest::VmCopy {
+                vm_id: vm.vm_id,
+                records,
+                reader,
+            })
+            .collect();
+        Ok(convoy_guest::verify(
+            mode,
+            &copies,
+            &convoy_guest::VerifyOptions::default(),
+        )?)
+    }
+
+    fn has_image_file(&self, disk: DiskId) -> bool {
+        convoy_store::image_paths(&self.disks_dir(), &disk.to_string())
+            .is_ok_and(|[img, _, _]| img.exists())
     }
 
     /// Serialises streams of one group.

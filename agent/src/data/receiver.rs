@@ -220,6 +220,8 @@ fn apply_batch(
     state_file: &mut StateFile,
     msgs: Vec<ToReplica>,
 ) -> Result<(), Refusal> {
+    let apply_lock = plane.apply_lock(cg_id);
+    let _applying = apply_lock.write().unwrap_or_else(|p| p.into_inner());
     let mut touched = BTreeSet::new();
     let io = |e: convoy_store::StoreError| Refusal::Other(format!("local storage: {e}"));
     let mut result = Ok(());

@@ -195,9 +195,11 @@ async fn reconcile_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>) {
     loop {
         let model = cluster.model.read(|m| m.topology());
         let p = Arc::clone(&plane);
-        if let Err(e) = tokio::task::spawn_blocking(move || p.reconcile(&model)).await {
+        let m = model.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || p.reconcile(&m)).await {
             tracing::warn!(error = %e, "data plane reconcile panicked");
         }
+        plane.reconcile_guests(&model).await;
         tokio::select! {
             r = applied.changed() => {
                 if r.is_err() {

@@ -70,6 +70,25 @@ pub enum LocalRequest {
         /// Group name.
         cg: String,
     },
+    /// The acknowledged-write log of a simulated guest on this node.
+    GuestLog {
+        /// VM name.
+        vm: String,
+    },
+    /// Stats of a simulated guest on this node.
+    GuestStats {
+        /// VM name.
+        vm: String,
+    },
+    /// Verify this node's copies of these VMs against their guests' logs.
+    Verify {
+        /// The VMs (one group is checked for one common cut).
+        vms: Vec<crate::data::guests::VmToVerify>,
+        /// Latest or prefix.
+        mode: convoy_guest::VerifyMode,
+        /// Pause this group's replica applier while reading (a replica copy).
+        freeze_cg: Option<u64>,
+    },
 }
 
 /// The leader's answer.

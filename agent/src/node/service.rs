@@ -863,6 +863,52 @@ impl Cluster {
                 serde_json::to_string(&uris)
             }
             LocalRequest::GroupStatus { cg } => serde_json::to_string(&plane.group_status(&cg)),
+            LocalRequest::GuestLog { vm } => {
+                let dir = plane.data_dir().to_path_buf();
+                let records =
+                    tokio::task::spawn_blocking(move || crate::data::guests::read_log(&dir, &vm))
+                        .await
+                        .map_err(|e| ServiceError::Internal(e.to_string()))?
+                        .map_err(|e| ServiceError::Internal(format!("{e:#}")))?;
+                serde_json::to_string(&records)
+            }
+            LocalRequest::GuestStats { vm } => serde_json::to_string(&plane.guest_stats(&vm).await),
+            LocalRequest::Verify {
+                vms,
+                mode,
+                freeze_cg,
+            } => {
+                // Logs first, then the copy: writes acknowledged in between show as
+                // unacknowledged data, which the checker allows.
+                let mut logs = Vec::new();
+                for vm in &vms {
+                    let json = Box::pin(self.local(
+                        vm.log_host,
+                        LocalRequest::GuestLog {
+                            vm: vm.name.clone(),
+                        },
+                    ))
+                    .await?;
+                    let records: Vec<convoy_guest::LogRecord> = serde_json::from_str(&json)
+                        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+                    logs.push(records);
+                }
+                let plane2 = Arc::clone(&plane);
+                let report = tokio::task::spawn_blocking(move || {
+                    plane2.verify(&vms, &logs, mode, freeze_cg)
+                })
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))?
+                .map_err(|e| ServiceError::BadRequest(format!("{e:#}")))?;
+                let response = crate::api::types::VerifyResponse {
+                    ok: report.ok(),
+                    host: self.id,
+                    text: report.to_string(),
+                    report: serde_json::to_value(&report)
+                        .map_err(|e| ServiceError::Internal(e.to_string()))?,
+                };
+                serde_json::to_string(&response)
+            }
         };
         json.map_err(|e| ServiceError::Internal(e.to_string()))
     }
