@@ -1,0 +1,407 @@
+//! Replicated virtual disks with real agent processes and real NBD clients (qemu-io,
+//! qemu-img, nbdinfo, nbdcopy): exports, async and sync replication, resume after a
+//! replica dies, fencing, mode changes under load, and the prefix property.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+/// Runs an external tool with a time limit; panics with its output if it cannot start.
+fn tool(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new("timeout")
+        .arg("-s")
+        .arg("KILL")
+        .arg("120")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} ({e}); install it with scripts/setup-debian")
+        })
+}
+
+fn ok(out: &std::process::Output, what: &str) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed: {text}");
+    text
+}
+
+/// `qemu-io -f raw -c CMD ... URI`.
+fn qemu_io(uri: &str, cmds: &[String]) -> String {
+    qemu_io_with(uri, cmds, false)
+}
+
+/// `qemu-io` on a read-only export.
+fn qemu_io_ro(uri: &str, cmds: &[String]) -> String {
+    qemu_io_with(uri, cmds, true)
+}
+
+fn qemu_io_with(uri: &str, cmds: &[String], read_only: bool) -> String {
+    let mut args = vec!["-f".to_string(), "raw".into()];
+    if read_only {
+        args.push("-r".into());
+    }
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    args.push(uri.into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok(&tool("qemu-io", &refs), "qemu-io");
+    assert!(!out.contains("failed"), "qemu-io reported a failure: {out}");
+    out
+}
+
+fn images_identical(a: &str, b: &str) -> bool {
+    tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", a, b])
+        .status
+        .success()
+}
+
+/// The first (Unix socket) NBD URI of `vm`'s disk `index`.
+fn vm_uri(dev: &Dev, vm: &str, index: usize) -> String {
+    wait_for("the disk's NBD export", Duration::from_secs(20), || {
+        let v = dev.cli(&["vm", "show", vm, "-o", "json"]).json();
+        v["disks"][index]["uris"][0].as_str().map(String::from)
+    })
+}
+
+fn expose(dev: &Dev, disk: &str, on: u64) -> String {
+    let r = dev
+        .cli(&[
+            "disk",
+            "expose",
+            disk,
+            "--on",
+            &on.to_string(),
+            "-o",
+            "json",
+        ])
+        .json();
+    r["uris"][0].as_str().unwrap().to_string()
+}
+
+fn cg_show(dev: &Dev, cg: &str) -> Value {
+    dev.cli(&["cg", "show", cg, "-o", "json"]).json()
+}
+
+/// Waits until the group's replica is consistent and holds every write.
+fn wait_caught_up(dev: &Dev, cg: &str) -> Value {
+    wait_for("the replica to catch up", Duration::from_secs(60), || {
+        let v = cg_show(dev, cg);
+        let r = &v["replicas"][0];
+        let done = r["state"] == "consistent" && r["lag_writes"] == 0 && r["phase"] == "streaming";
+        done.then_some(v)
+    })
+}
+
+fn setup_group(dev: &Dev, vm: &str, cg: &str, size: &str, mode: &str) {
+    assert!(
+        dev.cli(&["vm", "create", vm, "--host", "1", "--disk", size])
+            .ok
+    );
+    assert!(dev.cli(&["cg", "create", cg, "--vm", vm]).ok);
+    let r = dev.cli(&["cg", "replicate", cg, "--to", "2", "--mode", mode]);
+    assert!(r.ok, "{r:?}");
+}
+
+#[test]
+fn real_nbd_clients_write_through_the_export_and_the_async_replica_matches() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    setup_group(&dev, "web", "shop", "64MiB", "async");
+    let uri = vm_uri(&dev, "web", 0);
+
+    // nbdinfo sees the export with its size.
+    let info = ok(&tool("nbdinfo", &["--size", &uri]), "nbdinfo");
+    assert_eq!(info.trim(), (64 * MIB).to_string());
+
+    // nbdcopy a random image in, then qemu-io patterns on top.
+    let src = dev.dir.path().join("random.img");
+    let data: Vec<u8> = (0..32 * MIB)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&src, &data).unwrap();
+    ok(
+        &tool("nbdcopy", &["--flush", src.to_str().unwrap(), &uri]),
+        "nbdcopy in",
+    );
+    let cmds: Vec<String> = (0..32)
+        .map(|k| format!("write -P {} {} 64k", k + 1, (40 * MIB) + k * 256 * 1024))
+        .collect();
+    qemu_io(&uri, &cmds);
+    let checks: Vec<String> = (0..32)
+        .map(|k| format!("read -P {} {} 64k", k + 1, (40 * MIB) + k * 256 * 1024))
+        .collect();
+    qemu_io(&uri, &checks);
+
+    // The replica catches up and is byte-identical; nbdcopy reads it back out.
+    wait_caught_up(&dev, "shop");
+    let replica = expose(&dev, "web:0", 2);
+    assert!(
+        images_identical(&uri, &replica),
+        "replica differs from the primary"
+    );
+    let back = dev.dir.path().join("back.img");
+    ok(
+        &tool("nbdcopy", &[&replica, back.to_str().unwrap()]),
+        "nbdcopy out",
+    );
+    assert_eq!(&std::fs::read(&back).unwrap()[..data.len()], &data[..]);
+    // The read-only copy refuses writes.
+    let w = tool("qemu-io", &["-f", "raw", "-c", "write 0 4k", &replica]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&w.stdout),
+        String::from_utf8_lossy(&w.stderr)
+    );
+    assert!(
+        !w.status.success() || text.contains("failed") || text.contains("read-only"),
+        "{text}"
+    );
+    dev.assert_no_panics();
+}
+
+/// In sync mode every acknowledged write is on the replica, even if the primary's agent is
+/// SIGKILLed right after the acknowledgements.
+#[test]
+fn sync_replica_holds_every_acknowledged_write_when_the_primary_dies() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    setup_group(&dev, "db", "ledger", "64MiB", "sync");
+    wait_caught_up(&dev, "ledger");
+    let uri = vm_uri(&dev, "db", 0);
+    let cmds: Vec<String> = (0..200)
+        .map(|k| format!("write -P {} {} 4k", k % 250 + 1, k * 64 * 1024))
+        .collect();
+    qemu_io(&uri, &cmds); // every write acknowledged when qemu-io exits
+    dev.kill(1);
+    let replica = wait_for("the replica's export", Duration::from_secs(20), || {
+        let r = dev.cli(&["disk", "expose", "db:0", "--on", "2", "-o", "json"]);
+        r.ok.then(|| r.json()["uris"][0].as_str().unwrap().to_string())
+    });
+    let checks: Vec<String> = (0..200)
+        .map(|k| format!("read -P {} {} 4k", k % 250 + 1, k * 64 * 1024))
+        .collect();
+    qemu_io_ro(&replica, &checks);
+    dev.assert_no_panics();
+}
+
+/// A replica SIGKILLed while writes stream in resumes when restarted, without a full
+/// resync, and ends identical to the primary.
+#[test]
+fn killed_replica_resumes_without_a_full_resync() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    setup_group(&dev, "app", "grp", "256MiB", "async");
+    let uri = vm_uri(&dev, "app", 0);
+    // Fill a good part of the disk first so a full resync would be obvious.
+    let cmds: Vec<String> = (0..96)
+        .map(|k| format!("write -P {} {} 1M", k % 250 + 1, k * MIB))
+        .collect();
+    qemu_io(&uri, &cmds);
+    let before = wait_caught_up(&dev, "grp");
+    let sent_before = before["replicas"][0]["bytes_sent"].as_u64().unwrap();
+
+    let writer = std::thread::scope(|s| {
+        let uri2 = uri.clone();
+        let w = s.spawn(move || {
+            for round in 0..20 {
+                let cmds: Vec<String> = (0..16)
+                    .map(|k| {
+                        format!(
+                            "write -P {} {} 4k",
+                            (round + k) % 250 + 1,
+                            (100 + round * 16 + k) * 4096
+                        )
+                    })
+                    .collect();
+                qemu_io(&uri2, &cmds);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        dev.kill(2);
+        std::thread::sleep(Duration::from_millis(500));
+        dev.restart(2);
+        w.join()
+    });
+    assert!(writer.is_ok(), "writer failed");
+    let after = wait_caught_up(&dev, "grp");
+    let sent_after = after["replicas"][0]["bytes_sent"].as_u64().unwrap();
+    let resent = sent_after - sent_before;
+    eprintln!(
+        "bytes sent after the replica restart: {resent} (the disk has {} bytes)",
+        256 * MIB
+    );
+    assert!(
+        resent < 32 * MIB,
+        "looks like a full resync: {resent} bytes sent"
+    );
+    let replica = expose(&dev, "app:0", 2);
+    assert!(images_identical(&uri, &replica));
+    dev.assert_no_panics();
+}
+
+/// A writer holding a connection opened before a fence is refused (and counted); new
+/// connections write at the new epoch.
+#[test]
+fn stale_epoch_writes_are_refused_and_counted() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    setup_group(&dev, "old", "fenced", "16MiB", "async");
+    let uri = vm_uri(&dev, "old", 0);
+    let mut io = Command::new("qemu-io")
+        .args(["-f", "raw", &uri])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    use std::io::Write;
+    let mut stdin = io.stdin.take().unwrap();
+    writeln!(stdin, "write -P 1 0 4k").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let fence = dev.cli(&["cg", "fence", "fenced", "-o", "json"]).json();
+    assert_eq!(fence["epoch"], 2);
+    wait_for(
+        "the primary to learn the new epoch",
+        Duration::from_secs(10),
+        || (cg_show(&dev, "fenced")["epoch"] == 2).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    writeln!(stdin, "write -P 2 0 4k").unwrap();
+    writeln!(stdin, "quit").unwrap();
+    drop(stdin);
+    let out = io.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("wrote 4096/4096"),
+        "first write should pass: {text}"
+    );
+    assert!(
+        text.contains("write failed"),
+        "write after the fence should be refused: {text}"
+    );
+    let refused = cg_show(&dev, "fenced")["stale_epoch_refused"]
+        .as_u64()
+        .unwrap();
+    assert!(refused >= 1, "refusal not counted");
+    // A new connection writes at the new epoch.
+    qemu_io(&uri, &["write -P 3 0 4k".into(), "read -P 3 0 4k".into()]);
+    dev.assert_no_panics();
+}
+
+/// Switching modes while a simulated guest writes loses and duplicates nothing: the
+/// replica ends up holding every acknowledged write, and was a prefix all along.
+#[test]
+fn mode_changes_under_load_lose_nothing() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let r = dev.cli(&[
+        "vm",
+        "create",
+        "g",
+        "--host",
+        "1",
+        "--disk",
+        "32MiB",
+        "--workload",
+        "iops=300,size=4k,pattern=hot",
+    ]);
+    assert!(r.ok, "{r:?}");
+    assert!(dev.cli(&["cg", "create", "mg", "--vm", "g"]).ok);
+    assert!(
+        dev.cli(&["cg", "replicate", "mg", "--to", "2", "--mode", "async"])
+            .ok
+    );
+    assert!(dev.cli(&["vm", "start", "g"]).ok);
+    for mode in ["sync", "async", "sync", "async"] {
+        std::thread::sleep(Duration::from_millis(800));
+        let r = dev.cli(&["cg", "set-mode", "mg", mode, "-o", "json"]);
+        assert!(r.ok, "{r:?}");
+        // Cut points while running: the replica is always a prefix.
+        let v = dev.cli(&["cg", "verify", "mg", "--on", "2", "--prefix", "-o", "json"]);
+        assert!(
+            v.ok,
+            "replica not a prefix after switching to {mode}: {}",
+            v.stdout
+        );
+    }
+    assert!(dev.cli(&["vm", "stop", "g"]).ok);
+    wait_caught_up(&dev, "mg");
+    let primary = dev.cli(&["vm", "verify", "g", "-o", "json"]).json();
+    assert_eq!(primary["ok"], true, "{primary}");
+    let replica = dev
+        .cli(&["vm", "verify", "g", "--on", "2", "-o", "json"])
+        .json();
+    assert_eq!(replica["ok"], true, "{replica}");
+    let logged = replica["report"]["writes_logged"].as_u64().unwrap();
+    assert!(logged > 300, "too few writes to mean anything: {logged}");
+    dev.assert_no_panics();
+}
+
+/// The async replica is a crash-consistent prefix of the group's history at random cut
+/// points, for a group of two VMs writing concurrently.
+#[test]
+fn async_replica_is_a_prefix_at_random_cut_points() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    for vm in ["a", "b"] {
+        let r = dev.cli(&[
+            "vm",
+            "create",
+            vm,
+            "--host",
+            "1",
+            "--disk",
+            "16MiB",
+            "--workload",
+            "iops=400,size=4k,pattern=random,depth=4",
+        ]);
+        assert!(r.ok, "{r:?}");
+    }
+    assert!(
+        dev.cli(&["cg", "create", "pair", "--vm", "a", "--vm", "b"])
+            .ok
+    );
+    assert!(
+        dev.cli(&["cg", "replicate", "pair", "--to", "2", "--mode", "async"])
+            .ok
+    );
+    wait_caught_up(&dev, "pair");
+    assert!(dev.cli(&["vm", "start", "a"]).ok);
+    assert!(dev.cli(&["vm", "start", "b"]).ok);
+    let started = Instant::now();
+    let mut cuts = Vec::new();
+    for i in 0..6u64 {
+        std::thread::sleep(Duration::from_millis(200 + (i * 7919) % 400));
+        let v = dev.cli(&[
+            "cg", "verify", "pair", "--on", "2", "--prefix", "-o", "json",
+        ]);
+        assert!(v.ok, "cut {i}: not a prefix: {}", v.stdout);
+        cuts.push(v.json()["report"]["prefix_upto"].as_u64());
+    }
+    eprintln!("cut points after {:?}: {cuts:?}", started.elapsed());
+    assert!(
+        cuts.iter().flatten().count() >= 3,
+        "too few non-empty cuts: {cuts:?}"
+    );
+    dev.assert_no_panics();
+}
