@@ -35,18 +35,21 @@ pub enum StreamKind {
     RaftSnapshot = 3,
     /// An admin or client request forwarded to another node (usually the leader).
     Forward = 4,
-    /// Bulk data: delta disk data, replication, mirrored writes.
+    /// Bulk data: the replication stream of a consistency group.
     Data = 5,
+    /// Compare-delta and full-copy sessions (`convoy-delta`).
+    Delta = 6,
 }
 
 impl StreamKind {
     /// Every kind, in wire-value order.
-    pub const ALL: [StreamKind; 5] = [
+    pub const ALL: [StreamKind; 6] = [
         StreamKind::RaftAppend,
         StreamKind::RaftVote,
         StreamKind::RaftSnapshot,
         StreamKind::Forward,
         StreamKind::Data,
+        StreamKind::Delta,
     ];
 
     /// The wire value of this kind.
@@ -68,6 +71,7 @@ impl fmt::Display for StreamKind {
             StreamKind::RaftSnapshot => "raft-snapshot",
             StreamKind::Forward => "forward",
             StreamKind::Data => "data",
+            StreamKind::Delta => "delta",
         })
     }
 }

@@ -1,0 +1,253 @@
+//! Blocking operations on the local disk image. Callers run them on tokio's blocking
+//! pool; everything here is synchronous and short of policy.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use convoy_store::{Backend, ChunkHash, DiskImage, StoreError, ZERO_CHUNK_HASH, is_zero};
+use tokio::sync::mpsc;
+
+use crate::error::DeltaError;
+use crate::proto::{Run, TreeShape, WriteOp, run_bytes};
+use crate::walk::{Batch, Batcher, Item, push_run, read_runs};
+
+/// The interior of a disk's hash tree as of the session start, without its leaves (a
+/// 64th of their size): leaves are looked up per chunk when asked for.
+#[derive(Debug)]
+pub(crate) struct LocalTree {
+    /// The root, or `None` if concurrent writes kept the tree from being completed.
+    pub(crate) root: Option<ChunkHash>,
+    /// Levels `1..height` (index `level - 1`); `None` when the root is `None`.
+    interior: Option<Vec<Vec<ChunkHash>>>,
+}
+
+impl LocalTree {
+    /// Our hashes of `ranges` at `level` >= 1, concatenated; `None` if unknown.
+    pub(crate) fn interior(&self, level: usize, ranges: &[Range<u64>]) -> Option<Vec<ChunkHash>> {
+        let l = self.interior.as_ref()?.get(level.checked_sub(1)?)?;
+        let mut out = Vec::new();
+        for r in ranges {
+            out.extend_from_slice(l.get(r.start as usize..r.end as usize)?);
+        }
+        Some(out)
+    }
+}
+
+/// Takes the interior levels of the image's tree, computing missing chunk hashes first.
+/// Under writes that keep invalidating hashes ([`StoreError::Busy`]) it gives up on the
+/// interior: the session then compares every leaf, hashing chunk by chunk.
+pub(crate) fn snapshot<B: Backend>(
+    image: &DiskImage<B>,
+    shape: &TreeShape,
+) -> Result<LocalTree, StoreError> {
+    if shape.height() == 1 {
+        return Ok(LocalTree {
+            root: Some(leaf_hash(image, 0)?),
+            interior: Some(Vec::new()),
+        });
+    }
+    let mut levels = Vec::with_capacity(shape.height() - 1);
+    for level in 1..shape.height() {
+        let len = shape.level_len(level);
+        match image.tree_level(level, 0..len as usize) {
+            Ok(v) if v.len() as u64 == len => levels.push(v),
+            Ok(v) => {
+                return Err(StoreError::Corrupt {
+                    what: "hash tree".into(),
+                    reason: format!(
+                        "level {level} has {} nodes, expected {len}; the store and the delta protocol disagree on the tree shape",
+                        v.len()
+                    ),
+                });
+            }
+            Err(StoreError::Busy) => {
+                tracing::info!("hash tree busy under concurrent writes; comparing chunk by chunk");
+                return Ok(LocalTree {
+                    root: None,
+                    interior: None,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let root = levels.last().and_then(|l| l.first().copied());
+    Ok(LocalTree {
+        root,
+        interior: Some(levels),
+    })
+}
+
+/// The hash of one chunk: cached if known, else computed from the image. It describes the
+/// chunk's content at some moment during the call.
+pub(crate) fn leaf_hash<B: Backend>(
+    image: &DiskImage<B>,
+    chunk: u64,
+) -> Result<ChunkHash, StoreError> {
+    match image.cached_hash(chunk) {
+        Some(h) => Ok(h),
+        None => image.chunk_hash(chunk),
+    }
+}
+
+/// Leaf hashes of `ranges`, concatenated.
+pub(crate) fn leaves<B: Backend>(
+    image: &DiskImage<B>,
+    ranges: &[Range<u64>],
+) -> Result<Vec<ChunkHash>, StoreError> {
+    let mut out = Vec::with_capacity(ranges.iter().map(|r| (r.end - r.start) as usize).sum());
+    for r in ranges {
+        for c in r.clone() {
+            out.push(leaf_hash(image, c)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Declares the whole of an empty, fully sparse destination as being written, so the
+/// store logs all its extents in one activity-log append instead of one fsync per 4 MiB
+/// extent during the copy (each of which, on ext4, also flushes the data written so far).
+/// Punching holes into a fully sparse file changes nothing; a file system without
+/// `SEEK_DATA` is left alone (its hole punching may fall back to writing zeros).
+/// A crash during the copy then makes the store distrust the whole destination, which a
+/// restarted full copy rewrites anyway.
+pub(crate) fn preadmit_empty<B: Backend>(image: &DiskImage<B>) -> Result<(), StoreError> {
+    let backend = image.backend();
+    let sparse = backend.next_data(0).map_err(|e| StoreError::Io {
+        what: format!("seek data in {}", backend.describe()),
+        source: e,
+    })?;
+    if sparse.is_none() {
+        image.write_zeroes(0, image.size())?;
+    }
+    Ok(())
+}
+
+/// Whether the image reads as zeros everywhere: no data region at all (a fresh sparse
+/// image), or every chunk hashing to [`ZERO_CHUNK_HASH`].
+pub(crate) fn is_empty<B: Backend>(image: &DiskImage<B>) -> Result<bool, StoreError> {
+    let backend = image.backend();
+    match backend.next_data(0) {
+        Ok(None) => return Ok(true),
+        Ok(Some(_)) => {}
+        Err(e) => {
+            return Err(StoreError::Io {
+                what: format!("seek data in {}", backend.describe()),
+                source: e,
+            });
+        }
+    }
+    for c in 0..image.chunk_count() {
+        if leaf_hash(image, c)? != ZERO_CHUNK_HASH {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Reads the chunks of `batch` that are not known zero, and finds which read as zero.
+/// Returns the frame's runs and its payload (data runs' bytes, in run order). With
+/// `omit_zero` (full copy to an empty disk) zero chunks are left out entirely.
+pub(crate) fn read_batch<B: Backend>(
+    image: &DiskImage<B>,
+    batch: &[Item],
+    omit_zero: bool,
+) -> Result<(Vec<Run>, Vec<u8>), StoreError> {
+    let g = image.geometry();
+    let reads = read_runs(batch);
+    let total: u64 = reads.iter().map(|&(f, c)| run_bytes(g, f, c)).sum();
+    let mut buf = vec![0u8; total as usize];
+    let mut pos = 0usize;
+    for (first, count) in reads {
+        let len = run_bytes(g, first, count) as usize;
+        image.read_at(&mut buf[pos..pos + len], g.chunk_offset(first))?;
+        pos += len;
+    }
+    // Drop chunks that turned out to be zero from the payload, compacting in place
+    // (rare: a zero chunk normally has the zero hash and is never read).
+    let mut runs = Vec::new();
+    let (mut read, mut write) = (0usize, 0usize);
+    for item in batch {
+        let zero = if item.known_zero {
+            true
+        } else {
+            let len = g.chunk_len(item.chunk);
+            let z = is_zero(&buf[read..read + len]);
+            if !z {
+                if write != read {
+                    buf.copy_within(read..read + len, write);
+                }
+                write += len;
+            }
+            read += len;
+            z
+        };
+        if !(zero && omit_zero) {
+            push_run(&mut runs, item.chunk, zero);
+        }
+    }
+    buf.truncate(write);
+    Ok((runs, buf))
+}
+
+/// Applies a checked data frame.
+pub(crate) fn apply<B: Backend>(
+    image: &DiskImage<B>,
+    ops: &[WriteOp],
+    payload: &[u8],
+) -> Result<(), StoreError> {
+    for op in ops {
+        match &op.data {
+            Some(r) => image.write_at(&payload[r.clone()], op.offset)?,
+            None => image.write_zeroes(op.offset, op.len)?,
+        }
+    }
+    Ok(())
+}
+
+/// Full copy: walks the image's data regions (skipping holes without reading them, and
+/// chunks whose cached hash is the zero hash) and queues every other chunk in batches.
+/// Stops early, without error, if the receiving side has gone away.
+pub(crate) fn enumerate_full<B: Backend>(
+    image: Arc<DiskImage<B>>,
+    mut batcher: Batcher,
+    tx: mpsc::Sender<Batch>,
+) -> Result<(), DeltaError> {
+    let g = *image.geometry();
+    let cs = u64::from(g.chunk_size());
+    let n = g.chunk_count();
+    let backend = image.backend();
+    let mut next = 0u64;
+    while next < n {
+        let region = backend.next_data(g.chunk_offset(next)).map_err(|e| {
+            DeltaError::Store(StoreError::Io {
+                what: format!("seek data in {}", backend.describe()),
+                source: e,
+            })
+        })?;
+        let Some(region) = region else { break };
+        let first = (region.start / cs).max(next);
+        if first >= n {
+            break;
+        }
+        let end = region.end.div_ceil(cs).min(n).max(first + 1);
+        for chunk in first..end {
+            if image.cached_hash(chunk) == Some(ZERO_CHUNK_HASH) {
+                continue;
+            }
+            let item = Item {
+                chunk,
+                known_zero: false,
+            };
+            if let Some(b) = batcher.push(item) {
+                if tx.blocking_send(b).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        next = end;
+    }
+    if let Some(b) = batcher.take() {
+        let _ = tx.blocking_send(b);
+    }
+    Ok(())
+}
