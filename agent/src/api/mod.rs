@@ -121,6 +121,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/verify", post(verify_vm))
         .route("/v1/cgs/{name}/verify", post(verify_cg))
+        .route("/v1/cgs/{name}/sync", post(sync_cg))
         .route("/v1/disks", get(list_disks))
         .route("/v1/disks/{id}/expose", post(expose_disk))
         .with_state(state)
@@ -676,4 +677,35 @@ async fn verify_cg(
     .await?
     .ok_or_else(|| not_found("cg", &name))?;
     run_verify(&s, host, vms, req.prefix, freeze).await
+}
+
+async fn sync_cg(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<SyncRequest>, JsonRejection>,
+) -> ApiResult<Json<crate::data::SyncReport>> {
+    let Json(req) = body?;
+    let primary = read_model(&s, &ReadQuery::default(), |m| {
+        m.cgs.get(&name).map(|c| c.primary)
+    })
+    .await?
+    .ok_or_else(|| not_found("cg", &name))?;
+    let json = s
+        .cluster
+        .local(
+            primary,
+            LocalRequest::SyncTo {
+                cg: name,
+                to: req.to,
+                compare: req.compare,
+            },
+        )
+        .await?;
+    let report = serde_json::from_str(&json).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("bad answer from node {primary}: {e}"),
+        )
+    })?;
+    Ok(Json(report))
 }

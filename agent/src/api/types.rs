@@ -332,3 +332,13 @@ pub struct VerifyResponse {
     /// The report for people.
     pub text: String,
 }
+
+/// `POST /v1/cgs/{name}/sync`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// Destination host.
+    pub to: u64,
+    /// Compare hashes and send only differing chunks (else a full copy to an empty copy).
+    #[serde(default)]
+    pub compare: bool,
+}

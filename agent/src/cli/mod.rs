@@ -233,6 +233,18 @@ pub enum CgCmd {
         /// Group name.
         name: String,
     },
+    /// Bring another host's copy of the group up to date: a full copy to an empty copy, or
+    /// with --compare only the chunks whose hashes differ. Reports bytes compared vs sent.
+    Sync {
+        /// Group name.
+        name: String,
+        /// Destination host.
+        #[arg(long)]
+        to: u64,
+        /// Compare hash trees and send only differing chunks.
+        #[arg(long)]
+        compare: bool,
+    },
     /// Check a copy of the whole group against its guests' logs, for one common cut.
     Verify {
         /// Group name.
@@ -450,6 +462,12 @@ pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
             let path = format!("/v1/cgs/{}/mode", encode_path(&name));
             let cg: CgView = client.post(&path, &SetModeRequest { mode }).await?;
             out.cg(&cg)
+        }
+        CgCmd::Sync { name, to, compare } => {
+            let path = format!("/v1/cgs/{}/sync", encode_path(&name));
+            let report: crate::data::SyncReport =
+                client.post(&path, &SyncRequest { to, compare }).await?;
+            out.synced(&report)
         }
         CgCmd::Verify { name, verify } => {
             let path = format!("/v1/cgs/{}/verify", encode_path(&name));

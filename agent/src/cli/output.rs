@@ -290,6 +290,45 @@ impl Output {
         Ok(())
     }
 
+    /// `cg sync`.
+    pub fn synced(&self, r: &crate::data::SyncReport) -> Result<()> {
+        if self.format == Format::Json {
+            return self.json(r);
+        }
+        let mut t = table(&[
+            "DISK",
+            "SIZE",
+            "HASHES COMPARED",
+            "HASH BYTES",
+            "CHUNKS SENT",
+            "DATA SENT",
+            "ON THE WIRE",
+            "TIME",
+        ]);
+        for d in &r.disks {
+            t.add_row(vec![
+                d.disk.to_string(),
+                format_size(d.size),
+                d.hash_nodes_compared.to_string(),
+                format_size(d.hash_bytes),
+                format!("{} of {}", d.chunks_sent, d.chunks_total),
+                format_size(d.data_bytes_sent),
+                format_size(d.wire_bytes),
+                format!("{:.2}s", d.seconds),
+            ]);
+        }
+        println!(
+            "{}",
+            if r.compare {
+                "compare-delta"
+            } else {
+                "full copy"
+            }
+        );
+        println!("{t}");
+        Ok(())
+    }
+
     /// `disk expose`.
     pub fn exposed(&self, e: &ExposeResponse) -> Result<()> {
         if self.format == Format::Json {

@@ -88,6 +88,38 @@ pub struct GroupStatus {
     pub links: BTreeMap<NodeId, LinkReport>,
 }
 
+/// Result of `convoy cg sync`, per disk.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct SyncReport {
+    /// Compare-delta (true) or full copy.
+    pub compare: bool,
+    /// One entry per disk.
+    pub disks: Vec<DiskSync>,
+}
+
+/// One disk's delta session.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct DiskSync {
+    /// Disk id.
+    pub disk: DiskId,
+    /// Its size.
+    pub size: u64,
+    /// Chunks of the disk.
+    pub chunks_total: u64,
+    /// Hash tree nodes compared.
+    pub hash_nodes_compared: u64,
+    /// Bytes of hashes exchanged.
+    pub hash_bytes: u64,
+    /// Chunks sent.
+    pub chunks_sent: u64,
+    /// Chunk bytes sent.
+    pub data_bytes_sent: u64,
+    /// All bytes of the session.
+    pub wire_bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
 /// The host's data plane.
 pub struct DataPlane {
     node: NodeId,
@@ -104,6 +136,9 @@ pub struct DataPlane {
     peers: RwLock<HashMap<NodeId, std::net::SocketAddr>>,
     guests: tokio::sync::Mutex<guests::Guests>,
     apply_locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
+    /// The latest model this host reconciled against (for the delta resolver).
+    model: RwLock<ClusterModel>,
+    delta: std::sync::OnceLock<convoy_delta::DeltaServer>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,7 +191,16 @@ impl DataPlane {
             peers: RwLock::new(HashMap::new()),
             guests: tokio::sync::Mutex::new(guests::Guests::default()),
             apply_locks: Mutex::new(HashMap::new()),
+            model: RwLock::new(ClusterModel::default()),
+            delta: std::sync::OnceLock::new(),
         });
+        let weak = Arc::downgrade(&plane);
+        let resolver = move |peer: u64, binding: &convoy_delta::Binding| {
+            weak.upgrade().and_then(|p| p.delta_offer(peer, binding))
+        };
+        let server = convoy_delta::DeltaServer::new(convoy_delta::DeltaConfig::default(), resolver)
+            .map_err(|e| anyhow::anyhow!("cannot start the delta server: {e}"))?;
+        let _ = plane.delta.set(server);
         if let Some(addr) = cfg.nbd_tcp {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -349,6 +393,135 @@ impl DataPlane {
             .is_ok_and(|[img, _, _]| img.exists())
     }
 
+    /// What this host offers a delta session from `peer`: the destination of a group's
+    /// disk it is neither primary nor live replica of (a live replica is kept by its
+    /// replication stream, which must stay the only writer).
+    fn delta_offer(
+        &self,
+        peer: u64,
+        binding: &convoy_delta::Binding,
+    ) -> Option<convoy_delta::Offer> {
+        let model = self.model.read().unwrap_or_else(|p| p.into_inner());
+        let cg = model.cgs.values().find(|c| c.id == binding.cg)?;
+        if cg.primary != peer
+            || cg.primary == self.node
+            || cg.replicas.iter().any(|r| r.to == self.node)
+        {
+            return None;
+        }
+        let disk = model
+            .cg_disks(cg)
+            .into_iter()
+            .find(|d| d.id == binding.disk)?;
+        let epoch = model.cg_epoch(cg);
+        drop(model);
+        let image = self.image(disk.id, disk.size).ok()?;
+        Some(convoy_delta::Offer {
+            expect: convoy_delta::Expect {
+                cg: binding.cg,
+                disk: disk.id,
+                min_epoch: epoch,
+            },
+            role: convoy_delta::Role::Destination,
+            image,
+        })
+    }
+
+    /// Serves an inbound delta stream.
+    pub async fn serve_delta(self: Arc<Self>, stream: convoy_transport::InboundStream) {
+        let peer = stream.peer;
+        let Some(server) = self.delta.get() else {
+            return;
+        };
+        match server.serve(stream).await {
+            Ok(convoy_delta::Served::Completed(report)) => {
+                tracing::info!(peer, disk = report.binding.disk, "delta session completed");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::info!(peer, error = %e, "delta session failed"),
+        }
+    }
+
+    /// Brings `to`'s copy of group `cg` (this host is its primary) up to date with delta
+    /// sessions, disk by disk; `compare` chooses compare-delta over a full copy.
+    pub async fn sync_to(&self, cg: &str, to: NodeId, compare: bool) -> anyhow::Result<SyncReport> {
+        let (cg_id, epoch, disks, addr) = {
+            let model = self.model.read().unwrap_or_else(|p| p.into_inner());
+            let group = model
+                .cgs
+                .get(cg)
+                .with_context(|| format!("group '{cg}' not found"))?;
+            if group.primary != self.node {
+                anyhow::bail!("node {} is not the primary of '{cg}'", self.node);
+            }
+            if to == self.node {
+                anyhow::bail!("node {to} is the primary itself");
+            }
+            if group.replicas.iter().any(|r| r.to == to) {
+                anyhow::bail!(
+                    "node {to} holds a live replica of '{cg}', kept up to date by replication (see `convoy cg show {cg}`)"
+                );
+            }
+            let host = model
+                .hosts
+                .get(&to)
+                .filter(|h| !h.retired)
+                .with_context(|| format!("node {to} is not an active host"))?;
+            let addr: std::net::SocketAddr = host
+                .raft_addr
+                .parse()
+                .with_context(|| format!("bad address of node {to}"))?;
+            (group.id, model.cg_epoch(group), model.cg_disks(group), addr)
+        };
+        let mode = if compare {
+            convoy_delta::Mode::CompareDelta
+        } else {
+            convoy_delta::Mode::FullCopy
+        };
+        let mut report = SyncReport {
+            compare,
+            disks: Vec::new(),
+        };
+        for d in disks {
+            let pipeline = self
+                .pipeline_for(d.id)
+                .with_context(|| format!("disk {} is not written here", d.id))?;
+            let image = Arc::clone(
+                pipeline
+                    .image(d.id)
+                    .with_context(|| format!("no image of disk {}", d.id))?,
+            );
+            let session = convoy_delta::Session {
+                cg: cg_id,
+                disk: d.id,
+                epoch,
+            };
+            let stats = convoy_delta::push(
+                &self.endpoint,
+                to,
+                addr,
+                session,
+                mode,
+                image,
+                &convoy_delta::DeltaConfig::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("disk {}: {e}", d.id))?;
+            report.disks.push(DiskSync {
+                disk: d.id,
+                size: d.size,
+                chunks_total: stats.chunks_total,
+                hash_nodes_compared: stats.chunks_compared,
+                hash_bytes: stats.hash_bytes,
+                chunks_sent: stats.chunks_sent,
+                data_bytes_sent: stats.data_bytes_sent,
+                wire_bytes: stats.wire_bytes,
+                seconds: stats.elapsed.as_secs_f64(),
+            });
+        }
+        Ok(report)
+    }
+
     /// Serialises streams of one group.
     pub fn replica_turn(&self, cg_id: u64) -> Arc<tokio::sync::Mutex<()>> {
         Arc::clone(lock(&self.replica_turns).entry(cg_id).or_default())
@@ -516,6 +689,7 @@ impl DataPlane {
 
     fn reconcile_inner(self: &Arc<Self>, model: &ClusterModel) -> anyhow::Result<()> {
         let me = self.node;
+        *self.model.write().unwrap_or_else(|p| p.into_inner()) = model.clone();
         {
             let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
             for h in model.active_hosts() {

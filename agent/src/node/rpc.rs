@@ -70,6 +70,16 @@ pub enum LocalRequest {
         /// Group name.
         cg: String,
     },
+    /// Bring another host's copy of a group (this node is primary) up to date with delta
+    /// sessions.
+    SyncTo {
+        /// Group name.
+        cg: String,
+        /// Destination host.
+        to: u64,
+        /// Compare-delta instead of a full copy.
+        compare: bool,
+    },
     /// The acknowledged-write log of a simulated guest on this node.
     GuestLog {
         /// VM name.
@@ -140,6 +150,12 @@ type SnapshotResult =
 pub async fn serve_inbound(mut inbound: Inbound, cluster: Arc<Cluster>) {
     while let Some(stream) = inbound.next().await {
         let cluster = Arc::clone(&cluster);
+        if stream.kind == StreamKind::Delta {
+            if let Some(plane) = cluster.data() {
+                tokio::spawn(plane.serve_delta(stream));
+            }
+            continue;
+        }
         if stream.kind == StreamKind::Data {
             match cluster.data() {
                 Some(plane) => {

@@ -26,6 +26,8 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(10);
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Timeout of a node-local request forwarded to another node.
 const LOCAL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout of node-local requests that copy or read whole disks.
+const LONG_LOCAL_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Timeout of the reachability probes behind `cluster status`.
 const PING_TIMEOUT: Duration = Duration::from_millis(700);
 /// How long a new node may take to catch up as a learner before add-node gives up.
@@ -818,11 +820,16 @@ impl Cluster {
             .read(|m| m.hosts.get(&node).map(|h| h.raft_addr.clone()))
             .and_then(|a| a.parse::<SocketAddr>().ok())
             .ok_or_else(|| ServiceError::NotFound(format!("node {node} is not a known host")))?;
+        // Copying disks and checking copies take as long as the disks are large.
+        let timeout = match req {
+            LocalRequest::SyncTo { .. } | LocalRequest::Verify { .. } => LONG_LOCAL_TIMEOUT,
+            _ => LOCAL_TIMEOUT,
+        };
         let payload = convoy_codec::encode(&ForwardRequest::Local(req))
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let reply = self
             .endpoint
-            .request(node, addr, StreamKind::Forward, &payload, LOCAL_TIMEOUT)
+            .request(node, addr, StreamKind::Forward, &payload, timeout)
             .await
             .map_err(|e| ServiceError::Unavailable(format!("node {node} did not answer: {e}")))?;
         match convoy_codec::decode(&reply).map_err(|e| ServiceError::Internal(e.to_string()))? {
@@ -871,6 +878,13 @@ impl Cluster {
                         .map_err(|e| ServiceError::Internal(e.to_string()))?
                         .map_err(|e| ServiceError::Internal(format!("{e:#}")))?;
                 serde_json::to_string(&records)
+            }
+            LocalRequest::SyncTo { cg, to, compare } => {
+                let report = plane
+                    .sync_to(&cg, to, compare)
+                    .await
+                    .map_err(|e| ServiceError::BadRequest(format!("{e:#}")))?;
+                serde_json::to_string(&report)
             }
             LocalRequest::GuestStats { vm } => serde_json::to_string(&plane.guest_stats(&vm).await),
             LocalRequest::Verify {
