@@ -506,15 +506,7 @@ async fn expose_disk(
     })
     .await?
     .ok_or_else(|| not_found("disk", &id.to_string()))?;
-    if info.host != req.on && !info.replicas.contains(&req.on) {
-        return Err(ApiError::new(
-            ErrorCode::BadRequest,
-            format!(
-                "node {} holds no copy of disk {id}: its copies are on node {} and {:?}",
-                req.on, info.host, info.replicas
-            ),
-        ));
-    }
+    // Any host may hold a copy (a replica, or one made by `cg sync`); it answers if not.
     let json = s
         .cluster
         .local(

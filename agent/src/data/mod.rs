@@ -58,6 +58,8 @@ pub struct ReplicaRole {
     pub epoch: u64,
     /// Disks and sizes, in group order.
     pub disks: Vec<(DiskId, u64)>,
+    /// Mode of our link (active-active modes make this copy writable).
+    pub mode: ReplicationMode,
 }
 
 /// A running pipeline and its link senders.
@@ -139,6 +141,8 @@ pub struct DataPlane {
     /// The latest model this host reconciled against (for the delta resolver).
     model: RwLock<ClusterModel>,
     delta: std::sync::OnceLock<convoy_delta::DeltaServer>,
+    /// Per replicated group: what this copy applied durably (for active-active writers).
+    replica_applied: Mutex<HashMap<u64, watch::Sender<u64>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -193,6 +197,7 @@ impl DataPlane {
             apply_locks: Mutex::new(HashMap::new()),
             model: RwLock::new(ClusterModel::default()),
             delta: std::sync::OnceLock::new(),
+            replica_applied: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&plane);
         let resolver = move |peer: u64, binding: &convoy_delta::Binding| {
@@ -522,6 +527,82 @@ impl DataPlane {
         Ok(report)
     }
 
+    fn applied_sender(&self, cg_id: u64) -> watch::Sender<u64> {
+        lock(&self.replica_applied)
+            .entry(cg_id)
+            .or_insert_with(|| watch::channel(0).0)
+            .clone()
+    }
+
+    /// Records that this replica holds group `cg_id` durably through `seq`.
+    pub fn note_applied(&self, cg_id: u64, seq: u64) {
+        self.applied_sender(cg_id).send_if_modified(|a| {
+            let moved = seq > *a;
+            *a = (*a).max(seq);
+            moved
+        });
+    }
+
+    /// Waits until this replica holds group `cg_id` through `seq`.
+    pub async fn wait_applied(&self, cg_id: u64, seq: u64) -> anyhow::Result<()> {
+        let mut rx = self.applied_sender(cg_id).subscribe();
+        let waited =
+            tokio::time::timeout(self.cfg.sync_timeout * 5, rx.wait_for(|a| *a >= seq)).await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            _ => anyhow::bail!(
+                "the replication stream did not deliver write {seq} to this copy in time"
+            ),
+        }
+    }
+
+    /// Sends a write made on an active-active copy to the group's sequencer; returns the
+    /// sequence number it got.
+    pub async fn mirrored_write(
+        &self,
+        primary: NodeId,
+        disk: DiskId,
+        offset: u64,
+        payload: wire::Payload,
+        fua: bool,
+        epoch: u64,
+    ) -> anyhow::Result<u64> {
+        let addr = self
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&primary)
+            .copied()
+            .with_context(|| format!("no address for node {primary}"))?;
+        let req = crate::node::rpc::ForwardRequest::Local(
+            crate::node::rpc::LocalRequest::MirroredWrite {
+                disk,
+                offset,
+                payload,
+                fua,
+                epoch,
+            },
+        );
+        let bytes = convoy_codec::encode(&req)?;
+        let reply = self
+            .endpoint
+            .request(
+                primary,
+                addr,
+                convoy_transport::StreamKind::Forward,
+                &bytes,
+                self.cfg.sync_timeout * 5,
+            )
+            .await?;
+        match convoy_codec::decode::<crate::node::rpc::ForwardResponse>(&reply)? {
+            crate::node::rpc::ForwardResponse::Local(json) => Ok(serde_json::from_str(&json)?),
+            crate::node::rpc::ForwardResponse::Failed(f) => {
+                anyhow::bail!("the sequencer refused the write: {f:?}")
+            }
+            other => anyhow::bail!("unexpected answer from the sequencer: {other:?}"),
+        }
+    }
+
     /// Serialises streams of one group.
     pub fn replica_turn(&self, cg_id: u64) -> Arc<tokio::sync::Mutex<()>> {
         Arc::clone(lock(&self.replica_turns).entry(cg_id).or_default())
@@ -622,6 +703,9 @@ impl DataPlane {
         size: u64,
     ) -> anyhow::Result<Vec<String>> {
         let name = readonly_export_name(disk);
+        if !lock(&self.images).contains_key(&disk) && !self.has_image_file(disk) {
+            anyhow::bail!("node {} holds no copy of disk {disk}", self.node);
+        }
         if !lock(&self.exports).contains_key(&name) {
             let image = self.image(disk, size)?;
             self.add_export(
@@ -871,8 +955,24 @@ impl DataPlane {
             .filter(|n| !n.ends_with("-ro"))
             .cloned()
             .collect();
+        // Disks of groups this host holds an active-active copy of are exported below.
+        let active_active: Vec<DiskId> = model
+            .cgs
+            .values()
+            .filter(|c| {
+                c.replicas
+                    .iter()
+                    .any(|l| l.to == me && l.mode.is_active_active())
+            })
+            .flat_map(|c| model.cg_disks(c))
+            .map(|d| d.id)
+            .collect();
         for name in current {
-            if !local.keys().any(|d| export_name(*d) == name) {
+            let wanted = local
+                .keys()
+                .chain(active_active.iter())
+                .any(|d| export_name(*d) == name);
+            if !wanted {
                 self.remove_export(&name);
             }
         }
@@ -904,8 +1004,51 @@ impl DataPlane {
                         primary: cg.primary,
                         epoch: model.cg_epoch(cg),
                         disks: disks.iter().map(|d| (d.id, d.size)).collect(),
+                        mode: cg
+                            .replicas
+                            .iter()
+                            .find(|l| l.to == me)
+                            .map_or(ReplicationMode::Async, |l| l.mode),
                     },
                 );
+            }
+        }
+        // Active-active copies are writable here too; their writes go to the sequencer.
+        for (cg_id, role) in &roles {
+            for (disk, size) in &role.disks {
+                let name = export_name(*disk);
+                let existing = lock(&self.exports).get(&name).map(|e| e.epoch);
+                if !role.mode.is_active_active() {
+                    if existing.is_some() {
+                        self.remove_export(&name);
+                    }
+                    continue;
+                }
+                if existing == Some(role.epoch) {
+                    continue;
+                }
+                let volume = Arc::new(volume::RemoteVolume {
+                    cg_id: *cg_id,
+                    primary: role.primary,
+                    disk: *disk,
+                    size: *size,
+                    epoch: role.epoch,
+                    image: self.image(*disk, *size)?,
+                    plane: Arc::downgrade(self),
+                });
+                if existing.is_some() {
+                    self.registry.replace(&name, volume);
+                    if let Some(e) = lock(&self.exports).get_mut(&name) {
+                        e.epoch = role.epoch;
+                    }
+                } else {
+                    self.add_export(
+                        &name,
+                        volume,
+                        &format!("disk {disk} (active-active copy)"),
+                        role.epoch,
+                    )?;
+                }
             }
         }
         *self

@@ -191,6 +191,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             state_file = f;
             match r {
                 Ok(()) => {
+                    plane.note_applied(hello.cg_id, state.applied_seq);
                     let ack = FromReplica::Ack { applied_seq: state.applied_seq, consistent: state.consistent };
                     send.send_frame(&convoy_codec::encode(&ack)?).await?;
                 }

@@ -161,3 +161,85 @@ impl BlockDevice for ReadOnlyCopy {
         Box::pin(async { Ok(()) })
     }
 }
+
+/// The writable view of a disk on an active-active replica: writes are ordered by the
+/// group's sequencer (the primary) and acknowledged once this copy has applied them, so
+/// both copies see one write order and a reader here sees its own writes.
+pub struct RemoteVolume {
+    /// Group id.
+    pub cg_id: u64,
+    /// The sequencer.
+    pub primary: u64,
+    /// The disk.
+    pub disk: DiskId,
+    /// Its size.
+    pub size: u64,
+    /// Epoch the volume was opened at.
+    pub epoch: u64,
+    /// The local copy.
+    pub image: Arc<DiskImage>,
+    /// The data plane (to reach the primary and see what this copy applied).
+    pub plane: Weak<DataPlane>,
+}
+
+impl RemoteVolume {
+    async fn write_inner(
+        &self,
+        offset: u64,
+        payload: Payload,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        let plane = self.plane.upgrade().ok_or(DeviceError::ShuttingDown)?;
+        let seq = plane
+            .mirrored_write(self.primary, self.disk, offset, payload, fua, self.epoch)
+            .await
+            .map_err(|e| DeviceError::Io(std::io::Error::other(e.to_string())))?;
+        plane
+            .wait_applied(self.cg_id, seq)
+            .await
+            .map_err(|e| DeviceError::Io(std::io::Error::other(e.to_string())))
+    }
+}
+
+impl BlockDevice for RemoteVolume {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, offset: u64, len: u32) -> DeviceFuture<'_, Bytes> {
+        Box::pin(async move {
+            Arc::clone(&self.image)
+                .read_async(offset, len as usize)
+                .await
+                .map_err(|e| DeviceError::Io(std::io::Error::other(e.to_string())))
+        })
+    }
+
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceFuture<'_, ()> {
+        Box::pin(self.write_inner(offset, Payload::Data(data), fua))
+    }
+
+    fn flush(&self) -> DeviceFuture<'_, ()> {
+        // Every acknowledged write was applied here by a batch that ended in fdatasync.
+        Box::pin(async move {
+            Arc::clone(&self.image)
+                .flush_async()
+                .await
+                .map_err(|e| DeviceError::Io(std::io::Error::other(e.to_string())))
+        })
+    }
+
+    fn trim(&self, offset: u64, len: u32) -> DeviceFuture<'_, ()> {
+        Box::pin(self.write_inner(offset, Payload::Zeroes(u64::from(len)), false))
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        _may_trim: bool,
+    ) -> DeviceFuture<'_, ()> {
+        Box::pin(self.write_inner(offset, Payload::Zeroes(u64::from(len)), fua))
+    }
+}

@@ -80,6 +80,20 @@ pub enum LocalRequest {
         /// Compare-delta instead of a full copy.
         compare: bool,
     },
+    /// A write made on an active-active copy, to be ordered by this node (the group's
+    /// sequencer).
+    MirroredWrite {
+        /// Disk written.
+        disk: u64,
+        /// Byte offset.
+        offset: u64,
+        /// What was written.
+        payload: crate::data::wire::Payload,
+        /// Durable locally when acknowledged.
+        fua: bool,
+        /// Epoch of the writer's volume.
+        epoch: u64,
+    },
     /// The acknowledged-write log of a simulated guest on this node.
     GuestLog {
         /// VM name.

@@ -866,7 +866,7 @@ impl Cluster {
                 let uris = tokio::task::spawn_blocking(move || plane2.expose_readonly(disk, size))
                     .await
                     .map_err(|e| ServiceError::Internal(e.to_string()))?
-                    .map_err(|e| ServiceError::Internal(format!("{e:#}")))?;
+                    .map_err(|e| ServiceError::NotFound(format!("{e:#}")))?;
                 serde_json::to_string(&uris)
             }
             LocalRequest::GroupStatus { cg } => serde_json::to_string(&plane.group_status(&cg)),
@@ -878,6 +878,25 @@ impl Cluster {
                         .map_err(|e| ServiceError::Internal(e.to_string()))?
                         .map_err(|e| ServiceError::Internal(format!("{e:#}")))?;
                 serde_json::to_string(&records)
+            }
+            LocalRequest::MirroredWrite {
+                disk,
+                offset,
+                payload,
+                fua,
+                epoch,
+            } => {
+                let pipeline = plane.pipeline_for(disk).ok_or_else(|| {
+                    ServiceError::Conflict(format!(
+                        "node {} does not sequence disk {disk}",
+                        self.id
+                    ))
+                })?;
+                let seq = pipeline
+                    .write(disk, offset, payload, fua, epoch)
+                    .await
+                    .map_err(|e| ServiceError::Conflict(e.to_string()))?;
+                serde_json::to_string(&seq)
             }
             LocalRequest::SyncTo { cg, to, compare } => {
                 let report = plane
