@@ -122,6 +122,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/vms/{name}/verify", post(verify_vm))
         .route("/v1/cgs/{name}/verify", post(verify_cg))
         .route("/v1/cgs/{name}/sync", post(sync_cg))
+        .route(
+            "/v1/cgs/{name}/snapshots",
+            post(create_snapshot).get(list_snapshots),
+        )
+        .route("/v1/cgs/{name}/snapshots/{snap}", delete(delete_snapshot))
+        .route(
+            "/v1/cgs/{name}/snapshots/{snap}/restore",
+            post(restore_snapshot),
+        )
         .route("/v1/disks", get(list_disks))
         .route("/v1/disks/{id}/expose", post(expose_disk))
         .with_state(state)
@@ -700,4 +709,133 @@ async fn sync_cg(
         )
     })?;
     Ok(Json(report))
+}
+
+fn snapshot_views(cg: &convoy_raft::model::Cg) -> Vec<SnapshotView> {
+    cg.snapshots
+        .iter()
+        .map(|s| SnapshotView {
+            cg: cg.name.clone(),
+            name: s.name.clone(),
+            host: s.host,
+            created_at_ms: s.created_at_ms,
+            last_seq: None,
+            chunks_restored: None,
+        })
+        .collect()
+}
+
+async fn create_snapshot(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<SnapshotRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
+    let Json(req) = body?;
+    let primary = read_model(&s, &ReadQuery::default(), |m| {
+        m.cgs.get(&name).map(|c| c.primary)
+    })
+    .await?
+    .ok_or_else(|| not_found("cg", &name))?;
+    let json = s
+        .cluster
+        .local(
+            primary,
+            LocalRequest::SnapshotCreate {
+                cg: name.clone(),
+                name: req.name.clone(),
+            },
+        )
+        .await?;
+    let last_seq: u64 = serde_json::from_str(&json)
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("bad answer: {e}")))?;
+    let mut view = read_model(&s, &ReadQuery::default(), |m| {
+        m.cgs
+            .get(&name)
+            .and_then(|c| snapshot_views(c).into_iter().find(|v| v.name == req.name))
+    })
+    .await?
+    .ok_or_else(|| ApiError::new(ErrorCode::Internal, "snapshot recorded but not found"))?;
+    view.last_seq = Some(last_seq);
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn list_snapshots(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> ApiResult<Json<Vec<SnapshotView>>> {
+    read_model(&s, &q, |m| m.cgs.get(&name).map(snapshot_views))
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found("cg", &name))
+}
+
+async fn delete_snapshot(
+    State(s): State<ApiState>,
+    Path((name, snap)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    s.cluster
+        .write(
+            Command::DeleteSnapshot {
+                cg: name,
+                name: snap,
+            },
+            None,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn restore_snapshot(
+    State(s): State<ApiState>,
+    Path((name, snap)): Path<(String, String)>,
+) -> ApiResult<Json<SnapshotView>> {
+    let (view, running, primary) = read_model(&s, &ReadQuery::default(), |m| {
+        m.cgs.get(&name).map(|c| {
+            let running: Vec<String> = c
+                .vms
+                .iter()
+                .filter(|v| m.vms.get(*v).is_some_and(|vm| vm.running))
+                .cloned()
+                .collect();
+            (
+                snapshot_views(c).into_iter().find(|v| v.name == snap),
+                running,
+                c.primary,
+            )
+        })
+    })
+    .await?
+    .ok_or_else(|| not_found("cg", &name))?;
+    let mut view = view.ok_or_else(|| not_found("snapshot", &format!("{name}/{snap}")))?;
+    if !running.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "stop the group's guests first (`convoy vm stop`): running: {}",
+                running.join(", ")
+            ),
+        ));
+    }
+    if view.host != primary {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "snapshot '{snap}' is on node {} but the group now runs on node {primary}",
+                view.host
+            ),
+        ));
+    }
+    let json = s
+        .cluster
+        .local(
+            primary,
+            LocalRequest::SnapshotRestore {
+                cg: name,
+                name: snap,
+            },
+        )
+        .await?;
+    view.chunks_restored = serde_json::from_str(&json).ok();
+    Ok(Json(view))
 }

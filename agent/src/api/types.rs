@@ -342,3 +342,29 @@ pub struct SyncRequest {
     #[serde(default)]
     pub compare: bool,
 }
+
+/// `POST /v1/cgs/{name}/snapshots`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// Snapshot name.
+    pub name: String,
+}
+
+/// A group snapshot in API output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotView {
+    /// Group.
+    pub cg: String,
+    /// Snapshot name.
+    pub name: String,
+    /// Host holding it.
+    pub host: u64,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Last group sequence number it contains (known right after creation).
+    #[serde(default)]
+    pub last_seq: Option<u64>,
+    /// Chunks rewritten (after a restore).
+    #[serde(default)]
+    pub chunks_restored: Option<u64>,
+}

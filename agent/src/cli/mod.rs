@@ -245,12 +245,45 @@ pub enum CgCmd {
         #[arg(long)]
         compare: bool,
     },
+    /// Crash-consistent snapshots of the group (taken on its primary).
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Check a copy of the whole group against its guests' logs, for one common cut.
     Verify {
         /// Group name.
         name: String,
         #[command(flatten)]
         verify: VerifyArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Take a snapshot: writes pause while the group's disks are copied.
+    Create {
+        /// Group name.
+        cg: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// List the group's snapshots.
+    List {
+        /// Group name.
+        cg: String,
+    },
+    /// Delete a snapshot.
+    Delete {
+        /// Group name.
+        cg: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Rewrite the group's disks with a snapshot (guests must be stopped); replicas follow.
+    Restore {
+        /// Group name.
+        cg: String,
+        /// Snapshot name.
+        name: String,
     },
 }
 
@@ -469,6 +502,7 @@ pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
                 client.post(&path, &SyncRequest { to, compare }).await?;
             out.synced(&report)
         }
+        CgCmd::Snapshot(cmd) => snapshot(&client, &out, cmd).await,
         CgCmd::Verify { name, verify } => {
             let path = format!("/v1/cgs/{}/verify", encode_path(&name));
             let req = VerifyRequest {
@@ -536,6 +570,41 @@ pub async fn disk(global: &GlobalArgs, cmd: DiskCmd) -> Result<()> {
             let path = format!("/v1/disks/{id}/expose");
             let resp: ExposeResponse = client.post(&path, &ExposeRequest { on }).await?;
             out.exposed(&resp)
+        }
+    }
+}
+
+async fn snapshot(client: &AdminClient, out: &Output, cmd: SnapshotCmd) -> Result<()> {
+    match cmd {
+        SnapshotCmd::Create { cg, name } => {
+            let path = format!("/v1/cgs/{}/snapshots", encode_path(&cg));
+            let view: SnapshotView = client.post(&path, &SnapshotRequest { name }).await?;
+            out.snapshots(std::slice::from_ref(&view))
+        }
+        SnapshotCmd::List { cg } => {
+            let views: Vec<SnapshotView> = client
+                .get(&format!("/v1/cgs/{}/snapshots", encode_path(&cg)))
+                .await?;
+            out.snapshots(&views)
+        }
+        SnapshotCmd::Delete { cg, name } => {
+            client
+                .delete(&format!(
+                    "/v1/cgs/{}/snapshots/{}",
+                    encode_path(&cg),
+                    encode_path(&name)
+                ))
+                .await?;
+            out.done(&format!("snapshot '{name}' of '{cg}' deleted"))
+        }
+        SnapshotCmd::Restore { cg, name } => {
+            let path = format!(
+                "/v1/cgs/{}/snapshots/{}/restore",
+                encode_path(&cg),
+                encode_path(&name)
+            );
+            let view: SnapshotView = client.post(&path, &serde_json::json!({})).await?;
+            out.snapshots(std::slice::from_ref(&view))
         }
     }
 }

@@ -329,6 +329,33 @@ impl Output {
         Ok(())
     }
 
+    /// `cg snapshot ...`.
+    pub fn snapshots(&self, snaps: &[SnapshotView]) -> Result<()> {
+        if self.format == Format::Json {
+            return self.json(snaps);
+        }
+        let mut t = table(&[
+            "GROUP",
+            "SNAPSHOT",
+            "HOST",
+            "CREATED (ms)",
+            "LAST SEQ",
+            "RESTORED CHUNKS",
+        ]);
+        for s in snaps {
+            t.add_row(vec![
+                s.cg.clone(),
+                s.name.clone(),
+                s.host.to_string(),
+                s.created_at_ms.to_string(),
+                opt(s.last_seq),
+                opt(s.chunks_restored),
+            ]);
+        }
+        println!("{t}");
+        Ok(())
+    }
+
     /// `disk expose`.
     pub fn exposed(&self, e: &ExposeResponse) -> Result<()> {
         if self.format == Format::Json {

@@ -603,6 +603,104 @@ impl DataPlane {
         }
     }
 
+    fn snapshot_dir(&self, cg_id: u64, name: &str) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("snapshots")
+            .join(format!("cg-{cg_id}"))
+            .join(name)
+    }
+
+    /// Takes a crash-consistent snapshot of every disk of group `cg` (this host is its
+    /// primary): writes are held back while the images are copied. Returns the last
+    /// sequence number the snapshot contains.
+    pub fn snapshot_create(&self, cg: &str, name: &str) -> anyhow::Result<u64> {
+        convoy_raft::model::validate_name("snapshot name", name)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (pipeline, cg_id) = {
+            let domains = lock(&self.domains);
+            let d = domains
+                .get(cg)
+                .with_context(|| format!("node {} is not the primary of '{cg}'", self.node))?;
+            (Arc::clone(&d.pipeline), d.pipeline.cg_id)
+        };
+        let dir = self.snapshot_dir(cg_id, name);
+        if dir.exists() {
+            anyhow::bail!(
+                "snapshot '{name}' of '{cg}' already exists on node {}",
+                self.node
+            );
+        }
+        std::fs::create_dir_all(&dir)?;
+        let (result, last) = pipeline.with_writes_paused(|images| -> anyhow::Result<()> {
+            for (disk, image) in images {
+                image.flush()?;
+                image.snapshot_to(&dir, &disk.to_string())?.close()?;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        Ok(last)
+    }
+
+    /// Deletes a snapshot's files on this host.
+    pub fn snapshot_delete_files(&self, cg_id: u64, name: &str) {
+        let _ = std::fs::remove_dir_all(self.snapshot_dir(cg_id, name));
+    }
+
+    /// Rewrites group `cg`'s disks with snapshot `name`'s content, through the pipeline, so
+    /// replicas follow: only chunks whose hashes differ are written. Returns chunks written.
+    pub async fn snapshot_restore(&self, cg: &str, name: &str) -> anyhow::Result<u64> {
+        let pipeline = {
+            let domains = lock(&self.domains);
+            let d = domains
+                .get(cg)
+                .with_context(|| format!("node {} is not the primary of '{cg}'", self.node))?;
+            Arc::clone(&d.pipeline)
+        };
+        let dir = self.snapshot_dir(pipeline.cg_id, name);
+        if !dir.exists() {
+            anyhow::bail!(
+                "snapshot '{name}' of '{cg}' has no files on node {}",
+                self.node
+            );
+        }
+        let mut written = 0;
+        for (disk, image) in pipeline.images().clone() {
+            let dir2 = dir.clone();
+            let snap = Arc::new(
+                tokio::task::spawn_blocking(move || DiskImage::open(&dir2, &disk.to_string()))
+                    .await??,
+            );
+            let chunk = u64::from(image.geometry().chunk_size());
+            for c in 0..image.chunk_count() {
+                let live = Arc::clone(&image).chunk_hash_async(c).await?;
+                let old = Arc::clone(&snap).chunk_hash_async(c).await?;
+                if live == old {
+                    continue;
+                }
+                let offset = c * chunk;
+                let len = chunk.min(image.size() - offset) as usize;
+                let data = Arc::clone(&snap).read_async(offset, len).await?;
+                let payload = if convoy_store::is_zero(&data) {
+                    wire::Payload::Zeroes(len as u64)
+                } else {
+                    wire::Payload::Data(data)
+                };
+                pipeline
+                    .write(disk, offset, payload, false, pipeline.epoch())
+                    .await?;
+                written += 1;
+            }
+            pipeline.flush_disk(disk).await?;
+            let _ = snap.close();
+        }
+        Ok(written)
+    }
+
     /// Serialises streams of one group.
     pub fn replica_turn(&self, cg_id: u64) -> Arc<tokio::sync::Mutex<()>> {
         Arc::clone(lock(&self.replica_turns).entry(cg_id).or_default())
@@ -1055,6 +1153,27 @@ impl DataPlane {
             .replica_roles
             .write()
             .unwrap_or_else(|p| p.into_inner()) = roles;
+
+        // Snapshot files the model no longer lists are deleted.
+        let snap_root = self.cfg.data_dir.join("snapshots");
+        if let Ok(groups) = std::fs::read_dir(&snap_root) {
+            for g in groups.flatten() {
+                let gname = g.file_name().to_string_lossy().to_string();
+                let cg = gname
+                    .strip_prefix("cg-")
+                    .and_then(|id| id.parse::<u64>().ok())
+                    .and_then(|id| model.cgs.values().find(|c| c.id == id));
+                for snap in std::fs::read_dir(g.path()).into_iter().flatten().flatten() {
+                    let sname = snap.file_name().to_string_lossy().to_string();
+                    let keep = cg.is_some_and(|c| {
+                        c.snapshots.iter().any(|s| s.name == sname && s.host == me)
+                    });
+                    if !keep {
+                        let _ = std::fs::remove_dir_all(snap.path());
+                    }
+                }
+            }
+        }
 
         // Images of disks that left the model are deleted; read-only exports of them too.
         let gone: Vec<DiskId> = lock(&self.images)

@@ -227,6 +227,21 @@ impl Pipeline {
         lock(&self.inner).next_seq
     }
 
+    /// Runs `f` with writes held back (blocking: call from a blocking thread). Every write
+    /// acknowledged before is in the images and none starts until `f` returns, so what
+    /// `f` reads of all the group's disks is one crash-consistent point. Returns `f`'s
+    /// result and the last sequence number that point contains.
+    pub fn with_writes_paused<T>(
+        &self,
+        f: impl FnOnce(&BTreeMap<DiskId, Arc<DiskImage>>) -> T,
+    ) -> (T, u64) {
+        let g = lock(&self.inner);
+        let last = g.next_seq - 1;
+        let out = f(&self.images);
+        drop(g);
+        (out, last)
+    }
+
     /// Stops accepting writes (VM moved or deleted).
     pub fn close(&self) {
         lock(&self.inner).closed = true;

@@ -94,6 +94,20 @@ pub enum LocalRequest {
         /// Epoch of the writer's volume.
         epoch: u64,
     },
+    /// Take a crash-consistent snapshot of a group this node is primary of.
+    SnapshotCreate {
+        /// Group name.
+        cg: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Rewrite a group's disks with a snapshot's content.
+    SnapshotRestore {
+        /// Group name.
+        cg: String,
+        /// Snapshot name.
+        name: String,
+    },
     /// The acknowledged-write log of a simulated guest on this node.
     GuestLog {
         /// VM name.

@@ -822,7 +822,10 @@ impl Cluster {
             .ok_or_else(|| ServiceError::NotFound(format!("node {node} is not a known host")))?;
         // Copying disks and checking copies take as long as the disks are large.
         let timeout = match req {
-            LocalRequest::SyncTo { .. } | LocalRequest::Verify { .. } => LONG_LOCAL_TIMEOUT,
+            LocalRequest::SyncTo { .. }
+            | LocalRequest::Verify { .. }
+            | LocalRequest::SnapshotCreate { .. }
+            | LocalRequest::SnapshotRestore { .. } => LONG_LOCAL_TIMEOUT,
             _ => LOCAL_TIMEOUT,
         };
         let payload = convoy_codec::encode(&ForwardRequest::Local(req))
@@ -897,6 +900,35 @@ impl Cluster {
                     .await
                     .map_err(|e| ServiceError::Conflict(e.to_string()))?;
                 serde_json::to_string(&seq)
+            }
+            LocalRequest::SnapshotCreate { cg, name } => {
+                let plane2 = Arc::clone(&plane);
+                let (cg2, name2) = (cg.clone(), name.clone());
+                let last_seq =
+                    tokio::task::spawn_blocking(move || plane2.snapshot_create(&cg2, &name2))
+                        .await
+                        .map_err(|e| ServiceError::Internal(e.to_string()))?
+                        .map_err(|e| ServiceError::BadRequest(format!("{e:#}")))?;
+                let cmd = Command::CreateSnapshot {
+                    cg: cg.clone(),
+                    name: name.clone(),
+                    created_at_ms: now_ms(),
+                };
+                if let Err(e) = self.write(cmd, None).await {
+                    // Not recorded: do not keep files nobody knows about.
+                    if let Some(id) = self.model.read(|m| m.cgs.get(&cg).map(|c| c.id)) {
+                        plane.snapshot_delete_files(id, &name);
+                    }
+                    return Err(e);
+                }
+                serde_json::to_string(&last_seq)
+            }
+            LocalRequest::SnapshotRestore { cg, name } => {
+                let chunks = plane
+                    .snapshot_restore(&cg, &name)
+                    .await
+                    .map_err(|e| ServiceError::BadRequest(format!("{e:#}")))?;
+                serde_json::to_string(&chunks)
             }
             LocalRequest::SyncTo { cg, to, compare } => {
                 let report = plane
