@@ -30,7 +30,6 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use x509_parser::extensions::GeneralName;
 
-
 const NODE_URN_PREFIX: &str = "urn:convoy:node:";
 const CLIENT_URN_PREFIX: &str = "urn:convoy:client:";
 const CONVOY_URN_PREFIX: &str = "urn:convoy:";
