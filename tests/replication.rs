@@ -571,3 +571,50 @@ fn group_snapshot_create_restore_delete() {
     assert!(!r.ok && r.stderr.contains("not found"), "{r:?}");
     dev.assert_no_panics();
 }
+
+/// A replica that falls further behind than the journal holds is brought back with a
+/// dirty-chunk resync: it first keeps a snapshot of its last consistent state, then
+/// becomes consistent and identical again, without a full copy.
+#[test]
+fn journal_overflow_falls_back_to_a_dirty_chunk_resync() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let dev = Dev::start(3, &["--journal-limit-mib", "1"]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    setup_group(&dev, "j", "jg", "128MiB", "async");
+    let uri = vm_uri(&dev, "j", 0);
+    qemu_io(
+        &uri,
+        &(0..16)
+            .map(|k| format!("write -P 1 {} 1M", k * MIB))
+            .collect::<Vec<_>>(),
+    );
+    let before = wait_caught_up(&dev, "jg");
+    let sent_before = before["replicas"][0]["bytes_sent"].as_u64().unwrap();
+
+    // Freeze the replica: its acknowledgements stop while 8 MiB of writes pile up.
+    let replica = Pid::from_raw(dev.pid(2) as i32);
+    kill(replica, Signal::SIGSTOP).unwrap();
+    let writes: Vec<String> = (0..8)
+        .map(|k| format!("write -P 2 {} 1M", (64 + k) * MIB))
+        .collect();
+    qemu_io(&uri, &writes);
+    std::thread::sleep(Duration::from_secs(1));
+    kill(replica, Signal::SIGCONT).unwrap();
+
+    let after = wait_caught_up(&dev, "jg");
+    let link = &after["replicas"][0];
+    assert!(
+        link["resyncs"].as_u64().unwrap() >= 2,
+        "expected a resync after the overflow: {after}"
+    );
+    let resent = link["bytes_sent"].as_u64().unwrap() - sent_before;
+    assert!(resent < 32 * MIB, "looks like a full copy: {resent} bytes");
+    let log = std::fs::read_to_string(&dev.node(2).log).unwrap();
+    assert!(
+        log.contains("kept a before-resync snapshot"),
+        "the replica did not snapshot before the resync"
+    );
+    assert!(images_identical(&uri, &expose(&dev, "j:0", 2)));
+    dev.assert_no_panics();
+}

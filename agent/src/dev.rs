@@ -41,6 +41,9 @@ pub struct DevArgs {
     /// Build a Raft snapshot after this many log entries (small values exercise compaction).
     #[arg(long)]
     pub snapshot_every: Option<u64>,
+    /// Replication journal limit per group in MiB (small values exercise dirty-chunk resync).
+    #[arg(long)]
+    pub journal_limit_mib: Option<u64>,
 }
 
 /// One agent in `cluster.json`.
@@ -118,7 +121,12 @@ fn node_config(dir: &Path, pki: &Path, id: u64, args: &DevArgs) -> Result<(PathB
             socket_dir: node_dir.join("run"),
             tcp: Some(SocketAddr::new(args.ip, free_port(args.ip, false)?)),
         },
-        replication: Default::default(),
+        replication: crate::config::ReplicationConfig {
+            journal_limit_mib: args
+                .journal_limit_mib
+                .unwrap_or(crate::config::ReplicationConfig::default().journal_limit_mib),
+            ..Default::default()
+        },
     };
     convoy_codec::file::durable_write(&path, cfg.to_toml()?.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;

@@ -254,6 +254,7 @@ fn cg_view(model: &ClusterModel, cg: &convoy_raft::model::Cg) -> CgView {
                 lag_writes: None,
                 lag_seconds: None,
                 bytes_sent: None,
+                resyncs: None,
                 last_error: None,
             })
             .collect(),
@@ -390,6 +391,7 @@ async fn show_cg(
                     r.lag_writes = Some(l.lag_writes);
                     r.lag_seconds = Some(l.lag_seconds);
                     r.bytes_sent = Some(l.bytes_sent);
+                    r.resyncs = Some(l.resyncs);
                     r.last_error = l.last_error.clone();
                 }
             }

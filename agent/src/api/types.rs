@@ -267,6 +267,9 @@ pub struct ReplicaView {
     /// Bytes sent on the link.
     #[serde(default)]
     pub bytes_sent: Option<u64>,
+    /// Chunk resyncs run (initial sync included).
+    #[serde(default)]
+    pub resyncs: Option<u64>,
     /// Last error on the link.
     #[serde(default)]
     pub last_error: Option<String>,

@@ -42,6 +42,9 @@ pub struct LinkReport {
     pub lag_writes: u64,
     /// Seconds since the replica last held every write (the RPO in seconds).
     pub lag_seconds: f64,
+    /// Resyncs from chunks since the agent started (initial sync included).
+    #[serde(default)]
+    pub resyncs: u64,
     /// Chunks sent by resyncs, and how many the running one has left.
     pub resync_chunks_sent: u64,
     /// Chunks the running resync still has to send.
@@ -331,7 +334,11 @@ impl LinkSender {
     ) -> anyhow::Result<u64> {
         let phase = if initial { "initial-sync" } else { "resync" };
         tracing::info!(cg = %self.pipeline.name, replica = self.to, phase, "bringing the replica up to date from chunks");
-        report(&self.report).phase = phase.into();
+        {
+            let mut r = report(&self.report);
+            r.phase = phase.into();
+            r.resyncs += 1;
+        }
         if !initial && self.link_state() == LinkState::Consistent {
             self.set_state(LinkState::Inconsistent).await?;
         }
