@@ -103,6 +103,9 @@ pub struct LinkRuntime {
     pub overflowed: bool,
     /// Highest sequence the replica holds durably.
     acked: watch::Sender<u64>,
+    /// Highest sequence the replica's progress record holds: it resumes from here after a
+    /// crash, so the journal keeps what lies above it.
+    recorded: u64,
 }
 
 impl LinkRuntime {
@@ -113,14 +116,17 @@ impl LinkRuntime {
             retain_from: None,
             overflowed: false,
             acked: watch::channel(0).0,
+            recorded: 0,
         }
     }
 
     /// Whether writes wait for this replica.
     fn waits(&self) -> bool {
+        // While streaming, every write reaches the replica in order: wait for it unless the
+        // link was given up on (outdated) in Raft.
         self.mode.is_synchronous()
-            && self.state == LinkState::Consistent
             && self.retain_from.is_some()
+            && self.state != LinkState::Outdated
     }
 }
 
@@ -365,7 +371,7 @@ impl Pipeline {
         let keep_from = g
             .links
             .values()
-            .filter_map(|l| l.retain_from.map(|from| from.max(*l.acked.borrow() + 1)))
+            .filter_map(|l| l.retain_from.map(|from| from.max(l.recorded + 1)))
             .min();
         match keep_from {
             Some(from) => g.journal.trim_through(from.saturating_sub(1)),
@@ -397,11 +403,19 @@ impl Pipeline {
             });
         }
         let len = payload.len();
-        let this = Arc::clone(self);
-        let (seq, waits) =
+        // A page-cache write takes microseconds: doing it on this worker (which tokio
+        // relieves of its other tasks) avoids two thread hand-offs per guest write. Outside
+        // a multi-threaded runtime (unit tests) fall back to the blocking pool.
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let (seq, waits) = if multi {
+            tokio::task::block_in_place(|| self.sequence_local(disk, offset, payload))?
+        } else {
+            let this = Arc::clone(self);
             tokio::task::spawn_blocking(move || this.sequence_local(disk, offset, payload))
                 .await
-                .map_err(|_| WriteError::Closed)??;
+                .map_err(|_| WriteError::Closed)??
+        };
         self.written.notify_waiters();
         for (to, mut acked) in waits {
             let reached = matches!(
@@ -504,7 +518,7 @@ impl Pipeline {
         let mut g = lock(&self.inner);
         if let Some(link) = g.links.get_mut(&to) {
             if link.retain_from.is_some() {
-                link.retain_from = Some(*link.acked.borrow() + 1);
+                link.retain_from = Some(link.recorded + 1);
             }
         }
         Self::trim(&mut g);
@@ -544,6 +558,16 @@ impl Pipeline {
                 *a = (*a).max(seq);
                 moved
             });
+        }
+        Self::trim(&mut g);
+    }
+
+    /// The replica on `to` recorded its progress durably through `seq`: the journal may
+    /// drop what lies at or below it.
+    pub fn recorded(&self, to: NodeId, seq: u64) {
+        let mut g = lock(&self.inner);
+        if let Some(link) = g.links.get_mut(&to) {
+            link.recorded = link.recorded.max(seq);
         }
         Self::trim(&mut g);
     }

@@ -140,7 +140,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         }
     };
     let images = plane.open_replica_images(&expected)?;
-    let (mut state_file, mut state) = plane.open_replica_state(hello.cg_id)?;
+    let (state_file, mut state) = plane.open_replica_state(hello.cg_id)?;
     if hello.epoch < state.epoch {
         let r = Refusal::StaleEpoch {
             got: hello.epoch,
@@ -158,6 +158,17 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
     };
     send.send_frame(&convoy_codec::encode(&accept)?).await?;
     tracing::info!(cg = %role.cg, primary = peer, applied = state.applied_seq, consistent = state.consistent, "replication stream accepted");
+    // After a crash the images may hold writes past the recorded progress; re-applying
+    // those is not a prefix until the copy passes them again.
+    let reapply_until = state.may_have_applied.min(hello.last_seq);
+    let mut session = Session {
+        cg_id: hello.cg_id,
+        state,
+        state_file,
+        recorded: 0,
+        reapply_until: (reapply_until > 0).then_some(reapply_until),
+    };
+    session.recorded = session.state.applied_seq;
 
     // Frames are read ahead so that everything queued is applied before one fsync.
     let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(64);
@@ -169,7 +180,18 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         }
     });
     let result = async {
-        while let Some(frame) = rx.recv().await {
+        loop {
+            // Progress records are cheap to delay: write one when idle or every 50 ms.
+            let behind = session.state.applied_seq > session.recorded;
+            let frame = tokio::select! {
+                f = rx.recv() => f,
+                _ = tokio::time::sleep(RECORD_EVERY), if behind => {
+                    session = record(session).await?;
+                    send.send_frame(&convoy_codec::encode(&session.ack())?).await?;
+                    continue;
+                }
+            };
+            let Some(frame) = frame else { break };
             let mut frames = vec![frame];
             while frames.len() < 64 {
                 match rx.try_recv() {
@@ -180,20 +202,20 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             let msgs: Vec<ToReplica> = frames.iter().map(|f| convoy_codec::decode(f)).collect::<Result<_, _>>()?;
             let plane2 = Arc::clone(&plane);
             let images2 = images.clone();
-            let cg_id = hello.cg_id;
-            let outcome = tokio::task::spawn_blocking(move || {
-                let r = apply_batch(&plane2, cg_id, &images2, &mut state, &mut state_file, msgs);
-                (r, state, state_file)
+            let (r, s) = tokio::task::spawn_blocking(move || {
+                let mut session = session;
+                let r = apply_batch(&plane2, &images2, &mut session, msgs);
+                (r, session)
             })
             .await?;
-            let (r, s, f) = outcome;
-            state = s;
-            state_file = f;
+            session = s;
             match r {
                 Ok(()) => {
-                    plane.note_applied(hello.cg_id, state.applied_seq);
-                    let ack = FromReplica::Ack { applied_seq: state.applied_seq, consistent: state.consistent };
-                    send.send_frame(&convoy_codec::encode(&ack)?).await?;
+                    plane.note_applied(session.cg_id, session.state.applied_seq);
+                    if session.last_record_due() {
+                        session = record(session).await?;
+                    }
+                    send.send_frame(&convoy_codec::encode(&session.ack())?).await?;
                 }
                 Err(refusal) => {
                     refuse_metric(&refusal);
@@ -205,6 +227,11 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
                 }
             }
         }
+        // The stream ended: record progress so a reconnect resumes without re-applying.
+        if session.state.applied_seq > session.recorded {
+            session = record(session).await?;
+        }
+        let _ = &session;
         Ok::<_, anyhow::Error>(())
     }
     .await;
@@ -212,27 +239,93 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
     result
 }
 
-/// Applies decoded messages in order, then makes them durable and stores the progress.
+/// How long applied progress may wait before it is recorded durably.
+const RECORD_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// How far ahead of what it applies the replica reserves its "may have applied" mark.
+const APPLY_RESERVE: u64 = 1024;
+
+/// One stream's replica state.
+struct Session {
+    cg_id: u64,
+    state: ReplicaState,
+    state_file: StateFile,
+    /// `applied_seq` as last stored durably.
+    recorded: u64,
+    /// After a crash: re-applied writes up to here make the copy a non-prefix for a while.
+    reapply_until: Option<u64>,
+}
+
+impl Session {
+    fn ack(&self) -> FromReplica {
+        FromReplica::Ack {
+            applied_seq: self.state.applied_seq,
+            recorded_seq: self.recorded,
+            consistent: self.state.consistent,
+        }
+    }
+
+    fn last_record_due(&self) -> bool {
+        // Far behind: record now rather than let the primary's journal grow.
+        self.state.applied_seq > self.recorded + APPLY_RESERVE / 2
+    }
+
+    fn store(&mut self) -> Result<(), Refusal> {
+        self.state_file
+            .store(&self.state)
+            .map_err(|e| Refusal::Other(e.to_string()))?;
+        self.recorded = self.state.applied_seq;
+        Ok(())
+    }
+}
+
+/// Stores the progress record (data of everything applied is already durable).
+async fn record(session: Session) -> anyhow::Result<Session> {
+    let (r, s) = tokio::task::spawn_blocking(move || {
+        let mut s = session;
+        let r = s.store();
+        (r, s)
+    })
+    .await?;
+    r.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(s)
+}
+
+/// Applies decoded messages in order, then makes the data durable (one fdatasync per
+/// written image). The progress record is stored only when a flag changes or the
+/// "may have applied" mark must move; otherwise [`record`] stores it a little later.
 fn apply_batch(
     plane: &DataPlane,
-    cg_id: u64,
     images: &BTreeMap<DiskId, Arc<DiskImage>>,
-    state: &mut ReplicaState,
-    state_file: &mut StateFile,
+    session: &mut Session,
     msgs: Vec<ToReplica>,
 ) -> Result<(), Refusal> {
-    let apply_lock = plane.apply_lock(cg_id);
+    let apply_lock = plane.apply_lock(session.cg_id);
     let _applying = apply_lock.write().unwrap_or_else(|p| p.into_inner());
     let mut touched = BTreeSet::new();
     let io = |e: convoy_store::StoreError| Refusal::Other(format!("local storage: {e}"));
     let mut result = Ok(());
+    let mut store = false;
     for msg in msgs {
         match msg {
             ToReplica::Writes { epoch, writes } => {
                 let seqs: Vec<u64> = writes.iter().map(|w| w.seq).collect();
-                if let Err(r) = check_writes(state, epoch, &seqs) {
+                if let Err(r) = check_writes(&session.state, epoch, &seqs) {
                     result = Err(r);
                     break;
+                }
+                let Some(&last) = seqs.last() else { continue };
+                if let Some(until) = session.reapply_until.take() {
+                    if until > session.state.applied_seq && session.state.consistent {
+                        // Re-applying what the images may already hold: not a prefix
+                        // until the copy is past it again.
+                        session.state.consistent = false;
+                        session.state.consistent_at = Some(until + 1);
+                        session.store()?;
+                    }
+                }
+                if last > session.state.may_have_applied {
+                    session.state.may_have_applied = last + APPLY_RESERVE;
+                    session.store()?;
                 }
                 for w in writes {
                     let image = images.get(&w.disk).ok_or_else(|| {
@@ -240,35 +333,34 @@ fn apply_batch(
                     })?;
                     apply(image, w.offset, &w.payload).map_err(io)?;
                     touched.insert(w.disk);
-                    state.applied_seq = w.seq;
+                    session.state.applied_seq = w.seq;
                 }
             }
             ToReplica::ResyncBegin { epoch } => {
-                if epoch < state.epoch {
+                if epoch < session.state.epoch {
                     result = Err(Refusal::StaleEpoch {
                         got: epoch,
-                        have: state.epoch,
+                        have: session.state.epoch,
                     });
                     break;
                 }
-                if state.consistent && !state.resync_snapshot {
+                session.reapply_until = None;
+                if session.state.consistent && !session.state.resync_snapshot {
                     // Keep the last consistent state before the copy stops being a prefix.
                     plane
-                        .snapshot_before_resync(cg_id, images)
+                        .snapshot_before_resync(session.cg_id, images)
                         .map_err(|e| Refusal::Other(e.to_string()))?;
-                    state.resync_snapshot = true;
+                    session.state.resync_snapshot = true;
                 }
-                state.consistent = false;
-                state.consistent_at = None;
-                state_file
-                    .store(state)
-                    .map_err(|e| Refusal::Other(e.to_string()))?;
+                session.state.consistent = false;
+                session.state.consistent_at = None;
+                session.store()?;
             }
             ToReplica::Chunks { epoch, chunks } => {
-                if epoch < state.epoch {
+                if epoch < session.state.epoch {
                     result = Err(Refusal::StaleEpoch {
                         got: epoch,
-                        have: state.epoch,
+                        have: session.state.epoch,
                     });
                     break;
                 }
@@ -285,15 +377,20 @@ fn apply_batch(
                 resume_seq,
                 consistent_at,
             } => {
-                if epoch < state.epoch {
+                if epoch < session.state.epoch {
                     result = Err(Refusal::StaleEpoch {
                         got: epoch,
-                        have: state.epoch,
+                        have: session.state.epoch,
                     });
                     break;
                 }
-                state.applied_seq = resume_seq.saturating_sub(1);
-                state.consistent_at = Some(consistent_at);
+                session.state.applied_seq = resume_seq.saturating_sub(1);
+                session.state.may_have_applied = session
+                    .state
+                    .may_have_applied
+                    .max(session.state.applied_seq);
+                session.state.consistent_at = Some(consistent_at);
+                store = true;
             }
         }
     }
@@ -302,21 +399,20 @@ fn apply_batch(
             image.flush().map_err(io)?;
         }
     }
-    if let Some(at) = state.consistent_at {
-        if state.applied_seq + 1 >= at {
-            state.consistent = true;
-            state.consistent_at = None;
+    if let Some(at) = session.state.consistent_at {
+        if session.state.applied_seq + 1 >= at {
+            session.state.consistent = true;
+            session.state.consistent_at = None;
+            store = true;
         }
     }
-    state_file
-        .store(state)
-        .map_err(|e| Refusal::Other(e.to_string()))?;
-    if state.consistent && state.resync_snapshot {
-        plane.drop_resync_snapshot(cg_id, images);
-        state.resync_snapshot = false;
-        state_file
-            .store(state)
-            .map_err(|e| Refusal::Other(e.to_string()))?;
+    if store {
+        session.store()?;
+    }
+    if session.state.consistent && session.state.resync_snapshot {
+        plane.drop_resync_snapshot(session.cg_id, images);
+        session.state.resync_snapshot = false;
+        session.store()?;
     }
     result
 }

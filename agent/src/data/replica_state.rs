@@ -28,6 +28,11 @@ pub struct ReplicaState {
     pub consistent_at: Option<u64>,
     /// A before-resync snapshot exists and is the last consistent state.
     pub resync_snapshot: bool,
+    /// No write above this sequence has touched the images. Raised (durably) in blocks
+    /// before applying beyond it, so after a crash the replica knows how far its images
+    /// may be ahead of `applied_seq`, and that re-applying up to here is not a prefix.
+    #[serde(default)]
+    pub may_have_applied: u64,
 }
 
 #[derive(Serialize, Deserialize)]

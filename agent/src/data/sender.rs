@@ -128,6 +128,7 @@ impl LinkSender {
                 .iter()
                 .map(|(id, img)| (*id, img.size()))
                 .collect(),
+            last_seq: self.pipeline.last_seq(),
         };
         send.send_frame(&convoy_codec::encode(&hello)?).await?;
         let reply = tokio::time::timeout(Duration::from_secs(10), recv.recv_frame())
@@ -162,7 +163,11 @@ impl LinkSender {
 
         // Acknowledgements arrive on the receive half. After a resync the copy is not
         // consistent until the replica says so again.
-        let (ack_tx, mut ack_rx) = watch::channel((applied, consistent && resumed));
+        let (ack_tx, mut ack_rx) = watch::channel(Acked {
+            applied,
+            recorded: applied,
+            consistent: consistent && resumed,
+        });
         let reader = tokio::spawn(read_acks(recv, ack_tx));
         let result = self
             .stream(&mut send, &mut from, &mut ack_rx, &mut pending)
@@ -198,7 +203,7 @@ impl LinkSender {
         &self,
         send: &mut FramedSend,
         from: &mut u64,
-        acks: &mut watch::Receiver<(u64, bool)>,
+        acks: &mut watch::Receiver<Acked>,
         pending: &mut Vec<(u64, PendingClear)>,
     ) -> anyhow::Result<()> {
         report(&self.report).phase = "streaming".into();
@@ -209,7 +214,12 @@ impl LinkSender {
             tokio::pin!(notified);
             notified.as_mut().enable();
 
-            let (acked, consistent) = *acks.borrow_and_update();
+            let Acked {
+                applied: acked,
+                recorded,
+                consistent,
+            } = *acks.borrow_and_update();
+            self.pipeline.recorded(self.to, recorded);
             if acked > 0 {
                 self.pipeline.acked(self.to, acked);
             }
@@ -220,6 +230,10 @@ impl LinkSender {
                 LinkState::Outdated => consistent && acked >= last,
                 LinkState::Consistent => false,
             };
+            if !consistent && self.link_state() == LinkState::Consistent {
+                // The replica says it is not a prefix right now (re-applying after a crash).
+                self.set_state(LinkState::Inconsistent).await?;
+            }
             if promote {
                 self.set_state(LinkState::Consistent).await?;
                 tracing::info!(cg = %self.pipeline.name, replica = self.to, acked, "replica is consistent");
@@ -432,8 +446,19 @@ impl LinkSender {
     }
 }
 
+/// The replica's latest acknowledgement.
+#[derive(Clone, Copy, Debug)]
+struct Acked {
+    /// Data durable through this sequence.
+    applied: u64,
+    /// Progress record durable through this sequence.
+    recorded: u64,
+    /// Whether the copy is a consistent prefix.
+    consistent: bool,
+}
+
 /// Reads the replica's acknowledgements into `tx` until the stream ends.
-async fn read_acks(mut recv: FramedRecv, tx: watch::Sender<(u64, bool)>) {
+async fn read_acks(mut recv: FramedRecv, tx: watch::Sender<Acked>) {
     loop {
         let frame: Option<Bytes> = match recv.recv_frame().await {
             Ok(f) => f,
@@ -443,9 +468,14 @@ async fn read_acks(mut recv: FramedRecv, tx: watch::Sender<(u64, bool)>) {
         match convoy_codec::decode::<FromReplica>(&frame) {
             Ok(FromReplica::Ack {
                 applied_seq,
+                recorded_seq,
                 consistent,
             }) => {
-                let _ = tx.send((applied_seq, consistent));
+                let _ = tx.send(Acked {
+                    applied: applied_seq,
+                    recorded: recorded_seq,
+                    consistent,
+                });
             }
             Ok(FromReplica::Refused { reason }) => {
                 tracing::warn!(%reason, "replica refused the stream");

@@ -18,6 +18,9 @@ pub struct Hello {
     pub epoch: u64,
     /// The group's disks and their sizes, in the group's order.
     pub disks: Vec<(DiskId, u64)>,
+    /// Last sequence number the primary assigned: every write the replica can hold is at
+    /// or below it.
+    pub last_seq: u64,
 }
 
 /// The replica's answer to [`Hello`].
@@ -113,8 +116,11 @@ pub enum ToReplica {
 pub enum FromReplica {
     /// Everything up to `applied_seq` is applied and durable on the replica.
     Ack {
-        /// Highest durable sequence.
+        /// Highest sequence whose data is durable in the replica's images.
         applied_seq: u64,
+        /// Highest sequence the replica's progress record holds durably: after a crash it
+        /// asks to resume from here, so the primary keeps its journal from here on.
+        recorded_seq: u64,
         /// Whether the copy is currently a consistent prefix.
         consistent: bool,
     },
