@@ -1,4 +1,5 @@
-//! Cluster spine benchmark: leader failover time and metadata write throughput on a real
+//! Cluster spine benchmark: leader failover time and metadata write throughput (`vm stop`, a
+//! pure metadata command; VM creation with disk provisioning reported apart) on a real
 //! 3-agent `convoy dev` cluster (fsync on). Prints figures; asserts nothing about speed.
 //!
 //! Run: `cargo bench -p convoy-agent --bench spine --profile dev`
@@ -56,12 +57,23 @@ fn create(name: String, host: u64) -> CreateVmRequest {
     }
 }
 
+/// What each benchmark write is.
+#[derive(Clone, Copy)]
+enum Op {
+    /// `POST /v1/vms/{vm}/stop` on the client's own VM: a pure metadata command through the
+    /// whole path (API, forwarding, Raft, state machine) with no side effect on any host.
+    Stop,
+    /// `POST /v1/vms`: also provisions the VM's disk image on its host.
+    Create,
+}
+
 /// Runs `clients` concurrent writers against `addrs` for RUN_FOR; returns (writes, writes/s).
 async fn throughput(
     dev: &Dev,
     addrs: Vec<std::net::SocketAddr>,
     clients: usize,
     tag: &str,
+    op: Op,
 ) -> (u64, f64) {
     let counter = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + RUN_FOR;
@@ -80,10 +92,16 @@ async fn throughput(
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
             while Instant::now() < deadline {
-                let _: VmView = client
-                    .post("/v1/vms", &create(format!("{tag}-{c}-{i}"), 1))
-                    .await
-                    .unwrap();
+                let _: VmView = match op {
+                    Op::Stop => client
+                        .post(&format!("/v1/vms/bench-{c}/stop"), &serde_json::json!({}))
+                        .await
+                        .unwrap(),
+                    Op::Create => client
+                        .post("/v1/vms", &create(format!("{tag}-{c}-{i}"), 1))
+                        .await
+                        .unwrap(),
+                };
                 counter.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
@@ -107,12 +125,29 @@ fn main() {
     let follower_addr: std::net::SocketAddr = dev.node(follower).admin_addr.parse().unwrap();
 
     // Throughput.
+    // One VM per client, created up front.
+    rt.block_on(async {
+        let client = dev.client();
+        for c in 0..32 {
+            let _: VmView = client
+                .post("/v1/vms", &create(format!("bench-{c}"), 1))
+                .await
+                .unwrap();
+        }
+    });
     let before: NodeStatus = rt.block_on(dev.client_at(leader).get("/v1/node")).unwrap();
-    let one = rt.block_on(throughput(&dev, vec![leader_addr], 1, "one"));
+    let one = rt.block_on(throughput(&dev, vec![leader_addr], 1, "one", Op::Stop));
     let mid: NodeStatus = rt.block_on(dev.client_at(leader).get("/v1/node")).unwrap();
-    let many = rt.block_on(throughput(&dev, vec![leader_addr], 32, "many"));
+    let many = rt.block_on(throughput(&dev, vec![leader_addr], 32, "many", Op::Stop));
     let after: NodeStatus = rt.block_on(dev.client_at(leader).get("/v1/node")).unwrap();
-    let via_follower = rt.block_on(throughput(&dev, vec![follower_addr], 32, "fwd"));
+    let via_follower = rt.block_on(throughput(&dev, vec![follower_addr], 32, "fwd", Op::Stop));
+    let (_, creates) = rt.block_on(throughput(
+        &dev,
+        vec![leader_addr],
+        32,
+        "create",
+        Op::Create,
+    ));
     // Writes per WAL fsync on the leader: the group-commit factor.
     let batch = |writes: u64, a: &NodeStatus, b: &NodeStatus| {
         writes as f64 / ((b.log_fsyncs - a.log_fsyncs).max(1)) as f64
@@ -209,6 +244,13 @@ fn main() {
         "writes/s, 32 clients via a follower",
         via_follower,
         via_follower / ceiling,
+        ""
+    );
+    println!(
+        "{:<46} {:>10.0} {:>13.2}x {:>10}",
+        "vm creates/s with disk provisioning, 32 cl.",
+        creates,
+        creates / ceiling,
         ""
     );
     dev.assert_no_panics();
