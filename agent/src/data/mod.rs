@@ -206,6 +206,7 @@ impl DataPlane {
         let server = convoy_delta::DeltaServer::new(convoy_delta::DeltaConfig::default(), resolver)
             .map_err(|e| anyhow::anyhow!("cannot start the delta server: {e}"))?;
         let _ = plane.delta.set(server);
+        tokio::spawn(hash_warmer(Arc::downgrade(&plane)));
         if let Some(addr) = cfg.nbd_tcp {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -1209,5 +1210,45 @@ impl DataPlane {
     /// The socket directory.
     pub fn socket_dir(&self) -> &Path {
         &self.cfg.socket_dir
+    }
+}
+
+/// Keeps idle images' chunk hashes computed, so a compare-delta against them only hashes
+/// what changed since. An image is hashed once its count of unknown hashes stays the same
+/// across two looks (no writes in between): hashing a busy image would only be redone.
+async fn hash_warmer(plane: std::sync::Weak<DataPlane>) {
+    let mut last_unknown: HashMap<DiskId, u64> = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let Some(p) = plane.upgrade() else { return };
+        let images: Vec<(DiskId, Arc<DiskImage>)> = lock(&p.images)
+            .iter()
+            .map(|(d, i)| (*d, Arc::clone(i)))
+            .collect();
+        drop(p);
+        for (disk, image) in images {
+            let unknown = (0..image.chunk_count())
+                .filter(|c| image.cached_hash(*c).is_none())
+                .count() as u64;
+            let previous = last_unknown.insert(disk, unknown);
+            if unknown == 0 || previous != Some(unknown) {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            match tokio::task::spawn_blocking(move || image.hash_all()).await {
+                Ok(Ok(pass)) => {
+                    tracing::debug!(
+                        disk,
+                        read = pass.read,
+                        holes = pass.holes,
+                        ms = started.elapsed().as_millis() as u64,
+                        "hashed idle image"
+                    );
+                    last_unknown.insert(disk, 0);
+                }
+                Ok(Err(e)) => tracing::debug!(disk, error = %e, "hashing an idle image failed"),
+                Err(_) => {}
+            }
+        }
     }
 }
