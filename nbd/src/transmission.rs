@@ -1,5 +1,8 @@
-//! The transmission phase: one reader that parses requests, one task per request that
-//! calls the device, and one writer that serialises replies.
+//! The transmission phase: one reader task that parses requests, and one executor task
+//! that runs them against the device concurrently and serialises the replies.
+//!
+//! Two tasks, not one per request: at low queue depth each extra task is a thread
+//! hand-off per request, which dominated latency.
 
 use std::future::Future;
 use std::io;
@@ -8,6 +11,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{debug, error, warn};
@@ -44,11 +49,11 @@ where
         slots: Arc::new(Semaphore::new(max_in_flight)),
         bytes: Arc::new(Semaphore::new(budget as usize)),
     };
-    // Every queued reply holds a slot permit, so the channel never holds more than
-    // `max_in_flight` replies and sending into it does not block for long.
-    let (tx, rx) = mpsc::channel::<Reply>(max_in_flight);
-    let writer_task = tokio::spawn(write_replies(writer, rx));
+    // Every queued item holds a slot permit, so the channel never holds more than
+    // `max_in_flight` items and sending into it does not block for long.
+    let (tx, rx) = mpsc::channel::<Work>(max_in_flight);
     let name: Arc<str> = Arc::from(name);
+    let writer_task = tokio::spawn(execute_and_reply(writer, rx, device, Arc::clone(&name)));
     let mut reader = BufReader::with_capacity(IO_BUFFER, reader);
     tokio::pin!(stop);
 
@@ -66,18 +71,20 @@ where
         match step {
             Ok(Step::Eof) | Ok(Step::Disconnect) => break Ok(()),
             Ok(Step::Reply(reply)) => {
-                if tx.send(reply).await.is_err() {
+                if tx.send(Work::Reply(reply)).await.is_err() {
                     break Ok(());
                 }
             }
             Ok(Step::Run(job)) => {
-                tokio::spawn(job.run(Arc::clone(&device), Arc::clone(&name), tx.clone()));
+                if tx.send(Work::Run(job)).await.is_err() {
+                    break Ok(());
+                }
             }
             Err(e) => break Err(e),
         }
     };
-    // The writer ends once the reader's and every running job's sender is gone, i.e.
-    // after the last reply has been written.
+    // The executor ends once the reader's sender is gone and every job it holds has
+    // been answered.
     drop(tx);
     let written = match writer_task.await {
         Ok(r) => r.map_err(Error::from),
@@ -201,8 +208,16 @@ struct Job {
     permits: Permits,
 }
 
+/// What the reader hands the executor.
+enum Work {
+    /// Run this request, then reply.
+    Run(Job),
+    /// Reply at once (a refused request).
+    Reply(Reply),
+}
+
 impl Job {
-    async fn run(self, device: Arc<dyn BlockDevice>, export: Arc<str>, tx: mpsc::Sender<Reply>) {
+    async fn run(self, device: Arc<dyn BlockDevice>, export: Arc<str>) -> Reply {
         let command = self.command;
         // A panicking backend must not leave the client waiting forever for this reply.
         let outcome = AssertUnwindSafe(execute(&*device, command, self.payload))
@@ -220,15 +235,12 @@ impl Job {
                 (Errno::Io.code(), None)
             }
         };
-        // The client may be gone; the operation has run either way.
-        let _ = tx
-            .send(Reply {
-                cookie: self.cookie,
-                error,
-                data,
-                _permits: self.permits,
-            })
-            .await;
+        Reply {
+            cookie: self.cookie,
+            error,
+            data,
+            _permits: self.permits,
+        }
     }
 }
 
@@ -297,22 +309,63 @@ struct Reply {
     _permits: Permits,
 }
 
-/// The only task that writes to the socket, so a reply's header and payload are never
-/// split by another reply.
-async fn write_replies<W: AsyncWrite + Unpin>(
+/// The only task that runs requests and writes to the socket, so a reply's header and
+/// payload are never split by another reply. Requests run concurrently (polled here);
+/// replies already completed are written together before one flush.
+async fn execute_and_reply<W: AsyncWrite + Unpin>(
     writer: W,
-    mut rx: mpsc::Receiver<Reply>,
+    mut rx: mpsc::Receiver<Work>,
+    device: Arc<dyn BlockDevice>,
+    export: Arc<str>,
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(IO_BUFFER, writer);
-    while let Some(reply) = rx.recv().await {
-        put_reply(&mut out, reply).await?;
-        // Coalesce the replies already waiting into one flush.
-        while let Ok(reply) = rx.try_recv() {
-            put_reply(&mut out, reply).await?;
+    let mut running = FuturesUnordered::new();
+    let mut open = true;
+    // Once the socket fails, requests already read still run to completion (the device
+    // sees every request it was promised), but nothing more is read or written.
+    let mut broken: Option<io::Error> = None;
+    while open || !running.is_empty() {
+        let reply = tokio::select! {
+            work = rx.recv(), if open => match work {
+                Some(Work::Run(job)) => {
+                    running.push(job.run(Arc::clone(&device), Arc::clone(&export)));
+                    None
+                }
+                Some(Work::Reply(reply)) => Some(reply),
+                None => {
+                    open = false;
+                    None
+                }
+            },
+            Some(reply) = running.next(), if !running.is_empty() => Some(reply),
+        };
+        if broken.is_some() {
+            continue;
         }
-        out.flush().await?;
+        let mut result = Ok(());
+        if let Some(reply) = reply {
+            result = put_reply(&mut out, reply).await;
+        }
+        // Coalesce what is ready right now into one flush.
+        while result.is_ok() {
+            match running.next().now_or_never() {
+                Some(Some(reply)) => result = put_reply(&mut out, reply).await,
+                _ => break,
+            }
+        }
+        if result.is_ok() {
+            result = out.flush().await;
+        }
+        if let Err(e) = result {
+            // Nothing new arrives; what the reader already queued still runs.
+            rx.close();
+            broken = Some(e);
+        }
     }
-    out.shutdown().await
+    match broken {
+        Some(e) => Err(e),
+        None => out.shutdown().await,
+    }
 }
 
 async fn put_reply<W: AsyncWrite + Unpin>(out: &mut W, reply: Reply) -> io::Result<()> {
