@@ -168,7 +168,7 @@ impl LinkSender {
             recorded: applied,
             consistent: consistent && resumed,
         });
-        let reader = tokio::spawn(read_acks(recv, ack_tx));
+        let reader = tokio::spawn(read_acks(recv, ack_tx, Arc::clone(&self.pipeline), self.to));
         let result = self
             .stream(&mut send, &mut from, &mut ack_rx, &mut pending)
             .await;
@@ -458,7 +458,14 @@ struct Acked {
 }
 
 /// Reads the replica's acknowledgements into `tx` until the stream ends.
-async fn read_acks(mut recv: FramedRecv, tx: watch::Sender<Acked>) {
+/// Synchronous writers are released from here directly, without a hop through the
+/// sender's loop.
+async fn read_acks(
+    mut recv: FramedRecv,
+    tx: watch::Sender<Acked>,
+    pipeline: Arc<Pipeline>,
+    to: NodeId,
+) {
     loop {
         let frame: Option<Bytes> = match recv.recv_frame().await {
             Ok(f) => f,
@@ -471,6 +478,8 @@ async fn read_acks(mut recv: FramedRecv, tx: watch::Sender<Acked>) {
                 recorded_seq,
                 consistent,
             }) => {
+                pipeline.acked(to, applied_seq);
+                pipeline.recorded(to, recorded_seq);
                 let _ = tx.send(Acked {
                     applied: applied_seq,
                     recorded: recorded_seq,
