@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::data::*;
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::Value;
 
 /// The guest writes `seq%08d` at the start of block `i % BLOCKS` for write `i = 1, 2, ...`.
 const BLOCKS: u64 = 16_000;
@@ -29,77 +29,6 @@ const REPORT_EVERY: u64 = 50;
 const MIN_WRITES: u64 = 200;
 /// Bound on booting the guest and reaching `MIN_WRITES`.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Runs an external tool with a time limit; panics with its output if it cannot start.
-fn tool(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new("timeout")
-        .arg("-s")
-        .arg("KILL")
-        .arg("120")
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {program} ({e}); install it with scripts/setup-debian")
-        })
-}
-
-fn ok(out: &std::process::Output, what: &str) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{what} failed: {text}");
-    text
-}
-
-/// The first (Unix socket) NBD URI of `vm`'s disk `index`.
-fn vm_uri(dev: &Dev, vm: &str, index: usize) -> String {
-    wait_for("the disk's NBD export", Duration::from_secs(20), || {
-        let v = dev.cli(&["vm", "show", vm, "-o", "json"]).json();
-        v["disks"][index]["uris"][0].as_str().map(String::from)
-    })
-}
-
-fn expose(dev: &Dev, disk: &str, on: u64) -> String {
-    let r = dev
-        .cli(&[
-            "disk",
-            "expose",
-            disk,
-            "--on",
-            &on.to_string(),
-            "-o",
-            "json",
-        ])
-        .json();
-    r["uris"][0].as_str().unwrap().to_string()
-}
-
-fn cg_show(dev: &Dev, cg: &str) -> Value {
-    dev.cli(&["cg", "show", cg, "-o", "json"]).json()
-}
-
-/// Waits until the group's replica is consistent and holds every write.
-fn wait_caught_up(dev: &Dev, cg: &str) -> Value {
-    wait_for("the replica to catch up", Duration::from_secs(60), || {
-        let v = cg_show(dev, cg);
-        let r = &v["replicas"][0];
-        let done = r["state"] == "consistent" && r["lag_writes"] == 0 && r["phase"] == "streaming";
-        done.then_some(v)
-    })
-}
-
-fn setup_group(dev: &Dev, vm: &str, cg: &str, size: &str, mode: &str) {
-    let r = dev.cli(&["vm", "create", vm, "--host", "1", "--disk", size]);
-    assert!(r.ok, "{r:?}");
-    let r = dev.cli(&["cg", "create", cg, "--vm", vm]);
-    assert!(r.ok, "{r:?}");
-    let r = dev.cli(&["cg", "replicate", cg, "--to", "2", "--mode", mode]);
-    assert!(r.ok, "{r:?}");
-}
 
 /// Building the guest: Debian's cloud kernel and a busybox initramfs whose `/init` loads the
 /// virtio block driver and writes the numbered blocks.

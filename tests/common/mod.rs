@@ -7,6 +7,8 @@
 //! process it started.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod data;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
