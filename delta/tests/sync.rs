@@ -186,8 +186,8 @@ async fn destination_of_another_size_is_refused_with_a_clear_message() {
                 "{text}"
             );
             assert!(matches!(
-                next_session(&mut results).await,
-                Ok(Served::Refused { .. })
+                next_refusal(&mut results).await,
+                Served::Refused { .. }
             ));
         }
     })
@@ -219,10 +219,7 @@ async fn stale_epoch_and_wrong_disk_are_refused_and_nothing_is_written() {
                     DeltaError::Refused { refusal, .. } => assert_eq!(refusal.code, code),
                     other => panic!("expected {code:?}, got {other:?}"),
                 }
-                assert!(matches!(
-                    next_session(&mut results).await,
-                    Ok(Served::Refused { .. })
-                ));
+                assert!(matches!(next_refusal(&mut results).await, Served::Refused { .. }));
             }
         }
         // A pull is refused too: the disk is offered only as a destination.

@@ -177,3 +177,15 @@ pub async fn next_session(
         .expect("no session result within 30 s")
         .expect("responder loop ended")
 }
+
+/// Waits for the responder to report a refused session, skipping what its data streams
+/// report meanwhile (they race with the control stream's refusal).
+pub async fn next_refusal(rx: &mut mpsc::UnboundedReceiver<Result<Served, DeltaError>>) -> Served {
+    loop {
+        match next_session(rx).await {
+            Ok(refused @ Served::Refused { .. }) => return refused,
+            Ok(Served::Attached) | Err(_) => continue,
+            Ok(other) => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+}
