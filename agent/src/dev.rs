@@ -76,14 +76,29 @@ pub struct ClusterFile {
     pub env: BTreeMap<String, String>,
 }
 
-fn free_port(ip: IpAddr, udp: bool) -> Result<u16> {
+/// Picks `n` distinct free ports (UDP or TCP) on `ip`. The probe sockets stay open until
+/// all are picked, so the same port is never handed out twice in one call; another process
+/// can still take one before the agent binds it, which `start_and_form` handles by retrying.
+fn free_ports(ip: IpAddr, udp: bool, n: usize) -> Result<Vec<u16>> {
     let addr = SocketAddr::new(ip, 0);
-    let port = if udp {
-        std::net::UdpSocket::bind(addr)?.local_addr()?.port()
-    } else {
-        std::net::TcpListener::bind(addr)?.local_addr()?.port()
-    };
-    Ok(port)
+    let mut udp_socks = Vec::new();
+    let mut tcp_socks = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..n {
+        let port = if udp {
+            let s = std::net::UdpSocket::bind(addr)?;
+            let p = s.local_addr()?.port();
+            udp_socks.push(s);
+            p
+        } else {
+            let s = std::net::TcpListener::bind(addr)?;
+            let p = s.local_addr()?.port();
+            tcp_socks.push(s);
+            p
+        };
+        ports.push(port);
+    }
+    Ok(ports)
 }
 
 /// Writes (or reuses) the config of node `id`; returns its path.
@@ -96,6 +111,8 @@ fn node_config(dir: &Path, pki: &Path, id: u64, args: &DevArgs) -> Result<(PathB
     }
     std::fs::create_dir_all(&node_dir)
         .with_context(|| format!("cannot create {}", node_dir.display()))?;
+    let raft_port = free_ports(args.ip, true, 1)?[0];
+    let tcp_ports = free_ports(args.ip, false, 2)?;
     let mut raft = RaftConfig::default();
     if let Some(n) = args.snapshot_every {
         raft.snapshot_every = n;
@@ -105,8 +122,8 @@ fn node_config(dir: &Path, pki: &Path, id: u64, args: &DevArgs) -> Result<(PathB
         node_id: id,
         data_dir: node_dir.join("data"),
         listen: ListenConfig {
-            raft: SocketAddr::new(args.ip, free_port(args.ip, true)?),
-            admin: SocketAddr::new(args.ip, free_port(args.ip, false)?),
+            raft: SocketAddr::new(args.ip, raft_port),
+            admin: SocketAddr::new(args.ip, tcp_ports[0]),
             metrics: None,
         },
         advertise: AdvertiseConfig::default(),
@@ -119,7 +136,7 @@ fn node_config(dir: &Path, pki: &Path, id: u64, args: &DevArgs) -> Result<(PathB
         peers: Vec::new(),
         nbd: crate::config::NbdConfig {
             socket_dir: node_dir.join("run"),
-            tcp: Some(SocketAddr::new(args.ip, free_port(args.ip, false)?)),
+            tcp: Some(SocketAddr::new(args.ip, tcp_ports[1])),
         },
         replication: crate::config::ReplicationConfig {
             journal_limit_mib: args
@@ -338,31 +355,46 @@ async fn start_and_form(
 ) -> Result<()> {
     let mut clients = Vec::new();
     for id in 1..=args.nodes {
-        spinner.set_message(format!("starting agent {id}"));
-        let (config_path, cfg) = node_config(dir, pki_dir, id, args)?;
-        let log = dir.join(format!("node-{id}")).join("agent.log");
-        let child = spawn_agent(&config_path, &log)?;
-        let node = DevNode {
-            id,
-            pid: child.id(),
-            admin_addr: cfg.advertised_admin().to_string(),
-            raft_addr: cfg.advertised_raft().to_string(),
-            data_dir: cfg.data_dir.clone(),
-            config: config_path,
-            log,
-        };
-        clients.push(AdminClient::from_files(
-            vec![cfg.advertised_admin()],
-            ca,
-            cert,
-            key,
-        )?);
-        children.push((id, child, node));
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for (i, (id, child, node)) in children.iter_mut().enumerate() {
-        spinner.set_message(format!("waiting for agent {id}"));
-        wait_healthy(&clients[i], child, &node.log, deadline).await?;
+        // A port picked for a fresh node can be taken by another process before the
+        // agent binds it: then start the node again on new ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            spinner.set_message(format!("starting agent {id}"));
+            let fresh = !dir.join(format!("node-{id}")).join("agent.toml").exists();
+            let (config_path, cfg) = node_config(dir, pki_dir, id, args)?;
+            let log = dir.join(format!("node-{id}")).join("agent.log");
+            let mut child = spawn_agent(&config_path, &log)?;
+            let client = AdminClient::from_files(vec![cfg.advertised_admin()], ca, cert, key)?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            match wait_healthy(&client, &mut child, &log, deadline).await {
+                Ok(()) => {
+                    let node = DevNode {
+                        id,
+                        pid: child.id(),
+                        admin_addr: cfg.advertised_admin().to_string(),
+                        raft_addr: cfg.advertised_raft().to_string(),
+                        data_dir: cfg.data_dir.clone(),
+                        config: config_path,
+                        log,
+                    };
+                    clients.push(client);
+                    children.push((id, child, node));
+                    break;
+                }
+                Err(e) if fresh && attempt < 3 && tail(&log, 20).contains("cannot") => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    tracing::warn!(node = id, error = %e, "agent did not start; retrying on other ports");
+                    let _ = std::fs::remove_file(&config_path);
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
+                }
+            }
+        }
     }
     let first = &clients[0];
     let status: ClusterStatus = first.get("/v1/cluster").await?;
