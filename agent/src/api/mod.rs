@@ -99,6 +99,14 @@ impl From<JsonRejection> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// The state machine answered a command with an outcome of another kind: a bug.
+fn unexpected(outcome: Outcome) -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        format!("unexpected outcome {outcome:?}"),
+    )
+}
+
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -286,10 +294,7 @@ async fn create_vm(
     };
     match s.cluster.write(cmd, request_id).await? {
         Outcome::Vm(vm, disks) => Ok((StatusCode::CREATED, Json(vm_view_with(&vm, disks)))),
-        other => Err(ApiError::new(
-            ErrorCode::Internal,
-            format!("unexpected outcome {other:?}"),
-        )),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -354,10 +359,7 @@ async fn create_cg(
             StatusCode::CREATED,
             Json(s.cluster.model.read(|m| cg_view(m, &cg))),
         )),
-        other => Err(ApiError::new(
-            ErrorCode::Internal,
-            format!("unexpected outcome {other:?}"),
-        )),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -403,10 +405,7 @@ async fn show_cg(
 async fn write_cg(s: &ApiState, cmd: Command) -> ApiResult<Json<CgView>> {
     match s.cluster.write(cmd, None).await? {
         Outcome::Cg(cg) => Ok(Json(s.cluster.model.read(|m| cg_view(m, &cg)))),
-        other => Err(ApiError::new(
-            ErrorCode::Internal,
-            format!("unexpected outcome {other:?}"),
-        )),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -460,10 +459,7 @@ async fn set_running(s: &ApiState, name: String, running: bool) -> ApiResult<Jso
         .await?
     {
         Outcome::Vm(vm, disks) => Ok(Json(vm_view_with(&vm, disks))),
-        other => Err(ApiError::new(
-            ErrorCode::Internal,
-            format!("unexpected outcome {other:?}"),
-        )),
+        other => Err(unexpected(other)),
     }
 }
 
