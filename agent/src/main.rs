@@ -24,6 +24,12 @@ fn main() -> ExitCode {
             config::AgentConfig::load(&config).and_then(|cfg| {
                 tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
+                    // The data path writes and fdatasyncs on runtime workers (a hand-off to a
+                    // blocking thread costs more than the I/O); spare workers keep Raft and
+                    // the API responsive while a slow disk holds some of them.
+                    .worker_threads(
+                        std::thread::available_parallelism().map_or(4, |n| n.get().max(4)),
+                    )
                     .thread_name("convoy-agent")
                     .build()
                     .map_err(anyhow::Error::from)

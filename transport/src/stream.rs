@@ -238,6 +238,18 @@ pub struct FramedRecv {
     max_frame: usize,
     /// Set after an error: the stream position is no longer at a frame boundary.
     broken: bool,
+    /// The frame being received, kept here so that [`FramedRecv::recv_frame`] is
+    /// cancel-safe: a dropped call loses nothing, the next one continues.
+    partial: Partial,
+}
+
+/// Progress of the frame being received.
+#[derive(Default)]
+struct Partial {
+    header: [u8; 4],
+    header_len: usize,
+    /// Body length and the bytes of it received so far, once the header is complete.
+    body: Option<(usize, BytesMut)>,
 }
 
 impl fmt::Debug for FramedRecv {
@@ -262,6 +274,7 @@ impl FramedRecv {
             addr,
             max_frame,
             broken: false,
+            partial: Partial::default(),
         }
     }
 
@@ -277,6 +290,9 @@ impl FramedRecv {
     /// [`TransportError::FrameTooLarge`] and stops the stream (the sender sees
     /// [`codes::FRAME_TOO_LARGE`]) without allocating for it. A stream that ends inside a
     /// frame is a [`TransportError::Protocol`] error. After any error, further calls fail.
+    ///
+    /// Cancel-safe: dropping the future before it completes loses no data, so it can sit in
+    /// a `select!` or be polled once with `now_or_never` to take a frame already buffered.
     pub async fn recv_frame(&mut self) -> Result<Option<Bytes>, TransportError> {
         if self.broken {
             return Err(self.protocol("stream already failed"));
@@ -289,46 +305,65 @@ impl FramedRecv {
     }
 
     async fn read_frame(&mut self) -> Result<Option<Bytes>, TransportError> {
-        let mut header = [0u8; 4];
-        match self.stream.read_exact(&mut header).await {
-            Ok(()) => {}
-            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(ReadExactError::FinishedEarly(_)) => {
-                return Err(self.protocol("stream ended inside a frame header"));
+        // Every await below is a `read_chunk`, which consumes nothing unless it completes;
+        // what it returns is stored in `self.partial` before the next await.
+        while self.partial.body.is_none() {
+            let got = self.partial.header_len;
+            let chunk = match self.stream.read_chunk(4 - got, true).await {
+                Ok(Some(chunk)) => chunk.bytes,
+                Ok(None) if got == 0 => return Ok(None),
+                Ok(None) => return Err(self.protocol("stream ended inside a frame header")),
+                Err(e) => return Err(self.read_error(e)),
+            };
+            self.partial.header[got..got + chunk.len()].copy_from_slice(&chunk);
+            self.partial.header_len += chunk.len();
+            if self.partial.header_len == 4 {
+                let len = u32::from_be_bytes(self.partial.header) as usize;
+                if len > self.max_frame {
+                    let _ = self.stream.stop(VarInt::from_u32(codes::FRAME_TOO_LARGE));
+                    return Err(TransportError::FrameTooLarge {
+                        peer: self.peer,
+                        len: len as u64,
+                        max: self.max_frame,
+                    });
+                }
+                self.partial.body = Some((len, BytesMut::new()));
             }
-            Err(ReadExactError::ReadError(e)) => return Err(self.read_error(e)),
         }
-        let len = u32::from_be_bytes(header) as usize;
-        if len > self.max_frame {
-            let _ = self.stream.stop(VarInt::from_u32(codes::FRAME_TOO_LARGE));
-            return Err(TransportError::FrameTooLarge {
-                peer: self.peer,
-                len: len as u64,
-                max: self.max_frame,
-            });
-        }
-        let mut buf = BytesMut::new();
-        while buf.len() < len {
-            let chunk = match self.stream.read_chunk(len - buf.len(), true).await {
+        loop {
+            let Some((len, have)) = self.partial.body.as_ref().map(|(l, b)| (*l, b.len())) else {
+                return Err(self.protocol("frame state lost"));
+            };
+            if have == len {
+                let frame = self.take_frame();
+                return Ok(Some(frame));
+            }
+            let chunk = match self.stream.read_chunk(len - have, true).await {
                 Ok(Some(chunk)) => chunk.bytes,
                 Ok(None) => {
                     return Err(self.protocol(&format!(
-                        "stream ended inside a frame ({} of {len} bytes received)",
-                        buf.len()
+                        "stream ended inside a frame ({have} of {len} bytes received)"
                     )));
                 }
                 Err(e) => return Err(self.read_error(e)),
             };
             // The common case for small frames: one chunk is the whole frame, no copy.
-            if buf.is_empty() && chunk.len() == len {
+            if have == 0 && chunk.len() == len {
+                self.partial = Partial::default();
                 return Ok(Some(chunk));
             }
-            if buf.capacity() == 0 {
-                buf.reserve(len.min(INITIAL_FRAME_BUFFER));
+            if let Some((_, buf)) = &mut self.partial.body {
+                if buf.capacity() == 0 {
+                    buf.reserve(len.min(INITIAL_FRAME_BUFFER));
+                }
+                buf.extend_from_slice(&chunk);
             }
-            buf.extend_from_slice(&chunk);
         }
-        Ok(Some(buf.freeze()))
+    }
+
+    fn take_frame(&mut self) -> Bytes {
+        let partial = std::mem::take(&mut self.partial);
+        partial.body.map(|(_, b)| b.freeze()).unwrap_or_default()
     }
 
     /// Reads the single kind byte at the start of an accepted stream; `None` if the stream

@@ -403,13 +403,13 @@ impl Pipeline {
             });
         }
         let len = payload.len();
-        // A page-cache write takes microseconds: doing it on this worker (which tokio
-        // relieves of its other tasks) avoids two thread hand-offs per guest write. Outside
-        // a multi-threaded runtime (unit tests) fall back to the blocking pool.
+        // A page-cache write takes microseconds: done right on this runtime worker, as
+        // any hand-off to another thread costs more than the write. Outside a
+        // multi-threaded runtime (unit tests) fall back to the blocking pool.
         let multi = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let (seq, waits) = if multi {
-            tokio::task::block_in_place(|| self.sequence_local(disk, offset, payload))?
+            self.sequence_local(disk, offset, payload)?
         } else {
             let this = Arc::clone(self);
             tokio::task::spawn_blocking(move || this.sequence_local(disk, offset, payload))
