@@ -324,6 +324,8 @@ async fn execute_and_reply<W: AsyncWrite + Unpin>(
     // Once the socket fails, requests already read still run to completion (the device
     // sees every request it was promised), but nothing more is read or written.
     let mut broken: Option<io::Error> = None;
+    // Refusals taken from the queue along with runnable requests, answered in this round.
+    let mut pending: Vec<Reply> = Vec::new();
     while open || !running.is_empty() {
         let reply = tokio::select! {
             work = rx.recv(), if open => match work {
@@ -339,11 +341,29 @@ async fn execute_and_reply<W: AsyncWrite + Unpin>(
             },
             Some(reply) = running.next(), if !running.is_empty() => Some(reply),
         };
+        // Take every request already queued before running any: at high queue depth their
+        // replies then go out together, one system call for many.
+        while open {
+            match rx.try_recv() {
+                Ok(Work::Run(job)) => {
+                    running.push(job.run(Arc::clone(&device), Arc::clone(&export)));
+                }
+                Ok(Work::Reply(early)) => pending.push(early),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
         if broken.is_some() {
+            pending.clear();
             continue;
         }
         let mut result = Ok(());
-        if let Some(reply) = reply {
+        for early in pending.drain(..) {
+            if result.is_ok() {
+                result = put_reply(&mut out, early).await;
+            }
+        }
+        if let Some(reply) = reply.filter(|_| result.is_ok()) {
             result = put_reply(&mut out, reply).await;
         }
         // Coalesce what is ready right now into one flush.
