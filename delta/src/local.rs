@@ -197,7 +197,12 @@ pub(crate) fn apply<B: Backend>(
 ) -> Result<(), StoreError> {
     for op in ops {
         match &op.data {
-            Some(r) => image.write_at(&payload[r.clone()], op.offset)?,
+            Some(r) => {
+                image.write_at(&payload[r.clone()], op.offset)?;
+                // The session ends with a flush; writing back as frames land overlaps
+                // that disk work with the transfer instead of leaving it all to the end.
+                image.start_writeback(op.offset, r.len() as u64);
+            }
             None => image.write_zeroes(op.offset, op.len)?,
         }
     }

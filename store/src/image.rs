@@ -372,6 +372,15 @@ impl<B: Backend> DiskImage<B> {
         }
     }
 
+    /// Starts writing `offset..offset + len` back to the device without waiting, so a
+    /// later [`DiskImage::flush`] of a bulk copy is short. No durability promise; errors
+    /// are ignored (it is only a hint).
+    pub fn start_writeback(&self, offset: u64, len: u64) {
+        if let Err(e) = self.backend.start_writeback(offset, len) {
+            tracing::debug!(image = %self.backend.describe(), error = %e, "writeback hint failed");
+        }
+    }
+
     /// Makes every write that returned before this call durable (fdatasync). If the
     /// activity log has grown past the limit ([`DiskImage::set_activity_limit`]), also
     /// checkpoints, which bounds the work of a crash recovery.
