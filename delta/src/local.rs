@@ -1,9 +1,11 @@
 //! Blocking operations on the local disk image. Callers run them on tokio's blocking
 //! pool; everything here is synchronous and short of policy.
 
+use std::io::IoSlice;
 use std::ops::Range;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use convoy_store::{Backend, ChunkHash, DiskImage, StoreError, ZERO_CHUNK_HASH, is_zero};
 use tokio::sync::mpsc;
 
@@ -189,16 +191,16 @@ pub(crate) fn read_batch<B: Backend>(
     Ok((runs, buf))
 }
 
-/// Applies a checked data frame.
+/// Applies a checked data frame whose payload arrived as `parts` (in order).
 pub(crate) fn apply<B: Backend>(
     image: &DiskImage<B>,
     ops: &[WriteOp],
-    payload: &[u8],
+    parts: &[Bytes],
 ) -> Result<(), StoreError> {
     for op in ops {
         match &op.data {
             Some(r) => {
-                image.write_at(&payload[r.clone()], op.offset)?;
+                image.write_vectored_at(&slices_of(parts, r.clone()), op.offset)?;
                 // The session ends with a flush; writing back as frames land overlaps
                 // that disk work with the transfer instead of leaving it all to the end.
                 image.start_writeback(op.offset, r.len() as u64);
@@ -207,6 +209,25 @@ pub(crate) fn apply<B: Backend>(
         }
     }
     Ok(())
+}
+
+/// The bytes `range` of the concatenation of `parts`, as slices of the parts.
+fn slices_of(parts: &[Bytes], range: Range<usize>) -> Vec<IoSlice<'_>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for p in parts {
+        let end = start + p.len();
+        let from = range.start.max(start);
+        let to = range.end.min(end);
+        if from < to {
+            out.push(IoSlice::new(&p[from - start..to - start]));
+        }
+        if end >= range.end {
+            break;
+        }
+        start = end;
+    }
+    out
 }
 
 /// Full copy: walks the image's data regions (skipping holes without reading them, and
@@ -255,4 +276,35 @@ pub(crate) fn enumerate_full<B: Backend>(
         let _ = tx.blocking_send(b);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod slice_tests {
+    use super::*;
+
+    #[test]
+    fn slices_of_cover_exactly_the_range_across_pieces() {
+        let parts: Vec<Bytes> = [3usize, 1, 5, 0, 4]
+            .iter()
+            .scan(0u8, |next, &n| {
+                let v: Vec<u8> = (0..n)
+                    .map(|_| {
+                        *next += 1;
+                        *next
+                    })
+                    .collect();
+                Some(Bytes::from(v))
+            })
+            .collect();
+        let whole: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        for start in 0..=whole.len() {
+            for end in start..=whole.len() {
+                let got: Vec<u8> = slices_of(&parts, start..end)
+                    .iter()
+                    .flat_map(|s| s.iter().copied())
+                    .collect();
+                assert_eq!(got, whole[start..end], "range {start}..{end}");
+            }
+        }
+    }
 }

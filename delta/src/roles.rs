@@ -477,6 +477,17 @@ async fn next_frame(
     }
 }
 
+async fn next_parts(
+    recv: &mut FramedRecv,
+    cancel: &mut watch::Receiver<bool>,
+) -> Result<Option<Vec<Bytes>>, DeltaError> {
+    tokio::select! {
+        biased;
+        _ = cancel.wait_for(|c| *c) => Err(DeltaError::Cancelled),
+        f = recv.recv_frame_parts() => Ok(f?),
+    }
+}
+
 /// Receives one data stream and writes what it carries.
 #[allow(clippy::too_many_arguments)]
 async fn dest_receiver<B: Backend + 'static>(
@@ -508,21 +519,23 @@ async fn dest_receiver<B: Backend + 'static>(
                     )));
                 }
                 let plan = plan_frame(&g, &h, MAX_FRAME_PAYLOAD as u64).map_err(protocol)?;
+                // The payload stays in the pieces QUIC delivered: written with one
+                // pwritev per run instead of being joined into one buffer first.
                 let payload = if h.payload_len > 0 {
-                    let p = next_frame(&mut recv, &mut cancel).await?.ok_or_else(|| {
+                    let p = next_parts(&mut recv, &mut cancel).await?.ok_or_else(|| {
                         protocol(format!("data stream {stream} ended before a payload"))
                     })?;
-                    counters.frame(p.len(), None);
-                    if p.len() as u64 != h.payload_len {
+                    let len: usize = p.iter().map(Bytes::len).sum();
+                    counters.frame(len, None);
+                    if len as u64 != h.payload_len {
                         return Err(protocol(format!(
-                            "payload of {} bytes, header announced {}",
-                            p.len(),
+                            "payload of {len} bytes, header announced {}",
                             h.payload_len
                         )));
                     }
                     p
                 } else {
-                    Bytes::new()
+                    Vec::new()
                 };
                 let img = image.clone();
                 let ops = plan.ops;

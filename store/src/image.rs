@@ -304,6 +304,16 @@ impl<B: Backend> DiskImage<B> {
         })
     }
 
+    /// Like [`DiskImage::write_at`] for data in pieces, written back to back from `offset`
+    /// (received network frames, without joining them first).
+    pub fn write_vectored_at(&self, bufs: &[std::io::IoSlice<'_>], offset: u64) -> Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if len == 0 {
+            return Ok(());
+        }
+        self.mutate(offset, len, || self.backend.write_vectored_at(bufs, offset))
+    }
+
     /// Makes `offset..offset + len` read as zeros, releasing disk space where the file
     /// system can (NBD TRIM / WRITE_ZEROES). Same guarantees as [`DiskImage::write_at`].
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {

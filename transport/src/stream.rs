@@ -18,10 +18,6 @@ use crate::error::TransportError;
 /// Default largest frame: 64 MiB.
 pub const DEFAULT_MAX_FRAME_SIZE: usize = 64 * 1024 * 1024;
 
-/// Receive buffers start at most this large and grow with the bytes that actually arrive,
-/// so a header announcing a large frame costs memory only as its data comes in.
-const INITIAL_FRAME_BUFFER: usize = 1024 * 1024;
-
 /// What a stream carries; the dialer sends it as the stream's first byte, and the
 /// acceptor routes the stream by it. Several kinds share one connection.
 #[repr(u8)]
@@ -230,6 +226,21 @@ impl Drop for FramedSend {
     }
 }
 
+/// One buffer from a frame's pieces; no copy when there is a single piece.
+fn join(mut parts: Vec<Bytes>) -> Bytes {
+    match parts.len() {
+        0 => Bytes::new(),
+        1 => parts.pop().unwrap_or_default(),
+        _ => {
+            let mut buf = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+            for p in &parts {
+                buf.extend_from_slice(p);
+            }
+            buf.freeze()
+        }
+    }
+}
+
 /// The receiving half of a framed stream.
 pub struct FramedRecv {
     stream: quinn::RecvStream,
@@ -248,8 +259,16 @@ pub struct FramedRecv {
 struct Partial {
     header: [u8; 4],
     header_len: usize,
-    /// Body length and the bytes of it received so far, once the header is complete.
-    body: Option<(usize, BytesMut)>,
+    /// Once the header is complete: the body length, and the pieces of it received so
+    /// far as QUIC delivered them (kept apart: joining them is the caller's choice).
+    body: Option<Body>,
+}
+
+#[derive(Default)]
+struct Body {
+    len: usize,
+    have: usize,
+    parts: Vec<Bytes>,
 }
 
 impl fmt::Debug for FramedRecv {
@@ -294,6 +313,13 @@ impl FramedRecv {
     /// Cancel-safe: dropping the future before it completes loses no data, so it can sit in
     /// a `select!` or be polled once with `now_or_never` to take a frame already buffered.
     pub async fn recv_frame(&mut self) -> Result<Option<Bytes>, TransportError> {
+        Ok(self.recv_frame_parts().await?.map(join))
+    }
+
+    /// Like [`recv_frame`](Self::recv_frame), but returns the frame as the pieces QUIC
+    /// delivered, without copying them into one buffer (for large payloads written out
+    /// piecewise). The pieces are in order and their lengths add up to the frame's.
+    pub async fn recv_frame_parts(&mut self) -> Result<Option<Vec<Bytes>>, TransportError> {
         if self.broken {
             return Err(self.protocol("stream already failed"));
         }
@@ -304,7 +330,7 @@ impl FramedRecv {
         result
     }
 
-    async fn read_frame(&mut self) -> Result<Option<Bytes>, TransportError> {
+    async fn read_frame(&mut self) -> Result<Option<Vec<Bytes>>, TransportError> {
         // Every await below is a `read_chunk`, which consumes nothing unless it completes;
         // what it returns is stored in `self.partial` before the next await.
         while self.partial.body.is_none() {
@@ -327,16 +353,19 @@ impl FramedRecv {
                         max: self.max_frame,
                     });
                 }
-                self.partial.body = Some((len, BytesMut::new()));
+                self.partial.body = Some(Body {
+                    len,
+                    ..Body::default()
+                });
             }
         }
         loop {
-            let Some((len, have)) = self.partial.body.as_ref().map(|(l, b)| (*l, b.len())) else {
+            let Some((len, have)) = self.partial.body.as_ref().map(|b| (b.len, b.have)) else {
                 return Err(self.protocol("frame state lost"));
             };
             if have == len {
-                let frame = self.take_frame();
-                return Ok(Some(frame));
+                let partial = std::mem::take(&mut self.partial);
+                return Ok(Some(partial.body.map(|b| b.parts).unwrap_or_default()));
             }
             let chunk = match self.stream.read_chunk(len - have, true).await {
                 Ok(Some(chunk)) => chunk.bytes,
@@ -347,23 +376,11 @@ impl FramedRecv {
                 }
                 Err(e) => return Err(self.read_error(e)),
             };
-            // The common case for small frames: one chunk is the whole frame, no copy.
-            if have == 0 && chunk.len() == len {
-                self.partial = Partial::default();
-                return Ok(Some(chunk));
-            }
-            if let Some((_, buf)) = &mut self.partial.body {
-                if buf.capacity() == 0 {
-                    buf.reserve(len.min(INITIAL_FRAME_BUFFER));
-                }
-                buf.extend_from_slice(&chunk);
+            if let Some(body) = &mut self.partial.body {
+                body.have += chunk.len();
+                body.parts.push(chunk);
             }
         }
-    }
-
-    fn take_frame(&mut self) -> Bytes {
-        let partial = std::mem::take(&mut self.partial);
-        partial.body.map(|(_, b)| b.freeze()).unwrap_or_default()
     }
 
     /// Reads the single kind byte at the start of an accepted stream; `None` if the stream

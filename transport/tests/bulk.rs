@@ -129,8 +129,11 @@ async fn recv_frame_survives_cancellation() {
                         }
                     }
                 } else {
+                    // Half of these take the frame as pieces, which must join to the same.
                     tokio::select! {
-                        r = stream.recv.recv_frame() => r,
+                        r = stream.recv.recv_frame_parts() => r.map(|parts| parts.map(|p| {
+                            Bytes::from(p.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>())
+                        })),
                         () = tokio::time::sleep(Duration::from_micros(20)) => {
                             cancelled += 1;
                             continue;
