@@ -171,6 +171,11 @@ impl ChunkMap {
         self.unknown_chunks_from(0, usize::MAX)
     }
 
+    /// Counts write starts and ends: unchanged between two calls means no write happened.
+    pub fn write_count(&self) -> u64 {
+        self.seq
+    }
+
     /// Up to `max` chunks at or after `start` whose hash is not known, ascending.
     pub fn unknown_chunks_from(&self, start: u64, max: usize) -> Vec<u64> {
         (start..self.geometry.chunk_count())

@@ -499,6 +499,21 @@ impl<B: Backend> DiskImage<B> {
 
     /// Computes every unknown chunk hash, skipping holes without reading them.
     pub fn hash_all(&self) -> Result<HashPass> {
+        self.hash_pass(false)
+    }
+
+    /// Like [`DiskImage::hash_all`], but gives up as soon as the image is written during
+    /// the pass (`Ok(None)`): for background warming, which should neither compete with a
+    /// busy image's writers nor hash what they are about to change.
+    pub fn hash_all_while_idle(&self) -> Result<Option<HashPass>> {
+        let start = lock(&self.state).map.write_count();
+        let pass = self.hash_pass(true)?;
+        let unchanged = lock(&self.state).map.write_count() == start;
+        Ok(unchanged.then_some(pass))
+    }
+
+    fn hash_pass(&self, stop_on_write: bool) -> Result<HashPass> {
+        let start = lock(&self.state).map.write_count();
         let mut pass = HashPass::default();
         let mut buf = Vec::new();
         let mut next = 0;
@@ -507,6 +522,9 @@ impl<B: Backend> DiskImage<B> {
             // cannot predate a write the ticket would not notice.
             let tickets: Vec<_> = {
                 let st = lock(&self.state);
+                if stop_on_write && st.map.write_count() != start {
+                    return Ok(pass);
+                }
                 st.map
                     .unknown_chunks_from(next, HASH_WINDOW)
                     .into_iter()
@@ -758,5 +776,50 @@ impl<B: Backend + 'static> DiskImage<B> {
     /// [`DiskImage::chunk_hash`] on tokio's blocking pool.
     pub async fn chunk_hash_async(self: Arc<Self>, chunk: u64) -> Result<ChunkHash> {
         blocking(move || self.chunk_hash(chunk)).await
+    }
+}
+
+#[cfg(test)]
+mod idle_hash_tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn idle_hashing_completes_when_idle_and_gives_up_under_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = Arc::new(DiskImage::create(dir.path(), "t", 64 << 20).unwrap());
+        let data = vec![0x5Au8; 1 << 20];
+        for i in 0..64u64 {
+            img.write_at(&data, i << 20).unwrap();
+        }
+        // Idle: one pass leaves every hash known.
+        let pass = img.hash_all_while_idle().unwrap().expect("idle image");
+        assert_eq!(pass.read, img.chunk_count());
+        assert!((0..img.chunk_count()).all(|c| img.cached_hash(c).is_some()));
+
+        // Busy: a writer keeps changing the image, so the pass gives up.
+        for i in 0..64u64 {
+            img.write_at(&data, i << 20).unwrap();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (img, stop) = (Arc::clone(&img), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    img.write_at(&[1u8; 4096], (i % 16_000) * 4096).unwrap();
+                    i += 1;
+                }
+            })
+        };
+        // Let the writer start before the pass does.
+        while lock(&img.state).map.write_count() < 64 * 4 + 2 {
+            std::thread::yield_now();
+        }
+        let outcome = img.hash_all_while_idle().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(outcome.is_none(), "a pass over a busy image must give up");
     }
 }

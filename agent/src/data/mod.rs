@@ -1235,8 +1235,12 @@ async fn hash_warmer(plane: std::sync::Weak<DataPlane>) {
                 continue;
             }
             let started = std::time::Instant::now();
-            match tokio::task::spawn_blocking(move || image.hash_all()).await {
-                Ok(Ok(pass)) => {
+            match tokio::task::spawn_blocking(move || image.hash_all_while_idle()).await {
+                Ok(Ok(None)) => {
+                    // Written meanwhile (a copy or guest started): try again once idle.
+                    last_unknown.remove(&disk);
+                }
+                Ok(Ok(Some(pass))) => {
                     tracing::debug!(
                         disk,
                         read = pass.read,
