@@ -466,26 +466,23 @@ async fn dest_inner<B: Backend + 'static>(
     Ok(ctx.stats(&totals))
 }
 
+/// Waits for `received` unless the session is cancelled first.
+async fn unless_cancelled<T>(
+    cancel: &mut watch::Receiver<bool>,
+    received: impl std::future::Future<Output = Result<T, convoy_transport::TransportError>>,
+) -> Result<T, DeltaError> {
+    tokio::select! {
+        biased;
+        _ = cancel.wait_for(|c| *c) => Err(DeltaError::Cancelled),
+        f = received => Ok(f?),
+    }
+}
+
 async fn next_frame(
     recv: &mut FramedRecv,
     cancel: &mut watch::Receiver<bool>,
 ) -> Result<Option<Bytes>, DeltaError> {
-    tokio::select! {
-        biased;
-        _ = cancel.wait_for(|c| *c) => Err(DeltaError::Cancelled),
-        f = recv.recv_frame() => Ok(f?),
-    }
-}
-
-async fn next_parts(
-    recv: &mut FramedRecv,
-    cancel: &mut watch::Receiver<bool>,
-) -> Result<Option<Vec<Bytes>>, DeltaError> {
-    tokio::select! {
-        biased;
-        _ = cancel.wait_for(|c| *c) => Err(DeltaError::Cancelled),
-        f = recv.recv_frame_parts() => Ok(f?),
-    }
+    unless_cancelled(cancel, recv.recv_frame()).await
 }
 
 /// Receives one data stream and writes what it carries.
@@ -522,9 +519,11 @@ async fn dest_receiver<B: Backend + 'static>(
                 // The payload stays in the pieces QUIC delivered: written with one
                 // pwritev per run instead of being joined into one buffer first.
                 let payload = if h.payload_len > 0 {
-                    let p = next_parts(&mut recv, &mut cancel).await?.ok_or_else(|| {
-                        protocol(format!("data stream {stream} ended before a payload"))
-                    })?;
+                    let p = unless_cancelled(&mut cancel, recv.recv_frame_parts())
+                        .await?
+                        .ok_or_else(|| {
+                            protocol(format!("data stream {stream} ended before a payload"))
+                        })?;
                     let len: usize = p.iter().map(Bytes::len).sum();
                     counters.frame(len, None);
                     if len as u64 != h.payload_len {
