@@ -170,76 +170,74 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
     };
     session.recorded = session.state.applied_seq;
 
-    {
-        loop {
-            // Progress records are cheap to delay: write one when idle or every 50 ms.
-            let behind = session.state.applied_seq > session.recorded;
-            let frame = tokio::select! {
-                f = recv.recv_frame() => f?,
-                _ = tokio::time::sleep(RECORD_EVERY), if behind => {
+    loop {
+        // Progress records are cheap to delay: write one when idle or every 50 ms.
+        let behind = session.state.applied_seq > session.recorded;
+        let frame = tokio::select! {
+            f = recv.recv_frame() => f?,
+            _ = tokio::time::sleep(RECORD_EVERY), if behind => {
+                session = record(session).await?;
+                send.send_frame(&convoy_codec::encode(&session.ack())?).await?;
+                continue;
+            }
+        };
+        let Some(frame) = frame else { break };
+        // Everything already received is applied before one fdatasync. Read here, not
+        // in a separate task: a hand-off per batch costs more than the fdatasync.
+        let mut frames = vec![frame];
+        while frames.len() < 64 {
+            match recv.recv_frame().now_or_never() {
+                Some(Ok(Some(f))) => frames.push(f),
+                _ => break,
+            }
+        }
+        let msgs: Vec<ToReplica> = frames
+            .iter()
+            .map(|f| convoy_codec::decode(f))
+            .collect::<Result<_, _>>()?;
+        let plane2 = Arc::clone(&plane);
+        let images2 = images.clone();
+        // Applying is a few page-cache writes and one fdatasync (~0.1 ms), done right on
+        // this runtime worker: `block_in_place` or `spawn_blocking` cost 80-100 us of
+        // thread hand-offs per batch, most of a sync write's budget. The agent runs more
+        // workers than cores so that a slow disk stalls one worker, not the node.
+        let apply = move || {
+            let mut session = session;
+            let r = apply_batch(&plane2, &images2, &mut session, msgs);
+            (r, session)
+        };
+        let multi = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        let (r, s) = if multi {
+            apply()
+        } else {
+            tokio::task::spawn_blocking(apply).await?
+        };
+        session = s;
+        match r {
+            Ok(()) => {
+                plane.note_applied(session.cg_id, session.state.applied_seq);
+                if session.last_record_due() {
                     session = record(session).await?;
-                    send.send_frame(&convoy_codec::encode(&session.ack())?).await?;
-                    continue;
                 }
-            };
-            let Some(frame) = frame else { break };
-            // Everything already received is applied before one fdatasync. Read here, not
-            // in a separate task: a hand-off per batch costs more than the fdatasync.
-            let mut frames = vec![frame];
-            while frames.len() < 64 {
-                match recv.recv_frame().now_or_never() {
-                    Some(Ok(Some(f))) => frames.push(f),
-                    _ => break,
-                }
+                send.send_frame(&convoy_codec::encode(&session.ack())?)
+                    .await?;
             }
-            let msgs: Vec<ToReplica> = frames
-                .iter()
-                .map(|f| convoy_codec::decode(f))
-                .collect::<Result<_, _>>()?;
-            let plane2 = Arc::clone(&plane);
-            let images2 = images.clone();
-            // Applying is a few page-cache writes and one fdatasync (~0.1 ms), done right on
-            // this runtime worker: `block_in_place` or `spawn_blocking` cost 80-100 us of
-            // thread hand-offs per batch, most of a sync write's budget. The agent runs more
-            // workers than cores so that a slow disk stalls one worker, not the node.
-            let apply = move || {
-                let mut session = session;
-                let r = apply_batch(&plane2, &images2, &mut session, msgs);
-                (r, session)
-            };
-            let multi = tokio::runtime::Handle::current().runtime_flavor()
-                == tokio::runtime::RuntimeFlavor::MultiThread;
-            let (r, s) = if multi {
-                apply()
-            } else {
-                tokio::task::spawn_blocking(apply).await?
-            };
-            session = s;
-            match r {
-                Ok(()) => {
-                    plane.note_applied(session.cg_id, session.state.applied_seq);
-                    if session.last_record_due() {
-                        session = record(session).await?;
-                    }
-                    send.send_frame(&convoy_codec::encode(&session.ack())?)
-                        .await?;
-                }
-                Err(refusal) => {
-                    refuse_metric(&refusal);
-                    tracing::warn!(cg = %role.cg, primary = peer, reason = %refusal, "refused replication data");
-                    let msg = FromReplica::Refused {
-                        reason: refusal.to_string(),
-                    };
-                    send.send_frame(&convoy_codec::encode(&msg)?).await?;
-                    send.finish()?;
-                    return Ok(());
-                }
+            Err(refusal) => {
+                refuse_metric(&refusal);
+                tracing::warn!(cg = %role.cg, primary = peer, reason = %refusal, "refused replication data");
+                let msg = FromReplica::Refused {
+                    reason: refusal.to_string(),
+                };
+                send.send_frame(&convoy_codec::encode(&msg)?).await?;
+                send.finish()?;
+                return Ok(());
             }
         }
-        // The stream ended: record progress so a reconnect resumes without re-applying.
-        if session.state.applied_seq > session.recorded {
-            record(session).await?;
-        }
+    }
+    // The stream ended: record progress so a reconnect resumes without re-applying.
+    if session.state.applied_seq > session.recorded {
+        record(session).await?;
     }
     Ok(())
 }
