@@ -160,6 +160,7 @@ async fn source_inner<B: Backend + 'static>(
 ) -> Result<DeltaStats, DeltaError> {
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(2 * data.len());
     let batch_rx = Arc::new(Mutex::new(batch_rx));
+    let buffers = Arc::new(local::BufferPool::default());
     let mut workers = JoinSet::new();
     for (i, send) in data.into_iter().enumerate() {
         workers.spawn(source_worker(
@@ -169,6 +170,7 @@ async fn source_inner<B: Backend + 'static>(
             ctx.image.clone(),
             ctx.binding,
             ctx.mode == Mode::FullCopy,
+            buffers.clone(),
         ));
     }
     drop(batch_rx);
@@ -315,13 +317,16 @@ async fn source_worker<B: Backend + 'static>(
     image: Arc<DiskImage<B>>,
     binding: Binding,
     omit_zero: bool,
+    buffers: Arc<local::BufferPool>,
 ) -> Result<Totals, DeltaError> {
     let mut totals = Totals::default();
     loop {
         let batch = batches.lock().await.recv().await;
         let Some(batch) = batch else { break };
         let img = image.clone();
-        let (runs, payload) = blocking(move || local::read_batch(&img, &batch, omit_zero)).await?;
+        let pool = buffers.clone();
+        let (runs, payload) =
+            blocking(move || local::read_batch(&img, &batch, omit_zero, &pool)).await?;
         if runs.is_empty() {
             continue;
         }
@@ -342,7 +347,7 @@ async fn source_worker<B: Backend + 'static>(
         totals.data_bytes += header.payload_len;
         out.msg(&Msg::Chunks(header)).await?;
         if !payload.is_empty() {
-            out.payload(Bytes::from(payload)).await?;
+            out.payload(payload).await?;
         }
     }
     out.msg(&Msg::StreamEnd {
