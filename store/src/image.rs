@@ -499,20 +499,21 @@ impl<B: Backend> DiskImage<B> {
 
     /// Computes every unknown chunk hash, skipping holes without reading them.
     pub fn hash_all(&self) -> Result<HashPass> {
-        self.hash_pass(false)
+        self.hash_pass(None)
     }
 
-    /// Like [`DiskImage::hash_all`], but gives up as soon as the image is written during
-    /// the pass (`Ok(None)`): for background warming, which should neither compete with a
-    /// busy image's writers nor hash what they are about to change.
-    pub fn hash_all_while_idle(&self) -> Result<Option<HashPass>> {
+    /// Like [`DiskImage::hash_all`], but gives up (`Ok(None)`) as soon as the image is
+    /// written during the pass or `busy()` turns true: for background warming, which should
+    /// neither compete with a busy image's writers (or the host's bulk transfers) nor hash
+    /// what they are about to change.
+    pub fn hash_all_while_idle(&self, busy: impl Fn() -> bool) -> Result<Option<HashPass>> {
         let start = lock(&self.state).map.write_count();
-        let pass = self.hash_pass(true)?;
-        let unchanged = lock(&self.state).map.write_count() == start;
+        let pass = self.hash_pass(Some(&busy))?;
+        let unchanged = lock(&self.state).map.write_count() == start && !busy();
         Ok(unchanged.then_some(pass))
     }
 
-    fn hash_pass(&self, stop_on_write: bool) -> Result<HashPass> {
+    fn hash_pass(&self, busy: Option<&dyn Fn() -> bool>) -> Result<HashPass> {
         let start = lock(&self.state).map.write_count();
         let mut pass = HashPass::default();
         let mut buf = Vec::new();
@@ -522,7 +523,7 @@ impl<B: Backend> DiskImage<B> {
             // cannot predate a write the ticket would not notice.
             let tickets: Vec<_> = {
                 let st = lock(&self.state);
-                if stop_on_write && st.map.write_count() != start {
+                if busy.is_some_and(|b| b() || st.map.write_count() != start) {
                     return Ok(pass);
                 }
                 st.map
@@ -793,8 +794,14 @@ mod idle_hash_tests {
         for i in 0..64u64 {
             img.write_at(&data, i << 20).unwrap();
         }
+        // The host is busy (a bulk transfer): no pass at all.
+        assert!(img.hash_all_while_idle(|| true).unwrap().is_none());
+        assert!((0..img.chunk_count()).all(|c| img.cached_hash(c).is_none()));
         // Idle: one pass leaves every hash known.
-        let pass = img.hash_all_while_idle().unwrap().expect("idle image");
+        let pass = img
+            .hash_all_while_idle(|| false)
+            .unwrap()
+            .expect("idle image");
         assert_eq!(pass.read, img.chunk_count());
         assert!((0..img.chunk_count()).all(|c| img.cached_hash(c).is_some()));
 
@@ -817,7 +824,7 @@ mod idle_hash_tests {
         while lock(&img.state).map.write_count() < 64 * 4 + 2 {
             std::thread::yield_now();
         }
-        let outcome = img.hash_all_while_idle().unwrap();
+        let outcome = img.hash_all_while_idle(|| false).unwrap();
         stop.store(true, Ordering::Relaxed);
         writer.join().unwrap();
         assert!(outcome.is_none(), "a pass over a busy image must give up");

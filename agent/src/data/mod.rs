@@ -16,6 +16,7 @@ pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -125,6 +126,8 @@ pub struct DiskSync {
 /// The host's data plane.
 pub struct DataPlane {
     node: NodeId,
+    /// Delta sessions (either side) running on this host; background hashing waits.
+    bulk_transfers: Arc<AtomicUsize>,
     cfg: DataConfig,
     endpoint: Endpoint,
     reporter: Arc<dyn LinkReporter>,
@@ -189,6 +192,7 @@ impl DataPlane {
             domains: Mutex::new(HashMap::new()),
             disk_domain: RwLock::new(HashMap::new()),
             replica_roles: RwLock::new(HashMap::new()),
+            bulk_transfers: Arc::new(AtomicUsize::new(0)),
             replica_turns: Mutex::new(HashMap::new()),
             exports: Mutex::new(HashMap::new()),
             registry: ExportRegistry::new(),
@@ -439,6 +443,7 @@ impl DataPlane {
         let Some(server) = self.delta.get() else {
             return;
         };
+        let _bulk = BulkTransfer::start(&self.bulk_transfers);
         match server.serve(stream).await {
             Ok(convoy_delta::Served::Completed(report)) => {
                 tracing::info!(peer, disk = report.binding.disk, "delta session completed");
@@ -451,6 +456,7 @@ impl DataPlane {
     /// Brings `to`'s copy of group `cg` (this host is its primary) up to date with delta
     /// sessions, disk by disk; `compare` chooses compare-delta over a full copy.
     pub async fn sync_to(&self, cg: &str, to: NodeId, compare: bool) -> anyhow::Result<SyncReport> {
+        let _bulk = BulkTransfer::start(&self.bulk_transfers);
         let (cg_id, epoch, disks, addr) = {
             let model = self.model.read().unwrap_or_else(|p| p.into_inner());
             let group = model
@@ -1213,6 +1219,22 @@ impl DataPlane {
     }
 }
 
+/// Counts one bulk transfer for as long as it lives.
+struct BulkTransfer(Arc<AtomicUsize>);
+
+impl BulkTransfer {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for BulkTransfer {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Keeps idle images' chunk hashes computed, so a compare-delta against them only hashes
 /// what changed since. An image is hashed once its count of unknown hashes stays the same
 /// across two looks (no writes in between): hashing a busy image would only be redone.
@@ -1221,6 +1243,11 @@ async fn hash_warmer(plane: std::sync::Weak<DataPlane>) {
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let Some(p) = plane.upgrade() else { return };
+        let bulk = Arc::clone(&p.bulk_transfers);
+        if bulk.load(Ordering::Relaxed) > 0 {
+            // A copy is running on this host: hashing now would only slow it down.
+            continue;
+        }
         let images: Vec<(DiskId, Arc<DiskImage>)> = lock(&p.images)
             .iter()
             .map(|(d, i)| (*d, Arc::clone(i)))
@@ -1235,7 +1262,9 @@ async fn hash_warmer(plane: std::sync::Weak<DataPlane>) {
                 continue;
             }
             let started = std::time::Instant::now();
-            match tokio::task::spawn_blocking(move || image.hash_all_while_idle()).await {
+            let busy = Arc::clone(&bulk);
+            let hashing = move || image.hash_all_while_idle(|| busy.load(Ordering::Relaxed) > 0);
+            match tokio::task::spawn_blocking(hashing).await {
                 Ok(Ok(None)) => {
                     // Written meanwhile (a copy or guest started): try again once idle.
                     last_unknown.remove(&disk);
