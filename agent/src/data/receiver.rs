@@ -199,8 +199,8 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         let images2 = images.clone();
         // Applying is a few page-cache writes and one fdatasync (~0.1 ms), done right on
         // this runtime worker: `block_in_place` or `spawn_blocking` cost 80-100 us of
-        // thread hand-offs per batch, most of a sync write's budget. The agent runs more
-        // workers than cores so that a slow disk stalls one worker, not the node.
+        // thread hand-offs per batch, most of a sync write's budget. The agent runs at
+        // least two workers so that a slow disk stalls one worker, not the node.
         let apply = move || {
             let mut session = session;
             let r = apply_batch(&plane2, &images2, &mut session, msgs);
