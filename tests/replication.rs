@@ -514,3 +514,74 @@ fn journal_overflow_falls_back_to_a_dirty_chunk_resync() {
     assert!(images_identical(&uri, &expose(&dev, "j:0", 2)));
     dev.assert_no_panics();
 }
+
+/// Files under `node`'s data dir `sub` whose names start with `prefix` and end with `suffix`.
+fn node_files(dev: &Dev, node: u64, sub: &str, prefix: &str, suffix: &str) -> Vec<String> {
+    let dir = dev.node(node).data_dir.join(sub);
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(prefix) && n.ends_with(suffix))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A former replica deletes its copy and progress record after `cg unreplicate`; a copy
+/// made by `cg sync` is kept; a host that was down while a VM was deleted deletes the
+/// image when it comes back (it never opens it again).
+#[test]
+fn copies_the_cluster_no_longer_uses_are_deleted_and_others_kept() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    setup_group(&dev, "keep", "kept", "16MiB", "async");
+    wait_caught_up(&dev, "kept");
+    let synced = dev.cli(&["cg", "sync", "kept", "--to", "3", "-o", "json"]);
+    assert!(synced.ok, "{synced:?}");
+    assert_eq!(node_files(&dev, 2, "disks", "disk-", ".img").len(), 1);
+    assert_eq!(
+        node_files(&dev, 2, "replication", "cg-", ".replica").len(),
+        1
+    );
+    assert_eq!(node_files(&dev, 3, "disks", "disk-", ".img").len(), 1);
+
+    // A VM on host 3, deleted while host 3 is down.
+    assert!(
+        dev.cli(&["vm", "create", "gone", "--host", "3", "--disk", "8MiB"])
+            .ok
+    );
+    wait_for("the image on host 3", Duration::from_secs(20), || {
+        (node_files(&dev, 3, "disks", "disk-", ".img").len() == 2).then_some(())
+    });
+    dev.kill(3);
+    let del = dev.cli(&["vm", "delete", "gone"]);
+    assert!(del.ok, "{del:?}");
+
+    let r = dev.cli(&["cg", "unreplicate", "kept", "--from", "2"]);
+    assert!(r.ok, "{r:?}");
+    wait_for(
+        "host 2 to drop its replica copy",
+        Duration::from_secs(45),
+        || {
+            (node_files(&dev, 2, "disks", "disk-", ".img").is_empty()
+                && node_files(&dev, 2, "replication", "cg-", ".replica").is_empty())
+            .then_some(())
+        },
+    );
+    dev.restart(3);
+    wait_for(
+        "host 3 to delete the deleted VM's image",
+        Duration::from_secs(45),
+        || (node_files(&dev, 3, "disks", "disk-", ".img").len() == 1).then_some(()),
+    );
+    // The primary's image and host 3's `cg sync` copy stay, and the guest disk still works.
+    assert_eq!(node_files(&dev, 1, "disks", "disk-", ".img").len(), 1);
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(node_files(&dev, 3, "disks", "disk-", ".img").len(), 1);
+    let uri = vm_uri(&dev, "keep", 0);
+    qemu_io(&uri, &["write -P 9 0 64k".to_string()]);
+    qemu_io(&uri, &["read -P 9 0 64k".to_string()]);
+    dev.assert_no_panics();
+}

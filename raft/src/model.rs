@@ -542,6 +542,18 @@ impl ClusterModel {
         }
     }
 
+    /// Whether the model has handed out disk id `id` (ids are never reused). A disk with
+    /// an issued id that the model does not list was deleted; one with an id not issued
+    /// yet is newer than this model (a lagging replica of it).
+    pub fn disk_id_issued(&self, id: DiskId) -> bool {
+        (1..=self.next_disk_id).contains(&id)
+    }
+
+    /// Whether the model has handed out group id `id` (ids are never reused).
+    pub fn cg_id_issued(&self, id: u64) -> bool {
+        (1..=self.next_cg_id).contains(&id)
+    }
+
     /// Active (not retired) hosts.
     pub fn active_hosts(&self) -> impl Iterator<Item = &HostRecord> {
         self.hosts.values().filter(|h| !h.retired)
@@ -972,6 +984,33 @@ mod tests {
             m.apply(0, &Command::DeleteVm { name: "web".into() }),
             Err(ModelError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn issued_ids_tell_deleted_from_not_yet_seen() {
+        let mut m = with_hosts(&[1]);
+        assert!(!m.disk_id_issued(1), "nothing issued yet");
+        let Outcome::Vm(_, disks) = m.apply(0, &create_vm("a", 1)).unwrap() else {
+            panic!()
+        };
+        let id = disks[0].id;
+        let lagging = m.clone();
+        m.apply(0, &Command::DeleteVm { name: "a".into() }).unwrap();
+        m.apply(0, &create_vm("b", 1)).unwrap();
+        // Deleted: issued and gone. Newer than a lagging model: not issued there.
+        assert!(m.disk_id_issued(id) && !m.disks.contains_key(&id));
+        assert!(m.disk_id_issued(id + 1) && !lagging.disk_id_issued(id + 1));
+        assert!(!m.disk_id_issued(0) && !m.disk_id_issued(id + 2));
+        assert!(!m.cg_id_issued(1));
+        m.apply(
+            0,
+            &Command::CreateCg {
+                name: "g".into(),
+                vms: vec!["b".into()],
+            },
+        )
+        .unwrap();
+        assert!(m.cg_id_issued(1) && !m.cg_id_issued(2));
     }
 
     #[test]

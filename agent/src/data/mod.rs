@@ -136,6 +136,8 @@ pub struct DataPlane {
     disk_domain: RwLock<HashMap<DiskId, Arc<Pipeline>>>,
     replica_roles: RwLock<HashMap<u64, ReplicaRole>>,
     replica_turns: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held by a reconcile and by garbage collection, so neither sees the other half done.
+    housekeeping: Mutex<()>,
     exports: Mutex<HashMap<String, Export>>,
     registry: ExportRegistry,
     peers: RwLock<HashMap<NodeId, std::net::SocketAddr>>,
@@ -194,6 +196,7 @@ impl DataPlane {
             replica_roles: RwLock::new(HashMap::new()),
             bulk_transfers: Arc::new(AtomicUsize::new(0)),
             replica_turns: Mutex::new(HashMap::new()),
+            housekeeping: Mutex::new(()),
             exports: Mutex::new(HashMap::new()),
             registry: ExportRegistry::new(),
             peers: RwLock::new(HashMap::new()),
@@ -877,6 +880,7 @@ impl DataPlane {
     }
 
     fn reconcile_inner(self: &Arc<Self>, model: &ClusterModel) -> anyhow::Result<()> {
+        let _housekeeping = lock(&self.housekeeping);
         let me = self.node;
         *self.model.write().unwrap_or_else(|p| p.into_inner()) = model.clone();
         {
@@ -1189,15 +1193,110 @@ impl DataPlane {
             .copied()
             .collect();
         for disk in gone {
-            self.remove_export(&readonly_export_name(disk));
-            if let Some(img) = lock(&self.images).remove(&disk) {
-                let _ = img.close();
-            }
-            if let Err(e) = DiskImage::destroy(&self.disks_dir(), &disk.to_string()) {
-                tracing::warn!(disk, error = %e, "cannot delete the image of a deleted disk");
-            }
+            self.delete_image(disk, "its disk was deleted");
         }
         Ok(())
+    }
+
+    /// Deletes what this host keeps for copies the cluster no longer gives it: images of
+    /// deleted disks (also those not opened since a restart), and a former replica's copy
+    /// of a group (its images, progress record and before-resync snapshot) once the host
+    /// neither replicates, runs nor migrates that group. Copies made by `cg sync` have no
+    /// progress record and are kept. Blocking.
+    ///
+    /// `model` must be current (read after a read barrier): a stale model could lack a link
+    /// that exists. Ids are never reused, so anything newer than `model` is left alone too.
+    pub fn collect_garbage(&self, model: &ClusterModel) -> Vec<String> {
+        // Replica roles below are the last reconcile's; it cannot run meanwhile.
+        let _housekeeping = lock(&self.housekeeping);
+        let me = self.node;
+        let mut removed = Vec::new();
+        let disks_dir = self.disks_dir();
+        for entry in std::fs::read_dir(&disks_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let Some(disk) = name
+                .strip_prefix("disk-")
+                .and_then(|n| n.strip_suffix(".img"))
+                .and_then(|n| n.parse::<DiskId>().ok())
+            else {
+                continue;
+            };
+            if model.disk_id_issued(disk) && !model.disks.contains_key(&disk) {
+                self.delete_image(disk, "its disk was deleted");
+                removed.push(format!("image of deleted disk {disk}"));
+            }
+        }
+
+        let replication = self.cfg.data_dir.join("replication");
+        for entry in std::fs::read_dir(&replication)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let Some(cg_id) = name
+                .strip_prefix("cg-")
+                .and_then(|n| n.strip_suffix(".replica"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if !model.cg_id_issued(cg_id) {
+                continue;
+            }
+            let cg = model.cgs.values().find(|c| c.id == cg_id);
+            let still_here = cg.is_some_and(|c| {
+                c.primary == me
+                    || c.replicas.iter().any(|l| l.to == me)
+                    || model
+                        .migrations
+                        .values()
+                        .any(|m| m.cg == c.name && (m.to == me || m.from == me))
+            });
+            if still_here || self.replica_role(cg_id).is_some() {
+                continue;
+            }
+            // No stream of the group may run (or start) while its files go.
+            let turn = self.replica_turn(cg_id);
+            let Ok(_turn) = turn.try_lock() else { continue };
+            if let Some(c) = cg {
+                for d in model.cg_disks(c) {
+                    let runs_here = model.vms.get(&d.vm).is_some_and(|v| v.host == me);
+                    if !runs_here {
+                        self.delete_image(d.id, "this host no longer holds a replica of its group");
+                        removed.push(format!("replica copy of disk {}", d.id));
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir_all(self.resync_dir(cg_id));
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    let _ = std::fs::File::open(&replication).and_then(|d| d.sync_all());
+                    tracing::info!(cg_id, "removed the progress record of a former replica");
+                    removed.push(format!("replica progress record of group {cg_id}"));
+                }
+                Err(e) => {
+                    tracing::warn!(cg_id, error = %e, "cannot remove a replica progress record")
+                }
+            }
+        }
+        removed
+    }
+
+    /// Closes and deletes the local image of `disk`, and its read-only export.
+    fn delete_image(&self, disk: DiskId, why: &str) {
+        self.remove_export(&readonly_export_name(disk));
+        if let Some(img) = lock(&self.images).remove(&disk) {
+            let _ = img.close();
+        }
+        match DiskImage::destroy(&self.disks_dir(), &disk.to_string()) {
+            Ok(()) => tracing::info!(disk, why, "deleted a local disk image"),
+            Err(e) => tracing::warn!(disk, error = %e, "cannot delete a local disk image"),
+        }
     }
 
     /// Closes every image cleanly (agent shutdown).

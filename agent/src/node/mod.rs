@@ -188,10 +188,32 @@ impl LinkReporter for RaftLinkReporter {
     }
 }
 
+/// How often a host looks for local copies the cluster no longer gives it.
+const GC_EVERY: Duration = Duration::from_secs(10);
+
+/// Deletes local copies the model no longer gives this host, deciding on a model read
+/// after a read barrier (never on a lagging one). Skipped while there is no leader.
+async fn collect_garbage(cluster: &Arc<Cluster>, plane: &Arc<DataPlane>) {
+    if let Err(e) = cluster.read_barrier().await {
+        tracing::debug!(error = %e, "no read barrier: local garbage collection skipped");
+        return;
+    }
+    let model = cluster.model.read(|m| m.topology());
+    let p = Arc::clone(plane);
+    match tokio::task::spawn_blocking(move || p.collect_garbage(&model)).await {
+        Ok(removed) if !removed.is_empty() => {
+            tracing::info!(removed = ?removed, "removed local copies the cluster no longer uses");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "local garbage collection panicked"),
+    }
+}
+
 /// Reconciles the data plane whenever the applied model changes (and every few seconds,
 /// to retry what failed).
 async fn reconcile_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>) {
     let mut applied = cluster.model.subscribe();
+    let mut last_gc: Option<std::time::Instant> = None;
     loop {
         let model = cluster.model.read(|m| m.topology());
         let p = Arc::clone(&plane);
@@ -200,6 +222,10 @@ async fn reconcile_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>) {
             tracing::warn!(error = %e, "data plane reconcile panicked");
         }
         plane.reconcile_guests(&model).await;
+        if last_gc.is_none_or(|t| t.elapsed() >= GC_EVERY) {
+            last_gc = Some(std::time::Instant::now());
+            collect_garbage(&cluster, &plane).await;
+        }
         tokio::select! {
             r = applied.changed() => {
                 if r.is_err() {
