@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use crate::activity::{ActivityLog, LogEntry, decide_trust, encode_frame, encode_log, parse_log};
 use crate::backend::{Backend, FileBackend, image_paths};
+use crate::bitmap::Bitmap;
 use crate::chunkmap::{ChunkMap, DirtySet, MetaRecord, RecoveryReport, Trust, WriteSeq};
 use crate::error::{Result, StoreError};
 use crate::geometry::Geometry;
@@ -71,6 +72,41 @@ pub struct DiskImage<B: Backend = FileBackend> {
     checkpointing: Mutex<()>,
     recovery: RecoveryReport,
     activity_limit: AtomicU64,
+    /// A point-in-time copy being made while writes go on (copy-before-write). Lock order:
+    /// live_copy before the others.
+    live_copy: Mutex<Option<LiveCopy>>,
+}
+
+/// A snapshot copied in the background: every chunk is copied once, either by the copier
+/// or, first, by a writer about to change it, so the copy holds each chunk as it was when
+/// the snapshot began.
+struct LiveCopy {
+    dir: std::path::PathBuf,
+    id: String,
+    dest: FileBackend,
+    /// The copy's chunk hashes, filled as chunks are copied.
+    map: ChunkMap,
+    /// Chunks already in `dest` (or known to be zero).
+    done: Bitmap,
+    /// Where the background copier goes on.
+    next: u64,
+    holes: HoleCursor,
+    buf: Vec<u8>,
+}
+
+impl LiveCopy {
+    /// Stores chunk `c`'s snapshot content `data` (hash `h`); all-zero chunks stay holes.
+    fn put_chunk(&mut self, g: &Geometry, c: u64, data: &[u8], h: ChunkHash) -> Result<()> {
+        if h != ZERO_CHUNK_HASH {
+            let off = g.chunk_offset(c);
+            self.dest.write_at(data, off).map_err(|e| {
+                StoreError::io(format!("write {off} of {}", self.dest.describe()), e)
+            })?;
+        }
+        self.map.set_hash(c, h);
+        self.done.set(c);
+        Ok(())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -219,6 +255,7 @@ impl<B: Backend> DiskImage<B> {
             checkpointing: Mutex::new(()),
             recovery,
             activity_limit: AtomicU64::new(DEFAULT_ACTIVITY_LIMIT),
+            live_copy: Mutex::new(None),
         }
     }
 
@@ -332,6 +369,7 @@ impl<B: Backend> DiskImage<B> {
         self.geometry.check_range(offset, len)?;
         let chunks = self.geometry.chunks_of(offset, len);
         let extents = self.geometry.extents_of(&chunks);
+        self.preserve_for_snapshot(chunks.clone())?;
         self.admit(extents.clone(), chunks.clone())?;
         let res = io();
         {
@@ -668,6 +706,153 @@ impl<B: Backend> DiskImage<B> {
                 Err(e)
             }
         }
+    }
+
+    /// Starts a point-in-time copy to a new image `<dir>/disk-<id>.img` without holding
+    /// writes back: from now on a write first copies the chunks it is about to change
+    /// (once each), and [`DiskImage::live_snapshot_step`] copies the rest. The copy holds
+    /// the image as it is at this call, so the caller must have no write in flight to it
+    /// (the write pipeline calls this with writes paused, which takes microseconds).
+    pub fn live_snapshot_begin(&self, dir: &Path, id: &str) -> Result<()> {
+        self.ensure_open()?;
+        let mut live = lock(&self.live_copy);
+        if live.is_some() {
+            return Err(StoreError::invalid(
+                "snapshot",
+                format!(
+                    "a snapshot of {} is already being copied",
+                    self.backend.describe()
+                ),
+            ));
+        }
+        if lock(&self.state).log.inflight() > 0 {
+            return Err(StoreError::invalid(
+                "snapshot",
+                "writes are in flight: hold them back before starting a snapshot".to_string(),
+            ));
+        }
+        let dest = FileBackend::create(dir, id, self.size())?;
+        *live = Some(LiveCopy {
+            dir: dir.to_path_buf(),
+            id: id.to_string(),
+            dest,
+            map: ChunkMap::new_zeroed(self.geometry),
+            done: Bitmap::new(self.chunk_count()),
+            next: 0,
+            holes: HoleCursor::default(),
+            buf: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Copies up to `max_chunks` more chunks of the running live snapshot; `true` once every
+    /// chunk is copied. Chunks are read without holding writers back: a chunk still not
+    /// copied after the read was not written since the snapshot began (a writer saves it
+    /// first), so what was read is the snapshot's content; otherwise the read is dropped.
+    pub fn live_snapshot_step(&self, max_chunks: u64) -> Result<bool> {
+        let mut buf = Vec::new();
+        for _ in 0..max_chunks {
+            self.ensure_open()?;
+            let c = {
+                let mut live = lock(&self.live_copy);
+                let Some(lc) = live.as_mut() else {
+                    return Err(StoreError::invalid(
+                        "snapshot",
+                        "no snapshot is being copied".to_string(),
+                    ));
+                };
+                let n = self.chunk_count();
+                while lc.next < n && lc.done.get(lc.next) {
+                    lc.next += 1;
+                }
+                if lc.next >= n {
+                    return Ok(true);
+                }
+                let c = lc.next;
+                if lc.holes.is_hole(&self.backend, &self.geometry, c)? {
+                    // Reads as zeros, as does the fresh copy (a writer into the hole
+                    // waits for this lock, then finds the chunk done).
+                    lc.done.set(c);
+                    continue;
+                }
+                c
+            };
+            let h = self.read_hash(c, &mut buf)?;
+            let mut live = lock(&self.live_copy);
+            if let Some(lc) = live.as_mut().filter(|lc| !lc.done.get(c)) {
+                lc.put_chunk(&self.geometry, c, &buf, h)?;
+            }
+        }
+        Ok(lock(&self.live_copy)
+            .as_ref()
+            .is_some_and(|lc| lc.done.count_ones() == self.chunk_count()))
+    }
+
+    /// Finishes the live snapshot once every chunk is copied: makes the copy durable and
+    /// returns it. On error the copy's files are removed.
+    pub fn live_snapshot_finish(&self) -> Result<DiskImage<FileBackend>> {
+        let mut live = lock(&self.live_copy);
+        let complete = live
+            .as_ref()
+            .is_some_and(|lc| lc.done.count_ones() == self.chunk_count());
+        if !complete {
+            return Err(StoreError::invalid(
+                "snapshot",
+                "the snapshot copy is not complete".to_string(),
+            ));
+        }
+        let Some(lc) = live.take() else {
+            return Err(StoreError::invalid(
+                "snapshot",
+                "no snapshot is being copied".to_string(),
+            ));
+        };
+        drop(live);
+        let LiveCopy {
+            dir, id, dest, map, ..
+        } = lc;
+        let synced = dest
+            .sync_data()
+            .map_err(|e| StoreError::io(format!("fdatasync {}", dest.describe()), e));
+        match synced.and_then(|()| DiskImage::init(dest, map)) {
+            Ok(img) => Ok(img),
+            Err(e) => {
+                let _ = DiskImage::destroy(&dir, &id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Abandons a running live snapshot and removes its files.
+    pub fn live_snapshot_abort(&self) {
+        if let Some(lc) = lock(&self.live_copy).take() {
+            let LiveCopy { dir, id, dest, .. } = lc;
+            drop(dest);
+            let _ = DiskImage::destroy(&dir, &id);
+        }
+    }
+
+    /// Before a write changes `chunks`: copies the ones a running live snapshot still lacks.
+    fn preserve_for_snapshot(&self, chunks: Range<u64>) -> Result<()> {
+        let mut live = lock(&self.live_copy);
+        let Some(lc) = live.as_mut() else {
+            return Ok(());
+        };
+        for c in chunks {
+            if !lc.done.get(c) {
+                self.copy_chunk_to(lc, c)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies chunk `c` as it is now into the live snapshot.
+    fn copy_chunk_to(&self, lc: &mut LiveCopy, c: u64) -> Result<()> {
+        let mut buf = std::mem::take(&mut lc.buf);
+        let h = self.read_hash(c, &mut buf)?;
+        let put = lc.put_chunk(&self.geometry, c, &buf, h);
+        lc.buf = buf;
+        put
     }
 
     fn copy_into(&self, dest: &FileBackend) -> Result<ChunkMap> {

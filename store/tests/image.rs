@@ -321,6 +321,93 @@ fn snapshot_copy_is_sparse_and_identical() {
     ));
 }
 
+/// A live snapshot holds the image as it was when it began, although writes went on
+/// (before and after the copier reached their chunks, into holes, and zeroing).
+#[test]
+fn live_snapshot_is_the_image_at_its_start_while_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = DiskImage::create(dir.path(), "l", 8 * MIB).unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    // Chunks 0..64 hold data, 64..128 are holes.
+    for c in 0..64u64 {
+        img.write_at(&random_chunk(&mut rng, 65536), c * 65536)
+            .unwrap();
+    }
+    let before = std::fs::read(img.path()).unwrap();
+    img.live_snapshot_begin(dir.path(), "l-snap").unwrap();
+    assert!(
+        img.live_snapshot_begin(dir.path(), "l-other").is_err(),
+        "one live snapshot at a time"
+    );
+    assert!(!img.live_snapshot_step(10).unwrap());
+    assert!(img.live_snapshot_finish().is_err(), "not complete yet");
+    img.write_at(&[1; 4096], 3 * 65536 + 4096).unwrap(); // already copied
+    img.write_at(&[2; 8192], 50 * 65536 - 4096).unwrap(); // spans chunks 49 and 50
+    img.write_at(&[3; 4096], 100 * 65536).unwrap(); // into a hole
+    img.write_zeroes(20 * 65536, 65536).unwrap();
+    while !img.live_snapshot_step(7).unwrap() {}
+    img.write_at(&[4; 4096], 60 * 65536).unwrap(); // after the copy, before finish
+    let snap = img.live_snapshot_finish().unwrap();
+    assert!(
+        std::fs::read(snap.path()).unwrap() == before,
+        "the snapshot must be the image as it was when it began"
+    );
+    assert_eq!(
+        snap.hash_all().unwrap().read,
+        0,
+        "snapshot records its hashes"
+    );
+    assert_eq!(
+        fresh_hashes(&snap),
+        (0..128)
+            .map(|c| snap.chunk_hash(c).unwrap())
+            .collect::<Vec<_>>()
+    );
+    // The live image has every write.
+    let mut b = [0u8; 4096];
+    img.read_at(&mut b, 100 * 65536).unwrap();
+    assert_eq!(b, [3; 4096]);
+    assert!(
+        img.live_snapshot_step(1).is_err(),
+        "nothing running any more"
+    );
+
+    // Aborting removes the copy's files.
+    img.live_snapshot_begin(dir.path(), "l-gone").unwrap();
+    assert!(dir.path().join("disk-l-gone.img").exists());
+    img.live_snapshot_abort();
+    assert!(!dir.path().join("disk-l-gone.img").exists());
+}
+
+/// Same with a writer thread hammering the image while the copier runs.
+#[test]
+fn live_snapshot_under_concurrent_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = Arc::new(DiskImage::create(dir.path(), "c", 16 * MIB).unwrap());
+    let mut rng = StdRng::seed_from_u64(12);
+    for c in 0..200u64 {
+        img.write_at(&random_chunk(&mut rng, 65536), c * 65536)
+            .unwrap();
+    }
+    let before = std::fs::read(img.path()).unwrap();
+    img.live_snapshot_begin(dir.path(), "c-snap").unwrap();
+    let writer = {
+        let img = Arc::clone(&img);
+        thread::spawn(move || {
+            let mut rng = StdRng::seed_from_u64(13);
+            for k in 0..3000u64 {
+                let block = rng.gen_range(0..(16 * MIB / 4096));
+                img.write_at(&[(k % 250) as u8 + 1; 4096], block * 4096)
+                    .unwrap();
+            }
+        })
+    };
+    while !img.live_snapshot_step(3).unwrap() {}
+    writer.join().unwrap();
+    let snap = img.live_snapshot_finish().unwrap();
+    assert!(std::fs::read(snap.path()).unwrap() == before);
+}
+
 #[test]
 fn async_wrappers_run_on_the_blocking_pool() {
     let rt = tokio::runtime::Builder::new_current_thread()
