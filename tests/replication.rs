@@ -559,6 +559,15 @@ fn copies_the_cluster_no_longer_uses_are_deleted_and_others_kept() {
     let del = dev.cli(&["vm", "delete", "gone"]);
     assert!(del.ok, "{del:?}");
 
+    // Two snapshots on the primary; one is deleted again.
+    for name in ["s1", "s2"] {
+        let r = dev.cli(&["cg", "snapshot", "create", "kept", name]);
+        assert!(r.ok, "{r:?}");
+    }
+    let snap_dirs = || node_files(&dev, 1, "snapshots/cg-1", "s", "");
+    assert_eq!(snap_dirs(), ["s1", "s2"]);
+    assert!(dev.cli(&["cg", "snapshot", "delete", "kept", "s1"]).ok);
+
     let r = dev.cli(&["cg", "unreplicate", "kept", "--from", "2"]);
     assert!(r.ok, "{r:?}");
     wait_for(
@@ -576,10 +585,17 @@ fn copies_the_cluster_no_longer_uses_are_deleted_and_others_kept() {
         Duration::from_secs(45),
         || (node_files(&dev, 3, "disks", "disk-", ".img").len() == 1).then_some(()),
     );
-    // The primary's image and host 3's `cg sync` copy stay, and the guest disk still works.
+    wait_for(
+        "the deleted snapshot's files to go",
+        Duration::from_secs(45),
+        || (snap_dirs() == ["s2"]).then_some(()),
+    );
+    // The primary's image, the kept snapshot and host 3's `cg sync` copy stay (checked
+    // again after more collection rounds), and the guest disk still works.
     assert_eq!(node_files(&dev, 1, "disks", "disk-", ".img").len(), 1);
     std::thread::sleep(Duration::from_secs(12));
     assert_eq!(node_files(&dev, 3, "disks", "disk-", ".img").len(), 1);
+    assert_eq!(snap_dirs(), ["s2"]);
     let uri = vm_uri(&dev, "keep", 0);
     qemu_io(&uri, &["write -P 9 0 64k".to_string()]);
     qemu_io(&uri, &["read -P 9 0 64k".to_string()]);

@@ -138,6 +138,9 @@ pub struct DataPlane {
     replica_turns: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     /// Held by a reconcile and by garbage collection, so neither sees the other half done.
     housekeeping: Mutex<()>,
+    /// Snapshot directories being created (`None`) or recorded in Raft at an instant:
+    /// garbage collection leaves them alone until it reads a model that includes them.
+    snapshots_in_progress: Mutex<HashMap<PathBuf, Option<std::time::Instant>>>,
     exports: Mutex<HashMap<String, Export>>,
     registry: ExportRegistry,
     peers: RwLock<HashMap<NodeId, std::net::SocketAddr>>,
@@ -197,6 +200,7 @@ impl DataPlane {
             bulk_transfers: Arc::new(AtomicUsize::new(0)),
             replica_turns: Mutex::new(HashMap::new()),
             housekeeping: Mutex::new(()),
+            snapshots_in_progress: Mutex::new(HashMap::new()),
             exports: Mutex::new(HashMap::new()),
             registry: ExportRegistry::new(),
             peers: RwLock::new(HashMap::new()),
@@ -622,8 +626,10 @@ impl DataPlane {
     }
 
     /// Takes a crash-consistent snapshot of every disk of group `cg` (this host is its
-    /// primary): writes are held back while the images are copied. Returns the last
-    /// sequence number the snapshot contains.
+    /// primary). Writes are held back only while the copies start (microseconds); the
+    /// copying runs while guests keep writing, each write first saving the chunks it is
+    /// about to change (copy-before-write). Returns the last sequence number the snapshot
+    /// contains, once the copies are complete and durable. Blocking.
     pub fn snapshot_create(&self, cg: &str, name: &str) -> anyhow::Result<u64> {
         convoy_raft::model::validate_name("snapshot name", name)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -641,24 +647,55 @@ impl DataPlane {
                 self.node
             );
         }
-        std::fs::create_dir_all(&dir)?;
-        let (result, last) = pipeline.with_writes_paused(|images| -> anyhow::Result<()> {
+        lock(&self.snapshots_in_progress).insert(dir.clone(), None);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            lock(&self.snapshots_in_progress).remove(&dir);
+            return Err(e.into());
+        }
+        // The point in time: every disk's copy starts with no write in flight.
+        let (begun, last) = pipeline.with_writes_paused(|images| {
+            let mut started: Vec<Arc<DiskImage>> = Vec::new();
             for (disk, image) in images {
-                image.flush()?;
-                image.snapshot_to(&dir, &disk.to_string())?.close()?;
+                if let Err(e) = image.live_snapshot_begin(&dir, &disk.to_string()) {
+                    started.iter().for_each(|i| i.live_snapshot_abort());
+                    return Err(e);
+                }
+                started.push(Arc::clone(image));
             }
-            Ok(())
+            Ok(started)
         });
-        if let Err(e) = result {
+        let copied = begun.map_err(anyhow::Error::from).and_then(|images| {
+            let copy = || -> anyhow::Result<()> {
+                for image in &images {
+                    while !image.live_snapshot_step(64)? {}
+                    image.live_snapshot_finish()?.close()?;
+                }
+                Ok(())
+            };
+            copy().inspect_err(|_| images.iter().for_each(|i| i.live_snapshot_abort()))
+        });
+        if let Err(e) = copied {
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
+            lock(&self.snapshots_in_progress).remove(&dir);
+            return Err(e.context(format!("cannot snapshot '{cg}'")));
         }
         Ok(last)
     }
 
+    /// The snapshot was recorded in Raft: a model read after a barrier started from now on
+    /// lists it (or its deletion), so garbage collection may judge it by the model.
+    pub fn snapshot_recorded(&self, cg_id: u64, name: &str) {
+        let dir = self.snapshot_dir(cg_id, name);
+        if let Some(at) = lock(&self.snapshots_in_progress).get_mut(&dir) {
+            *at = Some(std::time::Instant::now());
+        }
+    }
+
     /// Deletes a snapshot's files on this host.
     pub fn snapshot_delete_files(&self, cg_id: u64, name: &str) {
-        let _ = std::fs::remove_dir_all(self.snapshot_dir(cg_id, name));
+        let dir = self.snapshot_dir(cg_id, name);
+        let _ = std::fs::remove_dir_all(&dir);
+        lock(&self.snapshots_in_progress).remove(&dir);
     }
 
     /// Rewrites group `cg`'s disks with snapshot `name`'s content, through the pipeline, so
@@ -1165,27 +1202,6 @@ impl DataPlane {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = roles;
 
-        // Snapshot files the model no longer lists are deleted.
-        let snap_root = self.cfg.data_dir.join("snapshots");
-        if let Ok(groups) = std::fs::read_dir(&snap_root) {
-            for g in groups.flatten() {
-                let gname = g.file_name().to_string_lossy().to_string();
-                let cg = gname
-                    .strip_prefix("cg-")
-                    .and_then(|id| id.parse::<u64>().ok())
-                    .and_then(|id| model.cgs.values().find(|c| c.id == id));
-                for snap in std::fs::read_dir(g.path()).into_iter().flatten().flatten() {
-                    let sname = snap.file_name().to_string_lossy().to_string();
-                    let keep = cg.is_some_and(|c| {
-                        c.snapshots.iter().any(|s| s.name == sname && s.host == me)
-                    });
-                    if !keep {
-                        let _ = std::fs::remove_dir_all(snap.path());
-                    }
-                }
-            }
-        }
-
         // Images of disks that left the model are deleted; read-only exports of them too.
         let gone: Vec<DiskId> = lock(&self.images)
             .keys()
@@ -1206,7 +1222,11 @@ impl DataPlane {
     ///
     /// `model` must be current (read after a read barrier): a stale model could lack a link
     /// that exists. Ids are never reused, so anything newer than `model` is left alone too.
-    pub fn collect_garbage(&self, model: &ClusterModel) -> Vec<String> {
+    pub fn collect_garbage(
+        &self,
+        model: &ClusterModel,
+        barrier_started: std::time::Instant,
+    ) -> Vec<String> {
         // Replica roles below are the last reconcile's; it cannot run meanwhile.
         let _housekeeping = lock(&self.housekeeping);
         let me = self.node;
@@ -1228,6 +1248,50 @@ impl DataPlane {
             if model.disk_id_issued(disk) && !model.disks.contains_key(&disk) {
                 self.delete_image(disk, "its disk was deleted");
                 removed.push(format!("image of deleted disk {disk}"));
+            }
+        }
+
+        // Snapshot files the model does not list: deleted snapshots, or creations that
+        // failed or crashed before being recorded (not those still being created).
+        let snap_root = self.cfg.data_dir.join("snapshots");
+        for g in std::fs::read_dir(&snap_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let gname = g.file_name().to_string_lossy().to_string();
+            let Some(cg_id) = gname
+                .strip_prefix("cg-")
+                .and_then(|id| id.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if !model.cg_id_issued(cg_id) {
+                continue;
+            }
+            let cg = model.cgs.values().find(|c| c.id == cg_id);
+            for snap in std::fs::read_dir(g.path()).into_iter().flatten().flatten() {
+                let sname = snap.file_name().to_string_lossy().to_string();
+                let listed =
+                    cg.is_some_and(|c| c.snapshots.iter().any(|s| s.name == sname && s.host == me));
+                let path = snap.path();
+                let mut in_progress = lock(&self.snapshots_in_progress);
+                let judged_by_model = match in_progress.get(&path) {
+                    None => true,
+                    Some(None) => false,
+                    // Recorded before the barrier began: `model` has the record (or its
+                    // deletion).
+                    Some(Some(at)) => *at < barrier_started,
+                };
+                if !judged_by_model {
+                    continue;
+                }
+                in_progress.remove(&path);
+                drop(in_progress);
+                if !listed {
+                    let _ = std::fs::remove_dir_all(&path);
+                    removed.push(format!("files of snapshot {sname} of group {cg_id}"));
+                }
             }
         }
 

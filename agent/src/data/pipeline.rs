@@ -234,9 +234,9 @@ impl Pipeline {
     }
 
     /// Runs `f` with writes held back (blocking: call from a blocking thread). Every write
-    /// acknowledged before is in the images and none starts until `f` returns, so what
-    /// `f` reads of all the group's disks is one crash-consistent point. Returns `f`'s
-    /// result and the last sequence number that point contains.
+    /// acknowledged before is in the images, none is in flight and none starts until `f`
+    /// returns, so what `f` sees of all the group's disks is one crash-consistent point.
+    /// Returns `f`'s result and the last sequence number that point contains.
     pub fn with_writes_paused<T>(
         &self,
         f: impl FnOnce(&BTreeMap<DiskId, Arc<DiskImage>>) -> T,

@@ -194,13 +194,14 @@ const GC_EVERY: Duration = Duration::from_secs(10);
 /// Deletes local copies the model no longer gives this host, deciding on a model read
 /// after a read barrier (never on a lagging one). Skipped while there is no leader.
 async fn collect_garbage(cluster: &Arc<Cluster>, plane: &Arc<DataPlane>) {
+    let barrier_started = std::time::Instant::now();
     if let Err(e) = cluster.read_barrier().await {
         tracing::debug!(error = %e, "no read barrier: local garbage collection skipped");
         return;
     }
     let model = cluster.model.read(|m| m.topology());
     let p = Arc::clone(plane);
-    match tokio::task::spawn_blocking(move || p.collect_garbage(&model)).await {
+    match tokio::task::spawn_blocking(move || p.collect_garbage(&model, barrier_started)).await {
         Ok(removed) if !removed.is_empty() => {
             tracing::info!(removed = ?removed, "removed local copies the cluster no longer uses");
         }

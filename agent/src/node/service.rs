@@ -914,12 +914,16 @@ impl Cluster {
                     name: name.clone(),
                     created_at_ms: now_ms(),
                 };
+                let cg_id = self.model.read(|m| m.cgs.get(&cg).map(|c| c.id));
                 if let Err(e) = self.write(cmd, None).await {
                     // Not recorded: do not keep files nobody knows about.
-                    if let Some(id) = self.model.read(|m| m.cgs.get(&cg).map(|c| c.id)) {
+                    if let Some(id) = cg_id {
                         plane.snapshot_delete_files(id, &name);
                     }
                     return Err(e);
+                }
+                if let Some(id) = cg_id {
+                    plane.snapshot_recorded(id, &name);
                 }
                 serde_json::to_string(&last_seq)
             }
