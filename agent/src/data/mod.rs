@@ -1231,20 +1231,7 @@ impl DataPlane {
         let _housekeeping = lock(&self.housekeeping);
         let me = self.node;
         let mut removed = Vec::new();
-        let disks_dir = self.disks_dir();
-        for entry in std::fs::read_dir(&disks_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().to_string();
-            let Some(disk) = name
-                .strip_prefix("disk-")
-                .and_then(|n| n.strip_suffix(".img"))
-                .and_then(|n| n.parse::<DiskId>().ok())
-            else {
-                continue;
-            };
+        for (disk, _) in numbered_entries(&self.disks_dir(), "disk-", ".img") {
             if model.disk_id_issued(disk) && !model.disks.contains_key(&disk) {
                 self.delete_image(disk, "its disk was deleted");
                 removed.push(format!("image of deleted disk {disk}"));
@@ -1254,23 +1241,12 @@ impl DataPlane {
         // Snapshot files the model does not list: deleted snapshots, or creations that
         // failed or crashed before being recorded (not those still being created).
         let snap_root = self.cfg.data_dir.join("snapshots");
-        for g in std::fs::read_dir(&snap_root)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let gname = g.file_name().to_string_lossy().to_string();
-            let Some(cg_id) = gname
-                .strip_prefix("cg-")
-                .and_then(|id| id.parse::<u64>().ok())
-            else {
-                continue;
-            };
+        for (cg_id, group_dir) in numbered_entries(&snap_root, "cg-", "") {
             if !model.cg_id_issued(cg_id) {
                 continue;
             }
             let cg = model.cgs.values().find(|c| c.id == cg_id);
-            for snap in std::fs::read_dir(g.path()).into_iter().flatten().flatten() {
+            for snap in std::fs::read_dir(group_dir).into_iter().flatten().flatten() {
                 let sname = snap.file_name().to_string_lossy().to_string();
                 let listed =
                     cg.is_some_and(|c| c.snapshots.iter().any(|s| s.name == sname && s.host == me));
@@ -1296,19 +1272,7 @@ impl DataPlane {
         }
 
         let replication = self.cfg.data_dir.join("replication");
-        for entry in std::fs::read_dir(&replication)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().to_string();
-            let Some(cg_id) = name
-                .strip_prefix("cg-")
-                .and_then(|n| n.strip_suffix(".replica"))
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
+        for (cg_id, record) in numbered_entries(&replication, "cg-", ".replica") {
             if !model.cg_id_issued(cg_id) {
                 continue;
             }
@@ -1337,7 +1301,7 @@ impl DataPlane {
                 }
             }
             let _ = std::fs::remove_dir_all(self.resync_dir(cg_id));
-            match std::fs::remove_file(entry.path()) {
+            match std::fs::remove_file(&record) {
                 Ok(()) => {
                     let _ = std::fs::File::open(&replication).and_then(|d| d.sync_all());
                     tracing::info!(cg_id, "removed the progress record of a former replica");
@@ -1396,6 +1360,24 @@ impl Drop for BulkTransfer {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Entries of `dir` named `<prefix><number><suffix>`, with their numbers.
+fn numbered_entries(dir: &Path, prefix: &str, suffix: &str) -> Vec<(u64, PathBuf)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n = name
+                .strip_prefix(prefix)?
+                .strip_suffix(suffix)?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .collect()
 }
 
 /// Keeps idle images' chunk hashes computed, so a compare-delta against them only hashes
