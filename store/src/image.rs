@@ -92,6 +92,9 @@ struct LiveCopy {
     next: u64,
     holes: HoleCursor,
     buf: Vec<u8>,
+    /// Why the copy failed while a writer was saving a chunk: the write goes on (a
+    /// snapshot must never fail a guest write), the snapshot does not.
+    failed: Option<String>,
 }
 
 impl LiveCopy {
@@ -369,7 +372,7 @@ impl<B: Backend> DiskImage<B> {
         self.geometry.check_range(offset, len)?;
         let chunks = self.geometry.chunks_of(offset, len);
         let extents = self.geometry.extents_of(&chunks);
-        self.preserve_for_snapshot(chunks.clone())?;
+        self.preserve_for_snapshot(chunks.clone());
         self.admit(extents.clone(), chunks.clone())?;
         let res = io();
         {
@@ -741,6 +744,7 @@ impl<B: Backend> DiskImage<B> {
             next: 0,
             holes: HoleCursor::default(),
             buf: Vec::new(),
+            failed: None,
         });
         Ok(())
     }
@@ -761,6 +765,9 @@ impl<B: Backend> DiskImage<B> {
                         "no snapshot is being copied".to_string(),
                     ));
                 };
+                if let Some(why) = &lc.failed {
+                    return Err(StoreError::invalid("snapshot", why.clone()));
+                }
                 let n = self.chunk_count();
                 while lc.next < n && lc.done.get(lc.next) {
                     lc.next += 1;
@@ -794,7 +801,7 @@ impl<B: Backend> DiskImage<B> {
         let mut live = lock(&self.live_copy);
         let complete = live
             .as_ref()
-            .is_some_and(|lc| lc.done.count_ones() == self.chunk_count());
+            .is_some_and(|lc| lc.failed.is_none() && lc.done.count_ones() == self.chunk_count());
         if !complete {
             return Err(StoreError::invalid(
                 "snapshot",
@@ -833,17 +840,20 @@ impl<B: Backend> DiskImage<B> {
     }
 
     /// Before a write changes `chunks`: copies the ones a running live snapshot still lacks.
-    fn preserve_for_snapshot(&self, chunks: Range<u64>) -> Result<()> {
+    /// A failure fails the snapshot, never the write.
+    fn preserve_for_snapshot(&self, chunks: Range<u64>) {
         let mut live = lock(&self.live_copy);
-        let Some(lc) = live.as_mut() else {
-            return Ok(());
+        let Some(lc) = live.as_mut().filter(|lc| lc.failed.is_none()) else {
+            return;
         };
         for c in chunks {
             if !lc.done.get(c) {
-                self.copy_chunk_to(lc, c)?;
+                if let Err(e) = self.copy_chunk_to(lc, c) {
+                    lc.failed = Some(format!("saving chunk {c} before a write failed: {e}"));
+                    break;
+                }
             }
         }
-        Ok(())
     }
 
     /// Copies chunk `c` as it is now into the live snapshot.
