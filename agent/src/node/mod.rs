@@ -116,6 +116,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .context("cannot start the data plane")?;
     let _ = cluster.data.set(Arc::clone(&plane));
     tokio::spawn(reconcile_loop(Arc::clone(&cluster), Arc::clone(&plane)));
+    tokio::spawn(gc_loop(Arc::clone(&cluster), Arc::clone(&plane)));
 
     let metrics = crate::metrics::install()?;
     crate::metrics::spawn_sampler(Arc::clone(&cluster), metrics.clone());
@@ -191,6 +192,15 @@ impl LinkReporter for RaftLinkReporter {
 /// How often a host looks for local copies the cluster no longer gives it.
 const GC_EVERY: Duration = Duration::from_secs(10);
 
+/// Every [`GC_EVERY`], deletes local copies the model no longer gives this host. Its own
+/// task: a read barrier can wait out a leader election, which must not delay reconciles.
+async fn gc_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>) {
+    loop {
+        tokio::time::sleep(GC_EVERY).await;
+        collect_garbage(&cluster, &plane).await;
+    }
+}
+
 /// Deletes local copies the model no longer gives this host, deciding on a model read
 /// after a read barrier (never on a lagging one). Skipped while there is no leader.
 async fn collect_garbage(cluster: &Arc<Cluster>, plane: &Arc<DataPlane>) {
@@ -214,7 +224,6 @@ async fn collect_garbage(cluster: &Arc<Cluster>, plane: &Arc<DataPlane>) {
 /// to retry what failed).
 async fn reconcile_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>) {
     let mut applied = cluster.model.subscribe();
-    let mut last_gc: Option<std::time::Instant> = None;
     loop {
         let model = cluster.model.read(|m| m.topology());
         let p = Arc::clone(&plane);
@@ -223,10 +232,6 @@ async fn reconcile_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>) {
             tracing::warn!(error = %e, "data plane reconcile panicked");
         }
         plane.reconcile_guests(&model).await;
-        if last_gc.is_none_or(|t| t.elapsed() >= GC_EVERY) {
-            last_gc = Some(std::time::Instant::now());
-            collect_garbage(&cluster, &plane).await;
-        }
         tokio::select! {
             r = applied.changed() => {
                 if r.is_err() {
