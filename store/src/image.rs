@@ -693,22 +693,20 @@ impl<B: Backend> DiskImage<B> {
 
     /// Copies the image to a new image `<dir>/disk-<id>.img` (with metadata, all hashes
     /// known, no trackers), skipping holes and all-zero chunks so the copy stays sparse.
-    /// The copy is a point-in-time image only if the caller keeps writes away for the
-    /// duration; concurrent writes are safe but may land in the copy chunk by chunk. The
-    /// copy is durable when this returns; on error its files are removed.
+    /// The copy is the image as it was at the call (a live snapshot copied to the end
+    /// here), so no write may be in flight when it starts. The copy is durable when this
+    /// returns; on error its files are removed.
     pub fn snapshot_to(&self, dir: &Path, id: &str) -> Result<DiskImage<FileBackend>> {
-        self.ensure_open()?;
-        let dest = FileBackend::create(dir, id, self.size())?;
-        match self.copy_into(&dest) {
-            Ok(map) => DiskImage::init(dest, map).inspect_err(|_| {
-                let _ = DiskImage::destroy(dir, id);
-            }),
-            Err(e) => {
-                drop(dest);
-                let _ = DiskImage::destroy(dir, id);
-                Err(e)
-            }
+        // The live-snapshot machinery with nobody writing meanwhile: one way to copy.
+        self.live_snapshot_begin(dir, id)?;
+        let copied = (|| {
+            while !self.live_snapshot_step(256)? {}
+            self.live_snapshot_finish()
+        })();
+        if copied.is_err() {
+            self.live_snapshot_abort();
         }
+        copied
     }
 
     /// Starts a point-in-time copy to a new image `<dir>/disk-<id>.img` without holding
@@ -863,39 +861,6 @@ impl<B: Backend> DiskImage<B> {
         let put = lc.put_chunk(&self.geometry, c, &buf, h);
         lc.buf = buf;
         put
-    }
-
-    fn copy_into(&self, dest: &FileBackend) -> Result<ChunkMap> {
-        let mut map = ChunkMap::new_zeroed(self.geometry);
-        let mut buf = Vec::new();
-        let n = self.chunk_count();
-        for window in (0..n).step_by(HASH_WINDOW) {
-            let tickets: Vec<_> = {
-                let st = lock(&self.state);
-                (window..(window + HASH_WINDOW as u64).min(n))
-                    .map(|c| st.map.hash_ticket(c))
-                    .collect()
-            };
-            let mut holes = HoleCursor::default();
-            for t in tickets {
-                let c = t.chunk();
-                if holes.is_hole(&self.backend, &self.geometry, c)? {
-                    continue;
-                }
-                let h = self.read_hash(c, &mut buf)?;
-                if h != ZERO_CHUNK_HASH {
-                    let off = self.geometry.chunk_offset(c);
-                    dest.write_at(&buf, off).map_err(|e| {
-                        StoreError::io(format!("write {off} of {}", dest.describe()), e)
-                    })?;
-                }
-                map.set_hash(c, h);
-                lock(&self.state).map.offer_hash(t, h);
-            }
-        }
-        dest.sync_data()
-            .map_err(|e| StoreError::io(format!("fdatasync {}", dest.describe()), e))?;
-        Ok(map)
     }
 }
 
