@@ -22,6 +22,9 @@ pub const DEFAULT_ACTIVITY_LIMIT: u64 = 256;
 
 /// Chunks hashed per batch of tickets (bounds memory on large disks).
 const HASH_WINDOW: usize = 4096;
+/// Chunks per batch of a background pass (4 MiB): it looks for writes between batches, so
+/// a guest that starts writing waits out at most this much hashing, not a whole disk's.
+const IDLE_HASH_WINDOW: usize = 64;
 
 /// How often tree-returning calls retry when concurrent writes keep invalidating hashes.
 const TREE_ATTEMPTS: usize = 8;
@@ -515,6 +518,12 @@ impl<B: Backend> DiskImage<B> {
         lock(&self.state).map.cached_hash(chunk)
     }
 
+    /// Changes whenever a write starts or ends: equal across two calls means the image was
+    /// not written in between.
+    pub fn write_count(&self) -> u64 {
+        lock(&self.state).map.write_count()
+    }
+
     /// The hash of `chunk` (see [`hash_chunk`]), computed from the image if not cached. It
     /// describes the chunk's content at some moment during the call.
     pub fn chunk_hash(&self, chunk: u64) -> Result<ChunkHash> {
@@ -559,6 +568,11 @@ impl<B: Backend> DiskImage<B> {
         let mut pass = HashPass::default();
         let mut buf = Vec::new();
         let mut next = 0;
+        let window = if busy.is_some() {
+            IDLE_HASH_WINDOW
+        } else {
+            HASH_WINDOW
+        };
         loop {
             // Tickets first, then hole lookups: hole information gathered after a ticket
             // cannot predate a write the ticket would not notice.
@@ -568,7 +582,7 @@ impl<B: Backend> DiskImage<B> {
                     return Ok(pass);
                 }
                 st.map
-                    .unknown_chunks_from(next, HASH_WINDOW)
+                    .unknown_chunks_from(next, window)
                     .into_iter()
                     .map(|c| st.map.hash_ticket(c))
                     .collect()
@@ -988,5 +1002,25 @@ mod idle_hash_tests {
         stop.store(true, Ordering::Relaxed);
         writer.join().unwrap();
         assert!(outcome.is_none(), "a pass over a busy image must give up");
+    }
+
+    #[test]
+    fn idle_hashing_stops_within_one_window_of_becoming_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = 4 * IDLE_HASH_WINDOW as u64;
+        let img = DiskImage::create(dir.path(), "t", chunks * 65536).unwrap();
+        img.write_at(&vec![7u8; (chunks * 65536) as usize], 0).unwrap();
+        let looks = std::cell::Cell::new(0);
+        // The host turns busy once the first window has been hashed. (Writes are looked
+        // for at the same points; `busy` runs under the image's lock, so it cannot write.)
+        let outcome = img
+            .hash_all_while_idle(|| {
+                looks.set(looks.get() + 1);
+                looks.get() >= 2
+            })
+            .unwrap();
+        assert!(outcome.is_none());
+        let known = (0..chunks).filter(|c| img.cached_hash(*c).is_some()).count();
+        assert_eq!(known, IDLE_HASH_WINDOW, "hashing went on after the host turned busy");
     }
 }

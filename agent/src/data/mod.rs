@@ -1380,11 +1380,20 @@ fn numbered_entries(dir: &Path, prefix: &str, suffix: &str) -> Vec<(u64, PathBuf
         .collect()
 }
 
+/// Whether the hash warmer should hash an image now: it was not written since the last look
+/// (`previous`, the write count then) and not already fully hashed at this write count.
+fn worth_warming(previous: Option<u64>, writes: u64, hashed_at: Option<u64>) -> bool {
+    previous == Some(writes) && hashed_at != Some(writes)
+}
+
 /// Keeps idle images' chunk hashes computed, so a compare-delta against them only hashes
-/// what changed since. An image is hashed once its count of unknown hashes stays the same
-/// across two looks (no writes in between): hashing a busy image would only be redone.
+/// what changed since. An image is hashed once it has gone a whole look without writes:
+/// hashing a busy image would only be redone, and takes CPU from its writers. (Counting
+/// unknown hashes instead mistook a busy image for idle once every chunk was unknown.)
 async fn hash_warmer(plane: std::sync::Weak<DataPlane>) {
-    let mut last_unknown: HashMap<DiskId, u64> = HashMap::new();
+    let mut last_writes: HashMap<DiskId, u64> = HashMap::new();
+    // The write count at which each image was last found fully hashed.
+    let mut hashed_at: HashMap<DiskId, u64> = HashMap::new();
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let Some(p) = plane.upgrade() else { return };
@@ -1398,12 +1407,12 @@ async fn hash_warmer(plane: std::sync::Weak<DataPlane>) {
             .map(|(d, i)| (*d, Arc::clone(i)))
             .collect();
         drop(p);
+        last_writes.retain(|d, _| images.iter().any(|(disk, _)| disk == d));
+        hashed_at.retain(|d, _| images.iter().any(|(disk, _)| disk == d));
         for (disk, image) in images {
-            let unknown = (0..image.chunk_count())
-                .filter(|c| image.cached_hash(*c).is_none())
-                .count() as u64;
-            let previous = last_unknown.insert(disk, unknown);
-            if unknown == 0 || previous != Some(unknown) {
+            let writes = image.write_count();
+            let previous = last_writes.insert(disk, writes);
+            if !worth_warming(previous, writes, hashed_at.get(&disk).copied()) {
                 continue;
             }
             let started = std::time::Instant::now();
@@ -1412,9 +1421,10 @@ async fn hash_warmer(plane: std::sync::Weak<DataPlane>) {
             match tokio::task::spawn_blocking(hashing).await {
                 Ok(Ok(None)) => {
                     // Written meanwhile (a copy or guest started): try again once idle.
-                    last_unknown.remove(&disk);
+                    last_writes.remove(&disk);
                 }
                 Ok(Ok(Some(pass))) => {
+                    hashed_at.insert(disk, writes);
                     tracing::debug!(
                         disk,
                         read = pass.read,
@@ -1422,11 +1432,29 @@ async fn hash_warmer(plane: std::sync::Weak<DataPlane>) {
                         ms = started.elapsed().as_millis() as u64,
                         "hashed idle image"
                     );
-                    last_unknown.insert(disk, 0);
                 }
                 Ok(Err(e)) => tracing::debug!(disk, error = %e, "hashing an idle image failed"),
                 Err(_) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worth_warming;
+
+    #[test]
+    fn warmer_hashes_only_images_quiet_for_a_whole_look_and_not_yet_hashed() {
+        // First look at an image: nothing to compare with yet.
+        assert!(!worth_warming(None, 10, None));
+        // Written since the last look (a busy guest, even one that has touched every chunk).
+        assert!(!worth_warming(Some(8), 10, None));
+        // Quiet for a look: hash it.
+        assert!(worth_warming(Some(10), 10, None));
+        // Already fully hashed at this write count: nothing to do.
+        assert!(!worth_warming(Some(10), 10, Some(10)));
+        // Hashed before, written since, quiet again: hash the changes.
+        assert!(worth_warming(Some(12), 12, Some(10)));
     }
 }
