@@ -1009,7 +1009,8 @@ mod idle_hash_tests {
         let dir = tempfile::tempdir().unwrap();
         let chunks = 4 * IDLE_HASH_WINDOW as u64;
         let img = DiskImage::create(dir.path(), "t", chunks * 65536).unwrap();
-        img.write_at(&vec![7u8; (chunks * 65536) as usize], 0).unwrap();
+        img.write_at(&vec![7u8; (chunks * 65536) as usize], 0)
+            .unwrap();
         let looks = std::cell::Cell::new(0);
         // The host turns busy once the first window has been hashed. (Writes are looked
         // for at the same points; `busy` runs under the image's lock, so it cannot write.)
@@ -1020,7 +1021,12 @@ mod idle_hash_tests {
             })
             .unwrap();
         assert!(outcome.is_none());
-        let known = (0..chunks).filter(|c| img.cached_hash(*c).is_some()).count();
-        assert_eq!(known, IDLE_HASH_WINDOW, "hashing went on after the host turned busy");
+        let known = (0..chunks)
+            .filter(|c| img.cached_hash(*c).is_some())
+            .count();
+        assert_eq!(
+            known, IDLE_HASH_WINDOW,
+            "hashing went on after the host turned busy"
+        );
     }
 }

@@ -195,6 +195,12 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             .iter()
             .map(|f| convoy_codec::decode(f))
             .collect::<Result<_, _>>()?;
+        // A resync starts with a copy of the whole group (the before-resync snapshot):
+        // seconds of I/O that must not hold a runtime worker, or two groups resyncing at
+        // once would stall every task of the node, Raft heartbeats included.
+        let copies = msgs
+            .iter()
+            .any(|m| matches!(m, ToReplica::ResyncBegin { .. }));
         let plane2 = Arc::clone(&plane);
         let images2 = images.clone();
         // Applying is a few page-cache writes and one fdatasync (~0.1 ms), done right on
@@ -208,7 +214,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         };
         let multi = tokio::runtime::Handle::current().runtime_flavor()
             == tokio::runtime::RuntimeFlavor::MultiThread;
-        let (r, s) = if multi {
+        let (r, s) = if multi && !copies {
             apply()
         } else {
             tokio::task::spawn_blocking(apply).await?
