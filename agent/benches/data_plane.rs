@@ -568,6 +568,23 @@ fn fio(uri: &str, qd: u32) -> Fio {
 /// The disk's own speed for durable 4 KiB random writes: `qd` threads each writing with
 /// O_DSYNC to a file next to the images (same file system, no network, no Convoy), for
 /// reference next to the synchronous replica, which waits for its disk on every write.
+/// A directory on tmpfs (`/dev/shm`), or `None` where there is none.
+fn tmpfs_dir() -> Option<tempfile::TempDir> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    let shm = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace().skip(1);
+        f.next() == Some("/dev/shm") && f.next() == Some("tmpfs")
+    });
+    if !shm {
+        eprintln!("data_plane: no tmpfs at /dev/shm; skipping the sync-on-tmpfs rows");
+        return None;
+    }
+    tempfile::Builder::new()
+        .prefix("convoy-bench-")
+        .tempdir_in("/dev/shm")
+        .ok()
+}
+
 fn fio_durable_floor(dir: &Path, qd: u32) -> Fio {
     let file = dir.join("durable-floor.img");
     let r = fio_with(&[
@@ -769,12 +786,23 @@ fn main() {
     require_tools();
     let load_start = loadavg();
     let started = Instant::now();
-    let dev = Dev::start(3, &[]);
+    // Node 4 keeps its data on tmpfs, where a flush costs nothing: a sync replica there,
+    // next to the same replica on disk, shows how much of sync's latency is the disk's.
+    let tmpfs = tmpfs_dir();
+    let dev = Dev::start_prepared(4, &[], |dir| {
+        if let Some(t) = &tmpfs {
+            let node = dir.join("node-4");
+            std::fs::create_dir_all(&node).unwrap();
+            std::os::unix::fs::symlink(t.path(), node.join("data")).unwrap();
+        }
+    });
     {
         let mut l = live();
         l.dev_pid = Some(dev.file.dev_pid);
         l.agents = dev.file.nodes.iter().map(|n| n.pid).collect();
         l.dirs.push(dev.dir.path().to_path_buf());
+        l.dirs
+            .extend(tmpfs.as_ref().map(|t| t.path().to_path_buf()));
     }
     wait_for("a leader", Duration::from_secs(20), || dev.leader());
     let ip = dev.ip.to_string();
@@ -1219,6 +1247,17 @@ fn main() {
         .iter()
         .map(|qd| fio_run("convoy sync", &convoy_uri, *qd, &a12))
         .collect();
+    let syn_tmpfs: Option<Vec<Fio>> = tmpfs.as_ref().map(|_| {
+        let r = dev.cli(&["cg", "unreplicate", "dpg", "--from", "2"]);
+        assert!(r.ok, "{r:?}");
+        let r = dev.cli(&["cg", "replicate", "dpg", "--to", "4", "--mode", "sync"]);
+        assert!(r.ok, "{r:?}");
+        wait_caught_up(&dev, "dpg", Duration::from_secs(600));
+        let a14 = [("agent 1", dev.pid(1)), ("agent 4", dev.pid(4))];
+        qds.iter()
+            .map(|qd| fio_run("convoy sync, replica on tmpfs", &convoy_uri, *qd, &a14))
+            .collect()
+    });
     drop(peer);
     let floors: Vec<Fio> = qds
         .iter()
@@ -1277,6 +1316,19 @@ fn main() {
             floor.p99_ms,
             None,
         );
+        if let Some(st) = syn_tmpfs.as_ref().map(|v| &v[i]) {
+            let d = st.p99_ms - n.p99_ms;
+            t.add(
+                &format!("4k randwrite QD{qd} p99, sync replica on tmpfs vs no replica"),
+                (st.p99_ms, "ms"),
+                "Convoy, no replica",
+                (n.p99_ms, "ms"),
+                d,
+                format!("{d:+.2} ms"),
+                "reference",
+                None,
+            );
+        }
         let d = s.p99_ms - n.p99_ms;
         t.add(
             &format!("4k randwrite QD{qd} p99, sync vs no replica"),

@@ -124,10 +124,18 @@ pub struct Dev {
 impl Dev {
     /// Starts `convoy dev --nodes N` plus `extra` flags and waits for `cluster.json`.
     pub fn start(nodes: u64, extra: &[&str]) -> Dev {
+        Dev::start_prepared(nodes, extra, |_| {})
+    }
+
+    /// Like [`Dev::start`], with `prepare` run on the cluster directory first (to place a
+    /// node's data elsewhere, say, before `convoy dev` creates it).
+    #[allow(dead_code)]
+    pub fn start_prepared(nodes: u64, extra: &[&str], prepare: impl FnOnce(&Path)) -> Dev {
         let turn = ONE_CLUSTER_AT_A_TIME
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().expect("tempdir");
+        prepare(dir.path());
         let ip = unique_ip();
         let log = std::fs::File::create(dir.path().join("dev.log")).unwrap();
         let mut child = Command::new(convoy_bin())
