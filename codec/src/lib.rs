@@ -63,6 +63,20 @@ pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Resul
     Ok(())
 }
 
+/// Encodes `value` as `[version][body]` for a stored type that keeps its own schema
+/// version (and upgrades older ones when reading: see [`split_version`] and
+/// [`decode_body`]).
+pub fn encode_versioned<T: Serialize + ?Sized>(
+    version: u8,
+    value: &T,
+) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(64);
+    out.push(version);
+    bincode::serde::encode_into_std_write(value, &mut out, config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
 /// Splits an encoded value into its version byte and body, for readers that upgrade
 /// older versions themselves.
 pub fn split_version(bytes: &[u8]) -> Result<(u8, &[u8]), CodecError> {

@@ -17,16 +17,19 @@
 #![allow(clippy::result_large_err)]
 
 pub mod log_store;
-pub mod model;
 pub mod state_machine;
+pub mod upgrade;
+
+/// The cluster model (its own I/O-free crate), re-exported: the language of the log.
+pub use convoy_model as model;
 
 use std::fmt;
 use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+pub use convoy_model::{ClusterModel, Command, ModelError, NodeId, Outcome};
 pub use log_store::LogStore;
-pub use model::{ClusterModel, Command, ModelError, NodeId, Outcome};
 pub use state_machine::StateMachineStore;
 
 /// Address information of a Raft member, carried in the Raft membership config.

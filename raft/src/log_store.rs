@@ -102,7 +102,7 @@ fn index_key(index: u64) -> [u8; 8] {
 }
 
 fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, StorageError> {
-    let entry: Entry = convoy_codec::decode(value).map_err(logs_read_err)?;
+    let entry: Entry = crate::upgrade::decode_entry(value).map_err(logs_read_err)?;
     if key != index_key(entry.log_id.index) {
         return Err(logs_read_err(std::io::Error::other(format!(
             "log entry stored under the wrong key: {} at key {key:?}",
@@ -332,7 +332,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut encoded = Vec::new();
         for entry in entries {
             self.stats.entries.fetch_add(1, Ordering::Relaxed);
-            let bytes = convoy_codec::encode(&entry).map_err(logs_write_err)?;
+            let bytes = crate::upgrade::encode_entry(&entry).map_err(logs_write_err)?;
             encoded.push((index_key(entry.log_id.index), bytes));
         }
         let this = self.clone();

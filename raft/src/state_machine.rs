@@ -8,7 +8,7 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use convoy_codec::file::{FileError, read_record, write_record};
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -19,8 +19,8 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::model::ClusterModel;
 use crate::{NodeAddr, NodeId, Response, Responses, StorageError, TypeConfig};
+use convoy_model::ClusterModel;
 
 type Entry = openraft::Entry<TypeConfig>;
 
@@ -75,6 +75,31 @@ pub struct StateMachineStore {
     state: Arc<RwLock<SmState>>,
     dir: PathBuf,
     applied_tx: watch::Sender<u64>,
+    /// Last log id of the snapshot file on disk; held while the file is replaced.
+    on_disk: SnapshotOnDisk,
+}
+
+/// The last log id the snapshot file covers, shared by the builder and installs. openraft
+/// builds snapshots in their own task, concurrently with installs: holding this while
+/// replacing the file, and refusing to go backwards, means an older snapshot never
+/// replaces a newer one (the log below the newer one may already be purged).
+type SnapshotOnDisk = Arc<Mutex<Option<LogId<NodeId>>>>;
+
+/// Durably replaces the snapshot file with `stored` unless the file already covers a
+/// later log id; returns whether it was written. Blocking.
+fn store_snapshot(
+    dir: &Path,
+    on_disk: &SnapshotOnDisk,
+    stored: &StoredSnapshot,
+) -> Result<bool, StorageError> {
+    let mut current = on_disk.lock().unwrap_or_else(|p| p.into_inner());
+    if *current > stored.meta.last_log_id {
+        return Ok(false);
+    }
+    write_record(&dir.join(SNAPSHOT_FILE), stored)
+        .map_err(|e| snapshot_err(Some(&stored.meta), ErrorVerb::Write, e))?;
+    *current = stored.meta.last_log_id;
+    Ok(true)
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
@@ -110,21 +135,24 @@ impl StateMachineStore {
             path: dir.display().to_string(),
             source,
         })?;
+        convoy_codec::file::remove_stale_temps(dir, SNAPSHOT_FILE);
         let state = match read_record::<StoredSnapshot>(&dir.join(SNAPSHOT_FILE))? {
             Some(snap) => {
-                convoy_codec::decode::<SmState>(&snap.data).map_err(|source| FileError::Codec {
+                crate::upgrade::decode_state(&snap.data).map_err(|source| FileError::Codec {
                     path: dir.join(SNAPSHOT_FILE).display().to_string(),
                     source,
                 })?
             }
             None => SmState::default(),
         };
+        let on_disk = Arc::new(Mutex::new(state.last_applied));
         let applied = state.last_applied.map_or(0, |l| l.index);
         let (applied_tx, _) = watch::channel(applied);
         Ok(Self {
             state: Arc::new(RwLock::new(state)),
             dir: dir.to_path_buf(),
             applied_tx,
+            on_disk,
         })
     }
 
@@ -145,14 +173,16 @@ impl StateMachineStore {
 pub struct SnapshotBuilder {
     state: SmState,
     dir: PathBuf,
+    on_disk: SnapshotOnDisk,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let state = std::mem::take(&mut self.state);
         let dir = self.dir.clone();
+        let on_disk = Arc::clone(&self.on_disk);
         blocking(move || {
-            let data = convoy_codec::encode(&state)
+            let data = crate::upgrade::encode_state(&state)
                 .map_err(|e| snapshot_err(None, ErrorVerb::Write, e))?;
             let snapshot_id = match state.last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
@@ -164,8 +194,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 snapshot_id,
             };
             let stored = StoredSnapshot { meta, data };
-            write_record(&dir.join(SNAPSHOT_FILE), &stored)
-                .map_err(|e| snapshot_err(Some(&stored.meta), ErrorVerb::Write, e))?;
+            if !store_snapshot(&dir, &on_disk, &stored)? {
+                tracing::debug!(snapshot = %stored.meta.snapshot_id, "a newer snapshot was installed meanwhile; this one is not kept");
+            }
             Ok(Snapshot {
                 meta: stored.meta,
                 snapshot: Box::new(Cursor::new(stored.data)),
@@ -221,6 +252,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         SnapshotBuilder {
             state: self.read_state().clone(),
             dir: self.dir.clone(),
+            on_disk: Arc::clone(&self.on_disk),
         }
     }
 
@@ -234,7 +266,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let mut state: SmState = convoy_codec::decode(&data)
+        let mut state: SmState = crate::upgrade::decode_state(&data)
             .map_err(|e| snapshot_err(Some(meta), ErrorVerb::Read, e))?;
         // The metadata is authoritative for what the snapshot covers.
         state.last_applied = meta.last_log_id;
@@ -244,12 +276,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             data,
         };
         let dir = self.dir.clone();
+        let on_disk = Arc::clone(&self.on_disk);
         // Durable before the in-memory state moves on: openraft may purge logs after this.
-        blocking(move || {
-            write_record(&dir.join(SNAPSHOT_FILE), &stored)
-                .map_err(|e| snapshot_err(Some(&stored.meta), ErrorVerb::Write, e))
-        })
-        .await?;
+        blocking(move || store_snapshot(&dir, &on_disk, &stored)).await?;
         let index = state.last_applied.map_or(0, |l| l.index);
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
         self.applied_tx.send_replace(index);

@@ -248,7 +248,7 @@ fn cg_view(model: &ClusterModel, cg: &convoy_raft::model::Cg) -> CgView {
         id: cg.id,
         name: cg.name.clone(),
         vms: cg.vms.clone(),
-        primary: cg.primary,
+        primary: cg.sequencer,
         sequencer: cg.sequencer,
         replicas: cg
             .replicas
@@ -266,7 +266,7 @@ fn cg_view(model: &ClusterModel, cg: &convoy_raft::model::Cg) -> CgView {
                 last_error: None,
             })
             .collect(),
-        epoch: model.cg_epoch(cg),
+        epoch: model.cg_max_disk_epoch(cg),
         last_seq: None,
         stale_epoch_refused: None,
     }
@@ -662,14 +662,14 @@ async fn verify_cg(
     let Json(req) = body?;
     let (vms, host, freeze) = read_model(&s, &ReadQuery::default(), |m| {
         m.cgs.get(&name).map(|cg| {
-            let host = req.on.unwrap_or(cg.primary);
+            let host = req.on.unwrap_or(cg.sequencer);
             let vms: Vec<_> = cg
                 .vms
                 .iter()
                 .filter_map(|v| m.vms.get(v))
                 .map(|vm| to_verify(m, vm))
                 .collect();
-            let freeze = (host != cg.primary).then_some(cg.id);
+            let freeze = (host != cg.sequencer).then_some(cg.id);
             (vms, host, freeze)
         })
     })
@@ -685,7 +685,7 @@ async fn sync_cg(
 ) -> ApiResult<Json<crate::data::SyncReport>> {
     let Json(req) = body?;
     let primary = read_model(&s, &ReadQuery::default(), |m| {
-        m.cgs.get(&name).map(|c| c.primary)
+        m.cgs.get(&name).map(|c| c.sequencer)
     })
     .await?
     .ok_or_else(|| not_found("cg", &name))?;
@@ -730,7 +730,7 @@ async fn create_snapshot(
 ) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
     let Json(req) = body?;
     let primary = read_model(&s, &ReadQuery::default(), |m| {
-        m.cgs.get(&name).map(|c| c.primary)
+        m.cgs.get(&name).map(|c| c.sequencer)
     })
     .await?
     .ok_or_else(|| not_found("cg", &name))?;
@@ -799,7 +799,7 @@ async fn restore_snapshot(
             (
                 snapshot_views(c).into_iter().find(|v| v.name == snap),
                 running,
-                c.primary,
+                c.sequencer,
             )
         })
     })

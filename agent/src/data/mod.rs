@@ -420,8 +420,8 @@ impl DataPlane {
     ) -> Option<convoy_delta::Offer> {
         let model = self.model.read().unwrap_or_else(|p| p.into_inner());
         let cg = model.cgs.values().find(|c| c.id == binding.cg)?;
-        if cg.primary != peer
-            || cg.primary == self.node
+        if cg.sequencer != peer
+            || cg.sequencer == self.node
             || cg.replicas.iter().any(|r| r.to == self.node)
         {
             return None;
@@ -430,7 +430,7 @@ impl DataPlane {
             .cg_disks(cg)
             .into_iter()
             .find(|d| d.id == binding.disk)?;
-        let epoch = model.cg_epoch(cg);
+        let epoch = model.cg_max_disk_epoch(cg);
         drop(model);
         let image = self.image(disk.id, disk.size).ok()?;
         Some(convoy_delta::Offer {
@@ -470,7 +470,7 @@ impl DataPlane {
                 .cgs
                 .get(cg)
                 .with_context(|| format!("group '{cg}' not found"))?;
-            if group.primary != self.node {
+            if group.sequencer != self.node {
                 anyhow::bail!("node {} is not the primary of '{cg}'", self.node);
             }
             if to == self.node {
@@ -490,7 +490,12 @@ impl DataPlane {
                 .raft_addr
                 .parse()
                 .with_context(|| format!("bad address of node {to}"))?;
-            (group.id, model.cg_epoch(group), model.cg_disks(group), addr)
+            (
+                group.id,
+                model.cg_max_disk_epoch(group),
+                model.cg_disks(group),
+                addr,
+            )
         };
         let mode = if compare {
             convoy_delta::Mode::CompareDelta
@@ -937,13 +942,13 @@ impl DataPlane {
             links: Vec<(NodeId, ReplicationMode, LinkState)>,
         }
         let mut want: BTreeMap<String, Want> = BTreeMap::new();
-        for cg in model.cgs.values().filter(|c| c.primary == me) {
+        for cg in model.cgs.values().filter(|c| c.sequencer == me) {
             let disks = model.cg_disks(cg);
             want.insert(
                 cg.name.clone(),
                 Want {
                     cg_id: cg.id,
-                    epoch: model.cg_epoch(cg),
+                    epoch: model.cg_max_disk_epoch(cg),
                     disks: disks.iter().map(|d| (d.id, d.size)).collect(),
                     links: cg
                         .replicas
@@ -1147,8 +1152,8 @@ impl DataPlane {
                     cg.id,
                     ReplicaRole {
                         cg: cg.name.clone(),
-                        primary: cg.primary,
-                        epoch: model.cg_epoch(cg),
+                        primary: cg.sequencer,
+                        epoch: model.cg_max_disk_epoch(cg),
                         disks: disks.iter().map(|d| (d.id, d.size)).collect(),
                         mode: cg
                             .replicas
@@ -1278,7 +1283,7 @@ impl DataPlane {
             }
             let cg = model.cgs.values().find(|c| c.id == cg_id);
             let still_here = cg.is_some_and(|c| {
-                c.primary == me
+                c.sequencer == me
                     || c.replicas.iter().any(|l| l.to == me)
                     || model
                         .migrations

@@ -181,7 +181,15 @@ impl LinkReporter for RaftLinkReporter {
         Box::pin(async move {
             let cluster = cluster.ok_or("the agent is shutting down")?;
             cluster
-                .write(Command::SetLinkState { cg, to, state }, None)
+                .write(
+                    Command::SetLinkState {
+                        cg,
+                        to,
+                        state,
+                        expect: None,
+                    },
+                    None,
+                )
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())
