@@ -2,6 +2,8 @@
 //! snapshot written by schema version 1 (fixtures in tests/fixtures/v1, written by that
 //! version's code) read back as current commands and models.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 
 use convoy_raft::model::{Command, LinkState, ReplicationMode};
@@ -85,7 +87,7 @@ async fn schema_1_snapshot_upgrades_to_the_model_its_log_gives() {
     assert_eq!(snap_model.vms["web"].stays, vec![1]);
     assert!(snap_model.hosts[&4].retired);
     assert!(!snap_model.vms.contains_key("gone"));
-    assert!(snap_model.cgs.get("tmpcg").is_none());
+    assert!(!snap_model.cgs.contains_key("tmpcg"));
     // Ids continue after the upgrade: the next VM gets the next id.
     let mut m = snap_model.clone();
     let created = m.apply(
