@@ -66,6 +66,9 @@ pub struct ReplicationConfig {
     pub journal_limit_mib: u64,
     /// How long a synchronous write waits for its replica before marking it outdated.
     pub sync_timeout_ms: u64,
+    /// How long a host keeps its copy of a group after its replica link was removed, so
+    /// re-adding the replica sends only what it lacks (0: delete at the next collection).
+    pub keep_former_copies_secs: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -73,6 +76,7 @@ impl Default for ReplicationConfig {
         Self {
             journal_limit_mib: 256,
             sync_timeout_ms: 2_000,
+            keep_former_copies_secs: 600,
         }
     }
 }

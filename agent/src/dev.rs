@@ -44,6 +44,10 @@ pub struct DevArgs {
     /// Replication journal limit per group in MiB (small values exercise dirty-chunk resync).
     #[arg(long)]
     pub journal_limit_mib: Option<u64>,
+    /// Seconds a former replica's copy is kept after its link was removed (0: collect it
+    /// at once).
+    #[arg(long)]
+    pub keep_former_copies_secs: Option<u64>,
 }
 
 /// One agent in `cluster.json`.
@@ -142,6 +146,9 @@ fn node_config(dir: &Path, pki: &Path, id: u64, args: &DevArgs) -> Result<(PathB
             journal_limit_mib: args
                 .journal_limit_mib
                 .unwrap_or(crate::config::ReplicationConfig::default().journal_limit_mib),
+            keep_former_copies_secs: args
+                .keep_former_copies_secs
+                .unwrap_or(crate::config::ReplicationConfig::default().keep_former_copies_secs),
             ..Default::default()
         },
     };

@@ -247,6 +247,17 @@ impl WriteLog {
     /// follow the last good one. Write ids continue after everything the previous guest
     /// may have used.
     pub fn open(path: impl AsRef<Path>, vm_id: u64) -> Result<WriteLog, GuestError> {
+        Self::open_from(path, vm_id, 0)
+    }
+
+    /// [`WriteLog::open`], with write ids starting at `first_id` at the least. A VM that
+    /// moved keeps one log per stay on each host; each stay's ids start above every id of
+    /// the stays before it, so the segments read together are one log in write-id order.
+    pub fn open_from(
+        path: impl AsRef<Path>,
+        vm_id: u64,
+        first_id: u64,
+    ) -> Result<WriteLog, GuestError> {
         let path = path.as_ref().to_path_buf();
         let io_err = |source: io::Error| GuestError::LogIo {
             path: path.clone(),
@@ -265,8 +276,8 @@ impl WriteLog {
             path: path.clone(),
             file: Arc::new(file),
             vm_id,
-            next_write_id: parsed.contents.reserved_upto,
-            reserved_upto: parsed.contents.reserved_upto,
+            next_write_id: parsed.contents.reserved_upto.max(first_id),
+            reserved_upto: parsed.contents.reserved_upto.max(first_id),
         };
         match parsed.contents.vm_id {
             None => {
@@ -414,6 +425,21 @@ mod tests {
         assert_eq!(got.records, written);
         assert_eq!(got.torn_tail_bytes, 0);
         assert_eq!(written[0].write_id, 1);
+    }
+
+    #[test]
+    fn a_later_stays_log_starts_above_the_first_id_and_keeps_going_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.1.log");
+        let base = 1u64 << 40;
+        let mut log = WriteLog::open_from(&path, 3, base).unwrap();
+        let a = log.allocate_write_id().unwrap();
+        assert_eq!(a, base);
+        drop(log);
+        // Reopened (agent restart): ids continue past the reservation, never below it.
+        let mut log = WriteLog::open_from(&path, 3, base).unwrap();
+        let b = log.allocate_write_id().unwrap();
+        assert!(b > a);
     }
 
     #[test]

@@ -230,6 +230,21 @@ impl ChunkMap {
         })
     }
 
+    /// The chunks dirty in tracker `name` that a write touched after `as_of`, ascending.
+    pub fn dirty_since(&self, name: &str, as_of: WriteSeq) -> Result<Vec<u64>> {
+        let t = self
+            .trackers
+            .get(name)
+            .ok_or_else(|| StoreError::UnknownTracker(name.to_owned()))?;
+        Ok(t.iter_ones()
+            .filter(|&c| {
+                self.last_write
+                    .get(c as usize)
+                    .is_some_and(|&s| s > as_of.0)
+            })
+            .collect())
+    }
+
     /// Clears `chunks` in tracker `name`, except chunks a write touched after `as_of`
     /// (those stay dirty: the caller's copy of them may predate that write). The caller
     /// must have read the data it sent for these chunks after obtaining `as_of`. Returns
@@ -432,6 +447,27 @@ mod tests {
         assert!(matches!(
             m.start_tracking("r"),
             Err(StoreError::TrackerExists(_))
+        ));
+    }
+
+    #[test]
+    fn dirty_since_names_only_chunks_written_after_the_mark() {
+        let mut m = ChunkMap::new_zeroed(geo());
+        m.start_tracking("r").unwrap();
+        m.write_started(0..4);
+        m.write_finished(0..4);
+        let pass1 = m.dirty_chunks("r").unwrap();
+        assert_eq!(m.dirty_since("r", pass1.as_of).unwrap(), Vec::<u64>::new());
+        // Written while pass 1 ran: chunk 2 again and chunk 7 for the first time.
+        m.write_started(2..3);
+        m.write_finished(2..3);
+        m.write_started(7..8);
+        m.write_finished(7..8);
+        assert_eq!(m.dirty_since("r", pass1.as_of).unwrap(), vec![2, 7]);
+        assert_eq!(m.dirty_chunks("r").unwrap().chunks, vec![0, 1, 2, 3, 7]);
+        assert!(matches!(
+            m.dirty_since("nope", pass1.as_of),
+            Err(StoreError::UnknownTracker(_))
         ));
     }
 

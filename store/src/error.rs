@@ -78,6 +78,13 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the file system ran out of space: the guest gets `ENOSPC`, and writes
+    /// work again once space is freed.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. }
+            if source.kind() == io::ErrorKind::StorageFull || source.raw_os_error() == Some(28))
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
         StoreError::Io {
             what: what.into(),

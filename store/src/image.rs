@@ -695,6 +695,13 @@ impl<B: Backend> DiskImage<B> {
         lock(&self.state).map.dirty_chunks(name)
     }
 
+    /// The chunks tracker `name` holds dirty that a write started or finished on after
+    /// `as_of` (from an earlier [`DiskImage::dirty_chunks`]): what a copy read chunk by
+    /// chunk since `as_of` may have missed. A resync's second pass sends only these.
+    pub fn dirty_since(&self, name: &str, as_of: WriteSeq) -> Result<Vec<u64>> {
+        lock(&self.state).map.dirty_since(name, as_of)
+    }
+
     /// Clears `chunks` in tracker `name` once their content (read *after* `as_of` was
     /// obtained from [`DiskImage::dirty_chunks`]) is safe elsewhere. Chunks written after
     /// `as_of` stay dirty. Clears become durable at the next checkpoint; a crash before

@@ -35,17 +35,20 @@ pub enum StreamKind {
     Data = 5,
     /// Compare-delta and full-copy sessions (`convoy-delta`).
     Delta = 6,
+    /// Mirrored writes: a VM's writes sent to its group's sequencer on another host.
+    Mirror = 7,
 }
 
 impl StreamKind {
     /// Every kind, in wire-value order.
-    pub const ALL: [StreamKind; 6] = [
+    pub const ALL: [StreamKind; 7] = [
         StreamKind::RaftAppend,
         StreamKind::RaftVote,
         StreamKind::RaftSnapshot,
         StreamKind::Forward,
         StreamKind::Data,
         StreamKind::Delta,
+        StreamKind::Mirror,
     ];
 
     /// The wire value of this kind.
@@ -68,6 +71,7 @@ impl fmt::Display for StreamKind {
             StreamKind::Forward => "forward",
             StreamKind::Data => "data",
             StreamKind::Delta => "delta",
+            StreamKind::Mirror => "mirror",
         })
     }
 }

@@ -25,8 +25,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::data::GroupStatus;
-use crate::node::rpc::LocalRequest;
+use crate::node::rpc::{LocalRequest, LocalResponse};
 use crate::node::service::{Cluster, ServiceError};
 use types::*;
 
@@ -107,6 +106,14 @@ fn unexpected(outcome: Outcome) -> ApiError {
     )
 }
 
+/// A node answered a local request with the wrong kind of answer: a bug.
+fn bad_answer(node: u64, answer: LocalResponse) -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        format!("unexpected answer from node {node}: {answer:?}"),
+    )
+}
+
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -125,6 +132,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cgs/{name}/replicas/{host}", delete(remove_replica))
         .route("/v1/cgs/{name}/mode", post(set_mode))
         .route("/v1/cgs/{name}/fence", post(fence_cg))
+        .route("/v1/cgs/{name}/switch-primary", post(switch_primary))
+        .route("/v1/vms/{name}/move", post(move_vm))
+        .route("/v1/vms/{name}/fence", post(fence_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/verify", post(verify_vm))
@@ -217,7 +227,7 @@ async fn read_model<T>(
 }
 
 fn vm_view(model: &ClusterModel, vm: &convoy_raft::model::Vm) -> VmView {
-    vm_view_with(vm, model.vm_disks(vm))
+    vm_view_in(model, vm, model.vm_disks(vm))
 }
 
 fn vm_view_with(vm: &convoy_raft::model::Vm, disks: Vec<convoy_raft::model::Disk>) -> VmView {
@@ -230,7 +240,25 @@ fn vm_view_with(vm: &convoy_raft::model::Vm, disks: Vec<convoy_raft::model::Disk
         running: vm.running,
         workload: vm.workload.clone(),
         created_at_ms: vm.created_at_ms,
+        sequencer: vm.host,
+        stays: vm.stays.clone(),
+        guest: None,
+        guest_error: None,
+        disk_errors: Vec::new(),
     }
+}
+
+/// A VM's view with its group's sequencer filled in from the model.
+fn vm_view_in(
+    model: &ClusterModel,
+    vm: &convoy_raft::model::Vm,
+    disks: Vec<convoy_raft::model::Disk>,
+) -> VmView {
+    let mut view = vm_view_with(vm, disks);
+    if let Some(cg) = vm.cg.as_ref().and_then(|c| model.cgs.get(c)) {
+        view.sequencer = cg.sequencer;
+    }
+    view
 }
 
 fn disk_view(d: convoy_raft::model::Disk) -> DiskView {
@@ -250,6 +278,18 @@ fn cg_view(model: &ClusterModel, cg: &convoy_raft::model::Cg) -> CgView {
         vms: cg.vms.clone(),
         primary: cg.sequencer,
         sequencer: cg.sequencer,
+        sequencer_epoch: cg.sequencer_epoch,
+        vm_hosts: cg
+            .vms
+            .iter()
+            .filter_map(|v| model.vms.get(v))
+            .map(|v| (v.name.clone(), v.host))
+            .collect(),
+        disk_epochs: model
+            .cg_disks(cg)
+            .into_iter()
+            .map(|d| (d.id, d.vm, d.epoch))
+            .collect(),
         replicas: cg
             .replicas
             .iter()
@@ -263,12 +303,14 @@ fn cg_view(model: &ClusterModel, cg: &convoy_raft::model::Cg) -> CgView {
                 lag_seconds: None,
                 bytes_sent: None,
                 resyncs: None,
+                resync_bytes_sent: None,
                 last_error: None,
             })
             .collect(),
         epoch: model.cg_max_disk_epoch(cg),
         last_seq: None,
         stale_epoch_refused: None,
+        throttled: None,
     }
 }
 
@@ -317,17 +359,43 @@ async fn show_vm(
     let mut view = read_model(&s, &q, |m| m.vms.get(&name).map(|vm| vm_view(m, vm)))
         .await?
         .ok_or_else(|| not_found("vm", &name))?;
-    // The URIs live on the VM's host; without an answer the view is still useful.
+    // URIs, guest state and disk health live on the VM's host; without an answer the
+    // view is still useful.
     let req = LocalRequest::Uris {
         disks: view.disks.iter().map(|d| d.id).collect(),
     };
-    if let Ok(json) = s.cluster.local(view.host, req).await {
-        if let Ok(uris) = serde_json::from_str::<Vec<(u64, Vec<String>)>>(&json) {
-            for d in &mut view.disks {
-                if let Some((_, u)) = uris.iter().find(|(id, _)| *id == d.id) {
-                    d.uris = u.clone();
-                }
+    if let Ok(LocalResponse::Uris(uris)) = s.cluster.local(view.host, req).await {
+        for d in &mut view.disks {
+            if let Some((_, u)) = uris.iter().find(|(id, _)| *id == d.id) {
+                d.uris = u.clone();
             }
+        }
+    }
+    if let Ok(LocalResponse::HostHealth(failed)) =
+        s.cluster.local(view.host, LocalRequest::HostHealth).await
+    {
+        view.disk_errors = view
+            .disks
+            .iter()
+            .filter_map(|d| failed.get(&d.id).map(|why| (d.id, why.clone())))
+            .collect();
+    }
+    if view.workload.is_some() {
+        let req = LocalRequest::GuestStatus {
+            vm: view.name.clone(),
+        };
+        if let Ok(LocalResponse::GuestStatus(g)) = s.cluster.local(view.host, req).await {
+            view.guest = Some(
+                if g.running {
+                    "running"
+                } else if g.error.is_some() {
+                    "failed"
+                } else {
+                    "stopped"
+                }
+                .to_string(),
+            );
+            view.guest_error = g.error;
         }
     }
     Ok(Json(view))
@@ -382,20 +450,20 @@ async fn show_cg(
         .ok_or_else(|| not_found("cg", &name))?;
     // Live replication status comes from the primary, which runs the pipeline.
     let req = LocalRequest::GroupStatus { cg: name.clone() };
-    if let Ok(json) = s.cluster.local(view.primary, req).await {
-        if let Ok(Some(status)) = serde_json::from_str::<Option<GroupStatus>>(&json) {
-            view.last_seq = Some(status.last_seq);
-            view.stale_epoch_refused = Some(status.stale_epoch_refused);
-            for r in &mut view.replicas {
-                if let Some(l) = status.links.get(&r.host) {
-                    r.phase = Some(l.phase.clone());
-                    r.acked_seq = Some(l.acked_seq);
-                    r.lag_writes = Some(l.lag_writes);
-                    r.lag_seconds = Some(l.lag_seconds);
-                    r.bytes_sent = Some(l.bytes_sent);
-                    r.resyncs = Some(l.resyncs);
-                    r.last_error = l.last_error.clone();
-                }
+    if let Ok(LocalResponse::GroupStatus(Some(status))) = s.cluster.local(view.primary, req).await {
+        view.last_seq = Some(status.last_seq);
+        view.stale_epoch_refused = Some(status.stale_epoch_refused);
+        view.throttled = Some(status.throttled);
+        for r in &mut view.replicas {
+            if let Some(l) = status.links.get(&r.host) {
+                r.phase = Some(l.phase.clone());
+                r.acked_seq = Some(l.acked_seq);
+                r.lag_writes = Some(l.lag_writes);
+                r.lag_seconds = Some(l.lag_seconds);
+                r.bytes_sent = Some(l.bytes_sent);
+                r.resyncs = Some(l.resyncs);
+                r.resync_bytes_sent = Some(l.resync_bytes_sent);
+                r.last_error = l.last_error.clone();
             }
         }
     }
@@ -449,7 +517,58 @@ async fn set_mode(
 }
 
 async fn fence_cg(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<CgView>> {
-    write_cg(&s, Command::BumpEpoch { cg: name }).await
+    let (cg, fenced) = s.cluster.fence_group(&name).await?;
+    if !fenced {
+        tracing::warn!(cg = %name, "fence committed; the sequencer did not confirm it drained older writes");
+    }
+    Ok(Json(s.cluster.model.read(|m| cg_view(m, &cg))))
+}
+
+async fn fence_vm(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<VmView>> {
+    let (vm, disks, _) = s.cluster.fence_vm(&name).await?;
+    Ok(Json(s.cluster.model.read(|m| vm_view_in(m, &vm, disks))))
+}
+
+async fn move_vm(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<MoveVmRequest>, JsonRejection>,
+) -> ApiResult<Json<MoveVmResponse>> {
+    let Json(req) = body?;
+    let moved = s.cluster.move_vm(&name, req.to).await?;
+    let vm = s
+        .cluster
+        .model
+        .read(|m| vm_view_in(m, &moved.vm, moved.disks.clone()));
+    Ok(Json(MoveVmResponse {
+        vm,
+        from: moved.from,
+        to: req.to,
+        guest_moved: moved.guest_moved,
+        stun_ms: moved.stun.as_secs_f64() * 1000.0,
+        fenced: moved.fenced,
+    }))
+}
+
+async fn switch_primary(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<SwitchPrimaryRequest>, JsonRejection>,
+) -> ApiResult<Json<SwitchPrimaryResponse>> {
+    let Json(req) = body?;
+    let (report, from) = s.cluster.switch_primary(&name, req.to, false).await?;
+    s.cluster.read_barrier().await?;
+    let cg = s
+        .cluster
+        .model
+        .read(|m| m.cgs.get(&name).map(|c| cg_view(m, c)))
+        .ok_or_else(|| not_found("cg", &name))?;
+    Ok(Json(SwitchPrimaryResponse {
+        cg,
+        from,
+        last_seq: report.last_seq,
+        paused_ms: report.paused_ms,
+    }))
 }
 
 async fn set_running(s: &ApiState, name: String, running: bool) -> ApiResult<Json<VmView>> {
@@ -458,7 +577,7 @@ async fn set_running(s: &ApiState, name: String, running: bool) -> ApiResult<Jso
         .write(Command::SetVmRunning { name, running }, None)
         .await?
     {
-        Outcome::Vm(vm, disks) => Ok(Json(vm_view_with(&vm, disks))),
+        Outcome::Vm(vm, disks) => Ok(Json(s.cluster.model.read(|m| vm_view_in(m, &vm, disks)))),
         other => Err(unexpected(other)),
     }
 }
@@ -514,7 +633,7 @@ async fn expose_disk(
     .await?
     .ok_or_else(|| not_found("disk", &id.to_string()))?;
     // Any host may hold a copy (a replica, or one made by `cg sync`); it answers if not.
-    let json = s
+    let answer = s
         .cluster
         .local(
             req.on,
@@ -524,12 +643,9 @@ async fn expose_disk(
             },
         )
         .await?;
-    let uris: Vec<String> = serde_json::from_str(&json).map_err(|e| {
-        ApiError::new(
-            ErrorCode::Internal,
-            format!("bad answer from node {}: {e}", req.on),
-        )
-    })?;
+    let LocalResponse::Exposed(uris) = answer else {
+        return Err(bad_answer(req.on, answer));
+    };
     Ok(Json(ExposeResponse {
         disk: id,
         host: req.on,
@@ -596,7 +712,7 @@ fn to_verify(m: &ClusterModel, vm: &convoy_raft::model::Vm) -> crate::data::gues
     crate::data::guests::VmToVerify {
         name: vm.name.clone(),
         vm_id: vm.id,
-        log_host: vm.host,
+        stays: vm.stays.clone(),
         disks: m.vm_disks(vm).iter().map(|d| (d.id, d.size)).collect(),
     }
 }
@@ -613,7 +729,7 @@ async fn run_verify(
     } else {
         convoy_guest::VerifyMode::Latest
     };
-    let json = s
+    let answer = s
         .cluster
         .local(
             host,
@@ -624,13 +740,25 @@ async fn run_verify(
             },
         )
         .await?;
-    let resp: VerifyResponse = serde_json::from_str(&json).map_err(|e| {
-        ApiError::new(
-            ErrorCode::Internal,
-            format!("bad answer from node {host}: {e}"),
-        )
-    })?;
-    Ok(Json(resp))
+    match answer {
+        LocalResponse::Verified {
+            ok,
+            host,
+            text,
+            report_json,
+        } => Ok(Json(VerifyResponse {
+            ok,
+            host,
+            text,
+            report: serde_json::from_str(&report_json).map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Internal,
+                    format!("bad report from node {host}: {e}"),
+                )
+            })?,
+        })),
+        other => Err(bad_answer(host, other)),
+    }
 }
 
 async fn verify_vm(
@@ -641,11 +769,11 @@ async fn verify_vm(
     let Json(req) = body?;
     let (vm, host, freeze) = read_model(&s, &ReadQuery::default(), |m| {
         m.vms.get(&name).map(|vm| {
-            let host = req.on.unwrap_or(vm.host);
-            // A copy other than the VM's own is a replica: pause its applier while reading.
-            let freeze = (host != vm.host)
-                .then(|| vm.cg.as_ref().and_then(|c| m.cgs.get(c)).map(|c| c.id))
-                .flatten();
+            let cg = vm.cg.as_ref().and_then(|c| m.cgs.get(c));
+            // By default the copy that orders the VM's writes: its group's sequencer.
+            let host = req.on.unwrap_or(cg.map_or(vm.host, |c| c.sequencer));
+            // Any other copy is a replica: pause its applier while reading.
+            let freeze = cg.filter(|c| c.sequencer != host).map(|c| c.id);
             (to_verify(m, vm), host, freeze)
         })
     })
@@ -682,14 +810,14 @@ async fn sync_cg(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     body: Result<Json<SyncRequest>, JsonRejection>,
-) -> ApiResult<Json<crate::data::SyncReport>> {
+) -> ApiResult<Json<crate::data::delta::SyncReport>> {
     let Json(req) = body?;
     let primary = read_model(&s, &ReadQuery::default(), |m| {
         m.cgs.get(&name).map(|c| c.sequencer)
     })
     .await?
     .ok_or_else(|| not_found("cg", &name))?;
-    let json = s
+    let answer = s
         .cluster
         .local(
             primary,
@@ -700,13 +828,10 @@ async fn sync_cg(
             },
         )
         .await?;
-    let report = serde_json::from_str(&json).map_err(|e| {
-        ApiError::new(
-            ErrorCode::Internal,
-            format!("bad answer from node {primary}: {e}"),
-        )
-    })?;
-    Ok(Json(report))
+    match answer {
+        LocalResponse::Synced(report) => Ok(Json(report)),
+        other => Err(bad_answer(primary, other)),
+    }
 }
 
 fn snapshot_views(cg: &convoy_raft::model::Cg) -> Vec<SnapshotView> {
@@ -734,7 +859,7 @@ async fn create_snapshot(
     })
     .await?
     .ok_or_else(|| not_found("cg", &name))?;
-    let json = s
+    let answer = s
         .cluster
         .local(
             primary,
@@ -744,8 +869,9 @@ async fn create_snapshot(
             },
         )
         .await?;
-    let last_seq: u64 = serde_json::from_str(&json)
-        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("bad answer: {e}")))?;
+    let LocalResponse::SnapshotTaken { last_seq } = answer else {
+        return Err(bad_answer(primary, answer));
+    };
     let mut view = read_model(&s, &ReadQuery::default(), |m| {
         m.cgs
             .get(&name)
@@ -824,7 +950,7 @@ async fn restore_snapshot(
             ),
         ));
     }
-    let json = s
+    let answer = s
         .cluster
         .local(
             primary,
@@ -834,6 +960,9 @@ async fn restore_snapshot(
             },
         )
         .await?;
-    view.chunks_restored = serde_json::from_str(&json).ok();
+    let LocalResponse::Restored { chunks } = answer else {
+        return Err(bad_answer(primary, answer));
+    };
+    view.chunks_restored = Some(chunks);
     Ok(Json(view))
 }

@@ -228,6 +228,82 @@ pub struct VmView {
     pub workload: Option<String>,
     /// Creation time, ms since the Unix epoch.
     pub created_at_ms: u64,
+    /// The host that orders the writes of the VM's group (its own host for a VM in no
+    /// group); when it differs from `host`, the VM's writes are mirrored to it.
+    #[serde(default)]
+    pub sequencer: u64,
+    /// Every host the VM ran on, one per stay, in order (the last is `host`).
+    #[serde(default)]
+    pub stays: Vec<u64>,
+    /// The simulated guest on its host: `running`, `stopped`, `paused` (for a move) or
+    /// `failed` (see `guest_error`), when the host answered.
+    #[serde(default)]
+    pub guest: Option<String>,
+    /// Why the simulated guest could not start.
+    #[serde(default)]
+    pub guest_error: Option<String>,
+    /// Disks whose image cannot be opened on the VM's host, with why.
+    #[serde(default)]
+    pub disk_errors: Vec<(u64, String)>,
+}
+
+/// `POST /v1/vms/{name}/move`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MoveVmRequest {
+    /// Destination host.
+    pub to: u64,
+}
+
+/// What `vm move` did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MoveVmResponse {
+    /// The VM after the move.
+    pub vm: VmView,
+    /// Where it ran.
+    pub from: u64,
+    /// Where it runs now.
+    pub to: u64,
+    /// Whether a simulated guest was paused (drained) on the source and resumed here.
+    pub guest_moved: bool,
+    /// Guest pause: from the pause on the source until the guest ran on the destination
+    /// (ms); 0 without a simulated guest.
+    pub stun_ms: f64,
+    /// Whether the old epoch is fenced on the sequencer (no write with it can still be
+    /// acknowledged).
+    pub fenced: bool,
+}
+
+/// `POST /v1/cgs/{name}/switch-primary`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SwitchPrimaryRequest {
+    /// The new primary (sequencer): a host with a consistent copy.
+    pub to: u64,
+}
+
+/// What `cg switch-primary` did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SwitchPrimaryResponse {
+    /// The group after the hand-over.
+    pub cg: CgView,
+    /// The previous primary (now a replica).
+    pub from: u64,
+    /// The last sequence the previous primary assigned.
+    pub last_seq: u64,
+    /// How long writes were paused on the previous primary until the commit, ms.
+    pub paused_ms: f64,
+}
+
+/// A simulated guest's state on one host.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GuestStatusView {
+    /// Its stats (current, or last if it stopped here).
+    pub stats: Option<convoy_guest::GuestStats>,
+    /// Whether it runs on this host now.
+    pub running: bool,
+    /// For how long, seconds.
+    pub running_secs: f64,
+    /// Why it could not start.
+    pub error: Option<String>,
 }
 
 /// `POST /v1/cgs`.
@@ -270,6 +346,9 @@ pub struct ReplicaView {
     /// Chunk resyncs run (initial sync included).
     #[serde(default)]
     pub resyncs: Option<u64>,
+    /// Bytes of chunk data sent by resyncs and seeding.
+    #[serde(default)]
+    pub resync_bytes_sent: Option<u64>,
     /// Last error on the link.
     #[serde(default)]
     pub last_error: Option<String>,
@@ -284,10 +363,19 @@ pub struct CgView {
     pub name: String,
     /// Member VMs.
     pub vms: Vec<String>,
-    /// Host taking guest writes.
+    /// Host ordering the group's writes (the same as `sequencer`).
     pub primary: u64,
-    /// Host ordering the writes.
+    /// Host ordering the group's writes.
     pub sequencer: u64,
+    /// Sequencer epoch: bumped by each hand-over and group fence.
+    #[serde(default)]
+    pub sequencer_epoch: u64,
+    /// Where each member VM runs.
+    #[serde(default)]
+    pub vm_hosts: Vec<(String, u64)>,
+    /// Each disk's fencing epoch: (disk, VM, epoch).
+    #[serde(default)]
+    pub disk_epochs: Vec<(u64, String, u64)>,
     /// Copies elsewhere.
     pub replicas: Vec<ReplicaView>,
     /// Fencing epoch.
@@ -299,6 +387,9 @@ pub struct CgView {
     /// Writes refused for a stale epoch on the primary.
     #[serde(default)]
     pub stale_epoch_refused: Option<u64>,
+    /// Times writers waited for a lagging replica (backpressure), on the primary.
+    #[serde(default)]
+    pub throttled: Option<u64>,
 }
 
 /// Query string of read endpoints.

@@ -164,6 +164,22 @@ pub enum VmCmd {
         #[command(flatten)]
         verify: VerifyArgs,
     },
+    /// Move the VM to another host: its guest pauses and drains, its disks' epochs move
+    /// (the old host's writers are refused), and it resumes on the destination, whose copy
+    /// of the group must be consistent. Its writes then go to the group's primary.
+    Move {
+        /// VM name.
+        name: String,
+        /// Destination host: the group's primary or a host with a consistent copy.
+        #[arg(long)]
+        to: u64,
+    },
+    /// Bump the epochs of this VM's disks only: writers that opened them before are
+    /// refused; other VMs of its group keep writing.
+    Fence {
+        /// VM name.
+        name: String,
+    },
 }
 
 /// Options of `verify`.
@@ -232,6 +248,16 @@ pub enum CgCmd {
     Fence {
         /// Group name.
         name: String,
+    },
+    /// Make another host the group's primary: it must hold a consistent copy. Writes pause
+    /// briefly, the host takes over ordering them, and the old primary becomes its replica
+    /// in the same mode; no data is copied. VMs keep running where they run.
+    SwitchPrimary {
+        /// Group name.
+        name: String,
+        /// The new primary.
+        #[arg(long)]
+        to: u64,
     },
     /// Bring another host's copy of the group up to date: a full copy to an empty copy, or
     /// with --compare only the chunks whose hashes differ. Reports bytes compared vs sent.
@@ -442,6 +468,16 @@ pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
             let vm: VmView = client.post(&path, &serde_json::json!({})).await?;
             out.vm(&vm)
         }
+        VmCmd::Move { name, to } => {
+            let path = format!("/v1/vms/{}/move", encode_path(&name));
+            let moved: MoveVmResponse = client.post(&path, &MoveVmRequest { to }).await?;
+            out.moved(&moved)
+        }
+        VmCmd::Fence { name } => {
+            let path = format!("/v1/vms/{}/fence", encode_path(&name));
+            let vm: VmView = client.post(&path, &serde_json::json!({})).await?;
+            out.vm(&vm)
+        }
     }
 }
 
@@ -516,6 +552,12 @@ pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
             let path = format!("/v1/cgs/{}/fence", encode_path(&name));
             let cg: CgView = client.post(&path, &serde_json::json!({})).await?;
             out.cg(&cg)
+        }
+        CgCmd::SwitchPrimary { name, to } => {
+            let path = format!("/v1/cgs/{}/switch-primary", encode_path(&name));
+            let resp: SwitchPrimaryResponse =
+                client.post(&path, &SwitchPrimaryRequest { to }).await?;
+            out.switched(&resp)
         }
     }
 }

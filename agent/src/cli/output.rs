@@ -144,15 +144,38 @@ impl Output {
             return self.json(vm);
         }
         println!(
-            "VM {} (id {}) on node {}   cg: {}   {}",
+            "VM {} (id {}) runs on node {}   cg: {}   {}",
             vm.name,
             vm.id,
             vm.host,
             opt(vm.cg.as_ref()),
             if vm.running { "running" } else { "stopped" }
         );
+        if vm.sequencer != vm.host && vm.sequencer != 0 {
+            println!(
+                "writes are ordered by node {} (mirrored from node {})",
+                vm.sequencer, vm.host
+            );
+        } else {
+            println!("writes are ordered by node {} (its own host)", vm.host);
+        }
+        if vm.stays.len() > 1 {
+            let stays: Vec<String> = vm.stays.iter().map(|h| h.to_string()).collect();
+            println!("ran on nodes: {}", stays.join(" -> "));
+        }
         if let Some(w) = &vm.workload {
-            println!("workload: {w}");
+            println!(
+                "workload: {w}   guest: {}",
+                vm.guest
+                    .as_deref()
+                    .unwrap_or("unknown (host did not answer)")
+            );
+        }
+        if let Some(e) = &vm.guest_error {
+            println!("guest cannot start: {e}");
+        }
+        for (disk, why) in &vm.disk_errors {
+            println!("disk {disk} cannot be opened on node {}: {why}", vm.host);
         }
         let mut t = table(&["DISK", "ID", "SIZE", "EPOCH", "NBD"]);
         for d in &vm.disks {
@@ -198,14 +221,25 @@ impl Output {
             return self.json(cg);
         }
         println!(
-            "consistency group {} (id {})   vms: {}   primary: node {}   epoch: {}   last seq: {}",
+            "consistency group {} (id {})   primary (sequencer): node {}   sequencer epoch: {}   last seq: {}",
             cg.name,
             cg.id,
-            cg.vms.join(", "),
-            cg.primary,
-            cg.epoch,
+            cg.sequencer,
+            cg.sequencer_epoch,
             opt(cg.last_seq)
         );
+        let mut v = table(&["VM", "RUNS ON", "DISK", "EPOCH"]);
+        for (name, host) in &cg.vm_hosts {
+            for (disk, _, epoch) in cg.disk_epochs.iter().filter(|(_, vm, _)| vm == name) {
+                v.add_row(vec![
+                    name.clone(),
+                    format!("node {host}"),
+                    disk.to_string(),
+                    epoch.to_string(),
+                ]);
+            }
+        }
+        println!("{v}");
         if cg.replicas.is_empty() {
             println!(
                 "no replicas (add one with `convoy cg replicate {} --to HOST --mode MODE`)",
@@ -288,6 +322,47 @@ impl Output {
             anyhow::bail!("verification failed on node {}", v.host);
         }
         Ok(())
+    }
+
+    /// `cg sync`.
+    /// `vm move`.
+    pub fn moved(&self, m: &MoveVmResponse) -> Result<()> {
+        if self.format == Format::Json {
+            return self.json(m);
+        }
+        println!(
+            "VM {} moved from node {} to node {}{}",
+            m.vm.name,
+            m.from,
+            m.to,
+            if m.guest_moved {
+                format!("; its guest was paused {:.1} ms", m.stun_ms)
+            } else {
+                String::new()
+            }
+        );
+        if !m.fenced {
+            println!(
+                "warning: the primary did not confirm the old epoch is fenced (is it down?); it refuses old writers once it runs again"
+            );
+        }
+        self.vm(&m.vm)
+    }
+
+    /// `cg switch-primary`.
+    pub fn switched(&self, r: &SwitchPrimaryResponse) -> Result<()> {
+        if self.format == Format::Json {
+            return self.json(r);
+        }
+        println!(
+            "node {} is the primary of '{}' from sequence {}; node {} is its replica (writes paused {:.1} ms)",
+            r.cg.sequencer,
+            r.cg.name,
+            r.last_seq + 1,
+            r.from,
+            r.paused_ms
+        );
+        self.cg(&r.cg)
     }
 
     /// `cg sync`.

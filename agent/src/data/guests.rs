@@ -1,24 +1,29 @@
 //! Simulated guests on this host, and verification of local copies against their logs.
 //!
-//! A running VM with a workload gets a [`convoy_guest::Guest`] writing through the same
-//! volumes the NBD exports use, so its writes take exactly the NBD path (sequencer,
-//! replication, fencing). Its acknowledged-write log lives at `<data_dir>/guests/<vm>.log`
-//! on the VM's host.
+//! A VM that runs here with a workload gets a [`convoy_guest::Guest`] writing through the
+//! same volumes the NBD exports use, so its writes take exactly the NBD path (sequencer or
+//! mirror, replication, fencing). Its acknowledged-write log is kept per stay: the stay on
+//! this host appends to `<data_dir>/guests/<vm>.log` (the VM's first stay) or
+//! `<vm>.<stay>.log`; each stay's write ids start above every earlier stay's, so the
+//! segments of all the hosts a VM ran on, read in stay order, are one log.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use convoy_guest::{
     CopyReader, Guest, GuestDisk, GuestHandle, GuestStats, LogRecord, Workload, WriteLog,
 };
-use convoy_raft::model::DiskId;
+use convoy_raft::model::{DiskId, GuestPlan, NodeId};
 use convoy_store::DiskImage;
 use futures::future::BoxFuture;
 
 use super::volume::Volume;
 use super::wire::Payload;
+
+/// Write ids of stay `n` start at `n << STAY_ID_SHIFT` (2^40 writes per stay).
+pub const STAY_ID_SHIFT: u32 = 40;
 
 /// Adapts a [`Volume`] to the guest's write interface.
 struct VolumeDisk(Volume, u64);
@@ -48,8 +53,12 @@ impl GuestDisk for VolumeDisk {
 /// A running guest and what it was started with.
 struct Running {
     handle: GuestHandle,
-    /// Epoch its volumes carry; a fence restarts it with new volumes.
-    epoch: u64,
+    /// Epochs its volumes carry; a fence restarts it with new volumes.
+    epochs: Vec<u64>,
+    /// Its stay.
+    stay: u64,
+    /// When it started (for stun measurements).
+    started: std::time::Instant,
 }
 
 /// The guests of this host.
@@ -57,17 +66,28 @@ struct Running {
 pub struct Guests {
     running: HashMap<String, Running>,
     last: HashMap<String, GuestStats>,
+    /// Guests stopped for a move (drained): not restarted here while the move commits.
+    paused: HashSet<String>,
+    /// Why a planned guest could not start (shown by `vm show`).
+    failures: HashMap<String, String>,
 }
 
-/// Where VM `vm`'s log lives under `data_dir`.
-pub fn log_path(data_dir: &std::path::Path, vm: &str) -> PathBuf {
-    data_dir.join("guests").join(format!("{vm}.log"))
+/// Where the log of `vm`'s stay `stay` lives under `data_dir`.
+pub fn log_path(data_dir: &Path, vm: &str, stay: u64) -> PathBuf {
+    let dir = data_dir.join("guests");
+    if stay == 0 {
+        dir.join(format!("{vm}.log"))
+    } else {
+        dir.join(format!("{vm}.{stay}.log"))
+    }
 }
 
 impl Guests {
-    /// Whether `vm`'s guest runs with volumes at `epoch`.
-    pub fn is_running(&self, vm: &str, epoch: u64) -> bool {
-        self.running.get(vm).is_some_and(|r| r.epoch == epoch)
+    /// Whether `vm`'s guest runs in `stay` with volumes at `epochs`.
+    pub fn is_running(&self, vm: &str, stay: u64, epochs: &[u64]) -> bool {
+        self.running
+            .get(vm)
+            .is_some_and(|r| r.stay == stay && r.epochs == epochs)
     }
 
     /// Names of running guests.
@@ -75,33 +95,68 @@ impl Guests {
         self.running.keys().cloned().collect()
     }
 
-    /// Starts `vm`'s guest over `volumes` (in disk order).
+    /// Whether `vm` was paused for a move.
+    pub fn is_paused(&self, vm: &str) -> bool {
+        self.paused.contains(vm)
+    }
+
+    /// Marks `vm` paused for a move (or not).
+    pub fn set_paused(&mut self, vm: &str, paused: bool) {
+        if paused {
+            self.paused.insert(vm.to_string());
+        } else {
+            self.paused.remove(vm);
+        }
+    }
+
+    /// Keeps pause marks only for guests still planned here.
+    pub fn retain_paused(&mut self, planned: &HashSet<String>) {
+        self.paused.retain(|v| planned.contains(v));
+    }
+
+    /// Starts `plan`'s guest over `volumes` (in disk order).
     pub fn start(
         &mut self,
-        data_dir: &std::path::Path,
-        vm: &str,
-        vm_id: u64,
-        workload: &str,
+        data_dir: &Path,
+        plan: &GuestPlan,
         volumes: Vec<(Volume, u64)>,
-        epoch: u64,
     ) -> anyhow::Result<()> {
-        let workload: Workload = workload
-            .parse()
-            .map_err(|e| anyhow::anyhow!("workload of VM '{vm}': {e}"))?;
-        let path = log_path(data_dir, vm);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+        let vm = plan.vm.as_str();
+        let result = (|| {
+            let workload: Workload = plan
+                .workload
+                .parse()
+                .map_err(|e| anyhow::anyhow!("workload of VM '{vm}': {e}"))?;
+            let path = log_path(data_dir, vm, plan.stay);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let log = WriteLog::open_from(&path, plan.vm_id, plan.stay << STAY_ID_SHIFT)?;
+            let epochs = volumes.iter().map(|(v, _)| v.epoch()).collect();
+            let disks: Vec<Arc<dyn GuestDisk>> = volumes
+                .into_iter()
+                .map(|(v, size)| Arc::new(VolumeDisk(v, size)) as Arc<dyn GuestDisk>)
+                .collect();
+            let handle = Guest::start(plan.vm_id, disks, workload, log)?;
+            anyhow::Ok(Running {
+                handle,
+                epochs,
+                stay: plan.stay,
+                started: std::time::Instant::now(),
+            })
+        })();
+        match result {
+            Ok(r) => {
+                tracing::info!(vm, stay = plan.stay, "simulated guest started");
+                self.failures.remove(vm);
+                self.running.insert(vm.to_string(), r);
+                Ok(())
+            }
+            Err(e) => {
+                self.failures.insert(vm.to_string(), format!("{e:#}"));
+                Err(e)
+            }
         }
-        let log = WriteLog::open(&path, vm_id)?;
-        let disks: Vec<Arc<dyn GuestDisk>> = volumes
-            .into_iter()
-            .map(|(v, size)| Arc::new(VolumeDisk(v, size)) as Arc<dyn GuestDisk>)
-            .collect();
-        let handle = Guest::start(vm_id, disks, workload, log)?;
-        tracing::info!(vm, epoch, "simulated guest started");
-        self.running
-            .insert(vm.to_string(), Running { handle, epoch });
-        Ok(())
     }
 
     /// Stops `vm`'s guest (waits for its writes in flight and syncs its log).
@@ -120,6 +175,21 @@ impl Guests {
             .get(vm)
             .map(|r| r.handle.stats())
             .or_else(|| self.last.get(vm).cloned())
+    }
+
+    /// Whether `vm`'s guest runs here, and for how long.
+    pub fn running_for(&self, vm: &str) -> Option<std::time::Duration> {
+        self.running.get(vm).map(|r| r.started.elapsed())
+    }
+
+    /// Why `vm`'s planned guest could not start, if it could not.
+    pub fn failure(&self, vm: &str) -> Option<String> {
+        self.failures.get(vm).cloned()
+    }
+
+    /// Forgets failures of guests no longer planned here.
+    pub fn retain_failures(&mut self, planned: &HashSet<String>) {
+        self.failures.retain(|v, _| planned.contains(v));
     }
 }
 
@@ -150,21 +220,165 @@ impl CopyReader for LocalCopy {
 /// What a verify request needs to know about one VM.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmToVerify {
-    /// VM name (its log's file name).
+    /// VM name (its logs' file names).
     pub name: String,
     /// VM id (in its sectors' tags).
     pub vm_id: u64,
-    /// Host holding its log.
-    pub log_host: u64,
+    /// Every stay of the VM, in order: the host holding that stay's log segment.
+    pub stays: Vec<NodeId>,
     /// Its disks in order: (id, size).
     pub disks: Vec<(DiskId, u64)>,
 }
 
-/// Reads the acknowledged-write log of `vm` on this host.
-pub fn read_log(data_dir: &std::path::Path, vm: &str) -> anyhow::Result<Vec<LogRecord>> {
-    let path = log_path(data_dir, vm);
+/// Reads the acknowledged-write log of `vm`'s stay `stay` on this host (empty if the stay
+/// never wrote here).
+pub fn read_log(data_dir: &Path, vm: &str, stay: u64) -> anyhow::Result<Vec<LogRecord>> {
+    let path = log_path(data_dir, vm, stay);
     if !path.exists() {
         return Ok(Vec::new());
     }
     Ok(WriteLog::read_all(&path)?.records)
+}
+
+impl super::DataPlane {
+    /// Starts, restarts (after a fence or a new stay) and stops simulated guests to match
+    /// this host's plan. A guest paused for a move stays stopped.
+    pub async fn reconcile_guests(self: &Arc<Self>) {
+        let view = self.view.borrow().clone();
+        let plan = &view.plan;
+        let mut guests = self.guests.lock().await;
+        let planned: HashSet<String> = plan.guests.keys().cloned().collect();
+        guests.retain_paused(&planned);
+        guests.retain_failures(&planned);
+        let want: Vec<(GuestPlan, Vec<u64>)> = plan
+            .guests
+            .values()
+            .filter(|g| !guests.is_paused(&g.vm))
+            .map(|g| (g.clone(), g.disks.iter().map(|d| d.epoch).collect()))
+            .collect();
+        for name in guests.names() {
+            let keep = want
+                .iter()
+                .any(|(g, epochs)| g.vm == name && guests.is_running(&name, g.stay, epochs));
+            if !keep {
+                if let Some(handle) = guests.take(&name) {
+                    let stats = handle.stop().await;
+                    tracing::info!(vm = %name, acked = stats.writes_acked, failed = stats.writes_failed, "simulated guest stopped");
+                    guests.stopped(&name, stats);
+                }
+            }
+        }
+        for (g, epochs) in want {
+            if guests.is_running(&g.vm, g.stay, &epochs) {
+                continue;
+            }
+            // Every disk needs its export's route here first.
+            if g.disks.iter().any(|d| self.route(d.id).1.is_none()) {
+                continue;
+            }
+            let volumes: Vec<(Volume, u64)> = g
+                .disks
+                .iter()
+                .map(|d| (self.volume(d.id, d.size, d.epoch), d.size))
+                .collect();
+            if let Err(e) = guests.start(&self.cfg.data_dir, &g, volumes) {
+                tracing::warn!(vm = %g.vm, error = format!("{e:#}"), "cannot start the simulated guest");
+            }
+        }
+    }
+
+    /// Stops `vm`'s guest for a move: its writes in flight complete and its log is synced;
+    /// it is not restarted here until [`Self::resume_guest`] or the move is applied.
+    /// Returns whether a guest was running.
+    pub async fn pause_guest(&self, vm: &str) -> bool {
+        let mut guests = self.guests.lock().await;
+        guests.set_paused(vm, true);
+        match guests.take(vm) {
+            Some(handle) => {
+                let stats = handle.stop().await;
+                tracing::info!(
+                    vm,
+                    acked = stats.writes_acked,
+                    "simulated guest paused for a move"
+                );
+                guests.stopped(vm, stats);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Undoes [`Self::pause_guest`] (a move that did not commit).
+    pub async fn resume_guest(self: &Arc<Self>, vm: &str) {
+        self.guests.lock().await.set_paused(vm, false);
+        self.reconcile_guests().await;
+    }
+
+    /// Stats of `vm`'s simulated guest on this host, whether it runs here now, and why it
+    /// could not start (if it could not).
+    pub async fn guest_status(
+        &self,
+        vm: &str,
+    ) -> (
+        Option<GuestStats>,
+        Option<std::time::Duration>,
+        Option<String>,
+    ) {
+        let guests = self.guests.lock().await;
+        (guests.stats(vm), guests.running_for(vm), guests.failure(vm))
+    }
+
+    /// Stats of `vm`'s simulated guest on this host.
+    pub async fn guest_stats(&self, vm: &str) -> Option<GuestStats> {
+        self.guests.lock().await.stats(vm)
+    }
+
+    /// Verifies this host's copies of `vms` against their logs (gathered by the caller
+    /// from every host the VMs stayed on, in stay order). `freeze` pauses that group's
+    /// replica applier while reading. Blocking.
+    pub fn verify(
+        &self,
+        vms: &[VmToVerify],
+        logs: &[Vec<LogRecord>],
+        mode: convoy_guest::VerifyMode,
+        freeze: Option<u64>,
+    ) -> anyhow::Result<convoy_guest::VerifyReport> {
+        let mut readers = Vec::new();
+        for vm in vms {
+            let images: anyhow::Result<Vec<Arc<DiskImage>>> = vm
+                .disks
+                .iter()
+                .map(|(d, size)| {
+                    if !self.images.has_file(*d) {
+                        anyhow::bail!(
+                            "node {} holds no copy of disk {d} of VM '{}'",
+                            self.node,
+                            vm.name
+                        );
+                    }
+                    self.images.open(*d, *size)
+                })
+                .collect();
+            readers.push(LocalCopy { images: images? });
+        }
+        let lock_handle = freeze.map(|cg| self.apply_lock(cg));
+        let _frozen = lock_handle
+            .as_ref()
+            .map(|l| l.read().unwrap_or_else(|p| p.into_inner()));
+        let copies: Vec<convoy_guest::VmCopy<'_>> = vms
+            .iter()
+            .zip(&readers)
+            .zip(logs)
+            .map(|((vm, reader), records)| convoy_guest::VmCopy {
+                vm_id: vm.vm_id,
+                records,
+                reader,
+            })
+            .collect();
+        Ok(convoy_guest::verify(
+            mode,
+            &copies,
+            &convoy_guest::VerifyOptions::default(),
+        )?)
+    }
 }

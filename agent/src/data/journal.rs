@@ -1,13 +1,13 @@
 //! The group's in-memory journal: writes in sequence order, kept until every streaming
-//! replica has them durably, bounded in bytes. Pure data structure; the pipeline decides
+//! replica has them durably, bounded in bytes. Pure data structure; the sequencer decides
 //! what to do when it overflows (drop the lagging replica into a dirty-chunk resync).
 
 use std::collections::VecDeque;
 
 use super::wire::WireWrite;
 
-/// Writes `[first_seq, next_seq)` in order, at most `limit` payload bytes (one write may
-/// exceed the limit on its own).
+/// Writes `[first_seq, next_seq)` in order, at most `limit` bytes of journal cost (data,
+/// or a descriptor for zeroes; one write may exceed the limit on its own).
 #[derive(Debug)]
 pub struct Journal {
     entries: VecDeque<WireWrite>,
@@ -49,7 +49,7 @@ impl Journal {
         self.next_seq
     }
 
-    /// Payload bytes held.
+    /// Journal cost held (see [`super::wire::Payload::journal_cost`]).
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -68,7 +68,7 @@ impl Journal {
             });
         }
         self.next_seq += 1;
-        self.bytes += w.payload.len();
+        self.bytes += w.payload.journal_cost();
         self.entries.push_back(w);
         Ok(())
     }
@@ -88,7 +88,7 @@ impl Journal {
             if front.seq > upto {
                 break;
             }
-            self.bytes -= front.payload.len();
+            self.bytes -= front.payload.journal_cost();
             self.entries.pop_front();
         }
         self.first_seq = self
@@ -107,10 +107,10 @@ impl Journal {
         let mut out = Vec::new();
         let mut bytes = 0;
         for w in self.entries.iter().skip(skip) {
-            if !out.is_empty() && bytes + w.payload.len() > max_bytes {
+            if !out.is_empty() && bytes + w.payload.journal_cost() > max_bytes {
                 break;
             }
-            bytes += w.payload.len();
+            bytes += w.payload.journal_cost();
             out.push(w.clone());
         }
         Some(out)
@@ -159,7 +159,7 @@ mod tests {
         j.trim_through(12);
         assert_eq!(j.first_seq(), 13);
         assert!(j.read_from(12, 1000).is_none());
-        assert_eq!(j.bytes(), 20);
+        assert_eq!(j.bytes(), 2 * (10 + 48));
         j.reset(30);
         assert_eq!((j.first_seq(), j.next_seq(), j.bytes()), (30, 30, 0));
     }
@@ -173,7 +173,7 @@ mod tests {
                 j.push(w(i as u64, *l)).unwrap();
             }
             j.trim_through(trim);
-            let held: u64 = lens.iter().enumerate().filter(|(i, _)| *i as u64 > trim).map(|(_, l)| *l as u64).sum();
+            let held: u64 = lens.iter().enumerate().filter(|(i, _)| *i as u64 > trim).map(|(_, l)| *l as u64 + 48).sum();
             prop_assert_eq!(j.bytes(), held);
             match j.read_from(from, 200) {
                 None => prop_assert!(from < j.first_seq()),

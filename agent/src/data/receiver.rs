@@ -1,21 +1,26 @@
 //! The replica's side of a replication stream: validates the sender, applies writes in
 //! sequence order, makes them durable, and acknowledges.
 //!
-//! Refused and counted: a sender that is not the group's primary, an epoch older than the
-//! replica has seen, a write whose sequence is not exactly the next one (a duplicate or a
-//! gap), a disk that is not in the group. After a refusal the stream ends; the primary
-//! reconnects and resumes from what the replica acknowledged.
+//! Refused and counted: a sender that is not the group's sequencer, a sequencer epoch
+//! older than the replica has seen, a write whose sequence is not exactly the next one (a
+//! duplicate or a gap), a disk that is not in the group. After a refusal the stream ends
+//! with the reason sent to the sender; it reconnects and resumes from what the replica
+//! acknowledged.
 //!
 //! Durability: frames are applied as they arrive; before each acknowledgement the written
-//! images are fdatasynced and the progress record is stored, so an acknowledged sequence
-//! survives SIGKILL and power loss. After a crash the replica reports the last stored
-//! sequence and the primary resends from there (re-applying a suffix in order is harmless).
+//! images are fdatasynced, so an acknowledged sequence survives SIGKILL and power loss.
+//! The progress record follows a little later (at most [`RECORD_EVERY`] behind, or when a
+//! flag changes); after a crash the sequencer tells the replica how far it acknowledged,
+//! and the replica resumes from there. Before applying past its "may have applied" mark
+//! the replica raises that mark durably, so after a crash it knows which suffix of its
+//! images may be torn and that it is not a prefix until it re-applied past it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use convoy_raft::model::DiskId;
-use convoy_store::DiskImage;
+use convoy_store::{Backend, DiskImage};
 use convoy_transport::InboundStream;
 use futures::FutureExt;
 
@@ -42,6 +47,9 @@ pub enum Refusal {
         /// Received sequence.
         got: u64,
     },
+    /// Local storage failed.
+    #[error("local storage on the replica: {0}")]
+    Storage(String),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -63,10 +71,22 @@ pub fn check_writes(state: &ReplicaState, epoch: u64, seqs: &[u64]) -> Result<()
     Ok(())
 }
 
+/// What a sequencer that remembers `acked` (this replica acknowledged it durably in an
+/// earlier session) lets the replica conclude: it holds everything through `acked`, if its
+/// own record agrees that far could have been applied. Pure, for unit tests.
+pub fn resume_point(state: &ReplicaState, acked: u64) -> u64 {
+    if acked > state.applied_seq && acked <= state.may_have_applied {
+        acked
+    } else {
+        state.applied_seq
+    }
+}
+
 fn refuse_metric(r: &Refusal) {
     let kind = match r {
         Refusal::StaleEpoch { .. } => "stale_epoch",
         Refusal::OutOfOrder { .. } => "out_of_order",
+        Refusal::Storage(_) => "storage",
         Refusal::Other(_) => "other",
     };
     metrics::counter!("convoy_replica_refused_total", "reason" => kind).increment(1);
@@ -88,33 +108,43 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
     };
     let hello: Hello = convoy_codec::decode(&first)?;
     let refuse = |reason: String| HelloReply::Refuse { reason };
-    let role = match plane.replica_role(hello.cg_id) {
+    // A sender with a newer epoch than this host knows proves the model moved on (a
+    // hand-over): wait briefly for this host to apply it before judging the sender.
+    let role = plane
+        .replica_role_at_least(hello.cg_id, hello.epoch, Duration::from_secs(3))
+        .await;
+    let role = match role {
         Some(r) => r,
         None => {
-            let msg = refuse(format!("this node holds no replica of group {}", hello.cg));
+            let msg = refuse(format!(
+                "node {} holds no replica of group '{}' (id {})",
+                plane.node(),
+                hello.cg,
+                hello.cg_id
+            ));
             send.send_frame(&convoy_codec::encode(&msg)?).await?;
             return Ok(());
         }
     };
-    if role.primary != peer {
+    if role.sequencer != peer {
         let msg = refuse(format!(
-            "node {peer} is not the primary of '{}' (node {} is)",
-            role.cg, role.primary
+            "node {peer} does not order group '{}' (node {} does)",
+            role.cg, role.sequencer
         ));
         send.send_frame(&convoy_codec::encode(&msg)?).await?;
         return Ok(());
     }
-    if hello.epoch < role.epoch {
+    if hello.epoch < role.sequencer_epoch {
         let r = Refusal::StaleEpoch {
             got: hello.epoch,
-            have: role.epoch,
+            have: role.sequencer_epoch,
         };
         refuse_metric(&r);
         send.send_frame(&convoy_codec::encode(&refuse(r.to_string()))?)
             .await?;
         return Ok(());
     }
-    let expected: Vec<(DiskId, u64)> = role.disks.clone();
+    let expected: Vec<(DiskId, u64)> = role.disks.iter().map(|d| (d.id, d.size)).collect();
     if hello.disks != expected {
         let msg = refuse(format!(
             "disk list {:?} does not match the model's {:?}",
@@ -123,9 +153,9 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         send.send_frame(&convoy_codec::encode(&msg)?).await?;
         return Ok(());
     }
-    // One stream per group at a time; a new primary connection replaces a dead one.
+    // One stream per group at a time; a new sequencer connection replaces a dead one.
     let _turn = match tokio::time::timeout(
-        std::time::Duration::from_secs(10),
+        Duration::from_secs(10),
         plane.replica_turn(hello.cg_id).lock_owned(),
     )
     .await
@@ -139,8 +169,28 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             return Ok(());
         }
     };
-    let images = plane.open_replica_images(&expected)?;
-    let (state_file, mut state) = plane.open_replica_state(hello.cg_id)?;
+    let plane2 = Arc::clone(&plane);
+    let expected2 = expected.clone();
+    let cg_id = hello.cg_id;
+    let opened = tokio::task::spawn_blocking(move || {
+        let images = plane2.open_replica_images(&expected2)?;
+        let holds_data = images
+            .values()
+            .any(|img| img.backend().next_data(0).ok().flatten().is_some());
+        let (state_file, state) = plane2.open_replica_state(cg_id)?;
+        anyhow::Ok((images, holds_data, state_file, state))
+    })
+    .await?;
+    let (images, holds_data, state_file, mut state) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            let r = Refusal::Storage(format!("{e:#}"));
+            refuse_metric(&r);
+            send.send_frame(&convoy_codec::encode(&refuse(r.to_string()))?)
+                .await?;
+            return Ok(());
+        }
+    };
     if hello.epoch < state.epoch {
         let r = Refusal::StaleEpoch {
             got: hello.epoch,
@@ -152,36 +202,54 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         return Ok(());
     }
     state.epoch = hello.epoch;
-    let accept = HelloReply::Accept {
-        applied_seq: state.applied_seq,
-        consistent: state.consistent,
-    };
-    send.send_frame(&convoy_codec::encode(&accept)?).await?;
-    tracing::info!(cg = %role.cg, primary = peer, applied = state.applied_seq, consistent = state.consistent, "replication stream accepted");
-    // After a crash the images may hold writes past the recorded progress; re-applying
-    // those is not a prefix until the copy passes them again.
-    let reapply_until = state.may_have_applied.min(hello.last_seq);
+    let resumed_at = resume_point(&state, hello.acked_by_you);
     let mut session = Session {
         cg_id: hello.cg_id,
         state,
         state_file,
         recorded: 0,
-        reapply_until: (reapply_until > 0).then_some(reapply_until),
+        reapply_until: None,
     };
+    if resumed_at > session.state.applied_seq {
+        // The data through `resumed_at` is durable (this replica acknowledged it); only
+        // the record lagged.
+        session.state.applied_seq = resumed_at;
+        session = record(session).await?;
+    }
+    // After a crash the images may hold writes past the recorded progress; re-applying
+    // those is not a prefix until the copy passes them again.
+    let until = session.state.may_have_applied.min(hello.last_seq);
+    session.reapply_until = (until > session.state.applied_seq).then_some(until);
     session.recorded = session.state.applied_seq;
+    let accept = HelloReply::Accept {
+        applied_seq: session.state.applied_seq,
+        consistent: session.state.consistent,
+        holds_data: holds_data || session.state.applied_seq > 0,
+    };
+    send.send_frame(&convoy_codec::encode(&accept)?).await?;
+    tracing::info!(cg = %role.cg, sequencer = peer, applied = session.state.applied_seq, consistent = session.state.consistent, holds_data, "replication stream accepted");
 
-    loop {
-        // Progress records are cheap to delay: write one when idle or every 50 ms.
+    let mut record_at: Option<tokio::time::Instant> = None;
+    let result = loop {
+        // Progress records are cheap to delay: written at most RECORD_EVERY after the
+        // first unrecorded batch, measured from that batch (a timer re-armed on every
+        // frame would never fire under load).
         let behind = session.state.applied_seq > session.recorded;
+        if behind && record_at.is_none() {
+            record_at = Some(tokio::time::Instant::now() + RECORD_EVERY);
+        }
+        let deadline = record_at.unwrap_or_else(|| tokio::time::Instant::now() + RECORD_EVERY);
         let frame = tokio::select! {
             f = recv.recv_frame() => f?,
-            _ = tokio::time::sleep(RECORD_EVERY), if behind => {
+            _ = tokio::time::sleep_until(deadline), if behind => {
+                record_at = None;
                 session = record(session).await?;
                 send.send_frame(&convoy_codec::encode(&session.ack())?).await?;
                 continue;
             }
         };
-        let Some(frame) = frame else { break };
+        let Some(frame) = frame else { break Ok(()) };
+        plane.set_seeding(session.cg_id, false);
         // Everything already received is applied before one fdatasync. Read here, not
         // in a separate task: a hand-off per batch costs more than the fdatasync.
         let mut frames = vec![frame];
@@ -195,6 +263,9 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             .iter()
             .map(|f| convoy_codec::decode(f))
             .collect::<Result<_, _>>()?;
+        let seeding = msgs
+            .last()
+            .is_some_and(|m| matches!(m, ToReplica::SeedByHashes { .. }));
         // A resync starts with a copy of the whole group (the before-resync snapshot):
         // seconds of I/O that must not hold a runtime worker, or two groups resyncing at
         // once would stall every task of the node, Raft heartbeats included.
@@ -221,35 +292,45 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         };
         session = s;
         match r {
-            Ok(()) => {
+            Ok(stored) => {
+                if stored {
+                    record_at = None;
+                }
                 plane.note_applied(session.cg_id, session.state.applied_seq);
                 if session.last_record_due() {
+                    record_at = None;
                     session = record(session).await?;
                 }
                 send.send_frame(&convoy_codec::encode(&session.ack())?)
                     .await?;
+                if seeding {
+                    plane.set_seeding(session.cg_id, true);
+                    send.send_frame(&convoy_codec::encode(&FromReplica::SeedReady)?)
+                        .await?;
+                }
             }
             Err(refusal) => {
                 refuse_metric(&refusal);
-                tracing::warn!(cg = %role.cg, primary = peer, reason = %refusal, "refused replication data");
+                tracing::warn!(cg = %role.cg, sequencer = peer, reason = %refusal, "refused replication data");
                 let msg = FromReplica::Refused {
                     reason: refusal.to_string(),
                 };
                 send.send_frame(&convoy_codec::encode(&msg)?).await?;
                 send.finish()?;
-                return Ok(());
+                break Ok(());
             }
         }
-    }
+    };
+    plane.set_seeding(session.cg_id, false);
     // The stream ended: record progress so a reconnect resumes without re-applying.
     if session.state.applied_seq > session.recorded {
         record(session).await?;
     }
-    Ok(())
+    result
 }
 
 /// How long applied progress may wait before it is recorded durably.
-const RECORD_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+const RECORD_EVERY: Duration = Duration::from_millis(50);
 /// How far ahead of what it applies the replica reserves its "may have applied" mark.
 const APPLY_RESERVE: u64 = 1024;
 
@@ -274,23 +355,28 @@ impl Session {
     }
 
     fn last_record_due(&self) -> bool {
-        // Far behind: record now rather than let the primary's journal grow.
+        // Far behind: record now rather than lean on the sequencer's memory.
         self.state.applied_seq > self.recorded + APPLY_RESERVE / 2
     }
 
     fn store(&mut self) -> Result<(), Refusal> {
         self.state_file
             .store(&self.state)
-            .map_err(|e| Refusal::Other(e.to_string()))?;
+            .map_err(|e| Refusal::Storage(e.to_string()))?;
         self.recorded = self.state.applied_seq;
         Ok(())
     }
 }
 
-/// Stores the progress record (data of everything applied is already durable).
+/// Stores the progress record (data of everything applied is already durable). Called
+/// between batches, when nothing past `applied_seq` touched the images, so the "may have
+/// applied" mark comes down to it: a crash now leaves no torn suffix to distrust.
 async fn record(session: Session) -> anyhow::Result<Session> {
     let (r, s) = tokio::task::spawn_blocking(move || {
         let mut s = session;
+        if s.reapply_until.is_none() && s.state.consistent && s.state.consistent_at.is_none() {
+            s.state.may_have_applied = s.state.applied_seq;
+        }
         let r = s.store();
         (r, s)
     })
@@ -302,18 +388,20 @@ async fn record(session: Session) -> anyhow::Result<Session> {
 /// Applies decoded messages in order, then makes the data durable (one fdatasync per
 /// written image). The progress record is stored only when a flag changes or the
 /// "may have applied" mark must move; otherwise [`record`] stores it a little later.
+/// Returns whether the record was stored.
 fn apply_batch(
     plane: &DataPlane,
     images: &BTreeMap<DiskId, Arc<DiskImage>>,
     session: &mut Session,
     msgs: Vec<ToReplica>,
-) -> Result<(), Refusal> {
+) -> Result<bool, Refusal> {
     let apply_lock = plane.apply_lock(session.cg_id);
     let _applying = apply_lock.write().unwrap_or_else(|p| p.into_inner());
     let mut touched = BTreeSet::new();
-    let io = |e: convoy_store::StoreError| Refusal::Other(format!("local storage: {e}"));
+    let io = |e: convoy_store::StoreError| Refusal::Storage(e.to_string());
     let mut result = Ok(());
     let mut store = false;
+    let mut stored = false;
     for msg in msgs {
         match msg {
             ToReplica::Writes { epoch, writes } => {
@@ -323,24 +411,33 @@ fn apply_batch(
                     break;
                 }
                 let Some(&last) = seqs.last() else { continue };
-                if let Some(until) = session.reapply_until.take() {
+                if let Some(until) = session.reapply_until {
                     if until > session.state.applied_seq && session.state.consistent {
                         // Re-applying what the images may already hold: not a prefix
                         // until the copy is past it again.
                         session.state.consistent = false;
                         session.state.consistent_at = Some(until + 1);
                         session.store()?;
+                        stored = true;
+                    }
+                    if last >= until {
+                        session.reapply_until = None;
                     }
                 }
                 if last > session.state.may_have_applied {
                     session.state.may_have_applied = last + APPLY_RESERVE;
                     session.store()?;
+                    stored = true;
                 }
                 for w in writes {
                     let image = images.get(&w.disk).ok_or_else(|| {
                         Refusal::Other(format!("disk {} is not in this group", w.disk))
                     })?;
-                    apply(image, w.offset, &w.payload).map_err(io)?;
+                    if let Err(e) = apply(image, w.offset, &w.payload) {
+                        // The write may have partly landed: the mark must not come down.
+                        session.reapply_until = Some(session.state.may_have_applied);
+                        return Err(io(e));
+                    }
                     touched.insert(w.disk);
                     session.state.applied_seq = w.seq;
                 }
@@ -353,17 +450,40 @@ fn apply_batch(
                     });
                     break;
                 }
+                // Only a true prefix may become the fallback: after a crash the images may
+                // hold a torn suffix past `applied_seq` until it was re-applied.
+                let torn_tail = session
+                    .reapply_until
+                    .is_some_and(|until| until > session.state.applied_seq);
                 session.reapply_until = None;
-                if session.state.consistent && !session.state.resync_snapshot {
+                if session.state.consistent && !session.state.resync_snapshot && !torn_tail {
                     // Keep the last consistent state before the copy stops being a prefix.
+                    for image in images.values() {
+                        image.flush().map_err(io)?;
+                    }
                     plane
                         .snapshot_before_resync(session.cg_id, images)
-                        .map_err(|e| Refusal::Other(e.to_string()))?;
+                        .map_err(|e| Refusal::Storage(format!("{e:#}")))?;
                     session.state.resync_snapshot = true;
+                } else if torn_tail && !session.state.resync_snapshot {
+                    tracing::warn!(
+                        cg_id = session.cg_id,
+                        "a resync starts on a copy that may hold a torn suffix: no consistent fallback is kept"
+                    );
                 }
                 session.state.consistent = false;
                 session.state.consistent_at = None;
                 session.store()?;
+                stored = true;
+            }
+            ToReplica::SeedByHashes { epoch } => {
+                if epoch < session.state.epoch {
+                    result = Err(Refusal::StaleEpoch {
+                        got: epoch,
+                        have: session.state.epoch,
+                    });
+                    break;
+                }
             }
             ToReplica::Chunks { epoch, chunks } => {
                 if epoch < session.state.epoch {
@@ -417,13 +537,17 @@ fn apply_batch(
     }
     if store {
         session.store()?;
+        stored = true;
     }
     if session.state.consistent && session.state.resync_snapshot {
-        plane.drop_resync_snapshot(session.cg_id, images);
+        // The flag goes first, durably: a crash between the two must not leave a flag
+        // that points at a half-removed snapshot.
         session.state.resync_snapshot = false;
         session.store()?;
+        stored = true;
+        plane.drop_resync_snapshot(session.cg_id);
     }
-    result
+    result.map(|()| stored)
 }
 
 fn apply(image: &DiskImage, offset: u64, payload: &Payload) -> convoy_store::Result<()> {
@@ -471,5 +595,22 @@ mod tests {
                 got: 13
             })
         ));
+    }
+
+    #[test]
+    fn a_replica_resumes_from_what_it_acknowledged_not_from_its_lagging_record() {
+        let s = ReplicaState {
+            applied_seq: 100,
+            may_have_applied: 1124,
+            consistent: true,
+            ..Default::default()
+        };
+        assert_eq!(resume_point(&s, 600), 600);
+        // Nothing newer acknowledged: the record stands.
+        assert_eq!(resume_point(&s, 0), 100);
+        assert_eq!(resume_point(&s, 50), 100);
+        // Beyond what it could have applied (a wiped copy, a confused sender): ignored.
+        assert_eq!(resume_point(&s, 5000), 100);
+        assert_eq!(resume_point(&ReplicaState::default(), 7), 0);
     }
 }

@@ -1,15 +1,24 @@
-//! The primary's side of one replication link: connects to the replica, brings it up to
-//! date (resume from the journal, or a dirty-chunk resync, or the initial full sync), then
+//! The sequencer's side of one replication link: connects to the replica, brings it up to
+//! date (resume from the journal, or a resync from dirty chunks, or the first sync), then
 //! streams the journal in sequence order and tracks acknowledgements.
 //!
 //! Resync without losing a write: new writes keep marking the link's dirty tracker, so a
 //! first pass sends the dirty chunks while writes continue; then the journal starts holding
 //! writes for the link (the switch point), a second pass sends what became dirty meanwhile,
-//! and streaming continues from the switch point. Every chunk then equals the primary's
+//! and streaming continues from the switch point. Every chunk then equals the sequencer's
 //! content at some moment after the switch, and replaying every write from the switch in
 //! order makes the copy exact. The replica snapshots its last consistent state before the
 //! first chunk arrives and is reported `inconsistent` until it has applied past the point
 //! where the last chunk was read.
+//!
+//! A first sync sends only what the copy lacks: a copy that already holds data (a former
+//! sequencer, a replica removed and re-added, a copy made by `cg sync`) is compared by
+//! chunk hashes (delta sessions) and only differing chunks move; an empty copy gets every
+//! chunk that holds data.
+//!
+//! Promises: a synchronous link becomes `consistent` only through a promotion in the
+//! sequencer (writes start waiting for the replica before the commit), so nothing is ever
+//! acknowledged without a replica that Raft says is consistent.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -21,44 +30,40 @@ use convoy_transport::{Endpoint, FramedRecv, FramedSend, StreamKind};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::pipeline::Pipeline;
+use super::sequencer::Sequencer;
 use super::wire::{FromReplica, Hello, HelloReply, Payload, ToReplica};
 
 /// Bytes of journal sent per frame.
 const FRAME_BYTES: u64 = 1 << 20;
 /// Chunks per resync frame.
 const CHUNKS_PER_FRAME: usize = 16;
+/// How long a promotion may wait for the replica to acknowledge what was written before.
+const PROMOTION_WAIT: Duration = Duration::from_secs(5);
 
 /// What the link is doing, for `convoy cg show` and metrics.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct LinkReport {
-    /// `connecting`, `initial-sync`, `resync`, `streaming` or `stopped`.
+    /// `connecting`, `initial-sync`, `seeding`, `resync`, `streaming` or `stopped`.
     pub phase: String,
-    /// Highest sequence the replica holds durably.
-    pub acked_seq: u64,
-    /// Last sequence assigned on the primary.
-    pub last_seq: u64,
-    /// Writes the replica lacks (the RPO in writes).
-    pub lag_writes: u64,
-    /// Seconds since the replica last held every write (the RPO in seconds).
-    pub lag_seconds: f64,
-    /// Resyncs from chunks since the agent started (initial sync included).
-    #[serde(default)]
+    /// Resyncs from chunks since the agent started (first sync included).
     pub resyncs: u64,
-    /// Chunks sent by resyncs, and how many the running one has left.
+    /// Chunks sent by resyncs.
     pub resync_chunks_sent: u64,
     /// Chunks the running resync still has to send.
     pub resync_chunks_left: u64,
-    /// Payload bytes sent on the link (journal and chunks).
+    /// Payload bytes sent on the link (journal, chunks and seeding).
     pub bytes_sent: u64,
-    /// Last error, if the link is down.
+    /// Bytes of chunk data sent by resyncs and seeding (the part of `bytes_sent` that is
+    /// not the journal).
+    pub resync_bytes_sent: u64,
+    /// Last error, if the link is down; the replica's reason when it refused.
     pub last_error: Option<String>,
 }
 
 /// One link's sender.
 pub struct LinkSender {
-    /// The group's pipeline.
-    pub pipeline: Arc<Pipeline>,
+    /// The group's sequencer.
+    pub seq: Arc<Sequencer>,
     /// Replica host.
     pub to: NodeId,
     /// Replica host's QUIC address.
@@ -69,6 +74,8 @@ pub struct LinkSender {
     pub tracker: String,
     /// Shared status.
     pub report: Arc<Mutex<LinkReport>>,
+    /// Counts bulk transfers on this host (the hash warmer waits while any runs).
+    pub bulk: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Chunks sent during a resync, to be cleared from the tracker once the replica holds them.
@@ -95,11 +102,11 @@ impl LinkSender {
                 r = self.session() => r,
                 _ = stop.changed() => break,
             };
-            self.pipeline.pause_streaming(self.to);
+            self.seq.pause_streaming(self.to);
             match outcome {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
-                    tracing::info!(cg = %self.pipeline.name, replica = self.to, error = %e, "replication link down; retrying");
+                    tracing::info!(cg = %self.seq.name, replica = self.to, error = %e, "replication link down; retrying");
                     report(&self.report).last_error = Some(e.to_string());
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
@@ -109,8 +116,12 @@ impl LinkSender {
                 _ = stop.changed() => break,
             }
         }
-        self.pipeline.stop_streaming(self.to);
+        self.seq.stop_streaming(self.to);
         report(&self.report).phase = "stopped".into();
+    }
+
+    fn cg_id(&self) -> u64 {
+        self.seq.cg_id().unwrap_or_default()
     }
 
     async fn session(&self) -> anyhow::Result<()> {
@@ -119,16 +130,17 @@ impl LinkSender {
             .open_stream(self.to, self.addr, StreamKind::Data)
             .await?;
         let hello = Hello {
-            cg_id: self.pipeline.cg_id,
-            cg: self.pipeline.name.clone(),
-            epoch: self.pipeline.epoch(),
+            cg_id: self.cg_id(),
+            cg: self.seq.name.clone(),
+            epoch: self.seq.sequencer_epoch(),
             disks: self
-                .pipeline
+                .seq
                 .images()
                 .iter()
                 .map(|(id, img)| (*id, img.size()))
                 .collect(),
-            last_seq: self.pipeline.last_seq(),
+            last_seq: self.seq.last_seq(),
+            acked_by_you: self.seq.acked_by(self.to),
         };
         send.send_frame(&convoy_codec::encode(&hello)?).await?;
         let reply = tokio::time::timeout(Duration::from_secs(10), recv.recv_frame())
@@ -138,37 +150,45 @@ impl LinkSender {
             Some(f) => convoy_codec::decode(&f)?,
             None => anyhow::bail!("replica closed the stream during the hello"),
         };
-        let (applied, consistent) = match reply {
+        let (applied, consistent, holds_data) = match reply {
             HelloReply::Accept {
                 applied_seq,
                 consistent,
-            } => (applied_seq, consistent),
+                holds_data,
+            } => (applied_seq, consistent, holds_data),
             HelloReply::Refuse { reason } => anyhow::bail!("replica refused: {reason}"),
         };
         report(&self.report).last_error = None;
-        self.pipeline.acked(self.to, applied);
+        self.seq.acked(self.to, applied);
         let state = self.link_state();
         let mut pending: Vec<(u64, PendingClear)> = Vec::new();
         let resumed = state != LinkState::Syncing
             && applied > 0
             && consistent
-            && self.pipeline.resume_streaming(self.to, applied + 1);
+            && self.seq.resume_streaming(self.to, applied + 1);
         let mut from = if resumed {
-            tracing::info!(cg = %self.pipeline.name, replica = self.to, from = applied + 1, "resuming replication from the journal");
+            tracing::info!(cg = %self.seq.name, replica = self.to, from = applied + 1, "resuming replication from the journal");
             applied + 1
         } else {
             let initial = state == LinkState::Syncing || applied == 0;
-            self.resync(&mut send, initial, &mut pending).await?
+            let seed = initial && holds_data;
+            self.resync(&mut send, Some(&mut recv), initial, seed, &mut pending)
+                .await?
         };
 
         // Acknowledgements arrive on the receive half. After a resync the copy is not
         // consistent until the replica says so again.
         let (ack_tx, mut ack_rx) = watch::channel(Acked {
             applied,
-            recorded: applied,
             consistent: consistent && resumed,
         });
-        let reader = tokio::spawn(read_acks(recv, ack_tx, Arc::clone(&self.pipeline), self.to));
+        let reader = tokio::spawn(read_acks(
+            recv,
+            ack_tx,
+            Arc::clone(&self.seq),
+            self.to,
+            Arc::clone(&self.report),
+        ));
         let result = self
             .stream(&mut send, &mut from, &mut ack_rx, &mut pending)
             .await;
@@ -177,24 +197,63 @@ impl LinkSender {
     }
 
     fn link_state(&self) -> LinkState {
-        self.pipeline
-            .link_status()
-            .into_iter()
-            .find(|(to, ..)| *to == self.to)
-            .map_or(LinkState::Syncing, |(_, _, s, _, _)| s)
+        self.seq.link_state(self.to).unwrap_or(LinkState::Syncing)
     }
 
+    /// Records `state` in Raft (compare-and-set on the state this sender knows).
     async fn set_state(&self, state: LinkState) -> anyhow::Result<()> {
-        if self.link_state() == state {
+        let now = self.link_state();
+        if now == state {
             return Ok(());
         }
-        self.pipeline
+        self.seq
             .reporter()
-            .report(self.pipeline.name.clone(), self.to, state)
+            .report(self.seq.name.clone(), self.to, state, Some(now))
             .await
             .map_err(|e| anyhow::anyhow!("cannot record link state {}: {e}", state.as_str()))?;
-        self.pipeline.note_state(self.to, state);
+        self.seq.note_state(self.to, state);
         Ok(())
+    }
+
+    /// Records the link `consistent`. For a synchronous link, writes first start waiting
+    /// for the replica and the replica must hold every write made before that: only then
+    /// is the commit true the moment it lands.
+    async fn promote(&self) -> anyhow::Result<bool> {
+        let now = self.link_state();
+        let synchronous = self
+            .seq
+            .link_status()
+            .get(&self.to)
+            .is_some_and(|l| l.mode.is_synchronous());
+        if !synchronous {
+            self.set_state(LinkState::Consistent).await?;
+            return Ok(true);
+        }
+        let target = self.seq.begin_promotion(self.to);
+        if !self.seq.wait_acked(self.to, target, PROMOTION_WAIT).await {
+            self.seq.end_promotion(self.to, None);
+            return Ok(false);
+        }
+        let committed = self
+            .seq
+            .reporter()
+            .report(
+                self.seq.name.clone(),
+                self.to,
+                LinkState::Consistent,
+                Some(now),
+            )
+            .await;
+        match committed {
+            Ok(()) => {
+                self.seq.end_promotion(self.to, Some(LinkState::Consistent));
+                Ok(true)
+            }
+            Err(e) => {
+                self.seq.end_promotion(self.to, None);
+                Err(anyhow::anyhow!("cannot record link state consistent: {e}"))
+            }
+        }
     }
 
     /// Streams the journal from `from`, handling acks, overflow (inline resync) and
@@ -207,23 +266,20 @@ impl LinkSender {
         pending: &mut Vec<(u64, PendingClear)>,
     ) -> anyhow::Result<()> {
         report(&self.report).phase = "streaming".into();
-        let mut caught_up_at = Instant::now();
         let mut next_mark = Instant::now();
         loop {
-            let notified = self.pipeline.written.notified();
+            let notified = self.seq.written.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
 
             let Acked {
                 applied: acked,
-                recorded,
                 consistent,
             } = *acks.borrow_and_update();
-            self.pipeline.recorded(self.to, recorded);
             if acked > 0 {
-                self.pipeline.acked(self.to, acked);
+                self.seq.acked(self.to, acked);
             }
-            let last = self.pipeline.last_seq();
+            let last = self.seq.last_seq();
             let promote = match self.link_state() {
                 LinkState::Syncing | LinkState::Inconsistent => consistent,
                 // It missed acknowledged writes: only once it holds every one of them.
@@ -234,25 +290,10 @@ impl LinkSender {
                 // The replica says it is not a prefix right now (re-applying after a crash).
                 self.set_state(LinkState::Inconsistent).await?;
             }
-            if promote {
-                self.set_state(LinkState::Consistent).await?;
-                tracing::info!(cg = %self.pipeline.name, replica = self.to, acked, "replica is consistent");
+            if promote && self.promote().await? {
+                tracing::info!(cg = %self.seq.name, replica = self.to, acked, "replica is consistent");
             }
             self.clear_pending(pending, acked, consistent)?;
-            if acked >= last {
-                caught_up_at = Instant::now();
-            }
-            {
-                let mut r = report(&self.report);
-                r.acked_seq = acked;
-                r.last_seq = last;
-                r.lag_writes = last.saturating_sub(acked);
-                r.lag_seconds = if r.lag_writes == 0 {
-                    0.0
-                } else {
-                    caught_up_at.elapsed().as_secs_f64()
-                };
-            }
             // Periodically remember which dirty chunks the replica will hold once it acks
             // the current sequence, so streamed writes stop counting as dirty.
             if Instant::now() >= next_mark && consistent {
@@ -260,10 +301,10 @@ impl LinkSender {
                 next_mark = Instant::now() + Duration::from_secs(1);
             }
 
-            match self.pipeline.journal_from(self.to, *from, FRAME_BYTES) {
+            match self.seq.journal_from(self.to, *from, FRAME_BYTES) {
                 Err(()) => {
                     // Journal overflow: resync inline, then carry on streaming.
-                    *from = self.resync(send, false, pending).await?;
+                    *from = self.resync(send, None, false, false, pending).await?;
                     report(&self.report).phase = "streaming".into();
                     continue;
                 }
@@ -273,7 +314,7 @@ impl LinkSender {
                         *from = last.seq + 1;
                     }
                     let msg = ToReplica::Writes {
-                        epoch: self.pipeline.epoch(),
+                        epoch: self.seq.sequencer_epoch(),
                         writes,
                     };
                     send.send_frame(&convoy_codec::encode(&msg)?).await?;
@@ -291,13 +332,13 @@ impl LinkSender {
     }
 
     fn mark_dirty(&self, pending: &mut Vec<(u64, PendingClear)>) -> anyhow::Result<()> {
-        for (disk, image) in self.pipeline.images() {
+        for (disk, image) in self.seq.images() {
             let set = image.dirty_chunks(&self.tracker)?;
             if set.chunks.is_empty() {
                 continue;
             }
             // Every write reflected in `set` has a sequence at most this.
-            let upto = self.pipeline.last_seq();
+            let upto = self.seq.last_seq();
             pending.push((
                 upto,
                 PendingClear {
@@ -327,7 +368,7 @@ impl LinkSender {
         let mut keep = Vec::new();
         for (upto, p) in pending.drain(..) {
             if acked >= upto {
-                if let Some(image) = self.pipeline.image(p.disk) {
+                if let Some(image) = self.seq.image(p.disk) {
                     image.clear(&self.tracker, &p.chunks, p.as_of)?;
                 }
             } else {
@@ -338,16 +379,25 @@ impl LinkSender {
         Ok(())
     }
 
-    /// Sends a resync (all chunks when `initial`, else the dirty ones) and returns the
-    /// sequence streaming continues from.
+    /// Sends a resync and returns the sequence streaming continues from. Pass 1 sends, per
+    /// disk: the chunks that differ by hash (`seed`, a first sync of a copy that holds
+    /// data), every chunk holding data (another first sync), or the dirty chunks.
+    /// `recv` is needed for seeding (the replica confirms it let the delta sessions in).
     async fn resync(
         &self,
         send: &mut FramedSend,
+        recv: Option<&mut FramedRecv>,
         initial: bool,
+        seed: bool,
         pending: &mut Vec<(u64, PendingClear)>,
     ) -> anyhow::Result<u64> {
-        let phase = if initial { "initial-sync" } else { "resync" };
-        tracing::info!(cg = %self.pipeline.name, replica = self.to, phase, "bringing the replica up to date from chunks");
+        let _bulk = super::BulkTransfer::start(&self.bulk);
+        let phase = match (initial, seed) {
+            (true, true) => "seeding",
+            (true, false) => "initial-sync",
+            _ => "resync",
+        };
+        tracing::info!(cg = %self.seq.name, replica = self.to, phase, "bringing the replica up to date from chunks");
         {
             let mut r = report(&self.report);
             r.phase = phase.into();
@@ -356,33 +406,51 @@ impl LinkSender {
         if !initial && self.link_state() == LinkState::Consistent {
             self.set_state(LinkState::Inconsistent).await?;
         }
-        let epoch = self.pipeline.epoch();
+        let epoch = self.seq.sequencer_epoch();
         send.send_frame(&convoy_codec::encode(&ToReplica::ResyncBegin { epoch })?)
             .await?;
 
-        // Pass 1 while writes go on.
+        // Pass 1 while writes go on. Every write from here on marks the tracker after
+        // `as_of`, so pass 2 finds it.
         let mut sets = Vec::new();
-        for (disk, image) in self.pipeline.images() {
+        for (disk, image) in self.seq.images() {
             let set = image.dirty_chunks(&self.tracker)?;
             let chunks = if initial {
-                (0..image.chunk_count()).collect()
+                // Skip chunks known to hold only zeroes: a fresh copy is all zeroes too.
+                (0..image.chunk_count())
+                    .filter(|c| image.cached_hash(*c) != Some(convoy_store::ZERO_CHUNK_HASH))
+                    .collect()
             } else {
                 set.chunks.clone()
             };
             sets.push((*disk, chunks, set.as_of));
         }
-        self.send_chunks(send, &sets, epoch).await?;
+        if seed {
+            let recv =
+                recv.ok_or_else(|| anyhow::anyhow!("seeding needs the stream's receive half"))?;
+            self.seed_by_hashes(send, recv, epoch).await?;
+        } else {
+            self.send_chunks(send, &sets, epoch).await?;
+        }
 
         // Switch: from here the journal holds this link's writes.
-        let resume = self.pipeline.begin_streaming(self.to);
+        let resume = self.seq.begin_streaming(self.to);
         let mut second = Vec::new();
-        for (disk, image) in self.pipeline.images() {
+        for (disk, image) in self.seq.images() {
             let set = image.dirty_chunks(&self.tracker)?;
-            second.push((*disk, set.chunks, set.as_of));
+            // Only what was written since pass 1 began: everything else pass 1 read
+            // after its last write.
+            let as_of = sets
+                .iter()
+                .find(|(d, _, _)| d == disk)
+                .map(|(_, _, a)| *a)
+                .unwrap_or(set.as_of);
+            let since = image.dirty_since(&self.tracker, as_of)?;
+            second.push((*disk, since, set.as_of));
         }
         self.send_chunks(send, &second, epoch).await?;
         // Every chunk was read before this sequence was assigned.
-        let consistent_at = self.pipeline.next_seq();
+        let consistent_at = self.seq.next_seq();
         let end = ToReplica::ResyncEnd {
             epoch,
             resume_seq: resume,
@@ -402,6 +470,59 @@ impl LinkSender {
         Ok(resume)
     }
 
+    /// Pass 1 of a first sync of a copy that holds data: compare-delta sessions, disk by
+    /// disk, while the replica lets them write its images.
+    async fn seed_by_hashes(
+        &self,
+        send: &mut FramedSend,
+        recv: &mut FramedRecv,
+        epoch: u64,
+    ) -> anyhow::Result<()> {
+        send.send_frame(&convoy_codec::encode(&ToReplica::SeedByHashes { epoch })?)
+            .await?;
+        // The replica confirms once it applied everything before and opened its images to
+        // the delta sessions.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let Some(frame) = recv.recv_frame().await? else {
+                    anyhow::bail!("replica closed the stream before seeding");
+                };
+                match convoy_codec::decode::<FromReplica>(&frame)? {
+                    FromReplica::SeedReady => return Ok(()),
+                    FromReplica::Ack { applied_seq, .. } => self.seq.acked(self.to, applied_seq),
+                    FromReplica::Refused { reason } => anyhow::bail!("replica refused: {reason}"),
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("replica did not get ready for seeding within 30 s"))??;
+        let cg = self.cg_id();
+        for (disk, image) in self.seq.images() {
+            let session = convoy_delta::Session {
+                cg,
+                disk: *disk,
+                epoch,
+            };
+            let stats = convoy_delta::push(
+                &self.endpoint,
+                self.to,
+                self.addr,
+                session,
+                convoy_delta::Mode::CompareDelta,
+                Arc::clone(image),
+                &convoy_delta::DeltaConfig::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("seeding disk {disk}: {e}"))?;
+            let mut r = report(&self.report);
+            r.resync_chunks_sent += stats.chunks_sent;
+            r.bytes_sent += stats.data_bytes_sent;
+            r.resync_bytes_sent += stats.data_bytes_sent;
+            tracing::info!(cg = %self.seq.name, replica = self.to, disk, chunks = stats.chunks_sent, compared = stats.chunks_total, "seeded a disk by hashes");
+        }
+        Ok(())
+    }
+
     async fn send_chunks(
         &self,
         send: &mut FramedSend,
@@ -411,7 +532,7 @@ impl LinkSender {
         let total: u64 = sets.iter().map(|(_, c, _)| c.len() as u64).sum();
         report(&self.report).resync_chunks_left = total;
         for (disk, chunks, _) in sets {
-            let Some(image) = self.pipeline.image(*disk) else {
+            let Some(image) = self.seq.image(*disk) else {
                 continue;
             };
             let chunk_size = u64::from(image.geometry().chunk_size());
@@ -440,6 +561,7 @@ impl LinkSender {
                 r.resync_chunks_sent += n;
                 r.resync_chunks_left = r.resync_chunks_left.saturating_sub(n);
                 r.bytes_sent += bytes;
+                r.resync_bytes_sent += bytes;
             }
         }
         Ok(())
@@ -451,20 +573,18 @@ impl LinkSender {
 struct Acked {
     /// Data durable through this sequence.
     applied: u64,
-    /// Progress record durable through this sequence.
-    recorded: u64,
     /// Whether the copy is a consistent prefix.
     consistent: bool,
 }
 
-/// Reads the replica's acknowledgements into `tx` until the stream ends.
-/// Synchronous writers are released from here directly, without a hop through the
-/// sender's loop.
+/// Reads the replica's acknowledgements into `tx` until the stream ends. Synchronous
+/// writers are released from here directly, without a hop through the sender's loop.
 async fn read_acks(
     mut recv: FramedRecv,
     tx: watch::Sender<Acked>,
-    pipeline: Arc<Pipeline>,
+    seq: Arc<Sequencer>,
     to: NodeId,
+    report_to: Arc<Mutex<LinkReport>>,
 ) {
     loop {
         let frame: Option<Bytes> = match recv.recv_frame().await {
@@ -475,19 +595,19 @@ async fn read_acks(
         match convoy_codec::decode::<FromReplica>(&frame) {
             Ok(FromReplica::Ack {
                 applied_seq,
-                recorded_seq,
                 consistent,
+                ..
             }) => {
-                pipeline.acked(to, applied_seq);
-                pipeline.recorded(to, recorded_seq);
+                seq.acked(to, applied_seq);
                 let _ = tx.send(Acked {
                     applied: applied_seq,
-                    recorded: recorded_seq,
                     consistent,
                 });
             }
+            Ok(FromReplica::SeedReady) => {}
             Ok(FromReplica::Refused { reason }) => {
                 tracing::warn!(%reason, "replica refused the stream");
+                report(&report_to).last_error = Some(format!("replica refused: {reason}"));
                 return;
             }
             Err(e) => {

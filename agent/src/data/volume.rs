@@ -1,11 +1,15 @@
 //! Block devices the NBD server and the simulated guests write through.
 //!
-//! A [`Volume`] is the writable view of a disk on the host its VM runs on: every write goes
-//! through the disk's pipeline (sequence number, local apply, replication), carrying the
-//! epoch the volume was opened at, so a volume opened before a fence is refused. A
-//! [`ReadOnlyCopy`] exposes any copy (primary or replica) for inspection.
+//! A [`Volume`] is the writable view of a disk on the host its VM runs on. Each request
+//! looks up the disk's current [`Route`]: this host's sequencer (the host orders the
+//! disk's group), or a mirror stream to the group's sequencer on another host. When the
+//! order moves (a hand-over), requests that were not applied wait for the new route and
+//! go there; the guest sees a short pause, not an error. Every write carries the epoch
+//! the volume was opened at, so a volume opened before a fence or a move is refused.
+//! A [`ReadOnlyCopy`] exposes any copy (sequencer's or replica's) for inspection.
 
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use convoy_nbd::{BlockDevice, DeviceError, DeviceFuture};
@@ -13,18 +17,68 @@ use convoy_raft::model::DiskId;
 use convoy_store::DiskImage;
 
 use super::DataPlane;
-use super::pipeline::WriteError;
+use super::mirror::{FailKind, MirrorClient, MirrorError};
+use super::sequencer::{Sequencer, WriteError};
 use super::wire::Payload;
 
-fn device_error(e: WriteError) -> DeviceError {
-    match e {
-        WriteError::StaleEpoch { .. } => DeviceError::PermissionDenied(e.to_string()),
-        WriteError::Closed => DeviceError::ShuttingDown,
-        other => DeviceError::Io(std::io::Error::other(other.to_string())),
+/// Where a disk's writes go from this host.
+#[derive(Clone)]
+pub enum Route {
+    /// This host sequences the disk's domain.
+    Local(Arc<Sequencer>),
+    /// Another host sequences the group; this host holds a replica copy of it.
+    Mirrored {
+        /// The stream to the sequencer.
+        client: Arc<MirrorClient>,
+        /// The group.
+        cg_id: u64,
+        /// This host's copy (for reads once it is current).
+        image: Arc<DiskImage>,
+    },
+}
+
+/// Errors of a volume request.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The local sequencer refused or failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// The remote sequencer refused or failed, or did not answer.
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
+    /// Local storage failed (a read or flush of this host's copy).
+    #[error("local storage: {0}")]
+    Store(#[from] convoy_store::StoreError),
+    /// The disk has no route here (its VM does not run here, or the host is stopping).
+    #[error("disk {0} is not writable on this host now")]
+    NoRoute(DiskId),
+}
+
+fn device_error(e: VolumeError) -> DeviceError {
+    match &e {
+        VolumeError::Write(WriteError::StaleEpoch { .. })
+        | VolumeError::Mirror(MirrorError::Failed {
+            kind: FailKind::StaleEpoch | FailKind::NotAllowed,
+            ..
+        }) => DeviceError::PermissionDenied(e.to_string()),
+        VolumeError::Write(WriteError::Store(s)) | VolumeError::Store(s) if s.is_no_space() => {
+            DeviceError::NoSpace
+        }
+        VolumeError::Mirror(MirrorError::Failed {
+            kind: FailKind::NoSpace,
+            ..
+        }) => DeviceError::NoSpace,
+        VolumeError::Write(WriteError::Closed) | VolumeError::NoRoute(_) => {
+            DeviceError::ShuttingDown
+        }
+        _ => DeviceError::Io(std::io::Error::other(e.to_string())),
     }
 }
 
-/// The writable view of a local disk.
+/// How long a request waits for a route (a hand-over finishing) before it fails.
+const ROUTE_WAIT: Duration = Duration::from_secs(10);
+
+/// The writable view of a disk on the host its VM runs on.
 pub struct Volume {
     disk: DiskId,
     size: u64,
@@ -48,30 +102,125 @@ impl Volume {
         self.disk
     }
 
+    /// The epoch the volume writes with.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn plane(&self) -> Result<Arc<DataPlane>, VolumeError> {
+        self.plane.upgrade().ok_or(VolumeError::NoRoute(self.disk))
+    }
+
     /// Writes and returns the group sequence number the write got.
     pub async fn write_seq(
         &self,
         offset: u64,
         payload: Payload,
         fua: bool,
-    ) -> Result<u64, WriteError> {
-        let plane = self.plane.upgrade().ok_or(WriteError::Closed)?;
-        let pipeline = plane.pipeline_for(self.disk).ok_or(WriteError::Closed)?;
-        pipeline
-            .write(self.disk, offset, payload, fua, self.epoch)
-            .await
+    ) -> Result<u64, VolumeError> {
+        let plane = self.plane()?;
+        let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
+        loop {
+            let (version, route) = plane.route(self.disk);
+            let outcome = match route {
+                None => None,
+                Some(Route::Local(seq)) => {
+                    match seq
+                        .write(self.disk, offset, payload.clone(), fua, self.epoch)
+                        .await
+                    {
+                        Ok(s) => return Ok(s),
+                        Err(e @ (WriteError::Moved | WriteError::PausedTooLong(_))) => {
+                            Some(VolumeError::from(e))
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Some(Route::Mirrored { client, .. }) => {
+                    match client
+                        .write(self.disk, self.epoch, offset, payload.clone(), fua)
+                        .await
+                    {
+                        Ok(s) => return Ok(s),
+                        Err(e) if e.retry_elsewhere() => Some(VolumeError::from(e)),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            // Not applied: wait for the route to change (a hand-over landing here).
+            if !plane.wait_route_change(version, deadline).await {
+                return Err(outcome.unwrap_or(VolumeError::NoRoute(self.disk)));
+            }
+        }
     }
 
-    async fn flush_inner(&self) -> Result<(), WriteError> {
-        let plane = self.plane.upgrade().ok_or(WriteError::Closed)?;
-        let pipeline = plane.pipeline_for(self.disk).ok_or(WriteError::Closed)?;
-        pipeline.flush_disk(self.disk).await
+    async fn flush_inner(&self) -> Result<(), VolumeError> {
+        let plane = self.plane()?;
+        let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
+        loop {
+            let (version, route) = plane.route(self.disk);
+            match route {
+                Some(Route::Local(seq)) => match seq.flush_everywhere(self.disk).await {
+                    Ok(()) => return Ok(()),
+                    Err(WriteError::Moved) => {}
+                    Err(e) => return Err(e.into()),
+                },
+                Some(Route::Mirrored { client, image, .. }) => {
+                    match client.flush(self.disk).await {
+                        Ok(()) => {
+                            image.flush_async().await?;
+                            return Ok(());
+                        }
+                        Err(e) if e.retry_elsewhere() => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                None => {}
+            }
+            if !plane.wait_route_change(version, deadline).await {
+                return Err(VolumeError::NoRoute(self.disk));
+            }
+        }
     }
 
-    async fn read_inner(&self, offset: u64, len: u32) -> Result<Bytes, WriteError> {
-        let plane = self.plane.upgrade().ok_or(WriteError::Closed)?;
-        let pipeline = plane.pipeline_for(self.disk).ok_or(WriteError::Closed)?;
-        pipeline.read(self.disk, offset, len as usize).await
+    async fn read_inner(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
+        let plane = self.plane()?;
+        let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
+        loop {
+            let (version, route) = plane.route(self.disk);
+            match route {
+                Some(Route::Local(seq)) => match seq.read(self.disk, offset, len as usize).await {
+                    Ok(b) => return Ok(b),
+                    Err(WriteError::Moved) => {}
+                    Err(e) => return Err(e.into()),
+                },
+                Some(Route::Mirrored {
+                    client,
+                    cg_id,
+                    image,
+                }) => {
+                    // The local copy serves once it applied every write this host made to
+                    // the disk (and what preceded this host's stream); otherwise ask the
+                    // sequencer, whose copy is always current.
+                    let current = match client.needs(self.disk).await {
+                        Some(need) => plane.replica_applied(cg_id) >= need,
+                        None => false,
+                    };
+                    if current {
+                        return Ok(image.read_async(offset, len as usize).await?);
+                    }
+                    match client.read(self.disk, offset, len).await {
+                        Ok(b) => return Ok(b),
+                        Err(e) if e.retry_elsewhere() => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                None => {}
+            }
+            if !plane.wait_route_change(version, deadline).await {
+                return Err(VolumeError::NoRoute(self.disk));
+            }
+        }
     }
 }
 
@@ -159,87 +308,5 @@ impl BlockDevice for ReadOnlyCopy {
 
     fn flush(&self) -> DeviceFuture<'_, ()> {
         Box::pin(async { Ok(()) })
-    }
-}
-
-/// The writable view of a disk on an active-active replica: writes are ordered by the
-/// group's sequencer (the primary) and acknowledged once this copy has applied them, so
-/// both copies see one write order and a reader here sees its own writes.
-pub struct RemoteVolume {
-    /// Group id.
-    pub cg_id: u64,
-    /// The sequencer.
-    pub primary: u64,
-    /// The disk.
-    pub disk: DiskId,
-    /// Its size.
-    pub size: u64,
-    /// Epoch the volume was opened at.
-    pub epoch: u64,
-    /// The local copy.
-    pub image: Arc<DiskImage>,
-    /// The data plane (to reach the primary and see what this copy applied).
-    pub plane: Weak<DataPlane>,
-}
-
-impl RemoteVolume {
-    async fn write_inner(
-        &self,
-        offset: u64,
-        payload: Payload,
-        fua: bool,
-    ) -> Result<(), DeviceError> {
-        let plane = self.plane.upgrade().ok_or(DeviceError::ShuttingDown)?;
-        let seq = plane
-            .mirrored_write(self.primary, self.disk, offset, payload, fua, self.epoch)
-            .await
-            .map_err(|e| DeviceError::Io(std::io::Error::other(e.to_string())))?;
-        plane
-            .wait_applied(self.cg_id, seq)
-            .await
-            .map_err(|e| DeviceError::Io(std::io::Error::other(e.to_string())))
-    }
-}
-
-impl BlockDevice for RemoteVolume {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read(&self, offset: u64, len: u32) -> DeviceFuture<'_, Bytes> {
-        Box::pin(async move {
-            Arc::clone(&self.image)
-                .read_async(offset, len as usize)
-                .await
-                .map_err(|e| DeviceError::Io(std::io::Error::other(e.to_string())))
-        })
-    }
-
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceFuture<'_, ()> {
-        Box::pin(self.write_inner(offset, Payload::Data(data), fua))
-    }
-
-    fn flush(&self) -> DeviceFuture<'_, ()> {
-        // Every acknowledged write was applied here by a batch that ended in fdatasync.
-        Box::pin(async move {
-            Arc::clone(&self.image)
-                .flush_async()
-                .await
-                .map_err(|e| DeviceError::Io(std::io::Error::other(e.to_string())))
-        })
-    }
-
-    fn trim(&self, offset: u64, len: u32) -> DeviceFuture<'_, ()> {
-        Box::pin(self.write_inner(offset, Payload::Zeroes(u64::from(len)), false))
-    }
-
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u32,
-        fua: bool,
-        _may_trim: bool,
-    ) -> DeviceFuture<'_, ()> {
-        Box::pin(self.write_inner(offset, Payload::Zeroes(u64::from(len)), fua))
     }
 }

@@ -1,6 +1,6 @@
-//! Messages of the replication stream (QUIC stream kind `Data`), primary → replica and
-//! back. Every message is bound to the group and its fencing epoch, and writes carry their
-//! group sequence number, so a replica refuses a stale sender, a replay into another
+//! Messages of the replication stream (QUIC stream kind `Data`), sequencer → replica and
+//! back. Every message is bound to the group and its sequencer epoch, and writes carry
+//! their group sequence number, so a replica refuses a stale sender, a replay into another
 //! group, and a duplicate or out-of-order write.
 
 use bytes::Bytes;
@@ -14,13 +14,17 @@ pub struct Hello {
     pub cg_id: u64,
     /// Group name, for messages.
     pub cg: String,
-    /// The sender's fencing epoch for the group.
+    /// The sender's sequencer epoch for the group.
     pub epoch: u64,
     /// The group's disks and their sizes, in the group's order.
     pub disks: Vec<(DiskId, u64)>,
-    /// Last sequence number the primary assigned: every write the replica can hold is at
-    /// or below it.
+    /// Last sequence number the sequencer assigned: every write the replica can hold is
+    /// at or below it.
     pub last_seq: u64,
+    /// The highest sequence this replica acknowledged (durable) to this sequencer in an
+    /// earlier session, 0 if none: its progress record may lag behind it, and the
+    /// sequencer's journal is trimmed by acknowledgements, so the replica resumes from here.
+    pub acked_by_you: u64,
 }
 
 /// The replica's answer to [`Hello`].
@@ -32,6 +36,9 @@ pub enum HelloReply {
         applied_seq: u64,
         /// Whether the copy is a consistent prefix (false while a resync is unfinished).
         consistent: bool,
+        /// Whether the copy holds data (its images existed before this stream): a first
+        /// sync then compares hashes and sends only differing chunks instead of a full copy.
+        holds_data: bool,
     },
     /// Refused, with a reason for the sender's log.
     Refuse {
@@ -61,6 +68,16 @@ impl Payload {
     /// True for an empty write.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// What holding this write costs a journal, in bytes: its data, or only a descriptor
+    /// for a range of zeroes (a whole-disk discard must not overflow the journal).
+    pub fn journal_cost(&self) -> u64 {
+        const DESCRIPTOR: u64 = 48;
+        match self {
+            Payload::Data(b) => b.len() as u64 + DESCRIPTOR,
+            Payload::Zeroes(_) => DESCRIPTOR,
+        }
     }
 }
 
@@ -92,6 +109,13 @@ pub enum ToReplica {
         /// Sender's epoch.
         epoch: u64,
     },
+    /// During a resync: the sender now compares this copy's disks by hashes with delta
+    /// sessions (stream kind `Delta`), which write the images directly; the replica lets
+    /// them in until the next message on this stream.
+    SeedByHashes {
+        /// Sender's epoch.
+        epoch: u64,
+    },
     /// Whole chunks during a resync (not in sequence order).
     Chunks {
         /// Sender's epoch.
@@ -118,12 +142,15 @@ pub enum FromReplica {
     Ack {
         /// Highest sequence whose data is durable in the replica's images.
         applied_seq: u64,
-        /// Highest sequence the replica's progress record holds durably: after a crash it
-        /// asks to resume from here, so the primary keeps its journal from here on.
+        /// Highest sequence the replica's progress record holds durably (informational:
+        /// the sequencer remembers `applied_seq` and tells a reconnecting replica).
         recorded_seq: u64,
         /// Whether the copy is currently a consistent prefix.
         consistent: bool,
     },
+    /// The replica applied everything sent before [`ToReplica::SeedByHashes`] and lets
+    /// the sender's delta sessions write its images until the next message.
+    SeedReady,
     /// The replica refused a message; the stream ends.
     Refused {
         /// Why (stale epoch, gap, duplicate, unknown disk...).

@@ -1,5 +1,6 @@
 //! The agent daemon: wires storage, transport, Raft and the admin API together.
 
+pub mod ops;
 pub mod proposer;
 pub mod raft_net;
 pub mod rpc;
@@ -17,8 +18,8 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ApiState};
 use crate::config::AgentConfig;
-use crate::data::pipeline::LinkReporter;
-use crate::data::{DataConfig, DataPlane};
+use crate::data::sequencer::LinkReporter;
+use crate::data::{DataConfig, DataPlane, ModelWriter};
 use convoy_raft::Command;
 use convoy_raft::model::{LinkState, NodeId};
 use service::Cluster;
@@ -109,9 +110,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         nbd_tcp: cfg.nbd.tcp,
         journal_limit: cfg.replication.journal_limit_mib << 20,
         sync_timeout: Duration::from_millis(cfg.replication.sync_timeout_ms),
+        keep_former_copies: Duration::from_secs(cfg.replication.keep_former_copies_secs),
     };
-    let reporter = Arc::new(RaftLinkReporter(Arc::downgrade(&cluster)));
-    let plane = DataPlane::start(cfg.node_id, data_cfg, endpoint.clone(), reporter)
+    let writer = Arc::new(RaftModelWriter(Arc::downgrade(&cluster)));
+    let plane = DataPlane::start(cfg.node_id, data_cfg, endpoint.clone(), writer)
         .await
         .context("cannot start the data plane")?;
     let _ = cluster.data.set(Arc::clone(&plane));
@@ -167,32 +169,36 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     outcome
 }
 
-/// Records link states through Raft on behalf of the data plane.
-struct RaftLinkReporter(std::sync::Weak<Cluster>);
+/// Proposes commands (link states, hand-overs) through Raft on behalf of the data plane.
+struct RaftModelWriter(std::sync::Weak<Cluster>);
 
-impl LinkReporter for RaftLinkReporter {
+impl LinkReporter for RaftModelWriter {
     fn report(
         &self,
         cg: String,
         to: NodeId,
         state: LinkState,
+        expect: Option<LinkState>,
     ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let fut = self.propose(Command::SetLinkState {
+            cg,
+            to,
+            state,
+            expect,
+        });
+        Box::pin(async move { fut.await.map(|_| ()) })
+    }
+}
+
+impl ModelWriter for RaftModelWriter {
+    fn propose(
+        &self,
+        cmd: Command,
+    ) -> futures::future::BoxFuture<'static, Result<convoy_raft::Outcome, String>> {
         let cluster = self.0.upgrade();
         Box::pin(async move {
             let cluster = cluster.ok_or("the agent is shutting down")?;
-            cluster
-                .write(
-                    Command::SetLinkState {
-                        cg,
-                        to,
-                        state,
-                        expect: None,
-                    },
-                    None,
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            cluster.write(cmd, None).await.map_err(|e| e.to_string())
         })
     }
 }
@@ -239,14 +245,15 @@ async fn reconcile_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>) {
         if let Err(e) = tokio::task::spawn_blocking(move || p.reconcile(&m)).await {
             tracing::warn!(error = %e, "data plane reconcile panicked");
         }
-        plane.reconcile_guests(&model).await;
+        plane.reconcile_guests().await;
         tokio::select! {
             r = applied.changed() => {
                 if r.is_err() {
                     return;
                 }
-                // Let a burst of entries land before looking again.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Let a burst of entries land before looking again (short: a hand-over
+                // waits on this host's reconcile).
+                tokio::time::sleep(Duration::from_millis(2)).await;
                 applied.borrow_and_update();
             }
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}

@@ -50,7 +50,8 @@ pub enum ForwardRequest {
     Local(LocalRequest),
 }
 
-/// A request about the addressed node's own data plane.
+/// A request about the addressed node's own data plane, served by any node whatever its
+/// Raft role. Typed both ways (see [`LocalResponse`]).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum LocalRequest {
     /// NBD URIs of these local disks' writable exports.
@@ -65,13 +66,13 @@ pub enum LocalRequest {
         /// Its size.
         size: u64,
     },
-    /// Replication status of a group this node is primary of.
+    /// Replication status of a group this node sequences.
     GroupStatus {
         /// Group name.
         cg: String,
     },
-    /// Bring another host's copy of a group (this node is primary) up to date with delta
-    /// sessions.
+    /// Bring another host's copy of a group (this node sequences it) up to date with
+    /// delta sessions.
     SyncTo {
         /// Group name.
         cg: String,
@@ -80,21 +81,7 @@ pub enum LocalRequest {
         /// Compare-delta instead of a full copy.
         compare: bool,
     },
-    /// A write made on an active-active copy, to be ordered by this node (the group's
-    /// sequencer).
-    MirroredWrite {
-        /// Disk written.
-        disk: u64,
-        /// Byte offset.
-        offset: u64,
-        /// What was written.
-        payload: crate::data::wire::Payload,
-        /// Durable locally when acknowledged.
-        fua: bool,
-        /// Epoch of the writer's volume.
-        epoch: u64,
-    },
-    /// Take a crash-consistent snapshot of a group this node is primary of.
+    /// Take a crash-consistent snapshot of a group this node sequences.
     SnapshotCreate {
         /// Group name.
         cg: String,
@@ -108,13 +95,15 @@ pub enum LocalRequest {
         /// Snapshot name.
         name: String,
     },
-    /// The acknowledged-write log of a simulated guest on this node.
+    /// The acknowledged-write log segment of one stay of a simulated guest on this node.
     GuestLog {
         /// VM name.
         vm: String,
+        /// The stay.
+        stay: u64,
     },
-    /// Stats of a simulated guest on this node.
-    GuestStats {
+    /// Stats and state of a simulated guest on this node.
+    GuestStatus {
         /// VM name.
         vm: String,
     },
@@ -127,6 +116,98 @@ pub enum LocalRequest {
         /// Pause this group's replica applier while reading (a replica copy).
         freeze_cg: Option<u64>,
     },
+    /// Stop a VM's simulated guest for a move (drain its writes); not restarted until
+    /// the move commits or [`LocalRequest::ResumeGuest`].
+    PauseGuest {
+        /// VM name.
+        vm: String,
+    },
+    /// Undo [`LocalRequest::PauseGuest`].
+    ResumeGuest {
+        /// VM name.
+        vm: String,
+    },
+    /// Hand the order of a group this node sequences to `to`.
+    HandOver {
+        /// Group name.
+        cg: String,
+        /// Group id.
+        cg_id: u64,
+        /// The new sequencer.
+        to: u64,
+        /// Compare the copies' Merkle roots at the hand-over point.
+        roots: bool,
+    },
+    /// Merkle roots of this node's copy of a group's disks.
+    CopyRoots {
+        /// Group id.
+        cg_id: u64,
+    },
+    /// Fence disks at new epochs on this node's sequencer and wait until no write with an
+    /// older epoch can still be acknowledged.
+    FenceBarrier {
+        /// (disk, new epoch).
+        disks: Vec<(u64, u64)>,
+    },
+    /// This node's data-plane health: disks that cannot be opened.
+    HostHealth,
+}
+
+/// The answer to a [`LocalRequest`], one variant per request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LocalResponse {
+    /// Per disk, its URIs here (empty when not exported here).
+    Uris(Vec<(u64, Vec<String>)>),
+    /// URIs of the read-only export.
+    Exposed(Vec<String>),
+    /// The group's status, if this node sequences it.
+    GroupStatus(Option<crate::data::GroupStatus>),
+    /// What a sync moved.
+    Synced(crate::data::delta::SyncReport),
+    /// The last sequence number the snapshot contains.
+    SnapshotTaken {
+        /// Last sequence.
+        last_seq: u64,
+    },
+    /// Chunks rewritten.
+    Restored {
+        /// Chunks.
+        chunks: u64,
+    },
+    /// Log records.
+    GuestLog(Vec<convoy_guest::LogRecord>),
+    /// A guest's state.
+    GuestStatus(crate::api::types::GuestStatusView),
+    /// A verification (`report_json` is the checker's report as JSON: bincode cannot
+    /// carry a free-form JSON value).
+    Verified {
+        /// No acknowledged write missing or wrong.
+        ok: bool,
+        /// The checked copy's host.
+        host: u64,
+        /// Human-readable report.
+        text: String,
+        /// The report as JSON.
+        report_json: String,
+    },
+    /// Whether a guest was running when paused.
+    Paused {
+        /// It was running.
+        was_running: bool,
+    },
+    /// Done, nothing to report.
+    Done,
+    /// What a hand-over did.
+    HandedOver(crate::data::handover::HandOverReport),
+    /// Roots per disk.
+    Roots(Vec<(u64, [u8; 32])>),
+    /// Whether the fence barrier completed.
+    Fenced {
+        /// No older-epoch write can be acknowledged any more.
+        complete: bool,
+    },
+    /// Disks that cannot be opened here, with why.
+    HostHealth(std::collections::BTreeMap<u64, String>),
 }
 
 /// The leader's answer.
@@ -152,8 +233,8 @@ pub enum ForwardResponse {
     },
     /// The request failed on the leader.
     Failed(ForwardFailure),
-    /// Answer to a [`LocalRequest`], as JSON (its shape depends on the request).
-    Local(String),
+    /// Answer to a [`LocalRequest`].
+    Local(Box<LocalResponse>),
 }
 
 /// Why a forwarded request failed, keeping the class so the API maps it to the same status.
@@ -184,10 +265,13 @@ pub async fn serve_inbound(mut inbound: Inbound, cluster: Arc<Cluster>) {
             }
             continue;
         }
-        if stream.kind == StreamKind::Data {
+        if matches!(stream.kind, StreamKind::Data | StreamKind::Mirror) {
             match cluster.data() {
-                Some(plane) => {
+                Some(plane) if stream.kind == StreamKind::Data => {
                     tokio::spawn(plane.serve_stream(stream));
+                }
+                Some(plane) => {
+                    tokio::spawn(plane.serve_mirror(stream));
                 }
                 None => tracing::debug!(
                     peer = stream.peer,

@@ -17,7 +17,7 @@ use openraft::ChangeMembers;
 use openraft::error::{ClientWriteError, RaftError};
 
 use super::proposer::{Proposed, Proposer};
-use super::rpc::{ForwardFailure, ForwardRequest, ForwardResponse, LocalRequest};
+use super::rpc::{ForwardFailure, ForwardRequest, ForwardResponse, LocalRequest, LocalResponse};
 use crate::api::types::{ClusterStatus, MemberStatus, NodeStatus};
 
 /// How long a write or read waits for a leader before giving up.
@@ -586,7 +586,7 @@ impl Cluster {
             ForwardRequest::Ping => return ForwardResponse::Done,
             ForwardRequest::Local(local) => {
                 return match self.local_here(local).await {
-                    Ok(json) => ForwardResponse::Local(json),
+                    Ok(answer) => ForwardResponse::Local(Box::new(answer)),
                     Err(e) => ForwardResponse::Failed(e.to_failure()),
                 };
             }
@@ -810,11 +810,24 @@ impl Cluster {
     }
 
     /// Runs a node-local request on node `node` (here, or forwarded to it) and returns
-    /// its JSON answer.
-    pub async fn local(&self, node: NodeId, req: LocalRequest) -> Result<String, ServiceError> {
+    /// its answer.
+    pub async fn local(
+        &self,
+        node: NodeId,
+        req: LocalRequest,
+    ) -> Result<LocalResponse, ServiceError> {
         if node == self.id {
             return self.local_here(req).await;
         }
+        self.local_remote(node, req).await
+    }
+
+    /// [`Self::local`] on another node (never this one).
+    async fn local_remote(
+        &self,
+        node: NodeId,
+        req: LocalRequest,
+    ) -> Result<LocalResponse, ServiceError> {
         let addr = self
             .model
             .read(|m| m.hosts.get(&node).map(|h| h.raft_addr.clone()))
@@ -825,7 +838,9 @@ impl Cluster {
             LocalRequest::SyncTo { .. }
             | LocalRequest::Verify { .. }
             | LocalRequest::SnapshotCreate { .. }
-            | LocalRequest::SnapshotRestore { .. } => LONG_LOCAL_TIMEOUT,
+            | LocalRequest::SnapshotRestore { .. }
+            | LocalRequest::CopyRoots { .. }
+            | LocalRequest::HandOver { roots: true, .. } => LONG_LOCAL_TIMEOUT,
             _ => LOCAL_TIMEOUT,
         };
         let payload = convoy_codec::encode(&ForwardRequest::Local(req))
@@ -836,7 +851,7 @@ impl Cluster {
             .await
             .map_err(|e| ServiceError::Unavailable(format!("node {node} did not answer: {e}")))?;
         match convoy_codec::decode(&reply).map_err(|e| ServiceError::Internal(e.to_string()))? {
-            ForwardResponse::Local(json) => Ok(json),
+            ForwardResponse::Local(answer) => Ok(*answer),
             ForwardResponse::Failed(f) => Err(f.into()),
             other => Err(ServiceError::Internal(format!(
                 "unexpected reply: {other:?}"
@@ -844,62 +859,42 @@ impl Cluster {
         }
     }
 
-    async fn local_here(&self, req: LocalRequest) -> Result<String, ServiceError> {
+    async fn local_here(&self, req: LocalRequest) -> Result<LocalResponse, ServiceError> {
         let plane = self.data().ok_or_else(|| {
             ServiceError::Unavailable("this node's data plane is still starting".into())
         })?;
-        let json = match req {
+        let joined = |e: tokio::task::JoinError| ServiceError::Internal(e.to_string());
+        Ok(match req {
             LocalRequest::Uris { disks } => {
-                let uris: Vec<(u64, Vec<String>)> = disks
-                    .into_iter()
-                    .map(|d| {
-                        let name = crate::data::export_name(d);
-                        let uris = if plane.pipeline_for(d).is_some() {
-                            plane.uris(&name)
-                        } else {
-                            Vec::new()
-                        };
-                        (d, uris)
-                    })
-                    .collect();
-                serde_json::to_string(&uris)
+                LocalResponse::Uris(disks.into_iter().map(|d| (d, plane.disk_uris(d))).collect())
             }
             LocalRequest::Expose { disk, size } => {
                 let plane2 = Arc::clone(&plane);
                 let uris = tokio::task::spawn_blocking(move || plane2.expose_readonly(disk, size))
                     .await
-                    .map_err(|e| ServiceError::Internal(e.to_string()))?
+                    .map_err(joined)?
                     .map_err(|e| ServiceError::NotFound(format!("{e:#}")))?;
-                serde_json::to_string(&uris)
+                LocalResponse::Exposed(uris)
             }
-            LocalRequest::GroupStatus { cg } => serde_json::to_string(&plane.group_status(&cg)),
-            LocalRequest::GuestLog { vm } => {
+            LocalRequest::GroupStatus { cg } => LocalResponse::GroupStatus(plane.group_status(&cg)),
+            LocalRequest::GuestLog { vm, stay } => {
                 let dir = plane.data_dir().to_path_buf();
-                let records =
-                    tokio::task::spawn_blocking(move || crate::data::guests::read_log(&dir, &vm))
-                        .await
-                        .map_err(|e| ServiceError::Internal(e.to_string()))?
-                        .map_err(|e| ServiceError::Internal(format!("{e:#}")))?;
-                serde_json::to_string(&records)
+                let records = tokio::task::spawn_blocking(move || {
+                    crate::data::guests::read_log(&dir, &vm, stay)
+                })
+                .await
+                .map_err(joined)?
+                .map_err(|e| ServiceError::Internal(format!("{e:#}")))?;
+                LocalResponse::GuestLog(records)
             }
-            LocalRequest::MirroredWrite {
-                disk,
-                offset,
-                payload,
-                fua,
-                epoch,
-            } => {
-                let pipeline = plane.pipeline_for(disk).ok_or_else(|| {
-                    ServiceError::Conflict(format!(
-                        "node {} does not sequence disk {disk}",
-                        self.id
-                    ))
-                })?;
-                let seq = pipeline
-                    .write(disk, offset, payload, fua, epoch)
-                    .await
-                    .map_err(|e| ServiceError::Conflict(e.to_string()))?;
-                serde_json::to_string(&seq)
+            LocalRequest::GuestStatus { vm } => {
+                let (stats, running, error) = plane.guest_status(&vm).await;
+                LocalResponse::GuestStatus(crate::api::types::GuestStatusView {
+                    stats,
+                    running: running.is_some(),
+                    running_secs: running.map_or(0.0, |d| d.as_secs_f64()),
+                    error,
+                })
             }
             LocalRequest::SnapshotCreate { cg, name } => {
                 let plane2 = Arc::clone(&plane);
@@ -907,8 +902,8 @@ impl Cluster {
                 let last_seq =
                     tokio::task::spawn_blocking(move || plane2.snapshot_create(&cg2, &name2))
                         .await
-                        .map_err(|e| ServiceError::Internal(e.to_string()))?
-                        .map_err(|e| ServiceError::BadRequest(format!("{e:#}")))?;
+                        .map_err(joined)?
+                        .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
                 let cmd = Command::CreateSnapshot {
                     cg: cg.clone(),
                     name: name.clone(),
@@ -918,48 +913,62 @@ impl Cluster {
                 if let Err(e) = self.write(cmd, None).await {
                     // Not recorded: do not keep files nobody knows about.
                     if let Some(id) = cg_id {
-                        plane.snapshot_delete_files(id, &name);
+                        let p = Arc::clone(&plane);
+                        let n = name.clone();
+                        let _ =
+                            tokio::task::spawn_blocking(move || p.snapshot_delete_files(id, &n))
+                                .await;
                     }
                     return Err(e);
                 }
                 if let Some(id) = cg_id {
                     plane.snapshot_recorded(id, &name);
                 }
-                serde_json::to_string(&last_seq)
+                LocalResponse::SnapshotTaken { last_seq }
             }
             LocalRequest::SnapshotRestore { cg, name } => {
                 let chunks = plane
                     .snapshot_restore(&cg, &name)
                     .await
-                    .map_err(|e| ServiceError::BadRequest(format!("{e:#}")))?;
-                serde_json::to_string(&chunks)
+                    .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
+                LocalResponse::Restored { chunks }
             }
             LocalRequest::SyncTo { cg, to, compare } => {
                 let report = plane
                     .sync_to(&cg, to, compare)
                     .await
-                    .map_err(|e| ServiceError::BadRequest(format!("{e:#}")))?;
-                serde_json::to_string(&report)
+                    .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
+                LocalResponse::Synced(report)
             }
-            LocalRequest::GuestStats { vm } => serde_json::to_string(&plane.guest_stats(&vm).await),
             LocalRequest::Verify {
                 vms,
                 mode,
                 freeze_cg,
             } => {
                 // Logs first, then the copy: writes acknowledged in between show as
-                // unacknowledged data, which the checker allows.
+                // unacknowledged data, which the checker allows. A VM's log is the
+                // segments of its stays, in order, from the hosts that kept them.
                 let mut logs = Vec::new();
                 for vm in &vms {
-                    let json = Box::pin(self.local(
-                        vm.log_host,
-                        LocalRequest::GuestLog {
-                            vm: vm.name.clone(),
-                        },
-                    ))
-                    .await?;
-                    let records: Vec<convoy_guest::LogRecord> = serde_json::from_str(&json)
-                        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+                    let mut records = Vec::new();
+                    for (stay, host) in vm.stays.iter().enumerate() {
+                        let answer = Box::pin(self.local(
+                            *host,
+                            LocalRequest::GuestLog {
+                                vm: vm.name.clone(),
+                                stay: stay as u64,
+                            },
+                        ))
+                        .await?;
+                        match answer {
+                            LocalResponse::GuestLog(r) => records.extend(r),
+                            other => {
+                                return Err(ServiceError::Internal(format!(
+                                    "unexpected answer to a log request: {other:?}"
+                                )));
+                            }
+                        }
+                    }
                     logs.push(records);
                 }
                 let plane2 = Arc::clone(&plane);
@@ -967,19 +976,62 @@ impl Cluster {
                     plane2.verify(&vms, &logs, mode, freeze_cg)
                 })
                 .await
-                .map_err(|e| ServiceError::Internal(e.to_string()))?
-                .map_err(|e| ServiceError::BadRequest(format!("{e:#}")))?;
-                let response = crate::api::types::VerifyResponse {
+                .map_err(joined)?
+                .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
+                LocalResponse::Verified {
                     ok: report.ok(),
                     host: self.id,
                     text: report.to_string(),
-                    report: serde_json::to_value(&report)
+                    report_json: serde_json::to_string(&report)
                         .map_err(|e| ServiceError::Internal(e.to_string()))?,
-                };
-                serde_json::to_string(&response)
+                }
             }
-        };
-        json.map_err(|e| ServiceError::Internal(e.to_string()))
+            LocalRequest::PauseGuest { vm } => LocalResponse::Paused {
+                was_running: plane.pause_guest(&vm).await,
+            },
+            LocalRequest::ResumeGuest { vm } => {
+                plane.resume_guest(&vm).await;
+                LocalResponse::Done
+            }
+            LocalRequest::HandOver {
+                cg,
+                cg_id,
+                to,
+                roots,
+            } => {
+                let peer_roots: Option<crate::data::handover::PeerRoots<'_>> = if roots {
+                    Some(Box::pin(async move {
+                        match self
+                            .local_remote(to, LocalRequest::CopyRoots { cg_id })
+                            .await
+                        {
+                            Ok(LocalResponse::Roots(r)) => Ok(r),
+                            Ok(other) => Err(anyhow::anyhow!("unexpected answer {other:?}")),
+                            Err(e) => Err(anyhow::anyhow!("{e}")),
+                        }
+                    }))
+                } else {
+                    None
+                };
+                let report = plane
+                    .hand_over(cg_id, &cg, to, peer_roots)
+                    .await
+                    .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
+                LocalResponse::HandedOver(report)
+            }
+            LocalRequest::CopyRoots { cg_id } => {
+                let plane2 = Arc::clone(&plane);
+                let roots = tokio::task::spawn_blocking(move || plane2.copy_roots(cg_id))
+                    .await
+                    .map_err(joined)?
+                    .map_err(|e| ServiceError::Internal(format!("{e:#}")))?;
+                LocalResponse::Roots(roots)
+            }
+            LocalRequest::FenceBarrier { disks } => LocalResponse::Fenced {
+                complete: plane.fence_barrier(&disks, Duration::from_secs(10)).await,
+            },
+            LocalRequest::HostHealth => LocalResponse::HostHealth(plane.disk_failures()),
+        })
     }
 
     /// Proposer-side timestamp for commands that record one.

@@ -1,0 +1,126 @@
+//! This host's NBD exports: one Unix socket per export, served from one registry (and the
+//! optional TCP listener serving every export).
+//!
+//! A writable export is bound to the disk's epoch when it was made: when the epoch moves,
+//! new connections get a device at the new epoch while connections opened before keep the
+//! old one, whose writes are refused (that is the fence).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::Context;
+use convoy_nbd::{ExportRegistry, Server};
+use tokio::sync::watch;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One served export.
+struct Export {
+    socket: PathBuf,
+    stop: watch::Sender<bool>,
+    /// Epoch of the writable device (0 for read-only copies).
+    epoch: u64,
+}
+
+/// The exports of one host.
+pub struct Exports {
+    socket_dir: PathBuf,
+    tcp: Option<std::net::SocketAddr>,
+    registry: ExportRegistry,
+    map: Mutex<HashMap<String, Export>>,
+}
+
+impl Exports {
+    /// Exports with sockets in `socket_dir`.
+    pub fn new(socket_dir: PathBuf, tcp: Option<std::net::SocketAddr>) -> Self {
+        Self {
+            socket_dir,
+            tcp,
+            registry: ExportRegistry::new(),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The registry (the TCP listener serves it).
+    pub fn registry(&self) -> &ExportRegistry {
+        &self.registry
+    }
+
+    /// Where sockets are created.
+    pub fn socket_dir(&self) -> &Path {
+        &self.socket_dir
+    }
+
+    /// The NBD URIs of an export on this host.
+    pub fn uris(&self, name: &str) -> Vec<String> {
+        let socket = self.socket_dir.join(format!("{name}.sock"));
+        let mut out = vec![format!("nbd+unix:///{name}?socket={}", socket.display())];
+        if let Some(tcp) = self.tcp {
+            out.push(format!("nbd://{tcp}/{name}"));
+        }
+        out
+    }
+
+    /// The epoch of export `name`, if it exists.
+    pub fn epoch(&self, name: &str) -> Option<u64> {
+        lock(&self.map).get(name).map(|e| e.epoch)
+    }
+
+    /// Names of the exports.
+    pub fn names(&self) -> Vec<String> {
+        lock(&self.map).keys().cloned().collect()
+    }
+
+    /// Serves `device` as `name`, or replaces the device of an existing export (new
+    /// connections get the new one; open ones keep theirs).
+    pub fn put(
+        &self,
+        name: &str,
+        device: Arc<dyn convoy_nbd::BlockDevice>,
+        description: &str,
+        epoch: u64,
+    ) -> anyhow::Result<()> {
+        if let Some(e) = lock(&self.map).get_mut(name) {
+            self.registry.replace(name, device);
+            e.epoch = epoch;
+            return Ok(());
+        }
+        let socket = self.socket_dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .with_context(|| format!("cannot create NBD socket {}", socket.display()))?;
+        self.registry
+            .add(name, device, description)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (stop, mut stopped) = watch::channel(false);
+        let server = Server::new(self.registry.clone());
+        tokio::spawn(async move {
+            server
+                .serve_unix(listener, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+        lock(&self.map).insert(
+            name.to_string(),
+            Export {
+                socket,
+                stop,
+                epoch,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops serving `name` and removes its socket.
+    pub fn remove(&self, name: &str) {
+        if let Some(e) = lock(&self.map).remove(name) {
+            self.registry.remove(name);
+            let _ = e.stop.send(true);
+            let _ = std::fs::remove_file(&e.socket);
+        }
+    }
+}
