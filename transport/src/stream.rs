@@ -75,6 +75,16 @@ impl fmt::Display for StreamKind {
 /// Maps a connection-level quinn error to ours. A crypto-range close means a TLS failure
 /// (typically the peer refused our certificate right after the handshake).
 pub(crate) fn connection_error(peer: u64, addr: SocketAddr, e: &ConnectionError) -> TransportError {
+    if let ConnectionError::ApplicationClosed(close) = e {
+        if close.error_code == VarInt::from_u32(codes::RETIRED) {
+            return TransportError::Refused {
+                peer,
+                reason: format!(
+                    "node {peer} says this node is retired (removed from the cluster); stop this agent"
+                ),
+            };
+        }
+    }
     let tls = match e {
         ConnectionError::TransportError(t) => is_crypto(u64::from(t.code)),
         ConnectionError::ConnectionClosed(c) => is_crypto(u64::from(c.error_code)),
