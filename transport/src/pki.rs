@@ -349,7 +349,8 @@ pub fn not_after(pem: &str) -> Result<SystemTime, PkiError> {
     not_after_der(first)
 }
 
-fn not_after_der(der: &CertificateDer<'_>) -> Result<SystemTime, PkiError> {
+/// The instant a DER certificate stops being valid: its notAfter.
+pub fn not_after_der(der: &CertificateDer<'_>) -> Result<SystemTime, PkiError> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| PkiError::BadPem {
             source_name: "certificate".into(),

@@ -42,6 +42,12 @@ pub struct DataConfig {
     pub socket_dir: PathBuf,
     /// Optional TCP address serving every export.
     pub nbd_tcp: Option<std::net::SocketAddr>,
+    /// Server settings of the TCP listener; `tls` is `None` only when plaintext was asked for.
+    pub nbd_tcp_server: convoy_nbd::ServerConfig,
+    /// Connection and in-flight byte caps of every export.
+    pub nbd_limits: convoy_nbd::ExportLimits,
+    /// Group (gid) of the Unix sockets, which get mode 0660; `None` = the agent's group.
+    pub nbd_socket_group: Option<u32>,
     /// Journal limit per group, bytes; beyond it a lagging replica resyncs from dirty chunks.
     pub journal_limit: u64,
     /// How long a synchronous write waits for its replica before marking it outdated.
@@ -202,7 +208,7 @@ impl DataPlane {
             housekeeping: Mutex::new(()),
             snapshots_in_progress: Mutex::new(HashMap::new()),
             exports: Mutex::new(HashMap::new()),
-            registry: ExportRegistry::new(),
+            registry: ExportRegistry::with_limits(cfg.nbd_limits),
             peers: RwLock::new(HashMap::new()),
             guests: tokio::sync::Mutex::new(guests::Guests::default()),
             apply_locks: Mutex::new(HashMap::new()),
@@ -222,7 +228,7 @@ impl DataPlane {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen for NBD on {addr} (key `nbd.tcp`)"))?;
-            let server = Server::new(plane.registry.clone());
+            let server = Server::with_config(plane.registry.clone(), cfg.nbd_tcp_server.clone());
             tokio::spawn(async move { server.serve_tcp(listener, std::future::pending()).await });
         }
         Ok(plane)
@@ -237,7 +243,12 @@ impl DataPlane {
         let socket = self.cfg.socket_dir.join(format!("{export}.sock"));
         let mut out = vec![format!("nbd+unix:///{export}?socket={}", socket.display())];
         if let Some(tcp) = self.cfg.nbd_tcp {
-            out.push(format!("nbd://{tcp}/{export}"));
+            let scheme = if self.cfg.nbd_tcp_server.tls.is_some() {
+                "nbds"
+            } else {
+                "nbd"
+            };
+            out.push(format!("{scheme}://{tcp}/{export}"));
         }
         out
     }
@@ -871,8 +882,7 @@ impl DataPlane {
         epoch: u64,
     ) -> anyhow::Result<()> {
         let socket = self.cfg.socket_dir.join(format!("{name}.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let listener = tokio::net::UnixListener::bind(&socket)
+        let listener = convoy_nbd::bind_unix(&socket, 0o660, self.cfg.nbd_socket_group)
             .with_context(|| format!("cannot create NBD socket {}", socket.display()))?;
         self.registry
             .add(name, device, description)

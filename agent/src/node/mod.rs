@@ -101,12 +101,24 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         proposer: proposer::Proposer::spawn(raft.clone()),
         data: std::sync::OnceLock::new(),
     });
+    // Before any stream is served: a retired node must not get in while the first
+    // reconcile is pending.
+    refuse_retired(&cluster);
     tokio::spawn(rpc::serve_inbound(inbound, Arc::clone(&cluster)));
 
     let data_cfg = DataConfig {
         data_dir: cfg.data_dir.clone(),
         socket_dir: cfg.nbd.socket_dir.clone(),
         nbd_tcp: cfg.nbd.tcp,
+        nbd_tcp_server: nbd_tcp_server(&cfg, &identity)?,
+        nbd_limits: cfg.nbd.export_limits(),
+        nbd_socket_group: cfg
+            .nbd
+            .socket_group
+            .as_deref()
+            .map(convoy_nbd::resolve_group)
+            .transpose()
+            .context("key `nbd.socket_group`")?,
         journal_limit: cfg.replication.journal_limit_mib << 20,
         sync_timeout: Duration::from_millis(cfg.replication.sync_timeout_ms),
     };
@@ -119,6 +131,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     tokio::spawn(gc_loop(Arc::clone(&cluster), Arc::clone(&plane)));
 
     let metrics = crate::metrics::install()?;
+    note_cert_expiry(&cfg, &identity);
     crate::metrics::spawn_sampler(Arc::clone(&cluster), metrics.clone());
     let state = ApiState {
         cluster: Arc::clone(&cluster),
@@ -165,6 +178,61 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), raft.shutdown()).await;
     endpoint.close().await;
     outcome
+}
+
+/// The NBD TCP listener's settings: TLS with NBD client certificates from the cluster CA,
+/// unless `nbd.tcp_insecure` asks for plaintext.
+fn nbd_tcp_server(cfg: &AgentConfig, identity: &TlsIdentity) -> Result<convoy_nbd::ServerConfig> {
+    let mut server = convoy_nbd::ServerConfig::default();
+    let Some(addr) = cfg.nbd.tcp else {
+        return Ok(server);
+    };
+    if cfg.nbd.tcp_insecure {
+        tracing::warn!(
+            %addr,
+            "NBD over TCP without TLS (nbd.tcp_insecure): anyone who reaches this port can read and write every disk"
+        );
+        return Ok(server);
+    }
+    let tls = pki::nbd_server_config(identity).context("cannot build the NBD TLS config")?;
+    server.tls = Some(Arc::new(tls));
+    Ok(server)
+}
+
+/// Logs when this agent's certificate expires (a warning within 30 days) and exports it
+/// as a gauge, so rotation is not discovered by an outage.
+fn note_cert_expiry(cfg: &AgentConfig, identity: &TlsIdentity) {
+    let Ok(not_after) = pki::not_after_der(identity.certificate()) else {
+        return;
+    };
+    let at = not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    metrics::gauge!("convoy_tls_cert_not_after_seconds").set(at as f64);
+    let days = not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default()
+        .as_secs()
+        / 86_400;
+    if days < 30 {
+        tracing::warn!(cert = %cfg.tls.cert.display(), days, "this agent's certificate expires soon: issue a new one and restart the agent (README: rotating certificates)");
+    } else {
+        tracing::info!(cert = %cfg.tls.cert.display(), days, "certificate valid");
+    }
+}
+
+/// Tells the transport which nodes the model says are retired, so their certificates
+/// open no connection and no stream, in either direction.
+fn refuse_retired(cluster: &Cluster) {
+    let retired: Vec<NodeId> = cluster.model.read(|m| {
+        m.hosts
+            .values()
+            .filter(|h| h.retired)
+            .map(|h| h.id)
+            .collect()
+    });
+    cluster.endpoint.set_retired_peers(retired);
 }
 
 /// Records link states through Raft on behalf of the data plane.
@@ -225,6 +293,7 @@ async fn collect_garbage(cluster: &Arc<Cluster>, plane: &Arc<DataPlane>) {
 async fn reconcile_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>) {
     let mut applied = cluster.model.subscribe();
     loop {
+        refuse_retired(&cluster);
         let model = cluster.model.read(|m| m.topology());
         let p = Arc::clone(&plane);
         let m = model.clone();
