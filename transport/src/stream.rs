@@ -85,17 +85,21 @@ pub(crate) fn connection_error(peer: u64, addr: SocketAddr, e: &ConnectionError)
             };
         }
     }
-    let tls = match e {
-        ConnectionError::TransportError(t) => is_crypto(u64::from(t.code)),
-        ConnectionError::ConnectionClosed(c) => is_crypto(u64::from(c.error_code)),
-        _ => false,
+    let code = match e {
+        ConnectionError::TransportError(t) => Some(u64::from(t.code)),
+        ConnectionError::ConnectionClosed(c) => Some(u64::from(c.error_code)),
+        _ => None,
     };
-    if tls {
-        TransportError::Tls {
-            peer,
-            addr,
-            reason: e.to_string(),
+    if let Some(code) = code.filter(|&c| is_crypto(c)) {
+        let mut reason = e.to_string();
+        // A verifier that knows the certificate's CA but refuses its holder answers with
+        // access_denied; on the node transport that means this node is retired.
+        if code == CRYPTO_ERROR_BASE + ALERT_ACCESS_DENIED {
+            reason.push_str(
+                " (access denied: the peer refuses this node's identity; a node removed from the cluster is refused everywhere)",
+            );
         }
+        TransportError::Tls { peer, addr, reason }
     } else {
         TransportError::ConnectionLost {
             peer,
@@ -105,8 +109,12 @@ pub(crate) fn connection_error(peer: u64, addr: SocketAddr, e: &ConnectionError)
 }
 
 /// QUIC carries TLS alerts as transport error codes 0x100..=0x1ff.
+const CRYPTO_ERROR_BASE: u64 = 0x100;
+/// The TLS alert `access_denied` (RFC 8446, 6.2).
+const ALERT_ACCESS_DENIED: u64 = 49;
+
 fn is_crypto(code: u64) -> bool {
-    (0x100..0x200).contains(&code)
+    (CRYPTO_ERROR_BASE..CRYPTO_ERROR_BASE + 0x100).contains(&code)
 }
 
 /// The sending half of a framed stream.

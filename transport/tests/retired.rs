@@ -89,6 +89,7 @@ async fn retired_node_is_refused_on_every_stream_kind_both_accepting_and_dialing
                 .await
                 .unwrap_err();
             eprintln!("{kind} from the retired node: {err}");
+            assert!(err.to_string().contains("access denied"), "{err}");
             assert!(
                 a.refusals().retired > before,
                 "{kind}: node 1 counted no refusal"
