@@ -156,6 +156,10 @@ pub enum PkiError {
     /// rustls refused to build a configuration.
     #[error("TLS configuration failed: {0}")]
     Tls(String),
+    /// [`TlsIdentity::replace_certificate`] was given credentials that cannot stand in for
+    /// the running ones (another identity, another CA).
+    #[error("cannot switch to the new certificate: {0}")]
+    CannotReplace(String),
     /// A requested lifetime is zero, longer than [`MAX_LIFETIME`], or would make the
     /// certificate outlive the CA that signs it.
     #[error("invalid certificate lifetime: {0}")]
@@ -584,11 +588,17 @@ pub fn write_pem_files(
 /// Constructing one checks that the key matches the certificate, that the certificate
 /// chains to the CA and is currently valid, and that it carries a Convoy identity; a
 /// `TlsIdentity` that exists is therefore usable. `Debug` does not print the key.
+///
+/// The configurations built from it ([`server_config`], [`nbd_server_config`],
+/// [`client_config`], ...) present its certificate through a shared slot that
+/// [`replace_certificate`](Self::replace_certificate) can swap while they are in use;
+/// clones share that slot.
 pub struct TlsIdentity {
     ca: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     identity: PeerIdentity,
+    presented: Arc<CertSlot>,
 }
 
 impl Clone for TlsIdentity {
@@ -598,7 +608,40 @@ impl Clone for TlsIdentity {
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             identity: self.identity.clone(),
+            presented: Arc::clone(&self.presented),
         }
+    }
+}
+
+/// The certificate and key that handshakes present, swappable under running
+/// configurations (rustls asks it on every handshake).
+struct CertSlot(std::sync::RwLock<Arc<CertifiedKey>>);
+
+impl CertSlot {
+    fn current(&self) -> Arc<CertifiedKey> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl fmt::Debug for CertSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertSlot").finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertSlot {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertSlot {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -665,6 +708,31 @@ impl TlsIdentity {
         &self.ca
     }
 
+    /// Makes every configuration built from this identity (or a clone) present `new`'s
+    /// certificate and key in handshakes from now on: how an agent rotates its certificate
+    /// without a restart. Connections already open keep what they negotiated.
+    ///
+    /// `new` must prove the same identity and trust exactly the same CA certificates
+    /// (the running configurations keep trusting the CA they were built with), else
+    /// [`PkiError::CannotReplace`] and nothing changes. [`certificate`](Self::certificate)
+    /// and the QUIC stateless-reset key keep this value's original certificate and key.
+    pub fn replace_certificate(&self, new: &TlsIdentity) -> Result<(), PkiError> {
+        if new.identity != self.identity {
+            return Err(PkiError::CannotReplace(format!(
+                "the new certificate identifies {}, not {}",
+                new.identity, self.identity
+            )));
+        }
+        if new.ca != self.ca {
+            return Err(PkiError::CannotReplace(
+                "the CA file changed; a new CA takes effect only at a restart".into(),
+            ));
+        }
+        let key = new.presented.current();
+        *self.presented.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+        Ok(())
+    }
+
     fn build(ca: (&[u8], &str), cert: (&[u8], &str), key: (&[u8], &str)) -> Result<Self, PkiError> {
         let (ca_bytes, ca_name) = ca;
         let (cert_bytes, cert_name) = cert;
@@ -675,12 +743,11 @@ impl TlsIdentity {
         let private_key = parse_key(key_bytes, key_name)?;
         let provider = provider();
 
-        CertifiedKey::from_der(chain.clone(), private_key.clone_key(), &provider).map_err(|e| {
-            PkiError::KeyMismatch {
-                cert: cert_name.to_string(),
-                key: key_name.to_string(),
-                reason: e.to_string(),
-            }
+        let certified = CertifiedKey::from_der(chain.clone(), private_key.clone_key(), &provider)
+            .map_err(|e| PkiError::KeyMismatch {
+            cert: cert_name.to_string(),
+            key: key_name.to_string(),
+            reason: e.to_string(),
         })?;
 
         let roots = root_store(&ca_certs, ca_name)?;
@@ -702,6 +769,7 @@ impl TlsIdentity {
             chain,
             key: private_key,
             identity,
+            presented: Arc::new(CertSlot(std::sync::RwLock::new(Arc::new(certified)))),
         })
     }
 
@@ -805,8 +873,7 @@ pub fn server_config_admitting(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| PkiError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(|e| PkiError::Tls(e.to_string()))?;
+        .with_cert_resolver(identity.presented.clone());
     config.alpn_protocols = alpn_list(alpn);
     // 0-RTT data is replayable; Convoy never accepts it.
     config.max_early_data_size = 0;
@@ -839,8 +906,7 @@ pub fn nbd_server_config(identity: &TlsIdentity) -> Result<ServerConfig, PkiErro
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| PkiError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(|e| PkiError::Tls(e.to_string()))?;
+        .with_cert_resolver(identity.presented.clone());
     config.max_early_data_size = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
@@ -936,8 +1002,7 @@ pub fn client_config(identity: &TlsIdentity, alpn: &[&[u8]]) -> Result<ClientCon
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| PkiError::Tls(e.to_string()))?
         .with_root_certificates(identity.roots()?)
-        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(|e| PkiError::Tls(e.to_string()))?;
+        .with_client_cert_resolver(identity.presented.clone());
     config.alpn_protocols = alpn_list(alpn);
     config.enable_early_data = false;
     config.resumption = Resumption::disabled();
