@@ -868,3 +868,107 @@ fn nbd_over_tcp_needs_tls_sockets_are_0660_and_only_admin_certs_drive_the_api() 
     assert!(dev.cli(&["cluster", "status"]).ok);
     dev.assert_no_panics();
 }
+
+/// Days until the notAfter of the certificate an agent's admin API presents now.
+fn presented_cert_days(dev: &Dev, id: u64) -> u64 {
+    use convoy_transport::pki::{self, TlsIdentity};
+    let e = &dev.file.env;
+    let admin = TlsIdentity::load(
+        std::path::Path::new(&e["CONVOY_CA"]),
+        std::path::Path::new(&e["CONVOY_CERT"]),
+        std::path::Path::new(&e["CONVOY_KEY"]),
+    )
+    .unwrap();
+    let config = pki::client_config(&admin, &[b"http/1.1"]).unwrap();
+    let addr: std::net::SocketAddr = dev.node(id).admin_addr.parse().unwrap();
+    rt().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let cert = &tls.get_ref().1.peer_certificates().unwrap()[0];
+        let end = pki::not_after_der(cert).unwrap();
+        end.duration_since(std::time::SystemTime::now())
+            .unwrap()
+            .as_secs()
+            / 86_400
+    })
+}
+
+/// Rotating a node's certificate needs no restart: after `convoy cert issue-node` and
+/// SIGHUP the agent presents the new certificate on new connections; a certificate for
+/// another node is refused and the running one stays.
+#[test]
+fn sighup_makes_the_agent_present_a_rotated_certificate_without_a_restart() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let dev = Dev::start(1, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let pki = dev.dir.path().join("pki");
+    let p = pki.to_str().unwrap();
+    let ip = dev.ip.to_string();
+    assert_eq!(
+        presented_cert_days(&dev, 1),
+        364,
+        "dev certificates last a year"
+    );
+    let pid = dev.pid(1);
+
+    let r = run_convoy(
+        &[
+            "cert",
+            "issue-node",
+            "--dir",
+            p,
+            "--id",
+            "1",
+            "--san",
+            &ip,
+            "--days",
+            "30",
+        ],
+        &[],
+    );
+    assert!(r.ok && r.stdout.contains("valid until"), "{r:?}");
+    kill(Pid::from_raw(pid as i32), Signal::SIGHUP).unwrap();
+    wait_for(
+        "the agent to present the rotated certificate",
+        Duration::from_secs(10),
+        || (presented_cert_days(&dev, 1) == 29).then_some(()),
+    );
+    assert_eq!(dev.pid(1), pid);
+    assert!(
+        dev.cli(&["vm", "create", "web", "--host", "1", "--disk", "1MiB"])
+            .ok
+    );
+
+    // Node 2's certificate in node 1's files: refused on SIGHUP, the running one stays.
+    let other = dev.dir.path().join("other");
+    let o = other.to_str().unwrap();
+    assert!(
+        run_convoy(
+            &["cert", "issue-node", "--dir", p, "--id", "2", "--out", o],
+            &[]
+        )
+        .ok
+    );
+    std::fs::copy(other.join("node-2.crt"), pki.join("node-1.crt")).unwrap();
+    std::fs::copy(other.join("node-2.key"), pki.join("node-1.key")).unwrap();
+    kill(Pid::from_raw(pid as i32), Signal::SIGHUP).unwrap();
+    wait_for(
+        "the agent to log the refused reload",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&dev.node(1).log)
+                .ok()?
+                .contains("certificate not reloaded")
+                .then_some(())
+        },
+    );
+    assert_eq!(presented_cert_days(&dev, 1), 29);
+    assert!(dev.cli(&["vm", "list"]).ok);
+    dev.assert_no_panics();
+}

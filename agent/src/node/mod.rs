@@ -163,14 +163,19 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
-    let outcome = tokio::select! {
-        _ = term.recv() => Ok(()),
-        r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT"),
-        Some(r) = servers.join_next() => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
-        },
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    let outcome = loop {
+        tokio::select! {
+            _ = term.recv() => break Ok(()),
+            r = tokio::signal::ctrl_c() => break r.context("cannot wait for SIGINT"),
+            Some(r) = servers.join_next() => break match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
+            },
+            _ = hup.recv() => reload_certificate(&cfg, &identity),
+        }
     };
     tracing::info!("shutting down");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -197,6 +202,32 @@ fn nbd_tcp_server(cfg: &AgentConfig, identity: &TlsIdentity) -> Result<convoy_nb
     let tls = pki::nbd_server_config(identity).context("cannot build the NBD TLS config")?;
     server.tls = Some(Arc::new(tls));
     Ok(server)
+}
+
+/// SIGHUP: reads `tls.cert` and `tls.key` again and, if they hold a valid certificate for
+/// this node from the same CA, presents it on every new handshake (QUIC, admin API, NBD)
+/// from now on. On any error the running certificate stays and the error is logged.
+fn reload_certificate(cfg: &AgentConfig, identity: &TlsIdentity) {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+    let outcome = TlsIdentity::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+        .context("cannot load the new certificate")
+        .and_then(|new| {
+            identity
+                .replace_certificate(&new)
+                .context("cannot switch to the new certificate")?;
+            Ok(new)
+        });
+    match outcome {
+        Ok(new) => {
+            tracing::info!(cert = %cfg.tls.cert.display(), "SIGHUP: now presenting the reloaded certificate");
+            note_cert_expiry(cfg, &new);
+        }
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "SIGHUP: certificate not reloaded; still presenting the previous one"
+        ),
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 }
 
 /// Logs when this agent's certificate expires (a warning within 30 days) and exports it
