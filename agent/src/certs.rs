@@ -34,7 +34,7 @@ pub enum CertCmd {
     },
     /// Issue the certificate of node ID (node-ID.crt, node-ID.key) signed by the CA in DIR.
     /// Issuing again for the same id replaces the files: that is how a node's certificate
-    /// is rotated (then restart its agent).
+    /// is rotated (then send its agent SIGHUP, or restart it).
     IssueNode {
         /// Directory holding ca.crt and ca.key.
         #[arg(long, value_name = "DIR")]

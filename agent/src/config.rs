@@ -333,6 +333,26 @@ key = "n.key"
     }
 
     #[test]
+    fn the_example_config_parses_with_its_optional_nbd_keys() {
+        let example = include_str!("../../deploy/agent.example.toml");
+        let c = AgentConfig::parse(example).unwrap();
+        assert!(!c.nbd.tcp_insecure);
+        let mut all = example.to_string();
+        for key in [
+            "socket_group",
+            "tcp =",
+            "tcp_insecure",
+            "max_connections_per_export",
+            "max_in_flight_mib_per_export",
+        ] {
+            all = all.replace(&format!("# {key}"), key);
+        }
+        let c = AgentConfig::parse(&all).unwrap();
+        assert_eq!(c.nbd.socket_group.as_deref(), Some("kvm"));
+        assert!(c.nbd.tcp.is_some() && !c.nbd.tcp_insecure);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let missing = GOOD.replace("node_id = 1\n", "");
         assert!(format!("{:#}", AgentConfig::parse(&missing).unwrap_err()).contains("node_id"));
