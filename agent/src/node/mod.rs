@@ -247,7 +247,7 @@ fn note_cert_expiry(cfg: &AgentConfig, identity: &TlsIdentity) {
         .as_secs()
         / 86_400;
     if days < 30 {
-        tracing::warn!(cert = %cfg.tls.cert.display(), days, "this agent's certificate expires soon: issue a new one and restart the agent (README: rotating certificates)");
+        tracing::warn!(cert = %cfg.tls.cert.display(), days, "this agent's certificate expires soon: issue a new one, then reload (SIGHUP) or restart the agent (README: rotating certificates)");
     } else {
         tracing::info!(cert = %cfg.tls.cert.display(), days, "certificate valid");
     }
