@@ -573,3 +573,402 @@ fn bad_config_and_cli_input_give_clear_errors() {
     );
     dev.assert_no_panics();
 }
+
+/// `convoy_refused_peer_total{reason=...}` on node `id`, read from its `/metrics`.
+fn refused_peers(dev: &Dev, id: u64, reason: &str) -> Option<u64> {
+    let client = dev.client_at(id);
+    let text = rt()
+        .block_on(client.send(hyper::Method::GET, "/metrics", None))
+        .ok()?;
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let prefix = format!("convoy_refused_peer_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// A node removed with `cluster remove-node` keeps a certificate its CA still vouches for.
+/// Restarted with it, the node gets nothing: every stream kind it opens (Raft append,
+/// vote, snapshot, forwarding, data, delta) is refused by the remaining nodes, which count
+/// the refusals, and they no longer dial it either.
+#[test]
+fn retired_nodes_certificate_is_refused_on_every_stream() {
+    use convoy_agent::node::rpc::ForwardRequest;
+    use convoy_transport::pki::TlsIdentity;
+    use convoy_transport::{Endpoint, StreamKind, TransportConfig};
+
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let pki = dev.dir.path().join("pki");
+    let node3 = TlsIdentity::load(
+        &pki.join("ca.crt"),
+        &pki.join("node-3.crt"),
+        &pki.join("node-3.key"),
+    )
+    .unwrap();
+    let addr = |id: u64| -> std::net::SocketAddr { dev.node(id).raft_addr.parse().unwrap() };
+    let ping = convoy_codec::encode(&ForwardRequest::Ping).unwrap();
+    let rt = rt();
+    // Sends one request of `kind` to `to` as node 3, from a fresh endpoint (so no dial
+    // backoff hides an attempt); Ok if node `to` answered.
+    let as_node3 = |kind: StreamKind, to: u64| {
+        rt.block_on(async {
+            let (ep, _inbound) = Endpoint::bind(
+                std::net::SocketAddr::new(dev.ip, 0),
+                3,
+                &node3,
+                TransportConfig::default(),
+            )
+            .unwrap();
+            let r = ep
+                .request(to, addr(to), kind, &ping, Duration::from_secs(3))
+                .await;
+            ep.close().await;
+            r.map(|_| ())
+        })
+    };
+    // While node 3 is a member, its certificate is welcome.
+    as_node3(StreamKind::Forward, 1).expect("node 3's certificate works before retirement");
+
+    let r = dev.cli(&["vm", "create", "web", "--host", "1", "--disk", "1MiB"]);
+    assert!(r.ok, "{r:?}");
+    let r = dev.cli(&["cluster", "remove-node", "3"]);
+    assert!(r.ok, "{r:?}");
+    dev.kill(3);
+
+    // Dialing side: the cluster does not talk to node 3 any more.
+    let refused_dial = wait_for(
+        "node 1 to refuse dialing retired node 3",
+        Duration::from_secs(20),
+        || {
+            let r = dev.cli_at(1, &["disk", "expose", "web:0", "--on", "3"]);
+            (!r.ok && r.stderr.contains("retired")).then_some(r.stderr)
+        },
+    );
+    eprintln!("expose on the retired node: {}", refused_dial.trim());
+
+    // Node 3's agent comes back with its old certificate and tries to rejoin (it
+    // campaigns: Raft votes), and is refused.
+    dev.restart(3);
+    let before = refused_peers(&dev, 1, "retired").unwrap_or(0);
+    wait_for(
+        "node 1 to refuse the restarted node 3",
+        Duration::from_secs(30),
+        || {
+            let n = refused_peers(&dev, 1, "retired")?;
+            (n > before).then_some(())
+        },
+    );
+
+    // Every stream kind, to both remaining nodes, is refused; each attempt is counted.
+    for to in [1, 2] {
+        let before = wait_for("a refusal count", Duration::from_secs(10), || {
+            refused_peers(&dev, to, "retired")
+        });
+        for kind in StreamKind::ALL {
+            let err = as_node3(kind, to).expect_err("a retired node's stream was accepted");
+            eprintln!("{kind} from retired node 3 to node {to}: {err}");
+        }
+        wait_for(
+            &format!("node {to} to count a refusal per stream kind"),
+            Duration::from_secs(10),
+            || {
+                let n = refused_peers(&dev, to, "retired")?;
+                (n >= before + StreamKind::ALL.len() as u64).then_some(())
+            },
+        );
+    }
+
+    // The cluster goes on without it.
+    let status = dev.status().unwrap();
+    let voters: Vec<u64> = status["voters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(voters, vec![1, 2], "{status}");
+    assert!(
+        dev.cli(&["vm", "create", "after", "--host", "1", "--disk", "1MiB"])
+            .ok
+    );
+    dev.assert_no_panics();
+}
+
+/// The doors of one agent: NBD over TCP takes only TLS with an NBD client certificate
+/// (QEMU and libnbd as clients), Unix sockets are 0660 in the agent's group, only admin
+/// certificates drive the admin API, and numeric API input is bounded, not a panic.
+#[test]
+fn nbd_over_tcp_needs_tls_sockets_are_0660_and_only_admin_certs_drive_the_api() {
+    use common::data::{ok, tool};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    let dev = Dev::start(1, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let pki = dev.dir.path().join("pki");
+    let creds = pki.join("nbd-client");
+    let creds = creds.to_str().unwrap();
+    assert!(
+        dev.cli(&["vm", "create", "web", "--host", "1", "--disk", "64MiB"])
+            .ok
+    );
+    let uris: Vec<String> = wait_for("the disk's NBD URIs", Duration::from_secs(20), || {
+        let v = dev.cli(&["vm", "show", "web", "-o", "json"]).json();
+        let uris: Vec<String> = v["disks"][0]["uris"]
+            .as_array()?
+            .iter()
+            .filter_map(|u| u.as_str().map(String::from))
+            .collect();
+        (uris.len() == 2).then_some(uris)
+    });
+    let (unix, tcp) = (&uris[0], &uris[1]);
+    assert!(
+        tcp.starts_with("nbds://"),
+        "TCP is TLS by default: {uris:?}"
+    );
+
+    // The Unix socket: mode 0660, the agent's group (ours: `convoy dev` runs as us).
+    let socket = unix.split("socket=").nth(1).unwrap();
+    let meta = std::fs::metadata(socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.mode() & 0o7777, 0o660, "{socket}");
+    // The test's directory was created by this process, so it carries our group.
+    let ours = std::fs::metadata(dev.dir.path()).unwrap().gid();
+    assert_eq!(meta.gid(), ours, "{socket}");
+    let out = ok(
+        &tool("nbdinfo", &["--size", unix]),
+        "nbdinfo over the socket",
+    );
+    assert_eq!(out.trim(), (64u64 << 20).to_string());
+
+    // TCP with TLS and the NBD client certificate `convoy dev` issued.
+    let nbds = format!("{tcp}?tls-certificates={creds}");
+    let out = ok(&tool("nbdinfo", &["--size", &nbds]), "nbdinfo over TLS");
+    assert_eq!(out.trim(), (64u64 << 20).to_string());
+    let hostport = tcp.trim_start_matches("nbds://").split('/').next().unwrap();
+    let (host, port) = hostport.rsplit_once(':').unwrap();
+    let opts = format!(
+        "driver=nbd,server.type=inet,server.host={host},server.port={port},export=disk-1,tls-creds=tls0"
+    );
+    let object = format!("tls-creds-x509,id=tls0,dir={creds},endpoint=client");
+    ok(
+        &tool(
+            "qemu-io",
+            &[
+                "--object",
+                &object,
+                "--image-opts",
+                &opts,
+                "-c",
+                "write -P 0x5a 0 64k",
+                "-c",
+                "read -P 0x5a 0 64k",
+            ],
+        ),
+        "qemu-io over TLS",
+    );
+    // Plaintext TCP is refused.
+    let plain = tcp.replacen("nbds://", "nbd://", 1);
+    let out = tool("nbdinfo", &["--size", &plain]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("TLS"), "{err}");
+    // So is TLS with a node certificate instead of an NBD client one.
+    let wrong = dev.dir.path().join("wrong-creds");
+    std::fs::create_dir_all(&wrong).unwrap();
+    std::fs::copy(pki.join("ca.crt"), wrong.join("ca-cert.pem")).unwrap();
+    std::fs::copy(pki.join("node-1.crt"), wrong.join("client-cert.pem")).unwrap();
+    std::fs::copy(pki.join("node-1.key"), wrong.join("client-key.pem")).unwrap();
+    let out = tool(
+        "nbdinfo",
+        &[
+            "--size",
+            &format!("{tcp}?tls-certificates={}", wrong.display()),
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "a node certificate opened an NBD export"
+    );
+
+    // The admin API: a node certificate and an NBD client certificate are forbidden.
+    let with_cert = |ca: &str, cert: &str, key: &str| -> Vec<(String, String)> {
+        dev.env()
+            .into_iter()
+            .map(|(k, v)| match k.as_str() {
+                "CONVOY_CA" => (k, ca.to_string()),
+                "CONVOY_CERT" => (k, cert.to_string()),
+                "CONVOY_KEY" => (k, key.to_string()),
+                _ => (k, v),
+            })
+            .collect()
+    };
+    let p = |f: &str| pki.join(f).to_str().unwrap().to_string();
+    for env in [
+        with_cert(&p("ca.crt"), &p("node-1.crt"), &p("node-1.key")),
+        with_cert(
+            &p("nbd-client/ca-cert.pem"),
+            &p("nbd-client/client-cert.pem"),
+            &p("nbd-client/client-key.pem"),
+        ),
+    ] {
+        for args in [
+            &["vm", "list"][..],
+            &["vm", "create", "evil", "--host", "1", "--disk", "1MiB"][..],
+        ] {
+            let r = run_convoy(args, &env);
+            assert!(
+                !r.ok && r.stderr.contains("only admin certificates"),
+                "{args:?}: {r:?}"
+            );
+        }
+    }
+    assert_eq!(
+        vm_names(&dev.cli(&["vm", "list", "-o", "json"]).json()),
+        ["web"]
+    );
+
+    // Numeric input: an unbounded add-node timeout is a 400, not a panic.
+    let client = dev.client();
+    let req = convoy_agent::api::types::AddNodeRequest {
+        id: 9,
+        raft_addr: format!("{}:1", dev.ip),
+        admin_addr: format!("{}:2", dev.ip),
+        timeout_secs: Some(u64::MAX),
+    };
+    let err = rt()
+        .block_on(client.post::<_, serde_json::Value>("/v1/cluster/nodes", &req))
+        .unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err:#}");
+    let r = dev.cli(&[
+        "cluster",
+        "add-node",
+        "--id",
+        "9",
+        "--raft-addr",
+        &req.raft_addr,
+        "--admin-addr",
+        &req.admin_addr,
+        "--timeout",
+        "99999999999",
+    ]);
+    assert!(!r.ok && r.stderr.contains("timeout"), "{r:?}");
+    let r = dev.cli(&[
+        "vm",
+        "create",
+        "sim",
+        "--host",
+        "1",
+        "--disk",
+        "1MiB",
+        "--workload",
+        "iops=0",
+    ]);
+    assert!(!r.ok && r.stderr.contains("iops"), "{r:?}");
+    assert!(dev.cli(&["cluster", "status"]).ok);
+    dev.assert_no_panics();
+}
+
+/// Days until the notAfter of the certificate an agent's admin API presents now.
+fn presented_cert_days(dev: &Dev, id: u64) -> u64 {
+    use convoy_transport::pki::{self, TlsIdentity};
+    let e = &dev.file.env;
+    let admin = TlsIdentity::load(
+        std::path::Path::new(&e["CONVOY_CA"]),
+        std::path::Path::new(&e["CONVOY_CERT"]),
+        std::path::Path::new(&e["CONVOY_KEY"]),
+    )
+    .unwrap();
+    let config = pki::client_config(&admin, &[b"http/1.1"]).unwrap();
+    let addr: std::net::SocketAddr = dev.node(id).admin_addr.parse().unwrap();
+    rt().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let cert = &tls.get_ref().1.peer_certificates().unwrap()[0];
+        let end = pki::not_after_der(cert).unwrap();
+        end.duration_since(std::time::SystemTime::now())
+            .unwrap()
+            .as_secs()
+            / 86_400
+    })
+}
+
+/// Rotating a node's certificate needs no restart: after `convoy cert issue-node` and
+/// SIGHUP the agent presents the new certificate on new connections; a certificate for
+/// another node is refused and the running one stays.
+#[test]
+fn sighup_makes_the_agent_present_a_rotated_certificate_without_a_restart() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let dev = Dev::start(1, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let pki = dev.dir.path().join("pki");
+    let p = pki.to_str().unwrap();
+    let ip = dev.ip.to_string();
+    assert_eq!(
+        presented_cert_days(&dev, 1),
+        364,
+        "dev certificates last a year"
+    );
+    let pid = dev.pid(1);
+
+    let r = run_convoy(
+        &[
+            "cert",
+            "issue-node",
+            "--dir",
+            p,
+            "--id",
+            "1",
+            "--san",
+            &ip,
+            "--days",
+            "30",
+        ],
+        &[],
+    );
+    assert!(r.ok && r.stdout.contains("valid until"), "{r:?}");
+    kill(Pid::from_raw(pid as i32), Signal::SIGHUP).unwrap();
+    wait_for(
+        "the agent to present the rotated certificate",
+        Duration::from_secs(10),
+        || (presented_cert_days(&dev, 1) == 29).then_some(()),
+    );
+    assert_eq!(dev.pid(1), pid);
+    assert!(
+        dev.cli(&["vm", "create", "web", "--host", "1", "--disk", "1MiB"])
+            .ok
+    );
+
+    // Node 2's certificate in node 1's files: refused on SIGHUP, the running one stays.
+    let other = dev.dir.path().join("other");
+    let o = other.to_str().unwrap();
+    assert!(
+        run_convoy(
+            &["cert", "issue-node", "--dir", p, "--id", "2", "--out", o],
+            &[]
+        )
+        .ok
+    );
+    std::fs::copy(other.join("node-2.crt"), pki.join("node-1.crt")).unwrap();
+    std::fs::copy(other.join("node-2.key"), pki.join("node-1.key")).unwrap();
+    kill(Pid::from_raw(pid as i32), Signal::SIGHUP).unwrap();
+    wait_for(
+        "the agent to log the refused reload",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&dev.node(1).log)
+                .ok()?
+                .contains("certificate not reloaded")
+                .then_some(())
+        },
+    );
+    assert_eq!(presented_cert_days(&dev, 1), 29);
+    assert!(dev.cli(&["vm", "list"]).ok);
+    dev.assert_no_panics();
+}

@@ -38,22 +38,53 @@ pub struct AgentConfig {
     pub replication: ReplicationConfig,
 }
 
-/// Where disks are exported over NBD.
+/// Where disks are exported over NBD, and who may open them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NbdConfig {
-    /// Directory for one Unix socket per disk (`<dir>/disk-<id>.sock`).
+    /// Directory for one Unix socket per disk (`<dir>/disk-<id>.sock`). Sockets get mode
+    /// 0660 and group `socket_group`; the directory must be searchable by that group.
     pub socket_dir: PathBuf,
-    /// Optional TCP address serving every export (keep it on loopback unless the
-    /// hypervisor is remote: NBD has no authentication).
+    /// Group of the Unix sockets: a name (`"kvm"`) or a numeric gid (`"107"`), usually the
+    /// hypervisor's. Default: the agent's own group.
+    pub socket_group: Option<String>,
+    /// Optional TCP address serving every export. Clients must use TLS (NBD STARTTLS) with
+    /// an NBD client certificate from the cluster CA (`convoy cert issue-nbd-client`); the
+    /// agent presents its node certificate, so clients must reach it by a name or address
+    /// that certificate carries (`--san` at issue).
     pub tcp: Option<SocketAddr>,
+    /// Serve `tcp` in plaintext, without TLS or any authentication: anyone who can reach
+    /// the port can read and write every disk. Only for a loopback address on a host whose
+    /// users are all trusted. Default false.
+    pub tcp_insecure: bool,
+    /// Client connections one export may have open at once, over all sockets (1..=1024;
+    /// default 16). One more is refused during the NBD handshake.
+    pub max_connections_per_export: usize,
+    /// MiB of request payload one export's connections may hold in memory at once
+    /// (32..=2048; default 256). Requests beyond it wait, unread.
+    pub max_in_flight_mib_per_export: u32,
 }
 
 impl Default for NbdConfig {
     fn default() -> Self {
+        let limits = convoy_nbd::ExportLimits::default();
         Self {
             socket_dir: PathBuf::from("/run/convoy"),
+            socket_group: None,
             tcp: None,
+            tcp_insecure: false,
+            max_connections_per_export: limits.max_connections,
+            max_in_flight_mib_per_export: limits.max_in_flight_bytes >> 20,
+        }
+    }
+}
+
+impl NbdConfig {
+    /// The per-export caps, as the NBD server takes them.
+    pub fn export_limits(&self) -> convoy_nbd::ExportLimits {
+        convoy_nbd::ExportLimits {
+            max_connections: self.max_connections_per_export,
+            max_in_flight_bytes: self.max_in_flight_mib_per_export.saturating_mul(1 << 20),
         }
     }
 }
@@ -211,6 +242,22 @@ impl AgentConfig {
         if r.rpc_timeout_ms == 0 {
             bail!("key `raft.rpc_timeout_ms`: must be more than 0");
         }
+        let n = &self.nbd;
+        if !(1..=1024).contains(&n.max_connections_per_export) {
+            bail!(
+                "key `nbd.max_connections_per_export`: must be 1 to 1024 (got {})",
+                n.max_connections_per_export
+            );
+        }
+        if !(32..=2048).contains(&n.max_in_flight_mib_per_export) {
+            bail!(
+                "key `nbd.max_in_flight_mib_per_export`: must be 32 to 2048 (got {}); 32 MiB is one maximal NBD request",
+                n.max_in_flight_mib_per_export
+            );
+        }
+        if matches!(&n.socket_group, Some(g) if g.trim().is_empty()) {
+            bail!("key `nbd.socket_group`: must be a group name or gid, or left out");
+        }
         for (i, p) in self.peers.iter().enumerate() {
             if p.id == 0 {
                 bail!("key `peers[{i}].id`: must be 1 or more");
@@ -258,6 +305,55 @@ key = "n.key"
         assert_eq!(c.advertised_raft(), "127.0.0.1:7000".parse().unwrap());
         let again = AgentConfig::parse(&c.to_toml().unwrap()).unwrap();
         assert_eq!(again.node_id, 1);
+    }
+
+    #[test]
+    fn nbd_defaults_to_tls_and_bounded_exports() {
+        let c = AgentConfig::parse(GOOD).unwrap();
+        assert!(!c.nbd.tcp_insecure, "plaintext TCP must be asked for");
+        assert_eq!(c.nbd.socket_group, None);
+        let limits = c.nbd.export_limits();
+        assert_eq!(limits.max_connections, 16);
+        assert_eq!(limits.max_in_flight_bytes, 256 << 20);
+        let set = format!(
+            "{GOOD}\n[nbd]\ntcp = \"127.0.0.1:10809\"\ntcp_insecure = true\nsocket_group = \"kvm\"\nmax_connections_per_export = 4\nmax_in_flight_mib_per_export = 64\n"
+        );
+        let c = AgentConfig::parse(&set).unwrap();
+        assert!(c.nbd.tcp_insecure);
+        assert_eq!(c.nbd.socket_group.as_deref(), Some("kvm"));
+        assert_eq!(c.nbd.export_limits().max_connections, 4);
+        assert_eq!(c.nbd.export_limits().max_in_flight_bytes, 64 << 20);
+        for (key, value) in [
+            ("max_connections_per_export", "0"),
+            ("max_connections_per_export", "100000"),
+            ("max_in_flight_mib_per_export", "1"),
+            ("max_in_flight_mib_per_export", "1000000"),
+            ("socket_group", "\" \""),
+        ] {
+            let bad = format!("{GOOD}\n[nbd]\n{key} = {value}\n");
+            let err = format!("{:#}", AgentConfig::parse(&bad).unwrap_err());
+            assert!(err.contains(key), "{key} = {value}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_example_config_parses_with_its_optional_nbd_keys() {
+        let example = include_str!("../../deploy/agent.example.toml");
+        let c = AgentConfig::parse(example).unwrap();
+        assert!(!c.nbd.tcp_insecure);
+        let mut all = example.to_string();
+        for key in [
+            "socket_group",
+            "tcp =",
+            "tcp_insecure",
+            "max_connections_per_export",
+            "max_in_flight_mib_per_export",
+        ] {
+            all = all.replace(&format!("# {key}"), key);
+        }
+        let c = AgentConfig::parse(&all).unwrap();
+        assert_eq!(c.nbd.socket_group.as_deref(), Some("kvm"));
+        assert!(c.nbd.tcp.is_some() && !c.nbd.tcp_insecure);
     }
 
     #[test]

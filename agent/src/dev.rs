@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::types::{AddNodeRequest, ClusterStatus, NodeStatus};
 use crate::client::AdminClient;
 use crate::config::{AdvertiseConfig, AgentConfig, ListenConfig, RaftConfig, TlsConfig};
+use convoy_transport::pki;
 
 /// Environment variable that makes an agent exit when its parent (`convoy dev`) dies.
 pub const PARENT_PID_ENV: &str = "CONVOY_DEV_PARENT_PID";
@@ -141,6 +142,7 @@ fn node_config(dir: &Path, pki: &Path, id: u64, args: &DevArgs) -> Result<(PathB
         nbd: crate::config::NbdConfig {
             socket_dir: node_dir.join("run"),
             tcp: Some(SocketAddr::new(args.ip, tcp_ports[1])),
+            ..Default::default()
         },
         replication: crate::config::ReplicationConfig {
             journal_limit_mib: args
@@ -263,15 +265,26 @@ pub async fn run(args: DevArgs) -> Result<()> {
     spinner.set_message("certificates");
     let pki_dir = dir.join("pki");
     if !pki_dir.join("ca.crt").exists() {
-        crate::certs::init_ca(&pki_dir, "convoy dev CA", false)?;
+        crate::certs::init_ca(&pki_dir, "convoy dev CA", false, pki::DEFAULT_CA_LIFETIME)?;
     }
     for id in 1..=args.nodes {
         if !pki_dir.join(format!("node-{id}.crt")).exists() {
-            crate::certs::issue_node(&pki_dir, id, &[args.ip.to_string()], &pki_dir)?;
+            crate::certs::issue_node(
+                &pki_dir,
+                id,
+                &[args.ip.to_string()],
+                &pki_dir,
+                pki::DEFAULT_CERT_LIFETIME,
+            )?;
         }
     }
     if !pki_dir.join("client-admin.crt").exists() {
-        crate::certs::issue_client(&pki_dir, "admin", &pki_dir)?;
+        crate::certs::issue_client(&pki_dir, "admin", &pki_dir, pki::DEFAULT_CERT_LIFETIME)?;
+    }
+    // The agents' NBD TCP listeners take TLS only: credentials for QEMU and libnbd.
+    let nbd_client = pki_dir.join("nbd-client");
+    if !nbd_client.join("client-cert.pem").exists() {
+        crate::certs::issue_nbd_client(&pki_dir, "dev", &nbd_client, pki::DEFAULT_CERT_LIFETIME)?;
     }
     let (ca, cert, key) = (
         pki_dir.join("ca.crt"),
@@ -339,6 +352,11 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!();
     println!(
         "Then try:  convoy cluster status   convoy vm create web --host 1 --disk 64MiB   convoy vm list"
+    );
+    println!(
+        "NBD over TCP takes TLS only; client credentials: {} (nbdinfo 'nbds://IP:PORT/disk-1?tls-certificates={}')",
+        nbd_client.display(),
+        nbd_client.display()
     );
     println!(
         "Cluster file: {}. Press Ctrl-C to stop the agents.",

@@ -1,7 +1,9 @@
 //! Prometheus metrics: one recorder per agent process, rendered at `/metrics`.
 //!
 //! Names (all prefixed `convoy_`): Raft state gauges sampled every second, RPC counters and
-//! latency histograms from the Raft network, and write latencies on the leader.
+//! latency histograms from the Raft network, write latencies on the leader, peers the
+//! transport refused (`convoy_refused_peer_total{reason="retired"|"not_a_node"}`), and
+//! when this agent's certificate expires (`convoy_tls_cert_not_after_seconds`, Unix time).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +59,11 @@ pub fn spawn_sampler(cluster: Arc<Cluster>, handle: PrometheusHandle) {
             metrics::gauge!("convoy_raft_snapshot_index").set(s.snapshot_index.unwrap_or(0) as f64);
             metrics::counter!("convoy_raft_log_entries_total").absolute(s.log_entries);
             metrics::counter!("convoy_raft_log_fsyncs_total").absolute(s.log_fsyncs);
+            let refused = cluster.endpoint.refusals();
+            metrics::counter!("convoy_refused_peer_total", "reason" => "retired")
+                .absolute(refused.retired);
+            metrics::counter!("convoy_refused_peer_total", "reason" => "not_a_node")
+                .absolute(refused.not_a_node);
             handle.run_upkeep();
         }
     });

@@ -40,6 +40,46 @@ pub enum Error {
         "NBD client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME; closing the connection"
     )]
     UnknownExport(String),
+    /// The client chose, with `NBD_OPT_EXPORT_NAME`, an export that already has
+    /// [`ExportLimits::max_connections`](crate::ExportLimits::max_connections) connections;
+    /// that option has no error reply, so the connection was closed.
+    #[error(
+        "NBD export {name:?} already has {max} connections, its limit; closing the new one (close another client or raise the limit)"
+    )]
+    ExportBusy {
+        /// The export asked for.
+        name: String,
+        /// Its connection limit.
+        max: usize,
+    },
+    /// The server requires TLS and the client tried to go without it (`NBD_OPT_EXPORT_NAME`
+    /// before `NBD_OPT_STARTTLS`, or no fixed-newstyle negotiation), so the connection
+    /// was closed. Options it sent before that were refused with `NBD_REP_ERR_TLS_REQD`.
+    #[error(
+        "NBD client tried to proceed without TLS, which this server requires; closing the connection (use nbds:// or QEMU's tls-creds-x509 with a client certificate from the cluster CA)"
+    )]
+    TlsRequired,
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed: the client presented no
+    /// certificate, one the server's configuration does not accept (another CA, the wrong
+    /// kind of identity, expired), or broke TLS. The connection was closed.
+    #[error(
+        "TLS handshake with the NBD client failed: {0}; the client needs a client certificate issued by the cluster CA (`convoy cert issue-nbd-client`)"
+    )]
+    TlsHandshake(String),
+    /// [`bind_unix`](crate::bind_unix) could not create, restrict or publish the socket.
+    #[error("cannot create NBD socket {path}: {step}: {source}")]
+    Socket {
+        /// The socket path asked for.
+        path: std::path::PathBuf,
+        /// Which step failed (bind, chmod, chown to a group, rename into place).
+        step: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// [`resolve_group`](crate::resolve_group) found no group of that name or number.
+    #[error("unknown group {0:?}: give an existing group name (e.g. \"kvm\") or a numeric gid")]
+    UnknownGroup(String),
     /// The client did not finish the handshake within
     /// [`ServerConfig::handshake_timeout`](crate::ServerConfig::handshake_timeout).
     #[error("NBD client did not finish the handshake in time; closing the connection")]

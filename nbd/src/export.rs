@@ -3,16 +3,41 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::device::BlockDevice;
 use crate::error::Error;
-use crate::proto::Limits;
+use crate::proto::{Limits, MAX_PAYLOAD};
 
 /// Longest export name or description the protocol allows (bytes).
 const MAX_STRING: usize = 4096;
 /// Largest minimum block size the protocol allows.
 const MAX_MIN_BLOCK: u32 = 1 << 16;
+
+/// Bounds every export of an [`ExportRegistry`] keeps, whichever listeners its clients
+/// come through. `Default` gives the values documented on each field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExportLimits {
+    /// Client connections one export may have open at once (default 16). One more is
+    /// refused during the handshake: `NBD_OPT_GO` gets `NBD_REP_ERR_POLICY` (negotiation
+    /// goes on, so the client can give up cleanly), `NBD_OPT_EXPORT_NAME`, which has no
+    /// error reply, closes the connection. Values below 1 count as 1.
+    pub max_connections: usize,
+    /// READ and WRITE payload bytes all connections of one export may hold in memory at
+    /// once (default 256 MiB). A request that does not fit waits, unread, until earlier
+    /// replies have been sent; nothing is allocated for it meanwhile. Values below
+    /// [`MAX_PAYLOAD`] count as `MAX_PAYLOAD`, so every valid request fits.
+    pub max_in_flight_bytes: u32,
+}
+
+impl Default for ExportLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            max_in_flight_bytes: 256 << 20,
+        }
+    }
+}
 
 /// Named exports, shared by a server and whoever manages disks.
 ///
@@ -21,9 +46,13 @@ const MAX_MIN_BLOCK: u32 = 1 << 16;
 /// [`remove`](Self::remove) closes every connection that opened the removed export (see
 /// there). Names are looked up exactly; the empty name is the protocol's "default
 /// export" and is served only if an export was added under the empty name.
+///
+/// Every export gets the registry's [`ExportLimits`], counted over all servers and
+/// listeners that serve this registry.
 #[derive(Clone, Default)]
 pub struct ExportRegistry {
     inner: Arc<RwLock<BTreeMap<String, Entry>>>,
+    limits: ExportLimits,
 }
 
 struct Entry {
@@ -31,10 +60,13 @@ struct Entry {
     description: String,
     /// Dropped when the export is removed; connections wait for that.
     removed: watch::Sender<()>,
+    /// One permit per connection that may open the export.
+    connections: Arc<Semaphore>,
+    /// Payload bytes the export's connections may hold at once.
+    budget: Arc<Semaphore>,
 }
 
 /// What a connection holds of an export once it picked it.
-#[derive(Clone)]
 pub(crate) struct Export {
     pub(crate) name: String,
     pub(crate) description: String,
@@ -44,12 +76,38 @@ pub(crate) struct Export {
     pub(crate) limits: Limits,
     /// Resolves (with an error) once the export is removed from the registry.
     pub(crate) removed: watch::Receiver<()>,
+    /// Payload bytes shared by every connection of the export.
+    pub(crate) budget: Arc<Semaphore>,
+    /// The connection's place under [`ExportLimits::max_connections`]; `None` for a
+    /// client that only asked about the export (`NBD_OPT_INFO`).
+    pub(crate) slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Why [`ExportRegistry::open`] refused.
+pub(crate) enum OpenError {
+    /// No export of that name.
+    Unknown,
+    /// The export has [`ExportLimits::max_connections`] connections already.
+    Busy(usize),
 }
 
 impl ExportRegistry {
-    /// An empty registry.
+    /// An empty registry with the default [`ExportLimits`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty registry whose exports keep `limits`.
+    pub fn with_limits(limits: ExportLimits) -> Self {
+        Self {
+            inner: Arc::default(),
+            limits,
+        }
+    }
+
+    /// The limits every export of this registry keeps.
+    pub fn limits(&self) -> ExportLimits {
+        self.limits
     }
 
     /// Offers `device` under `name`, with a human-readable `description` (shown by
@@ -87,12 +145,15 @@ impl ExportRegistry {
             return Err(Error::ExportExists(name));
         }
         let (removed, _) = watch::channel(());
+        let budget = self.limits.max_in_flight_bytes.max(MAX_PAYLOAD) as usize;
         map.insert(
             name,
             Entry {
                 device,
                 description,
                 removed,
+                connections: Arc::new(Semaphore::new(self.limits.max_connections.max(1))),
+                budget: Arc::new(Semaphore::new(budget)),
             },
         );
         Ok(())
@@ -153,19 +214,37 @@ impl ExportRegistry {
             .collect()
     }
 
+    /// The export `name`, for a client that only asks about it.
     pub(crate) fn get(&self, name: &str) -> Option<Export> {
         let map = self.inner.read().unwrap_or_else(PoisonError::into_inner);
-        map.get(name).map(|e| Export {
-            name: name.to_owned(),
-            description: e.description.clone(),
-            device: Arc::clone(&e.device),
-            limits: Limits {
-                size: e.device.size(),
-                read_only: e.device.read_only(),
-                min_block: e.device.min_block_size(),
-            },
-            removed: e.removed.subscribe(),
-        })
+        map.get(name).map(|e| export(name, e, None))
+    }
+
+    /// The export `name` for a client entering transmission: takes one of its connection
+    /// slots, held until the returned `Export` is dropped.
+    pub(crate) fn open(&self, name: &str) -> Result<Export, OpenError> {
+        let map = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        let e = map.get(name).ok_or(OpenError::Unknown)?;
+        let slot = Arc::clone(&e.connections)
+            .try_acquire_owned()
+            .map_err(|_| OpenError::Busy(self.limits.max_connections.max(1)))?;
+        Ok(export(name, e, Some(slot)))
+    }
+}
+
+fn export(name: &str, e: &Entry, slot: Option<OwnedSemaphorePermit>) -> Export {
+    Export {
+        name: name.to_owned(),
+        description: e.description.clone(),
+        device: Arc::clone(&e.device),
+        limits: Limits {
+            size: e.device.size(),
+            read_only: e.device.read_only(),
+            min_block: e.device.min_block_size(),
+        },
+        removed: e.removed.subscribe(),
+        budget: Arc::clone(&e.budget),
+        slot,
     }
 }
 

@@ -10,11 +10,22 @@
 //! - fixed-newstyle handshake only (no oldstyle), `NBD_FLAG_NO_ZEROES` honoured;
 //! - options `EXPORT_NAME`, `INFO`, `GO` (info `EXPORT`, `NAME`, `DESCRIPTION`,
 //!   `BLOCK_SIZE`: minimum from the device, preferred 4 KiB, maximum [`MAX_PAYLOAD`]),
-//!   `LIST` and `ABORT`; every other option (TLS, structured replies, metadata contexts,
-//!   extended headers) gets `NBD_REP_ERR_UNSUP` and negotiation continues;
+//!   `LIST`, `ABORT` and, when the server is given a TLS configuration, `STARTTLS` in the
+//!   spec's 'FORCEDTLS' mode (see [`ServerConfig::tls`]); every other option (structured
+//!   replies, metadata contexts, extended headers, and `STARTTLS` without TLS) gets
+//!   `NBD_REP_ERR_UNSUP` and negotiation continues;
 //! - commands `READ`, `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES` (flags `FUA`, `NO_HOLE`) and
 //!   `DISC`, with simple replies; many requests in flight per connection, replies in
 //!   completion order; transmission flags include `CAN_MULTI_CONN`.
+//!
+//! Bounds, in one place: per connection [`ServerConfig::max_in_flight`] requests and
+//! [`ServerConfig::max_in_flight_bytes`]; per export, over all connections and listeners,
+//! [`ExportLimits`] (connections, and payload bytes in memory). A request that does not fit
+//! waits unread; a connection over the limit is refused during the handshake.
+//!
+//! Access, in one place: Unix sockets made with [`bind_unix`] carry the mode and group the
+//! caller chose from their first instant; TCP clients get TLS with a client certificate
+//! when the server has [`ServerConfig::tls`], and plaintext otherwise.
 //!
 //! Durability, in one place: a WRITE, TRIM or WRITE_ZEROES reply is sent only after the
 //! device call returned `Ok`; a FLUSH reply only after [`BlockDevice::flush`] returned
@@ -35,11 +46,13 @@ mod file;
 mod handshake;
 mod proto;
 mod server;
+mod socket;
 mod transmission;
 
 pub use device::{BlockDevice, DeviceError, DeviceFuture, Errno};
 pub use error::Error;
-pub use export::ExportRegistry;
+pub use export::{ExportLimits, ExportRegistry};
 pub use file::FileDevice;
 pub use proto::MAX_PAYLOAD;
 pub use server::{Server, ServerConfig, serve_tcp, serve_unix};
+pub use socket::{bind_unix, resolve_group};

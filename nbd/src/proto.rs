@@ -5,7 +5,7 @@
 //! `transmission` only move bytes.
 
 use crate::device::Errno;
-use crate::export::{Export, ExportRegistry};
+use crate::export::{Export, ExportRegistry, OpenError};
 
 /// Largest READ or WRITE payload the server accepts, and advertises as the maximum payload
 /// in `NBD_INFO_BLOCK_SIZE`: 32 MiB, the size every client may assume without negotiation.
@@ -41,6 +41,7 @@ pub(crate) const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 pub(crate) const OPT_EXPORT_NAME: u32 = 1;
 pub(crate) const OPT_ABORT: u32 = 2;
 pub(crate) const OPT_LIST: u32 = 3;
+pub(crate) const OPT_STARTTLS: u32 = 5;
 pub(crate) const OPT_INFO: u32 = 6;
 pub(crate) const OPT_GO: u32 = 7;
 
@@ -48,7 +49,9 @@ pub(crate) const REP_ACK: u32 = 1;
 pub(crate) const REP_SERVER: u32 = 2;
 pub(crate) const REP_INFO: u32 = 3;
 pub(crate) const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub(crate) const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub(crate) const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub(crate) const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 pub(crate) const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 pub(crate) const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
 
@@ -84,16 +87,41 @@ pub(crate) fn greeting() -> [u8; 18] {
     g
 }
 
-/// Checks the client's flags; `Ok(no_zeroes)` or `Err(unknown bits)`.
+/// The flags a client answered the greeting with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClientFlags {
+    /// `NBD_FLAG_C_FIXED_NEWSTYLE`: the client may negotiate TLS.
+    pub(crate) fixed_newstyle: bool,
+    /// `NBD_FLAG_C_NO_ZEROES`: no 124 zero bytes after `NBD_OPT_EXPORT_NAME`.
+    pub(crate) no_zeroes: bool,
+}
+
+/// Checks the client's flags; `Err(unknown bits)` if it set any the server did not offer.
 ///
 /// A client that omits `NBD_FLAG_C_FIXED_NEWSTYLE` is still served with fixed-newstyle
-/// replies, which the spec permits; oldstyle is never offered.
-pub(crate) fn client_flags(flags: u32) -> Result<bool, u32> {
+/// replies, which the spec permits (unless TLS is required: see the handshake); oldstyle
+/// is never offered.
+pub(crate) fn client_flags(flags: u32) -> Result<ClientFlags, u32> {
     let unknown = flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
     if unknown != 0 {
         return Err(unknown);
     }
-    Ok(flags & FLAG_C_NO_ZEROES != 0)
+    Ok(ClientFlags {
+        fixed_newstyle: flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
+    })
+}
+
+/// Where a connection stands with TLS; decides how options are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tls {
+    /// The server has no TLS ('NOTLS' in the spec): `NBD_OPT_STARTTLS` is unsupported.
+    Off,
+    /// TLS is required and not yet running ('FORCEDTLS'): only `NBD_OPT_STARTTLS` and
+    /// `NBD_OPT_ABORT` are honoured; everything else gets `NBD_REP_ERR_TLS_REQD`.
+    Required,
+    /// TLS is running; a second `NBD_OPT_STARTTLS` is invalid.
+    Active,
 }
 
 /// What the handshake does after answering an option.
@@ -106,6 +134,17 @@ pub(crate) enum Next {
     Transmit(Export),
     /// `NBD_OPT_EXPORT_NAME` named no usable export: nothing may be sent, close.
     UnknownExport(String),
+    /// `NBD_OPT_EXPORT_NAME` named an export at its connection limit: close.
+    ExportBusy {
+        /// The export.
+        name: String,
+        /// Its connection limit.
+        max: usize,
+    },
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a server that requires it: close.
+    TlsRequired,
+    /// `NBD_OPT_STARTTLS` was acknowledged: run the TLS handshake next.
+    StartTls,
 }
 
 /// The server's answer to one option: bytes to send, then what to do.
@@ -120,13 +159,51 @@ pub(crate) fn answer_option(
     data: &[u8],
     exports: &ExportRegistry,
     no_zeroes: bool,
+    tls: Tls,
 ) -> Answer {
     let mut reply = Vec::new();
+    if tls == Tls::Required {
+        let next = match option {
+            OPT_STARTTLS if data.is_empty() => {
+                option_reply(&mut reply, option, REP_ACK, &[]);
+                Next::StartTls
+            }
+            OPT_STARTTLS => {
+                option_reply(
+                    &mut reply,
+                    option,
+                    REP_ERR_INVALID,
+                    b"NBD_OPT_STARTTLS takes no data",
+                );
+                Next::Continue
+            }
+            OPT_ABORT => {
+                option_reply(&mut reply, option, REP_ACK, &[]);
+                Next::Close
+            }
+            // It cannot be refused with an error reply; the spec says to end the session.
+            OPT_EXPORT_NAME => Next::TlsRequired,
+            _ => {
+                option_reply(
+                    &mut reply,
+                    option,
+                    REP_ERR_TLS_REQD,
+                    b"this server requires TLS with a client certificate: send NBD_OPT_STARTTLS first",
+                );
+                Next::Continue
+            }
+        };
+        return Answer { reply, next };
+    }
     let next = match option {
         OPT_EXPORT_NAME => {
             let name = String::from_utf8_lossy(data).into_owned();
-            match std::str::from_utf8(data).ok().and_then(|n| exports.get(n)) {
-                Some(export) => {
+            let opened = match std::str::from_utf8(data) {
+                Ok(n) => exports.open(n),
+                Err(_) => Err(OpenError::Unknown),
+            };
+            match opened {
+                Ok(export) => {
                     reply.extend_from_slice(&export.limits.size.to_be_bytes());
                     reply.extend_from_slice(&transmission_flags(&export).to_be_bytes());
                     if !no_zeroes {
@@ -134,8 +211,18 @@ pub(crate) fn answer_option(
                     }
                     Next::Transmit(export)
                 }
-                None => Next::UnknownExport(name),
+                Err(OpenError::Unknown) => Next::UnknownExport(name),
+                Err(OpenError::Busy(max)) => Next::ExportBusy { name, max },
             }
+        }
+        OPT_STARTTLS if tls == Tls::Active => {
+            option_reply(
+                &mut reply,
+                option,
+                REP_ERR_INVALID,
+                b"TLS is already running on this connection",
+            );
+            Next::Continue
         }
         OPT_ABORT => {
             // The spec asks servers to ignore any data sent with ABORT.
@@ -164,8 +251,8 @@ pub(crate) fn answer_option(
         }
         OPT_INFO | OPT_GO => answer_info(&mut reply, option, data, exports),
         _ => {
-            // STARTTLS, STRUCTURED_REPLY, meta contexts, extended headers and anything
-            // unknown: the client falls back to what the baseline protocol offers.
+            // STARTTLS on a server without TLS, STRUCTURED_REPLY, meta contexts, extended
+            // headers and anything unknown: the client falls back to the baseline protocol.
             option_reply(
                 &mut reply,
                 option,
@@ -179,14 +266,24 @@ pub(crate) fn answer_option(
 }
 
 /// The answer to an option whose data was too long to read; it was skipped.
-pub(crate) fn answer_oversized_option(option: u32) -> Answer {
+pub(crate) fn answer_oversized_option(option: u32, tls: Tls) -> Answer {
     let mut reply = Vec::new();
-    option_reply(
-        &mut reply,
-        option,
-        REP_ERR_TOO_BIG,
-        b"option data too long for this server",
-    );
+    if tls == Tls::Required && option != OPT_STARTTLS && option != OPT_ABORT {
+        // Before TLS, the spec allows no other error for these options.
+        option_reply(
+            &mut reply,
+            option,
+            REP_ERR_TLS_REQD,
+            b"this server requires TLS with a client certificate: send NBD_OPT_STARTTLS first",
+        );
+    } else {
+        option_reply(
+            &mut reply,
+            option,
+            REP_ERR_TOO_BIG,
+            b"option data too long for this server",
+        );
+    }
     Answer {
         reply,
         next: Next::Continue,
@@ -204,13 +301,30 @@ fn answer_info(reply: &mut Vec<u8>, option: u32, data: &[u8], exports: &ExportRe
         );
         return Next::Continue;
     };
-    let Some(export) = std::str::from_utf8(name).ok().and_then(|n| exports.get(n)) else {
-        let msg = format!(
-            "export {:?} does not exist; NBD_OPT_LIST shows the exports",
-            String::from_utf8_lossy(name)
-        );
-        option_reply(reply, option, REP_ERR_UNKNOWN, msg.as_bytes());
-        return Next::Continue;
+    let found = match std::str::from_utf8(name) {
+        // Only GO enters transmission, so only GO takes a connection slot.
+        Ok(n) if option == OPT_GO => exports.open(n),
+        Ok(n) => exports.get(n).ok_or(OpenError::Unknown),
+        Err(_) => Err(OpenError::Unknown),
+    };
+    let export = match found {
+        Ok(export) => export,
+        Err(OpenError::Unknown) => {
+            let msg = format!(
+                "export {:?} does not exist; NBD_OPT_LIST shows the exports",
+                String::from_utf8_lossy(name)
+            );
+            option_reply(reply, option, REP_ERR_UNKNOWN, msg.as_bytes());
+            return Next::Continue;
+        }
+        Err(OpenError::Busy(max)) => {
+            let msg = format!(
+                "export {:?} already has {max} connections, its limit; close one and retry",
+                String::from_utf8_lossy(name)
+            );
+            option_reply(reply, option, REP_ERR_POLICY, msg.as_bytes());
+            return Next::Continue;
+        }
     };
     let mut info = Vec::with_capacity(12);
     info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
@@ -628,13 +742,83 @@ mod tests {
 
     #[test]
     fn client_flags_refuse_unknown_bits() {
-        assert_eq!(client_flags(0), Ok(false));
-        assert_eq!(client_flags(FLAG_C_FIXED_NEWSTYLE), Ok(false));
+        let flags = |fixed_newstyle, no_zeroes| {
+            Ok(ClientFlags {
+                fixed_newstyle,
+                no_zeroes,
+            })
+        };
+        assert_eq!(client_flags(0), flags(false, false));
+        assert_eq!(client_flags(FLAG_C_FIXED_NEWSTYLE), flags(true, false));
         assert_eq!(
             client_flags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES),
-            Ok(true)
+            flags(true, true)
         );
         assert_eq!(client_flags(1 << 5), Err(1 << 5));
+    }
+
+    /// The reply type of the first option reply in `answer`.
+    fn reply_kind(answer: &Answer) -> u32 {
+        u32::from_be_bytes(answer.reply[12..16].try_into().unwrap())
+    }
+
+    fn go_data(name: &str) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        d
+    }
+
+    #[test]
+    fn forced_tls_refuses_every_option_but_starttls_and_abort_before_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = crate::FileDevice::create(dir.path().join("disk"), 4096).unwrap();
+        let exports = ExportRegistry::new();
+        exports
+            .add("disk", std::sync::Arc::new(device), "")
+            .unwrap();
+        for option in [OPT_LIST, OPT_INFO, OPT_GO, 8, 11, 0xdead] {
+            let data = if matches!(option, OPT_INFO | OPT_GO) {
+                go_data("disk")
+            } else {
+                Vec::new()
+            };
+            let answer = answer_option(option, &data, &exports, false, Tls::Required);
+            assert!(matches!(answer.next, Next::Continue), "option {option}");
+            assert_eq!(reply_kind(&answer), REP_ERR_TLS_REQD, "option {option}");
+            assert_eq!(
+                answer.reply.len(),
+                20 + u32::from_be_bytes(answer.reply[16..20].try_into().unwrap()) as usize
+            );
+        }
+        assert_eq!(
+            reply_kind(&answer_oversized_option(OPT_GO, Tls::Required)),
+            REP_ERR_TLS_REQD
+        );
+        assert_eq!(
+            reply_kind(&answer_oversized_option(OPT_GO, Tls::Active)),
+            REP_ERR_TOO_BIG
+        );
+        // The export exists, yet EXPORT_NAME cannot be refused with a reply: close.
+        let answer = answer_option(OPT_EXPORT_NAME, b"disk", &exports, false, Tls::Required);
+        assert!(matches!(answer.next, Next::TlsRequired));
+        assert!(answer.reply.is_empty());
+        let answer = answer_option(OPT_ABORT, &[], &exports, false, Tls::Required);
+        assert!(matches!(answer.next, Next::Close));
+        assert_eq!(reply_kind(&answer), REP_ACK);
+        let answer = answer_option(OPT_STARTTLS, &[], &exports, false, Tls::Required);
+        assert!(matches!(answer.next, Next::StartTls));
+        assert_eq!(reply_kind(&answer), REP_ACK);
+        let answer = answer_option(OPT_STARTTLS, b"x", &exports, false, Tls::Required);
+        assert_eq!(reply_kind(&answer), REP_ERR_INVALID);
+        // Once TLS runs: STARTTLS again is invalid, GO works, TLS_REQD is never sent.
+        let answer = answer_option(OPT_STARTTLS, &[], &exports, false, Tls::Active);
+        assert_eq!(reply_kind(&answer), REP_ERR_INVALID);
+        let answer = answer_option(OPT_GO, &go_data("disk"), &exports, false, Tls::Active);
+        assert!(matches!(answer.next, Next::Transmit(_)));
+        // Without TLS configured, STARTTLS is simply unsupported.
+        let answer = answer_option(OPT_STARTTLS, &[], &exports, false, Tls::Off);
+        assert_eq!(reply_kind(&answer), REP_ERR_UNSUP);
     }
 
     #[test]
@@ -704,16 +888,33 @@ mod tests {
             data in proptest::collection::vec(any::<u8>(), 0..64),
         ) {
             let exports = ExportRegistry::new();
-            let answer = answer_option(option, &data, &exports, false);
-            match answer.next {
-                // No export exists, so nothing can start transmission.
-                Next::Transmit(_) => prop_assert!(false, "transmission with no exports"),
-                Next::UnknownExport(_) => prop_assert_eq!(option, OPT_EXPORT_NAME),
-                Next::Close => prop_assert_eq!(option, OPT_ABORT),
-                Next::Continue => {
-                    // Every answer is one or more well-formed option replies.
-                    prop_assert!(answer.reply.len() >= 20);
-                    prop_assert_eq!(&answer.reply[..8], &OPT_REPLY_MAGIC.to_be_bytes());
+            for tls in [Tls::Off, Tls::Required, Tls::Active] {
+                let answer = answer_option(option, &data, &exports, false, tls);
+                match answer.next {
+                    // No export exists, so nothing can start transmission.
+                    Next::Transmit(_) => prop_assert!(false, "transmission with no exports"),
+                    Next::ExportBusy { .. } => prop_assert!(false, "busy with no exports"),
+                    Next::UnknownExport(_) => {
+                        prop_assert_eq!(option, OPT_EXPORT_NAME);
+                        prop_assert!(tls != Tls::Required);
+                    }
+                    Next::TlsRequired => {
+                        prop_assert_eq!(option, OPT_EXPORT_NAME);
+                        prop_assert_eq!(tls, Tls::Required);
+                    }
+                    Next::StartTls => {
+                        prop_assert_eq!((option, tls), (OPT_STARTTLS, Tls::Required));
+                        prop_assert!(data.is_empty());
+                    }
+                    Next::Close => prop_assert_eq!(option, OPT_ABORT),
+                    Next::Continue => {
+                        // Every answer is one or more well-formed option replies.
+                        prop_assert!(answer.reply.len() >= 20);
+                        prop_assert_eq!(&answer.reply[..8], &OPT_REPLY_MAGIC.to_be_bytes());
+                        let kind = u32::from_be_bytes(answer.reply[12..16].try_into().unwrap());
+                        // TLS_REQD only before TLS, and then for every refused option.
+                        prop_assert_eq!(kind == REP_ERR_TLS_REQD, tls == Tls::Required && option != OPT_STARTTLS);
+                    }
                 }
             }
         }

@@ -12,8 +12,9 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::error::Error;
-use crate::export::ExportRegistry;
-use crate::{handshake, transmission};
+use crate::export::{Export, ExportRegistry};
+use crate::handshake::{self, Opened};
+use crate::transmission;
 
 /// Tunables of a [`Server`]. `Default` gives the values documented on each field.
 #[derive(Debug, Clone)]
@@ -26,8 +27,17 @@ pub struct ServerConfig {
     /// 128 MiB); like `max_in_flight`, a full budget pauses reading. Values below
     /// [`MAX_PAYLOAD`](crate::MAX_PAYLOAD) count as `MAX_PAYLOAD`.
     pub max_in_flight_bytes: u32,
-    /// Time a client has from connecting to finishing option negotiation (default 30 s).
+    /// Time a client has from connecting to finishing option negotiation, TLS handshake
+    /// included (default 30 s).
     pub handshake_timeout: Duration,
+    /// When set, every connection must upgrade to TLS with `NBD_OPT_STARTTLS` before
+    /// anything else (the spec's 'FORCEDTLS' mode): other options get
+    /// `NBD_REP_ERR_TLS_REQD`, `NBD_OPT_EXPORT_NAME` before TLS closes the connection, and
+    /// a client whose TLS handshake fails or that presents no client certificate is
+    /// closed. The configuration decides which certificates are accepted; it must ask for
+    /// client certificates (Convoy's is `pki::nbd_server_config`). Default `None`: no TLS,
+    /// for Unix sockets and explicitly insecure TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -36,6 +46,7 @@ impl Default for ServerConfig {
             max_in_flight: 128,
             max_in_flight_bytes: 128 << 20,
             handshake_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -112,24 +123,40 @@ impl Server {
 
     async fn run_connection<S>(
         &self,
-        mut stream: S,
+        stream: S,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let negotiated = tokio::select! {
+        let opened = tokio::select! {
             r = tokio::time::timeout(
                 self.config.handshake_timeout,
-                handshake::negotiate(&mut stream, &self.exports),
+                handshake::handshake(stream, &self.exports, self.config.tls.as_ref()),
             ) => r.map_err(|_| Error::HandshakeTimeout)??,
             () = stopping(&mut shutdown) => return Ok(()),
         };
-        let Some(export) = negotiated else {
-            debug!("client ended the negotiation");
-            return Ok(());
-        };
-        info!(export = %export.name, size = export.limits.size, read_only = export.limits.read_only, "client opened export");
+        match opened {
+            Opened::Plain(stream, export) => self.transmit(stream, export, shutdown, false).await,
+            Opened::Tls(stream, export) => self.transmit(*stream, export, shutdown, true).await,
+            Opened::Closed => {
+                debug!("client ended the negotiation");
+                Ok(())
+            }
+        }
+    }
+
+    async fn transmit<S>(
+        &self,
+        stream: S,
+        export: Export,
+        mut shutdown: watch::Receiver<bool>,
+        tls: bool,
+    ) -> Result<(), Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        info!(export = %export.name, size = export.limits.size, read_only = export.limits.read_only, tls, "client opened export");
         // Moved, not cloned: the registry counts these receivers as open connections.
         let mut removed = export.removed;
         let stop = async move {
@@ -139,16 +166,16 @@ impl Server {
             }
         };
         let (reader, writer) = tokio::io::split(stream);
-        transmission::serve(
-            reader,
-            writer,
-            &export.name,
-            export.device,
-            export.limits,
-            &self.config,
-            stop,
-        )
-        .await
+        let target = transmission::Target {
+            name: &export.name,
+            device: export.device,
+            limits: export.limits,
+            export_bytes: export.budget,
+        };
+        let result = transmission::serve(reader, writer, target, &self.config, stop).await;
+        // Held until here: the connection counts against the export's limit until it ends.
+        drop(export.slot);
+        result
     }
 
     async fn accept_loop<L: Listen>(&self, listener: L, shutdown: impl Future<Output = ()>) {

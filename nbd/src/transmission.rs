@@ -25,6 +25,16 @@ use crate::server::ServerConfig;
 /// Socket buffer sizes: big enough to batch many small headers per system call.
 const IO_BUFFER: usize = 64 << 10;
 
+/// The export a connection serves, as the transmission phase needs it.
+pub(crate) struct Target<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) device: Arc<dyn BlockDevice>,
+    /// Size and flags as the handshake announced them.
+    pub(crate) limits: Limits,
+    /// Payload bytes shared by every connection to the export.
+    pub(crate) export_bytes: Arc<Semaphore>,
+}
+
 /// Serves requests until the client disconnects, breaks the protocol, or `stop` fires.
 ///
 /// Whatever ends the loop, every request already read is still executed and answered
@@ -32,9 +42,7 @@ const IO_BUFFER: usize = 64 << 10;
 pub(crate) async fn serve<R, W>(
     reader: R,
     writer: W,
-    name: &str,
-    device: Arc<dyn BlockDevice>,
-    limits: Limits,
+    target: Target<'_>,
     config: &ServerConfig,
     stop: impl Future<Output = ()>,
 ) -> Result<(), Error>
@@ -42,12 +50,19 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let Target {
+        name,
+        device,
+        limits,
+        export_bytes,
+    } = target;
     let max_in_flight = config.max_in_flight.max(1);
     // A single request may need a whole payload's worth of budget.
     let budget = config.max_in_flight_bytes.max(MAX_PAYLOAD);
     let limiter = Limiter {
         slots: Arc::new(Semaphore::new(max_in_flight)),
         bytes: Arc::new(Semaphore::new(budget as usize)),
+        export_bytes,
     };
     // Every queued item holds a slot permit, so the channel never holds more than
     // `max_in_flight` items and sending into it does not block for long.
@@ -93,17 +108,21 @@ where
     ended.and(written)
 }
 
-/// Per-connection bounds on concurrent work; a full limiter stops the reader, which in
-/// turn stops the client through TCP (or socket) backpressure.
+/// Bounds on concurrent work; a full limiter stops the reader, which in turn stops the
+/// client through TCP (or socket) backpressure.
 struct Limiter {
+    /// Requests of this connection.
     slots: Arc<Semaphore>,
+    /// Payload bytes of this connection.
     bytes: Arc<Semaphore>,
+    /// Payload bytes of every connection to the export (`ExportLimits`).
+    export_bytes: Arc<Semaphore>,
 }
 
 /// Held until a request's reply has been written.
 struct Permits {
     _slot: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+    _bytes: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 enum Step {
@@ -150,11 +169,20 @@ where
         Ok(Command::Read { len, .. }) => len,
         _ => payload_len,
     };
+    // Both budgets before the payload is read: a request that does not fit waits here,
+    // unread, with nothing allocated. Always this connection's first, then the export's,
+    // and a reply releases both, so waiters never hold one another up in a cycle.
     let bytes = if budget > 0 {
-        match Arc::clone(&limiter.bytes).acquire_many_owned(budget).await {
-            Ok(p) => Some(p),
-            Err(_) => return Ok(Step::Eof),
-        }
+        let Ok(own) = Arc::clone(&limiter.bytes).acquire_many_owned(budget).await else {
+            return Ok(Step::Eof);
+        };
+        let Ok(shared) = Arc::clone(&limiter.export_bytes)
+            .acquire_many_owned(budget)
+            .await
+        else {
+            return Ok(Step::Eof);
+        };
+        Some((own, shared))
     } else {
         None
     };

@@ -1,10 +1,10 @@
 //! One QUIC endpoint per agent: accepts connections from other nodes and dials them,
 //! keeping one cached connection per peer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectError, ConnectionError, VarInt};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -37,7 +37,10 @@ use crate::{ALPN, codes};
 /// - after a failed dial the peer is in backoff (50 ms doubling to 1 s by default) and
 ///   calls fail fast with [`TransportError::Unreachable`];
 /// - a closed cached connection is dropped (a restarted peer resets it at once), so the
-///   next call redials (a peer restarted at the same address is reached again).
+///   next call redials (a peer restarted at the same address is reached again);
+/// - a node named in [`set_retired_peers`](Self::set_retired_peers) gets nothing: its TLS
+///   handshakes fail, its open connections are closed, its streams are reset, and we
+///   neither dial it nor use a connection to it (see there).
 #[derive(Clone)]
 pub struct Endpoint {
     inner: Arc<Inner>,
@@ -53,6 +56,44 @@ struct Inner {
     peers: Mutex<HashMap<u64, Arc<Peer>>>,
     accept_task: JoinHandle<()>,
     closed: AtomicBool,
+    refusals: Arc<Refusals>,
+}
+
+/// The nodes refused everywhere, shared by the TLS verifier, the accepting tasks and the
+/// dialing side, and the count of what was refused.
+struct Refusals {
+    /// Watched, so connections accepted before a node was retired notice and close.
+    retired: watch::Sender<Arc<BTreeSet<u64>>>,
+    retired_count: AtomicU64,
+    not_a_node_count: AtomicU64,
+}
+
+impl Refusals {
+    fn is_retired(&self, node: u64) -> bool {
+        self.retired.borrow().contains(&node)
+    }
+
+    /// Whether `node` is retired; counts a refusal if so.
+    fn refuse_retired(&self, node: u64) -> bool {
+        let refused = self.is_retired(node);
+        if refused {
+            self.retired_count.fetch_add(1, Ordering::Relaxed);
+        }
+        refused
+    }
+}
+
+/// How many connections, streams and dials an [`Endpoint`] refused, by reason, since it
+/// was bound. Counters only grow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RefusalCounts {
+    /// Refused because the peer is a retired node: TLS handshakes, accepted connections
+    /// closed, streams reset, and dials not made.
+    pub retired: u64,
+    /// Connections closed because the certificate was not a node's (an admin or NBD
+    /// client certificate).
+    pub not_a_node: u64,
 }
 
 impl Drop for Inner {
@@ -87,6 +128,7 @@ struct Slot {
 #[derive(Clone)]
 enum DialFailure {
     Unreachable(String),
+    Refused(String),
     Tls(String),
     WrongPeer(PeerIdentity),
     Closed,
@@ -98,6 +140,7 @@ impl DialFailure {
             TransportError::Tls { reason, .. } => DialFailure::Tls(reason.clone()),
             TransportError::WrongPeer { found, .. } => DialFailure::WrongPeer(found.clone()),
             TransportError::Closed => DialFailure::Closed,
+            TransportError::Refused { reason, .. } => DialFailure::Refused(reason.clone()),
             TransportError::Unreachable { reason, .. } => DialFailure::Unreachable(reason.clone()),
             other => DialFailure::Unreachable(other.to_string()),
         }
@@ -107,6 +150,7 @@ impl DialFailure {
         match self.clone() {
             DialFailure::Unreachable(reason) => TransportError::Unreachable { peer, addr, reason },
             DialFailure::Tls(reason) => TransportError::Tls { peer, addr, reason },
+            DialFailure::Refused(reason) => TransportError::Refused { peer, reason },
             DialFailure::WrongPeer(found) => TransportError::WrongPeer {
                 expected: peer,
                 addr,
@@ -245,8 +289,21 @@ impl Endpoint {
             TransportError::Pki(PkiError::Tls(e.to_string()))
         };
 
-        let server_crypto = QuicServerConfig::try_from(pki::server_config(identity, &[ALPN])?)
-            .map_err(tls_error)?;
+        let refusals = Arc::new(Refusals {
+            retired: watch::Sender::new(Arc::new(BTreeSet::new())),
+            retired_count: AtomicU64::new(0),
+            not_a_node_count: AtomicU64::new(0),
+        });
+        let admit_refusals = Arc::clone(&refusals);
+        // Retired nodes fail the handshake itself; other kinds of certificate pass here
+        // and are closed with a reason code once their identity is read.
+        let admit: pki::Admit = Arc::new(move |id: &PeerIdentity| match id {
+            PeerIdentity::Node(n) => !admit_refusals.refuse_retired(*n),
+            _ => true,
+        });
+        let server_crypto =
+            QuicServerConfig::try_from(pki::server_config_admitting(identity, &[ALPN], admit)?)
+                .map_err(tls_error)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(transport.clone());
 
@@ -284,6 +341,7 @@ impl Endpoint {
             max_frame: cfg.max_frame_size,
             header_timeout: cfg.stream_header_timeout,
             tx,
+            refusals: Arc::clone(&refusals),
         });
         let accept_task = tokio::spawn(accept_loop(quinn_ep.clone(), ctx));
         info!(node = local_node, %local_addr, "QUIC endpoint listening");
@@ -296,6 +354,7 @@ impl Endpoint {
             peers: Mutex::new(HashMap::new()),
             accept_task,
             closed: AtomicBool::new(false),
+            refusals,
         };
         Ok((
             Endpoint {
@@ -403,6 +462,55 @@ impl Endpoint {
         states
     }
 
+    /// Sets the nodes this endpoint refuses (the cluster's retired nodes), replacing the
+    /// previous set. Cheap when the set is unchanged, so callers may call it on every
+    /// model change.
+    ///
+    /// From the moment it returns, for every node in `ids`: a TLS handshake presenting its
+    /// certificate fails; every connection it has open to us is closed with
+    /// [`codes::RETIRED`] and every new stream on one not yet closed is reset with it;
+    /// [`request`](Self::request) and [`open_stream`](Self::open_stream) to it fail with
+    /// [`TransportError::Refused`] without sending anything, and our cached connection to
+    /// it is closed. Each refusal is counted in [`refusals`](Self::refusals). Removing an
+    /// id from the set lets the node in again.
+    pub fn set_retired_peers(&self, ids: impl IntoIterator<Item = u64>) {
+        let new: BTreeSet<u64> = ids
+            .into_iter()
+            .filter(|&id| id != self.inner.local_node)
+            .collect();
+        let changed = self.inner.refusals.retired.send_if_modified(|set| {
+            if **set == new {
+                return false;
+            }
+            *set = Arc::new(new.clone());
+            true
+        });
+        if !changed {
+            return;
+        }
+        info!(retired = ?new, "refusing retired nodes on every connection and stream");
+        let peers: Vec<(u64, Arc<Peer>)> = lock(&self.inner.peers)
+            .iter()
+            .filter(|(id, _)| new.contains(id))
+            .map(|(id, p)| (*id, Arc::clone(p)))
+            .collect();
+        for (id, peer) in peers {
+            if let Some(conn) = lock(&peer.slot).conn.take() {
+                debug!(peer = id, "closing our connection to a retired node");
+                conn.close(VarInt::from_u32(codes::RETIRED), b"node is retired");
+            }
+        }
+    }
+
+    /// How many connections, streams and dials this endpoint refused so far, by reason.
+    pub fn refusals(&self) -> RefusalCounts {
+        let r = &self.inner.refusals;
+        RefusalCounts {
+            retired: r.retired_count.load(Ordering::Relaxed),
+            not_a_node: r.not_a_node_count.load(Ordering::Relaxed),
+        }
+    }
+
     /// Forgets a peer (for example one removed from the cluster): closes its cached
     /// connection and drops its state. Streams already open on it fail.
     pub fn remove_peer(&self, peer: u64) {
@@ -472,7 +580,9 @@ impl Endpoint {
                 // once by its stateless reset when it restarts.
                 let drop_conn = matches!(
                     e,
-                    TransportError::ConnectionLost { .. } | TransportError::Tls { .. }
+                    TransportError::ConnectionLost { .. }
+                        | TransportError::Tls { .. }
+                        | TransportError::Refused { .. }
                 );
                 if drop_conn
                     && slot
@@ -535,7 +645,10 @@ impl Endpoint {
             };
             let err = connection_error(peer, addr, &reason);
             slot.conn = None;
-            if matches!(err, TransportError::Tls { .. }) {
+            if matches!(
+                err,
+                TransportError::Tls { .. } | TransportError::Refused { .. }
+            ) {
                 // The peer refused our certificate right after the handshake: as bad as a
                 // failed dial, so back off rather than redial on every call.
                 slot.health
@@ -566,6 +679,12 @@ impl Endpoint {
     ) -> Result<quinn::Connection, TransportError> {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(TransportError::Closed);
+        }
+        if self.inner.refusals.refuse_retired(peer) {
+            return Err(TransportError::Refused {
+                peer,
+                reason: format!("node {peer} is retired; its certificate opens nothing"),
+            });
         }
         let entry = self.peer_entry(peer, addr);
         let started = Instant::now();
@@ -768,6 +887,7 @@ struct AcceptCtx {
     max_frame: usize,
     header_timeout: Duration,
     tx: mpsc::Sender<InboundStream>,
+    refusals: Arc<Refusals>,
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<AcceptCtx>) {
@@ -787,11 +907,14 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<AcceptCtx>) {
     };
     let node = match peer_identity(&conn) {
         Ok(PeerIdentity::Node(node)) => node,
-        Ok(PeerIdentity::Client(name)) => {
-            warn!(%remote, client = %name, "refused a client certificate on the node transport");
+        Ok(other) => {
+            warn!(%remote, identity = %other, "refused a certificate that is not a node's on the node transport");
+            ctx.refusals
+                .not_a_node_count
+                .fetch_add(1, Ordering::Relaxed);
             conn.close(
                 VarInt::from_u32(codes::NOT_A_NODE),
-                b"client certificates may not use the node transport; use the admin API",
+                b"only node certificates may use the node transport; the CLI uses the admin API",
             );
             return;
         }
@@ -801,18 +924,44 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<AcceptCtx>) {
             return;
         }
     };
+    let mut retired = ctx.refusals.retired.subscribe();
+    // Retired between its TLS handshake and here: the verifier let it in just before.
+    if ctx.refusals.refuse_retired(node) {
+        refuse_retired_connection(&conn, node, remote);
+        return;
+    }
     debug!(peer = node, %remote, "accepted connection");
     loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                tokio::spawn(serve_stream(node, remote, send, recv, ctx.clone()));
-            }
-            Err(e) => {
-                debug!(peer = node, %remote, error = %e, "connection ended");
-                return;
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    tokio::spawn(serve_stream(node, remote, send, recv, ctx.clone()));
+                }
+                Err(e) => {
+                    debug!(peer = node, %remote, error = %e, "connection ended");
+                    return;
+                }
+            },
+            changed = retired.changed() => {
+                // The endpoint is gone: its accept task ends, and so does this.
+                if changed.is_err() {
+                    return;
+                }
+                if ctx.refusals.refuse_retired(node) {
+                    refuse_retired_connection(&conn, node, remote);
+                    return;
+                }
             }
         }
     }
+}
+
+fn refuse_retired_connection(conn: &quinn::Connection, node: u64, remote: SocketAddr) {
+    warn!(peer = node, %remote, "closed a connection from a retired node");
+    conn.close(
+        VarInt::from_u32(codes::RETIRED),
+        b"this node is retired from the cluster; its certificate opens nothing",
+    );
 }
 
 async fn serve_stream(
@@ -828,6 +977,13 @@ async fn serve_stream(
         send.reset(code);
         recv.stop(code);
     };
+    // A stream opened in the instant between the node's retirement and its connection
+    // closing: refused like the connection.
+    if ctx.refusals.refuse_retired(node) {
+        warn!(peer = node, "refused a stream from a retired node");
+        refuse(&mut send, &mut recv, codes::RETIRED);
+        return;
+    }
     let kind = match tokio::time::timeout(ctx.header_timeout, recv.read_kind()).await {
         Ok(Ok(Some(byte))) => match StreamKind::from_u8(byte) {
             Some(kind) => kind,

@@ -98,6 +98,16 @@ pub enum TransportError {
         /// What rustls or the peer reported.
         reason: String,
     },
+    /// The connection was refused by policy: we do not talk to the peer because it is a
+    /// retired node (nothing was sent), or the peer closed the connection saying this node
+    /// is retired. Retrying does not help; the dialed side backs off.
+    #[error("connection with node {peer} refused: {reason}")]
+    Refused {
+        /// The peer.
+        peer: u64,
+        /// Why, for people.
+        reason: String,
+    },
     /// This endpoint has been closed; no further calls can succeed.
     #[error("the local endpoint is closed")]
     Closed,

@@ -11,7 +11,9 @@
 //! Security properties callers may rely on: every byte is encrypted and authenticated
 //! (TLS 1.3 inside QUIC, no plaintext fallback, 0-RTT off, no session resumption); every
 //! [`InboundStream::peer`] is the node id proven by the peer's certificate; a dialed
-//! connection is used only after the server proved it is the node that was dialed.
+//! connection is used only after the server proved it is the node that was dialed; a node
+//! the caller marked retired ([`Endpoint::set_retired_peers`]) gets no connection and no
+//! stream in either direction.
 #![warn(missing_docs, unreachable_pub)]
 
 mod backoff;
@@ -22,7 +24,7 @@ pub mod pki;
 mod stream;
 
 pub use config::TransportConfig;
-pub use endpoint::{Endpoint, Inbound, InboundStream, PeerState};
+pub use endpoint::{Endpoint, Inbound, InboundStream, PeerState, RefusalCounts};
 pub use error::TransportError;
 pub use stream::{DEFAULT_MAX_FRAME_SIZE, FramedRecv, FramedSend, StreamKind};
 
@@ -35,7 +37,8 @@ pub const ALPN: &[u8] = b"convoy/1";
 pub mod codes {
     /// Normal shutdown of an endpoint or connection.
     pub const SHUTDOWN: u32 = 0;
-    /// The peer authenticated with a client certificate; only nodes may use this transport.
+    /// The peer authenticated with a certificate that is not a node's (admin or NBD
+    /// client); only nodes may use this transport.
     pub const NOT_A_NODE: u32 = 1;
     /// The first byte of a stream was not a known [`StreamKind`](crate::StreamKind).
     pub const UNKNOWN_STREAM_KIND: u32 = 2;
@@ -49,4 +52,6 @@ pub mod codes {
     pub const NOT_ACCEPTING: u32 = 6;
     /// The stream broke the framing rules (for example it did not send its kind in time).
     pub const PROTOCOL: u32 = 7;
+    /// The peer is a retired node (removed from the cluster); its certificate opens nothing.
+    pub const RETIRED: u32 = 8;
 }

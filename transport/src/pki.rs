@@ -2,13 +2,20 @@
 //! and per admin client, and the rustls configurations built from them.
 //!
 //! Identity lives in exactly one URI subject alternative name per certificate:
-//! `urn:convoy:node:<id>` for agents, `urn:convoy:client:<name>` for admin clients.
+//! `urn:convoy:node:<id>` for agents, `urn:convoy:client:<name>` for admin clients,
+//! `urn:convoy:nbd:<name>` for hypervisors reaching NBD exports over TCP. Each kind opens
+//! one door only: the node transport takes node certificates, the admin API client
+//! certificates, NBD over TLS NBD client certificates.
 //! Node certificates also carry the DNS name `node-<id>`, the TLS server name used when
 //! dialing that node, so rustls itself refuses a server that is not the dialed node.
 //!
 //! Every configuration built here uses the `ring` crypto provider explicitly and never a
-//! process-wide default, trusts only the cluster CA (no web roots), speaks TLS 1.3 only,
-//! disables 0-RTT and session resumption, and requires a certificate on both sides.
+//! process-wide default, trusts only the cluster CA (no web roots), speaks TLS 1.3 only
+//! (NBD: TLS 1.2 too, which the NBD spec requires), disables 0-RTT and session resumption,
+//! and requires a certificate on both sides.
+//!
+//! Every certificate has a lifetime chosen at issue ([`DEFAULT_CERT_LIFETIME`] unless the
+//! caller says otherwise) and never outlives the CA that signs it.
 
 use std::fmt;
 use std::fs;
@@ -23,21 +30,32 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::client::Resumption;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
 use x509_parser::extensions::GeneralName;
 
 const NODE_URN_PREFIX: &str = "urn:convoy:node:";
 const CLIENT_URN_PREFIX: &str = "urn:convoy:client:";
+const NBD_URN_PREFIX: &str = "urn:convoy:nbd:";
 const CONVOY_URN_PREFIX: &str = "urn:convoy:";
 
-/// Validity of a cluster CA. Long, because replacing a CA means reissuing every certificate.
-const CA_VALIDITY: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
-/// Validity of node and client certificates.
-const LEAF_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// Default lifetime of a cluster CA: long, because replacing a CA means reissuing every
+/// certificate (see the README's rotation procedure).
+pub const DEFAULT_CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Default lifetime of node, admin client and NBD client certificates: one year, so a
+/// leaked key stops working on its own; rotate before it ends.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest lifetime any certificate may be given (CA included).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
 /// Certificates start being valid a day in the past so modest clock skew between hosts
 /// does not reject a freshly issued certificate.
 const BACKDATE: Duration = Duration::from_secs(24 * 3600);
@@ -138,6 +156,14 @@ pub enum PkiError {
     /// rustls refused to build a configuration.
     #[error("TLS configuration failed: {0}")]
     Tls(String),
+    /// [`TlsIdentity::replace_certificate`] was given credentials that cannot stand in for
+    /// the running ones (another identity, another CA).
+    #[error("cannot switch to the new certificate: {0}")]
+    CannotReplace(String),
+    /// A requested lifetime is zero, longer than [`MAX_LIFETIME`], or would make the
+    /// certificate outlive the CA that signs it.
+    #[error("invalid certificate lifetime: {0}")]
+    BadLifetime(String),
 }
 
 /// A certificate and its private key, both PEM-encoded.
@@ -167,6 +193,9 @@ pub enum PeerIdentity {
     Node(u64),
     /// An admin client (for example the CLI) with this name.
     Client(String),
+    /// An NBD client (a hypervisor reaching exports over TCP) with this name; it opens
+    /// NBD exports only, never the admin API or the node transport.
+    NbdClient(String),
 }
 
 impl fmt::Display for PeerIdentity {
@@ -174,6 +203,7 @@ impl fmt::Display for PeerIdentity {
         match self {
             PeerIdentity::Node(id) => write!(f, "node {id}"),
             PeerIdentity::Client(name) => write!(f, "client {name:?}"),
+            PeerIdentity::NbdClient(name) => write!(f, "NBD client {name:?}"),
         }
     }
 }
@@ -184,10 +214,19 @@ pub fn node_server_name(id: u64) -> String {
     format!("node-{id}")
 }
 
-/// Generates a new self-signed cluster CA named `name` (its common name).
+/// Generates a new self-signed cluster CA named `name`, valid for
+/// [`DEFAULT_CA_LIFETIME`]; see [`generate_ca_valid_for`].
+pub fn generate_ca(name: &str) -> Result<CertAndKeyPem, PkiError> {
+    generate_ca_valid_for(name, DEFAULT_CA_LIFETIME)
+}
+
+/// Generates a new self-signed cluster CA named `name` (its common name), valid from a day
+/// ago (clock skew) until `lifetime` from now.
 ///
 /// The CA may sign end-entity certificates only (path length 0). Its key is ECDSA P-256.
-pub fn generate_ca(name: &str) -> Result<CertAndKeyPem, PkiError> {
+/// Fails with [`PkiError::BadLifetime`] if `lifetime` is zero or over [`MAX_LIFETIME`].
+pub fn generate_ca_valid_for(name: &str, lifetime: Duration) -> Result<CertAndKeyPem, PkiError> {
+    check_lifetime(lifetime)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = distinguished_name(name);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -196,7 +235,7 @@ pub fn generate_ca(name: &str) -> Result<CertAndKeyPem, PkiError> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    set_validity(&mut params, CA_VALIDITY);
+    set_validity(&mut params, lifetime);
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
     Ok(CertAndKeyPem {
@@ -205,16 +244,30 @@ pub fn generate_ca(name: &str) -> Result<CertAndKeyPem, PkiError> {
     })
 }
 
-/// Issues the certificate of node `node_id`, signed by `ca`.
-///
-/// The certificate carries the URI name `urn:convoy:node:<id>` (its identity), the DNS
-/// name `node-<id>` (its QUIC server name), and each of `extra_sans` as an IP address if
-/// it parses as one, else as a DNS name (so the admin HTTPS API can be reached by address).
-/// It is valid for both TLS server and client authentication.
+/// Issues the certificate of node `node_id`, valid for [`DEFAULT_CERT_LIFETIME`]; see
+/// [`issue_node_cert_valid_for`].
 pub fn issue_node_cert(
     ca: &CertAndKeyPem,
     node_id: u64,
     extra_sans: &[String],
+) -> Result<CertAndKeyPem, PkiError> {
+    issue_node_cert_valid_for(ca, node_id, extra_sans, DEFAULT_CERT_LIFETIME)
+}
+
+/// Issues the certificate of node `node_id`, signed by `ca`, valid from a day ago until
+/// `lifetime` from now.
+///
+/// The certificate carries the URI name `urn:convoy:node:<id>` (its identity), the DNS
+/// name `node-<id>` (its QUIC server name), and each of `extra_sans` as an IP address if
+/// it parses as one, else as a DNS name (so the admin HTTPS API and NBD over TLS can be
+/// reached by address). It is valid for both TLS server and client authentication. Fails
+/// with [`PkiError::BadLifetime`] if the lifetime is zero, over [`MAX_LIFETIME`], or
+/// would end after the CA's.
+pub fn issue_node_cert_valid_for(
+    ca: &CertAndKeyPem,
+    node_id: u64,
+    extra_sans: &[String],
+    lifetime: Duration,
 ) -> Result<CertAndKeyPem, PkiError> {
     let mut sans = vec![
         SanType::URI(ia5(format!("{NODE_URN_PREFIX}{node_id}"))?),
@@ -231,22 +284,95 @@ pub fn issue_node_cert(
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
+        vec![KeyUsagePurpose::DigitalSignature],
+        lifetime,
     )
 }
 
-/// Issues an admin client certificate named `name`, signed by `ca`.
+/// Issues an admin client certificate named `name`, valid for [`DEFAULT_CERT_LIFETIME`];
+/// see [`issue_client_cert_valid_for`].
+pub fn issue_client_cert(ca: &CertAndKeyPem, name: &str) -> Result<CertAndKeyPem, PkiError> {
+    issue_client_cert_valid_for(ca, name, DEFAULT_CERT_LIFETIME)
+}
+
+/// Issues an admin client certificate named `name`, signed by `ca`, valid from a day ago
+/// until `lifetime` from now.
 ///
 /// The certificate carries the URI name `urn:convoy:client:<name>` and is valid for TLS
 /// client authentication only. `name` must be non-empty and use only ASCII letters,
-/// digits, `.`, `_` and `-`.
-pub fn issue_client_cert(ca: &CertAndKeyPem, name: &str) -> Result<CertAndKeyPem, PkiError> {
+/// digits, `.`, `_` and `-`. Lifetime rules as in [`issue_node_cert_valid_for`].
+pub fn issue_client_cert_valid_for(
+    ca: &CertAndKeyPem,
+    name: &str,
+    lifetime: Duration,
+) -> Result<CertAndKeyPem, PkiError> {
     validate_client_name(name)?;
     issue_leaf(
         ca,
         &format!("convoy client {name}"),
         vec![SanType::URI(ia5(format!("{CLIENT_URN_PREFIX}{name}"))?)],
         vec![ExtendedKeyUsagePurpose::ClientAuth],
+        vec![KeyUsagePurpose::DigitalSignature],
+        lifetime,
     )
+}
+
+/// Issues an NBD client certificate named `name` (say, the hypervisor host's name),
+/// signed by `ca`, valid from a day ago until `lifetime` from now.
+///
+/// The certificate carries the URI name `urn:convoy:nbd:<name>` and is valid for TLS
+/// client authentication only; agents accept it for NBD over TLS and nowhere else.
+/// Its key usage includes key encipherment besides digital signature, because QEMU's
+/// `tls-creds-x509` refuses to load a client certificate whose (critical) key usage lacks
+/// it. Name and lifetime rules as in [`issue_client_cert_valid_for`].
+pub fn issue_nbd_client_cert(
+    ca: &CertAndKeyPem,
+    name: &str,
+    lifetime: Duration,
+) -> Result<CertAndKeyPem, PkiError> {
+    validate_client_name(name)?;
+    issue_leaf(
+        ca,
+        &format!("convoy NBD client {name}"),
+        vec![SanType::URI(ia5(format!("{NBD_URN_PREFIX}{name}"))?)],
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+        vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ],
+        lifetime,
+    )
+}
+
+/// The instant a PEM certificate (the first in `pem`) stops being valid: its notAfter.
+pub fn not_after(pem: &str) -> Result<SystemTime, PkiError> {
+    let der = parse_certs(pem.as_bytes(), "certificate")?;
+    let first = der.first().ok_or_else(|| PkiError::NoCertificate {
+        source_name: "certificate".into(),
+    })?;
+    not_after_der(first)
+}
+
+/// The instant a DER certificate stops being valid: its notAfter.
+pub fn not_after_der(der: &CertificateDer<'_>) -> Result<SystemTime, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| PkiError::BadPem {
+            source_name: "certificate".into(),
+            reason: e.to_string(),
+        })?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
+}
+
+fn check_lifetime(lifetime: Duration) -> Result<(), PkiError> {
+    if lifetime.is_zero() || lifetime > MAX_LIFETIME {
+        return Err(PkiError::BadLifetime(format!(
+            "{} days; give 1 to {} days",
+            lifetime.as_secs() / DAY.as_secs(),
+            MAX_LIFETIME.as_secs() / DAY.as_secs()
+        )));
+    }
+    Ok(())
 }
 
 /// Reads the Convoy identity from a DER certificate's URI subject alternative names.
@@ -299,6 +425,10 @@ fn parse_identity_uri(uri: &str) -> Result<PeerIdentity, PkiError> {
         if validate_client_name(name).is_ok() {
             return Ok(PeerIdentity::Client(name.to_string()));
         }
+    } else if let Some(name) = uri.strip_prefix(NBD_URN_PREFIX) {
+        if validate_client_name(name).is_ok() {
+            return Ok(PeerIdentity::NbdClient(name.to_string()));
+        }
     }
     Err(PkiError::BadIdentity(uri.to_string()))
 }
@@ -350,7 +480,10 @@ fn issue_leaf(
     common_name: &str,
     sans: Vec<SanType>,
     ekus: Vec<ExtendedKeyUsagePurpose>,
+    key_usages: Vec<KeyUsagePurpose>,
+    lifetime: Duration,
 ) -> Result<CertAndKeyPem, PkiError> {
+    check_lifetime(lifetime)?;
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|e| PkiError::BadPem {
         source_name: "CA key".into(),
         reason: e.to_string(),
@@ -361,6 +494,18 @@ fn issue_leaf(
             reason: e.to_string(),
         })?;
     check_ca_key(ca, &ca_key)?;
+    let ca_end = not_after(&ca.cert_pem)?;
+    if SystemTime::now() + lifetime > ca_end {
+        let days_left = ca_end
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .as_secs()
+            / DAY.as_secs();
+        return Err(PkiError::BadLifetime(format!(
+            "{} days would outlive the CA, which expires in {days_left} days; give a shorter lifetime or rotate the CA first",
+            lifetime.as_secs() / DAY.as_secs()
+        )));
+    }
     // rcgen signs with an issuer `Certificate`; re-signing the parsed CA parameters with
     // the CA key yields one with the same subject and key identifier as the stored CA.
     let issuer = ca_params.self_signed(&ca_key)?;
@@ -369,10 +514,10 @@ fn issue_leaf(
     params.distinguished_name = distinguished_name(common_name);
     params.subject_alt_names = sans;
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.key_usages = key_usages;
     params.extended_key_usages = ekus;
     params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params, LEAF_VALIDITY);
+    set_validity(&mut params, lifetime);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer, &ca_key)?;
     Ok(CertAndKeyPem {
@@ -443,11 +588,17 @@ pub fn write_pem_files(
 /// Constructing one checks that the key matches the certificate, that the certificate
 /// chains to the CA and is currently valid, and that it carries a Convoy identity; a
 /// `TlsIdentity` that exists is therefore usable. `Debug` does not print the key.
+///
+/// The configurations built from it ([`server_config`], [`nbd_server_config`],
+/// [`client_config`], ...) present its certificate through a shared slot that
+/// [`replace_certificate`](Self::replace_certificate) can swap while they are in use;
+/// clones share that slot.
 pub struct TlsIdentity {
     ca: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     identity: PeerIdentity,
+    presented: Arc<CertSlot>,
 }
 
 impl Clone for TlsIdentity {
@@ -457,7 +608,40 @@ impl Clone for TlsIdentity {
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             identity: self.identity.clone(),
+            presented: Arc::clone(&self.presented),
         }
+    }
+}
+
+/// The certificate and key that handshakes present, swappable under running
+/// configurations (rustls asks it on every handshake).
+struct CertSlot(std::sync::RwLock<Arc<CertifiedKey>>);
+
+impl CertSlot {
+    fn current(&self) -> Arc<CertifiedKey> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl fmt::Debug for CertSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertSlot").finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertSlot {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertSlot {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -524,6 +708,31 @@ impl TlsIdentity {
         &self.ca
     }
 
+    /// Makes every configuration built from this identity (or a clone) present `new`'s
+    /// certificate and key in handshakes from now on: how an agent rotates its certificate
+    /// without a restart. Connections already open keep what they negotiated.
+    ///
+    /// `new` must prove the same identity and trust exactly the same CA certificates
+    /// (the running configurations keep trusting the CA they were built with), else
+    /// [`PkiError::CannotReplace`] and nothing changes. [`certificate`](Self::certificate)
+    /// and the QUIC stateless-reset key keep this value's original certificate and key.
+    pub fn replace_certificate(&self, new: &TlsIdentity) -> Result<(), PkiError> {
+        if new.identity != self.identity {
+            return Err(PkiError::CannotReplace(format!(
+                "the new certificate identifies {}, not {}",
+                new.identity, self.identity
+            )));
+        }
+        if new.ca != self.ca {
+            return Err(PkiError::CannotReplace(
+                "the CA file changed; a new CA takes effect only at a restart".into(),
+            ));
+        }
+        let key = new.presented.current();
+        *self.presented.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+        Ok(())
+    }
+
     fn build(ca: (&[u8], &str), cert: (&[u8], &str), key: (&[u8], &str)) -> Result<Self, PkiError> {
         let (ca_bytes, ca_name) = ca;
         let (cert_bytes, cert_name) = cert;
@@ -534,12 +743,11 @@ impl TlsIdentity {
         let private_key = parse_key(key_bytes, key_name)?;
         let provider = provider();
 
-        CertifiedKey::from_der(chain.clone(), private_key.clone_key(), &provider).map_err(|e| {
-            PkiError::KeyMismatch {
-                cert: cert_name.to_string(),
-                key: key_name.to_string(),
-                reason: e.to_string(),
-            }
+        let certified = CertifiedKey::from_der(chain.clone(), private_key.clone_key(), &provider)
+            .map_err(|e| PkiError::KeyMismatch {
+            cert: cert_name.to_string(),
+            key: key_name.to_string(),
+            reason: e.to_string(),
         })?;
 
         let roots = root_store(&ca_certs, ca_name)?;
@@ -561,6 +769,7 @@ impl TlsIdentity {
             chain,
             key: private_key,
             identity,
+            presented: Arc::new(CertSlot(std::sync::RwLock::new(Arc::new(certified)))),
         })
     }
 
@@ -642,17 +851,29 @@ fn alpn_list(alpn: &[&[u8]]) -> Vec<Vec<u8>> {
 /// [`identity_from_cert`]). Offers exactly the protocols in `alpn`. Used by the QUIC
 /// endpoint (ALPN [`crate::ALPN`]) and by the admin HTTPS server (ALPN `http/1.1`).
 pub fn server_config(identity: &TlsIdentity, alpn: &[&[u8]]) -> Result<ServerConfig, PkiError> {
+    server_config_admitting(identity, alpn, Arc::new(|_: &PeerIdentity| true))
+}
+
+/// Like [`server_config`], and the TLS handshake also fails for a client whose
+/// certificate chains to the CA but whose identity `admit` refuses (for example a retired
+/// node). `admit` is asked on every handshake, so it may change its mind over time; it
+/// must be quick (it runs inside the handshake) and must not panic.
+pub fn server_config_admitting(
+    identity: &TlsIdentity,
+    alpn: &[&[u8]],
+    admit: Admit,
+) -> Result<ServerConfig, PkiError> {
     let provider = Arc::new(provider());
-    let verifier =
+    let inner =
         WebPkiClientVerifier::builder_with_provider(Arc::new(identity.roots()?), provider.clone())
             .build()
             .map_err(|e| PkiError::Tls(e.to_string()))?;
+    let verifier = Arc::new(IdentityVerifier { inner, admit });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| PkiError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(|e| PkiError::Tls(e.to_string()))?;
+        .with_cert_resolver(identity.presented.clone());
     config.alpn_protocols = alpn_list(alpn);
     // 0-RTT data is replayable; Convoy never accepts it.
     config.max_early_data_size = 0;
@@ -661,6 +882,114 @@ pub fn server_config(identity: &TlsIdentity, alpn: &[&[u8]]) -> Result<ServerCon
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(config)
+}
+
+/// Builds the TLS server configuration of an agent's NBD-over-TCP listener.
+///
+/// The server presents `identity`'s certificate (the node's own: NBD clients must reach
+/// it by a name or address the certificate carries) and accepts only clients presenting
+/// an NBD client certificate ([`issue_nbd_client_cert`]) that chains to the cluster CA:
+/// no certificate, another CA, an expired one, or a node or admin certificate all fail
+/// the handshake. Speaks TLS 1.3 and 1.2 (the NBD spec requires 1.2), no ALPN, no
+/// resumption, no early data.
+pub fn nbd_server_config(identity: &TlsIdentity) -> Result<ServerConfig, PkiError> {
+    let provider = Arc::new(provider());
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(identity.roots()?), provider.clone())
+            .build()
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+    let verifier = Arc::new(IdentityVerifier {
+        inner,
+        admit: Arc::new(|id: &PeerIdentity| matches!(id, PeerIdentity::NbdClient(_))),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| PkiError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(identity.presented.clone());
+    config.max_early_data_size = 0;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// Decides, during the TLS handshake, whether a certificate the CA vouches for may in.
+pub type Admit = Arc<dyn Fn(&PeerIdentity) -> bool + Send + Sync>;
+
+/// A client verifier that accepts only the identities `admit` lets in, on top of the
+/// cluster CA check it wraps; a refused identity fails the TLS handshake itself, before a
+/// single byte of the protocol behind it is read.
+struct IdentityVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    admit: Admit,
+}
+
+impl fmt::Debug for IdentityVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityVerifier").finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for IdentityVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match identity_from_cert(end_entity) {
+            Ok(id) if (self.admit)(&id) => Ok(verified),
+            Ok(id) => {
+                tracing::warn!(identity = %id, "refused a certificate this listener does not admit");
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a certificate without a usable identity");
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Builds the TLS client configuration of a Convoy agent or admin client.
@@ -673,8 +1002,7 @@ pub fn client_config(identity: &TlsIdentity, alpn: &[&[u8]]) -> Result<ClientCon
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| PkiError::Tls(e.to_string()))?
         .with_root_certificates(identity.roots()?)
-        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(|e| PkiError::Tls(e.to_string()))?;
+        .with_client_cert_resolver(identity.presented.clone());
     config.alpn_protocols = alpn_list(alpn);
     config.enable_early_data = false;
     config.resumption = Resumption::disabled();
@@ -714,6 +1042,91 @@ mod tests {
         );
         let id = TlsIdentity::from_pem(&ca.cert_pem, &client.cert_pem, &client.key_pem).unwrap();
         assert_eq!(id.identity(), &PeerIdentity::Client("admin".into()));
+    }
+
+    /// Seconds from now until `pem`'s notAfter (negative if past).
+    fn secs_left(pem: &CertAndKeyPem) -> i64 {
+        let end = not_after(&pem.cert_pem).unwrap();
+        match end.duration_since(SystemTime::now()) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        }
+    }
+
+    fn assert_about(pem: &CertAndKeyPem, lifetime: Duration) {
+        let left = secs_left(pem);
+        let want = lifetime.as_secs() as i64;
+        assert!(
+            (want - 120..=want).contains(&left),
+            "notAfter is {left} s away, wanted about {want} s"
+        );
+    }
+
+    #[test]
+    fn issued_certificates_carry_the_requested_lifetime() {
+        let ca = generate_ca_valid_for("test ca", 400 * DAY).unwrap();
+        assert_about(&ca, 400 * DAY);
+        let node = issue_node_cert_valid_for(&ca, 1, &[], 30 * DAY).unwrap();
+        assert_about(&node, 30 * DAY);
+        let admin = issue_client_cert_valid_for(&ca, "admin", 7 * DAY).unwrap();
+        assert_about(&admin, 7 * DAY);
+        let nbd = issue_nbd_client_cert(&ca, "hv1", 2 * DAY).unwrap();
+        assert_about(&nbd, 2 * DAY);
+        // The defaults: one year for certificates, ten for a CA.
+        assert_about(
+            &issue_node_cert(&ca, 2, &[]).unwrap(),
+            DEFAULT_CERT_LIFETIME,
+        );
+        assert_about(&issue_client_cert(&ca, "b").unwrap(), DEFAULT_CERT_LIFETIME);
+        assert!(DEFAULT_CERT_LIFETIME <= 366 * DAY);
+        assert_about(&generate_ca("other").unwrap(), DEFAULT_CA_LIFETIME);
+        // Backdated a day for clock skew, and usable now.
+        let id = TlsIdentity::from_pem(&ca.cert_pem, &node.cert_pem, &node.key_pem).unwrap();
+        assert_eq!(id.identity(), &PeerIdentity::Node(1));
+    }
+
+    #[test]
+    fn lifetimes_that_are_zero_too_long_or_outlive_the_ca_are_refused() {
+        let ca = generate_ca_valid_for("short ca", 10 * DAY).unwrap();
+        for bad in [Duration::ZERO, MAX_LIFETIME + DAY] {
+            assert!(matches!(
+                generate_ca_valid_for("x", bad),
+                Err(PkiError::BadLifetime(_))
+            ));
+            assert!(matches!(
+                issue_client_cert_valid_for(&ca, "a", bad),
+                Err(PkiError::BadLifetime(_))
+            ));
+        }
+        let err = issue_node_cert_valid_for(&ca, 1, &[], 20 * DAY).unwrap_err();
+        assert!(matches!(err, PkiError::BadLifetime(_)), "{err}");
+        assert!(err.to_string().contains("outlive the CA"), "{err}");
+        assert!(issue_nbd_client_cert(&ca, "hv", 11 * DAY).is_err());
+        assert!(issue_nbd_client_cert(&ca, "hv", 9 * DAY).is_ok());
+    }
+
+    #[test]
+    fn nbd_client_identity_round_trips_and_allows_key_encipherment_for_qemu() {
+        let ca = generate_ca("test ca").unwrap();
+        let nbd = issue_nbd_client_cert(&ca, "hv-1", DAY).unwrap();
+        assert_eq!(
+            identity_from_cert(&der(&nbd)).unwrap(),
+            PeerIdentity::NbdClient("hv-1".into())
+        );
+        let der = der(&nbd);
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der).unwrap();
+        let ku = cert.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && ku.key_encipherment());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+        assert!(matches!(
+            issue_nbd_client_cert(&ca, "a b", DAY),
+            Err(PkiError::BadIdentity(_))
+        ));
+        assert_eq!(
+            parse_identity_uri("urn:convoy:nbd:x").unwrap(),
+            PeerIdentity::NbdClient("x".into())
+        );
     }
 
     #[test]

@@ -79,17 +79,31 @@ impl fmt::Display for StreamKind {
 /// Maps a connection-level quinn error to ours. A crypto-range close means a TLS failure
 /// (typically the peer refused our certificate right after the handshake).
 pub(crate) fn connection_error(peer: u64, addr: SocketAddr, e: &ConnectionError) -> TransportError {
-    let tls = match e {
-        ConnectionError::TransportError(t) => is_crypto(u64::from(t.code)),
-        ConnectionError::ConnectionClosed(c) => is_crypto(u64::from(c.error_code)),
-        _ => false,
-    };
-    if tls {
-        TransportError::Tls {
-            peer,
-            addr,
-            reason: e.to_string(),
+    if let ConnectionError::ApplicationClosed(close) = e {
+        if close.error_code == VarInt::from_u32(codes::RETIRED) {
+            return TransportError::Refused {
+                peer,
+                reason: format!(
+                    "node {peer} says this node is retired (removed from the cluster); stop this agent"
+                ),
+            };
         }
+    }
+    let code = match e {
+        ConnectionError::TransportError(t) => Some(u64::from(t.code)),
+        ConnectionError::ConnectionClosed(c) => Some(u64::from(c.error_code)),
+        _ => None,
+    };
+    if let Some(code) = code.filter(|&c| is_crypto(c)) {
+        let mut reason = e.to_string();
+        // A verifier that knows the certificate's CA but refuses its holder answers with
+        // access_denied; on the node transport that means this node is retired.
+        if code == CRYPTO_ERROR_BASE + ALERT_ACCESS_DENIED {
+            reason.push_str(
+                " (access denied: the peer refuses this node's identity; a node removed from the cluster is refused everywhere)",
+            );
+        }
+        TransportError::Tls { peer, addr, reason }
     } else {
         TransportError::ConnectionLost {
             peer,
@@ -99,8 +113,12 @@ pub(crate) fn connection_error(peer: u64, addr: SocketAddr, e: &ConnectionError)
 }
 
 /// QUIC carries TLS alerts as transport error codes 0x100..=0x1ff.
+const CRYPTO_ERROR_BASE: u64 = 0x100;
+/// The TLS alert `access_denied` (RFC 8446, 6.2).
+const ALERT_ACCESS_DENIED: u64 = 49;
+
 fn is_crypto(code: u64) -> bool {
-    (0x100..0x200).contains(&code)
+    (CRYPTO_ERROR_BASE..CRYPTO_ERROR_BASE + 0x100).contains(&code)
 }
 
 /// The sending half of a framed stream.

@@ -19,6 +19,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use convoy_raft::model::{ClusterModel, ModelError, ReplicationMode};
 use convoy_raft::{Command, Outcome};
+use convoy_transport::pki::PeerIdentity;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -47,6 +48,7 @@ impl ApiError {
             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NoLeader | ErrorCode::NotInitialized | ErrorCode::Unavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -188,9 +190,7 @@ async fn add_node(
     body: Result<Json<AddNodeRequest>, JsonRejection>,
 ) -> ApiResult<Json<ClusterStatus>> {
     let Json(req) = body?;
-    let catch_up = req
-        .timeout_secs
-        .map_or(crate::node::service::LEARNER_CATCH_UP, Duration::from_secs);
+    let catch_up = catch_up(req.timeout_secs)?;
     s.cluster
         .add_node(req.id, req.raft_addr, req.admin_addr, catch_up)
         .await?;
@@ -200,6 +200,27 @@ async fn add_node(
 async fn remove_node(State(s): State<ApiState>, Path(id): Path<u64>) -> ApiResult<StatusCode> {
     s.cluster.remove_node(id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The learner catch-up time a request asked for, bounded: a huge value would overflow
+/// the deadline computed from it.
+fn catch_up(timeout_secs: Option<u64>) -> ApiResult<Duration> {
+    match timeout_secs {
+        None => Ok(crate::node::service::LEARNER_CATCH_UP),
+        Some(secs) if (1..=MAX_CATCH_UP_SECS).contains(&secs) => Ok(Duration::from_secs(secs)),
+        Some(secs) => Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("timeout_secs {secs} is out of range: give 1 to {MAX_CATCH_UP_SECS}"),
+        )),
+    }
+}
+
+/// Checks a workload spec when the VM is created, not when its guest starts, so its
+/// numbers (rate, size, depth, span) are bounded before they enter the log.
+fn check_workload(spec: &str) -> ApiResult<()> {
+    spec.parse::<convoy_guest::Workload>()
+        .and_then(|w| w.validate())
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("workload: {e}")))
 }
 
 fn parse_request_id(text: Option<&str>) -> ApiResult<Option<u128>> {
@@ -327,6 +348,9 @@ async fn create_vm(
 ) -> ApiResult<(StatusCode, Json<VmView>)> {
     let Json(req) = body?;
     let request_id = parse_request_id(req.request_id.as_deref())?;
+    if let Some(spec) = &req.workload {
+        check_workload(spec)?;
+    }
     let cmd = Command::CreateVm {
         name: req.name,
         host: req.host,
@@ -658,7 +682,15 @@ async fn delete_cg(State(s): State<ApiState>, Path(name): Path<String>) -> ApiRe
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Longest learner catch-up a client may ask for in `POST /v1/cluster/nodes`.
+pub const MAX_CATCH_UP_SECS: u64 = 3600;
+
 /// Serves `app` over TLS on `listener`; the TLS config must require client certificates.
+///
+/// Only admin client certificates (`urn:convoy:client:<name>`, `convoy cert issue-client`)
+/// drive the API. A node certificate or an NBD client certificate completes TLS (it comes
+/// from the cluster CA) but every request on that connection gets 403 `forbidden`, so a
+/// compromised hypervisor or a stolen node key cannot change the cluster through it.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: rustls::ServerConfig,
@@ -680,9 +712,37 @@ pub async fn serve_tls(
                     }
                     Err(_) => return,
                 };
-            serve_connection(stream, peer, app).await;
+            let identity = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .map(convoy_transport::pki::identity_from_cert);
+            match identity {
+                Some(Ok(PeerIdentity::Client(_))) => serve_connection(stream, peer, app).await,
+                other => {
+                    let who = match other {
+                        Some(Ok(id)) => id.to_string(),
+                        Some(Err(e)) => format!("a certificate without a usable identity ({e})"),
+                        None => "no certificate".to_string(),
+                    };
+                    tracing::warn!(%peer, identity = %who, "admin API: refused a certificate that is not an admin's");
+                    serve_connection(stream, peer, forbidden(who)).await;
+                }
+            }
         });
     }
+}
+
+/// Answers every request with 403, naming the certificate it came with.
+fn forbidden(who: String) -> Router {
+    let message = format!(
+        "this connection presented {who}: only admin certificates may use the admin API; issue one with `convoy cert issue-client` and pass it with --cert/--key"
+    );
+    Router::new().fallback(move || {
+        let message = message.clone();
+        async move { ApiError::new(ErrorCode::Forbidden, message) }
+    })
 }
 
 /// Serves `app` over plain HTTP (metrics only).
@@ -965,4 +1025,105 @@ async fn restore_snapshot(
     };
     view.chunks_restored = Some(chunks);
     Ok(Json(view))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use convoy_transport::pki::{self, TlsIdentity};
+
+    fn status(r: ApiResult<impl Sized>) -> Option<StatusCode> {
+        r.err().map(|e| e.0)
+    }
+
+    #[test]
+    fn catch_up_timeout_is_bounded() {
+        assert_eq!(
+            catch_up(None).ok(),
+            Some(crate::node::service::LEARNER_CATCH_UP)
+        );
+        assert_eq!(catch_up(Some(5)).ok(), Some(Duration::from_secs(5)));
+        assert_eq!(
+            catch_up(Some(MAX_CATCH_UP_SECS)).ok(),
+            Some(Duration::from_secs(MAX_CATCH_UP_SECS))
+        );
+        for bad in [0, MAX_CATCH_UP_SECS + 1, u64::MAX] {
+            assert_eq!(status(catch_up(Some(bad))), Some(StatusCode::BAD_REQUEST));
+        }
+    }
+
+    #[test]
+    fn workload_numbers_are_checked_when_the_vm_is_created() {
+        assert!(check_workload("iops=200,size=4k,pattern=random").is_ok());
+        for bad in [
+            "iops=0",
+            "iops=99999999999",
+            "size=3",
+            "size=1t",
+            "depth=0",
+            "depth=4294967296",
+            "span=1",
+            "nonsense",
+        ] {
+            assert_eq!(
+                status(check_workload(bad)),
+                Some(StatusCode::BAD_REQUEST),
+                "{bad}"
+            );
+        }
+    }
+
+    /// The admin API answers admin certificates and forbids node and NBD client ones.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_admin_certificates_drive_the_admin_api() {
+        let ca = pki::generate_ca("api test").unwrap();
+        let node = pki::issue_node_cert(&ca, 1, &["127.0.0.1".into()]).unwrap();
+        let server_id = TlsIdentity::from_pem(&ca.cert_pem, &node.cert_pem, &node.key_pem).unwrap();
+        let tls = pki::server_config(&server_id, &[b"http/1.1"]).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/v1/node",
+            get(|| async { Json(serde_json::json!({"ok": true})) }),
+        );
+        let server = tokio::spawn(serve_tls(listener, tls, app));
+
+        let client = |pem: &pki::CertAndKeyPem| {
+            let id = TlsIdentity::from_pem(&ca.cert_pem, &pem.cert_pem, &pem.key_pem).unwrap();
+            crate::client::AdminClient::new(vec![addr], &id).unwrap()
+        };
+        let admin = client(&pki::issue_client_cert(&ca, "admin").unwrap());
+        let answer: serde_json::Value = admin.get("/v1/node").await.unwrap();
+        assert_eq!(answer["ok"], true);
+
+        let other_node = pki::issue_node_cert(&ca, 2, &[]).unwrap();
+        let hypervisor =
+            pki::issue_nbd_client_cert(&ca, "hv", Duration::from_secs(86_400)).unwrap();
+        for (what, pem) in [("node", other_node), ("nbd", hypervisor)] {
+            let err = client(&pem)
+                .get::<serde_json::Value>("/v1/node")
+                .await
+                .unwrap_err();
+            let failure = err
+                .downcast_ref::<crate::client::ApiFailure>()
+                .unwrap_or_else(|| panic!("{what}: not an API answer: {err:#}"));
+            assert_eq!(failure.status, StatusCode::FORBIDDEN, "{what}");
+            assert!(matches!(failure.body.code, ErrorCode::Forbidden), "{what}");
+            assert!(
+                failure.body.error.contains("issue-client"),
+                "{what}: {}",
+                failure.body.error
+            );
+            // Writes too, not only reads.
+            let err = client(&pem)
+                .post::<_, serde_json::Value>("/v1/cluster/init", &serde_json::json!({}))
+                .await
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("only admin certificates"),
+                "{what}: {err:#}"
+            );
+        }
+        server.abort();
+    }
 }

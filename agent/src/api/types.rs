@@ -22,6 +22,9 @@ pub enum ErrorCode {
     NotFound,
     /// Conflicts with existing state (409).
     Conflict,
+    /// The certificate is not an admin certificate (403): node and NBD client
+    /// certificates cannot drive the admin API.
+    Forbidden,
     /// No leader could be reached in time (503).
     NoLeader,
     /// The cluster is not initialized yet (503).
@@ -118,7 +121,7 @@ pub struct AddNodeRequest {
     pub raft_addr: String,
     /// Its admin address.
     pub admin_addr: String,
-    /// How long the new node may take to catch up as a learner (default 60 s).
+    /// How long the new node may take to catch up as a learner, 1 to 3600 s (default 60 s).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
 }

@@ -81,7 +81,7 @@ pub enum Cmd {
     /// Disks and their copies.
     #[command(subcommand)]
     Disk(DiskCmd),
-    /// Certificates: cluster CA, node and client certificates.
+    /// Certificates: cluster CA, node, admin client and NBD client certificates.
     #[command(subcommand)]
     Cert(crate::certs::CertCmd),
 }
@@ -101,8 +101,8 @@ pub enum ClusterCmd {
         /// Its admin API address (IP:PORT).
         #[arg(long, value_name = "IP:PORT")]
         admin_addr: SocketAddr,
-        /// Seconds the new node may take to catch up before the command gives up.
-        #[arg(long, default_value_t = 60)]
+        /// Seconds the new node may take to catch up before the command gives up (1 to 3600).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=crate::api::MAX_CATCH_UP_SECS))]
         timeout: u64,
     },
     /// Remove a node from the cluster; its id is retired for good.

@@ -28,18 +28,27 @@ struct Export {
 /// The exports of one host.
 pub struct Exports {
     socket_dir: PathBuf,
-    tcp: Option<std::net::SocketAddr>,
+    /// The TCP listener's address, and whether it requires TLS (`nbds://`).
+    tcp: Option<(std::net::SocketAddr, bool)>,
+    socket_group: Option<u32>,
     registry: ExportRegistry,
     map: Mutex<HashMap<String, Export>>,
 }
 
 impl Exports {
-    /// Exports with sockets in `socket_dir`.
-    pub fn new(socket_dir: PathBuf, tcp: Option<std::net::SocketAddr>) -> Self {
+    /// Exports with sockets (mode 0660, group `socket_group` or the agent's) in
+    /// `socket_dir`, each capped by `limits`.
+    pub fn new(
+        socket_dir: PathBuf,
+        tcp: Option<(std::net::SocketAddr, bool)>,
+        limits: convoy_nbd::ExportLimits,
+        socket_group: Option<u32>,
+    ) -> Self {
         Self {
             socket_dir,
             tcp,
-            registry: ExportRegistry::new(),
+            socket_group,
+            registry: ExportRegistry::with_limits(limits),
             map: Mutex::new(HashMap::new()),
         }
     }
@@ -58,8 +67,9 @@ impl Exports {
     pub fn uris(&self, name: &str) -> Vec<String> {
         let socket = self.socket_dir.join(format!("{name}.sock"));
         let mut out = vec![format!("nbd+unix:///{name}?socket={}", socket.display())];
-        if let Some(tcp) = self.tcp {
-            out.push(format!("nbd://{tcp}/{name}"));
+        if let Some((tcp, tls)) = self.tcp {
+            let scheme = if tls { "nbds" } else { "nbd" };
+            out.push(format!("{scheme}://{tcp}/{name}"));
         }
         out
     }
@@ -89,8 +99,7 @@ impl Exports {
             return Ok(());
         }
         let socket = self.socket_dir.join(format!("{name}.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let listener = tokio::net::UnixListener::bind(&socket)
+        let listener = convoy_nbd::bind_unix(&socket, 0o660, self.socket_group)
             .with_context(|| format!("cannot create NBD socket {}", socket.display()))?;
         self.registry
             .add(name, device, description)

@@ -68,6 +68,12 @@ pub struct DataConfig {
     pub socket_dir: PathBuf,
     /// Optional TCP address serving every export.
     pub nbd_tcp: Option<std::net::SocketAddr>,
+    /// Server settings of the TCP listener; `tls` is `None` only when plaintext was asked for.
+    pub nbd_tcp_server: convoy_nbd::ServerConfig,
+    /// Connection and in-flight byte caps of every export.
+    pub nbd_limits: convoy_nbd::ExportLimits,
+    /// Group (gid) of the Unix sockets, which get mode 0660; `None` = the agent's group.
+    pub nbd_socket_group: Option<u32>,
     /// Journal limit per group, bytes; beyond it a replica that is not keeping up resyncs
     /// from dirty chunks.
     pub journal_limit: u64,
@@ -241,7 +247,12 @@ impl DataPlane {
         let plane = Arc::new(Self {
             node,
             images: Images::new(cfg.data_dir.join("disks")),
-            exports: exports::Exports::new(cfg.socket_dir.clone(), cfg.nbd_tcp),
+            exports: exports::Exports::new(
+                cfg.socket_dir.clone(),
+                cfg.nbd_tcp.map(|a| (a, cfg.nbd_tcp_server.tls.is_some())),
+                cfg.nbd_limits,
+                cfg.nbd_socket_group,
+            ),
             cfg: cfg.clone(),
             endpoint,
             writer,
@@ -275,7 +286,10 @@ impl DataPlane {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen for NBD on {addr} (key `nbd.tcp`)"))?;
-            let server = convoy_nbd::Server::new(plane.exports.registry().clone());
+            let server = convoy_nbd::Server::with_config(
+                plane.exports.registry().clone(),
+                cfg.nbd_tcp_server.clone(),
+            );
             tokio::spawn(async move { server.serve_tcp(listener, std::future::pending()).await });
         }
         Ok(plane)

@@ -102,12 +102,24 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         proposer: proposer::Proposer::spawn(raft.clone()),
         data: std::sync::OnceLock::new(),
     });
+    // Before any stream is served: a retired node must not get in while the first
+    // reconcile is pending.
+    refuse_retired(&cluster);
     tokio::spawn(rpc::serve_inbound(inbound, Arc::clone(&cluster)));
 
     let data_cfg = DataConfig {
         data_dir: cfg.data_dir.clone(),
         socket_dir: cfg.nbd.socket_dir.clone(),
         nbd_tcp: cfg.nbd.tcp,
+        nbd_tcp_server: nbd_tcp_server(&cfg, &identity)?,
+        nbd_limits: cfg.nbd.export_limits(),
+        nbd_socket_group: cfg
+            .nbd
+            .socket_group
+            .as_deref()
+            .map(convoy_nbd::resolve_group)
+            .transpose()
+            .context("key `nbd.socket_group`")?,
         journal_limit: cfg.replication.journal_limit_mib << 20,
         sync_timeout: Duration::from_millis(cfg.replication.sync_timeout_ms),
         keep_former_copies: Duration::from_secs(cfg.replication.keep_former_copies_secs),
@@ -121,6 +133,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     tokio::spawn(gc_loop(Arc::clone(&cluster), Arc::clone(&plane)));
 
     let metrics = crate::metrics::install()?;
+    note_cert_expiry(&cfg, &identity);
     crate::metrics::spawn_sampler(Arc::clone(&cluster), metrics.clone());
     let state = ApiState {
         cluster: Arc::clone(&cluster),
@@ -152,14 +165,19 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
-    let outcome = tokio::select! {
-        _ = term.recv() => Ok(()),
-        r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT"),
-        Some(r) = servers.join_next() => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
-        },
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    let outcome = loop {
+        tokio::select! {
+            _ = term.recv() => break Ok(()),
+            r = tokio::signal::ctrl_c() => break r.context("cannot wait for SIGINT"),
+            Some(r) = servers.join_next() => break match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
+            },
+            _ = hup.recv() => reload_certificate(&cfg, &identity),
+        }
     };
     tracing::info!("shutting down");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -167,6 +185,87 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), raft.shutdown()).await;
     endpoint.close().await;
     outcome
+}
+
+/// The NBD TCP listener's settings: TLS with NBD client certificates from the cluster CA,
+/// unless `nbd.tcp_insecure` asks for plaintext.
+fn nbd_tcp_server(cfg: &AgentConfig, identity: &TlsIdentity) -> Result<convoy_nbd::ServerConfig> {
+    let mut server = convoy_nbd::ServerConfig::default();
+    let Some(addr) = cfg.nbd.tcp else {
+        return Ok(server);
+    };
+    if cfg.nbd.tcp_insecure {
+        tracing::warn!(
+            %addr,
+            "NBD over TCP without TLS (nbd.tcp_insecure): anyone who reaches this port can read and write every disk"
+        );
+        return Ok(server);
+    }
+    let tls = pki::nbd_server_config(identity).context("cannot build the NBD TLS config")?;
+    server.tls = Some(Arc::new(tls));
+    Ok(server)
+}
+
+/// SIGHUP: reads `tls.cert` and `tls.key` again and, if they hold a valid certificate for
+/// this node from the same CA, presents it on every new handshake (QUIC, admin API, NBD)
+/// from now on. On any error the running certificate stays and the error is logged.
+fn reload_certificate(cfg: &AgentConfig, identity: &TlsIdentity) {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+    let outcome = TlsIdentity::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+        .context("cannot load the new certificate")
+        .and_then(|new| {
+            identity
+                .replace_certificate(&new)
+                .context("cannot switch to the new certificate")?;
+            Ok(new)
+        });
+    match outcome {
+        Ok(new) => {
+            tracing::info!(cert = %cfg.tls.cert.display(), "SIGHUP: now presenting the reloaded certificate");
+            note_cert_expiry(cfg, &new);
+        }
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "SIGHUP: certificate not reloaded; still presenting the previous one"
+        ),
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+/// Logs when this agent's certificate expires (a warning within 30 days) and exports it
+/// as a gauge, so rotation is not discovered by an outage.
+fn note_cert_expiry(cfg: &AgentConfig, identity: &TlsIdentity) {
+    let Ok(not_after) = pki::not_after_der(identity.certificate()) else {
+        return;
+    };
+    let at = not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    metrics::gauge!("convoy_tls_cert_not_after_seconds").set(at as f64);
+    let days = not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default()
+        .as_secs()
+        / 86_400;
+    if days < 30 {
+        tracing::warn!(cert = %cfg.tls.cert.display(), days, "this agent's certificate expires soon: issue a new one, then reload (SIGHUP) or restart the agent (README: rotating certificates)");
+    } else {
+        tracing::info!(cert = %cfg.tls.cert.display(), days, "certificate valid");
+    }
+}
+
+/// Tells the transport which nodes the model says are retired, so their certificates
+/// open no connection and no stream, in either direction.
+fn refuse_retired(cluster: &Cluster) {
+    let retired: Vec<NodeId> = cluster.model.read(|m| {
+        m.hosts
+            .values()
+            .filter(|h| h.retired)
+            .map(|h| h.id)
+            .collect()
+    });
+    cluster.endpoint.set_retired_peers(retired);
 }
 
 /// Proposes commands (link states, hand-overs) through Raft on behalf of the data plane.
@@ -239,6 +338,7 @@ async fn collect_garbage(cluster: &Arc<Cluster>, plane: &Arc<DataPlane>) {
 async fn reconcile_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>) {
     let mut applied = cluster.model.subscribe();
     loop {
+        refuse_retired(&cluster);
         let model = cluster.model.read(|m| m.topology());
         let p = Arc::clone(&plane);
         let m = model.clone();

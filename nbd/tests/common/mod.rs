@@ -397,7 +397,12 @@ pub struct RawClient<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     /// Reads the greeting and sends client flags (fixed newstyle, optionally no-zeroes).
-    pub async fn handshake(mut stream: S, no_zeroes: bool) -> Self {
+    pub async fn handshake(stream: S, no_zeroes: bool) -> Self {
+        Self::handshake_with_flags(stream, if no_zeroes { 0b11 } else { 0b01 }).await
+    }
+
+    /// Reads the greeting and sends exactly `client_flags`.
+    pub async fn handshake_with_flags(mut stream: S, client_flags: u32) -> Self {
         assert_eq!(stream.read_u64().await.unwrap(), NBDMAGIC);
         assert_eq!(stream.read_u64().await.unwrap(), IHAVEOPT);
         let flags = stream.read_u16().await.unwrap();
@@ -405,8 +410,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
             flags, 0b11,
             "server must offer FIXED_NEWSTYLE and NO_ZEROES"
         );
-        let client = if no_zeroes { 0b11 } else { 0b01 };
-        stream.write_u32(client).await.unwrap();
+        stream.write_u32(client_flags).await.unwrap();
         Self { stream }
     }
 
