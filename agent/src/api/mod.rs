@@ -265,6 +265,7 @@ fn vm_view_with(vm: &convoy_raft::model::Vm, disks: Vec<convoy_raft::model::Disk
         stays: vm.stays.clone(),
         guest: None,
         guest_error: None,
+        guest_stats: None,
         disk_errors: Vec::new(),
     }
 }
@@ -420,6 +421,7 @@ async fn show_vm(
                 .to_string(),
             );
             view.guest_error = g.error;
+            view.guest_stats = g.stats;
         }
     }
     Ok(Json(view))

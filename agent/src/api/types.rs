@@ -245,6 +245,10 @@ pub struct VmView {
     /// Why the simulated guest could not start.
     #[serde(default)]
     pub guest_error: Option<String>,
+    /// The simulated guest's counters on its host (acknowledged and failed writes, IOPS,
+    /// latency), when the host answered.
+    #[serde(default)]
+    pub guest_stats: Option<convoy_guest::GuestStats>,
     /// Disks whose image cannot be opened on the VM's host, with why.
     #[serde(default)]
     pub disk_errors: Vec<(u64, String)>,

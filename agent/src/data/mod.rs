@@ -353,7 +353,10 @@ impl DataPlane {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&disk)
-            .cloned();
+            .cloned()
+            // Not exported here (its VM moved away), but still ordered here: a writer
+            // left over from before gets the sequencer's verdict (its epoch is stale).
+            .or_else(|| self.sequencer_for(disk).map(Route::Local));
         (version, route)
     }
 
@@ -362,6 +365,11 @@ impl DataPlane {
         let mut rx = self.route_version.subscribe();
         let changed = rx.wait_for(|v| *v != seen);
         matches!(tokio::time::timeout_at(deadline, changed).await, Ok(Ok(_)))
+    }
+
+    /// The epoch of `disk` in the model this host last applied.
+    pub fn model_epoch(&self, disk: DiskId) -> Option<u64> {
+        self.view.borrow().model.disks.get(&disk).map(|d| d.epoch)
     }
 
     /// The sequencer of `disk`'s domain, if this host runs it.
@@ -925,9 +933,13 @@ impl DataPlane {
     /// a volume at the new epoch while connections opened before keep the old one, whose
     /// writes are refused as stale (that is the fence).
     fn update_exports(self: &Arc<Self>, plan: &HostPlan) {
+        // A disk whose VM moved away keeps its export here while this host holds a copy:
+        // its volume stays at the old epoch, so a writer left over from before is refused
+        // (and counted) rather than silently disconnected.
+        let copies = plan.images();
         for name in self.exports.names() {
-            let planned = plan.exports.keys().any(|d| export_name(*d) == name);
-            if !planned && !name.ends_with("-ro") {
+            let held = copies.keys().any(|d| export_name(*d) == name);
+            if !held && !name.ends_with("-ro") {
                 self.exports.remove(&name);
             }
         }

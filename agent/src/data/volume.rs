@@ -123,7 +123,20 @@ impl Volume {
         loop {
             let (version, route) = plane.route(self.disk);
             let outcome = match route {
-                None => None,
+                None => {
+                    // A fenced writer gets its answer now, not after the route wait.
+                    if let Some(current) = plane.model_epoch(self.disk).filter(|e| *e > self.epoch)
+                    {
+                        metrics::counter!("convoy_stale_epoch_refused_total", "where" => "export")
+                            .increment(1);
+                        return Err(WriteError::StaleEpoch {
+                            writer: self.epoch,
+                            current,
+                        }
+                        .into());
+                    }
+                    None
+                }
                 Some(Route::Local(seq)) => {
                     match seq
                         .write(self.disk, offset, payload.clone(), fua, self.epoch)
