@@ -237,6 +237,9 @@ pub enum HypervisorOp {
         vm: String,
         /// Where it runs now.
         host: NodeId,
+        /// Paused only while the migration is undecided under this claim and phase: a
+        /// stale coordinator's pause does nothing.
+        guard: Guard,
     },
     /// [`crate::HypervisorDriver::resume`].
     Resume {
@@ -265,6 +268,10 @@ pub enum HypervisorError {
     /// The host did not answer.
     #[error("node {0}'s hypervisor did not answer: check `convoy cluster status`")]
     Unreachable(NodeId),
+    /// The pause's guard no longer holds in the committed model (another coordinator, a
+    /// phase change, or the decision came first): nothing was done.
+    #[error("the migration moved on (claim, phase or decision changed); VM {0} was not paused")]
+    Stale(String),
     /// The committed model says the VM runs elsewhere: nothing was done.
     #[error("VM {vm} does not run on node {host} in the committed model; nothing was done")]
     NotThere {

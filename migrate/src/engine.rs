@@ -335,13 +335,11 @@ impl Coordinator {
     // ---- emitting ----
 
     fn issue(&mut self, key: Key, kind: ActionKind, now: u64, out: &mut Vec<Action>) {
+        let timeout = self
+            .pending
+            .get(&key)
+            .map_or(0, |p| self.timeout(&p.action.kind));
         if let Some(p) = self.pending.get_mut(&key) {
-            let timeout = match p.action.kind {
-                ActionKind::Propose { .. } => self.config.proposal_timeout_ms,
-                ActionKind::Storage(_) => self.config.storage_timeout_ms,
-                ActionKind::Hypervisor(_) => self.config.hypervisor_timeout_ms,
-                ActionKind::Note(_) => 0,
-            };
             if now >= p.issued_ms.saturating_add(timeout) {
                 p.issued_ms = now;
                 out.push(p.action.clone());
@@ -365,6 +363,34 @@ impl Coordinator {
             },
         );
         out.push(action);
+    }
+
+    fn timeout(&self, kind: &ActionKind) -> u64 {
+        match kind {
+            ActionKind::Propose { .. } => self.config.proposal_timeout_ms,
+            ActionKind::Storage(_) => self.config.storage_timeout_ms,
+            ActionKind::Hypervisor(_) => self.config.hypervisor_timeout_ms,
+            ActionKind::Note(_) => 0,
+        }
+    }
+
+    /// Whether an action for `key` is outstanding and not timed out; a timed-out one is
+    /// forgotten (its answer is not coming).
+    fn outstanding(&mut self, key: &Key, now: u64) -> bool {
+        let Some(p) = self.pending.get(key) else {
+            return false;
+        };
+        if now < p.issued_ms.saturating_add(self.timeout(&p.action.kind)) {
+            return true;
+        }
+        self.forget(key);
+        false
+    }
+
+    fn forget(&mut self, key: &Key) {
+        if let Some(p) = self.pending.remove(key) {
+            self.by_id.remove(&p.action.id);
+        }
     }
 
     fn request_id(&self, action: ActionId) -> u128 {
@@ -701,17 +727,6 @@ impl Coordinator {
                 return;
             }
         }
-        if link.state != LinkState::Consistent {
-            self.note(
-                format!(
-                    "node {}'s copy is {}: waiting for its seeding",
-                    m.to,
-                    link.state.as_str()
-                ),
-                out,
-            );
-            return;
-        }
         let Some(st) = cx.obs.links.get(&m.to).copied() else {
             self.note(format!("no status yet for node {}'s link", m.to), out);
             return;
@@ -723,6 +738,25 @@ impl Coordinator {
             cg: m.cg.clone(),
             mode: ReplicationMode::Sync,
         };
+        if link.state != LinkState::Consistent {
+            // Seeding: it converges only if it sends faster than guests dirty; if not,
+            // mirror new writes synchronously so only the old differences remain.
+            if !link.mode.is_synchronous() && escalated {
+                self.step_cmd(cx, Key::SetMode, to_sync, out);
+            } else if !link.mode.is_synchronous() && self.not_converging(cx.now, lag) {
+                self.escalate(cx, lag, out);
+            } else {
+                self.note(
+                    format!(
+                        "node {}'s copy is {}: seeding, {lag} chunks to go",
+                        m.to,
+                        link.state.as_str()
+                    ),
+                    out,
+                );
+            }
+            return;
+        }
         match m.strategy {
             Strategy::SyncSwitch { .. } => {
                 if st.up_to_date {
@@ -827,6 +861,15 @@ impl Coordinator {
         };
         let state = cx.obs.vm(vm);
         if v.host == target {
+            let pause = Key::Pause(vm.into());
+            if matches!(state, VmState::Paused(_)) {
+                // Our pause landed (its answer may be lost): resume from here.
+                self.forget(&pause);
+            } else if self.outstanding(&pause, cx.now) {
+                // A pause of ours may still land: wait for it, or the VM would stay
+                // paused after we moved on.
+                return false;
+            }
             return match state {
                 VmState::Running(h) if h == target => true,
                 VmState::Stopped if self.stopped.contains(vm) => true,
@@ -846,23 +889,28 @@ impl Coordinator {
         if state == VmState::Stopped {
             self.stopped.insert(vm.into());
         }
-        // A VM moves once drained; one whose host is lost moves at once (its instance
-        // there, if any survives, is refused by the epochs the move bumps).
-        let movable =
-            cx.obs.lost(from) || state == VmState::Paused(from) || state == VmState::Stopped;
-        if movable {
+        // A VM moves once no instance of it runs: drained (paused wherever its instance
+        // is, which after an interrupted move may be the host it left), stopped, or on a
+        // lost host. An instance that survives somewhere unseen is refused by the epochs
+        // the move bumps.
+        let running_on = match state {
+            VmState::Running(h) if !cx.obs.lost(h) && !cx.obs.lost(from) => Some(h),
+            _ => None,
+        };
+        if let Some(h) = running_on {
+            let op = HypervisorOp::PauseAndDrain {
+                vm: vm.into(),
+                host: h,
+                guard: self.guard(cx),
+            };
+            self.hypervisor(cx, Key::Pause(vm.into()), op, out);
+        } else {
             let cmd = Command::MoveVm {
                 name: vm.into(),
                 to: target,
                 expect_host: Some(from),
             };
             self.step_cmd(cx, Key::Move(vm.into()), cmd, out);
-        } else {
-            let op = HypervisorOp::PauseAndDrain {
-                vm: vm.into(),
-                host: from,
-            };
-            self.hypervisor(cx, Key::Pause(vm.into()), op, out);
         }
         false
     }
@@ -875,9 +923,7 @@ impl Coordinator {
         for name in &cx.group.vms {
             match cx.model.vms.get(name) {
                 Some(v) if v.host == target => {
-                    if !self.ensure_on(cx, name, target, out) {
-                        done = false;
-                    }
+                    done &= self.ensure_on(cx, name, target, out);
                 }
                 Some(_) => away.push(name.clone()),
                 None => {}
@@ -1028,14 +1074,29 @@ impl Coordinator {
                         self.step_cmd(cx, Key::AddReplica(m.from), cmd, out);
                     }
                     Some(l) if l.state != LinkState::Consistent => {
-                        self.note(
-                            format!(
-                                "failing back: node {}'s copy is {}, waiting for it",
-                                m.from,
-                                l.state.as_str()
-                            ),
-                            out,
-                        );
+                        let lag = cx.obs.links.get(&m.from).map_or(0, |s| s.lag());
+                        self.sample(cx.now, lag);
+                        if !l.mode.is_synchronous()
+                            && (m.stats.escalated_at_ms.is_some()
+                                || self.not_converging(cx.now, lag))
+                        {
+                            // The source's copy is seeded back; a link that cannot keep
+                            // up goes synchronous (new writes mirrored as they come).
+                            let cmd = Command::SetMode {
+                                cg: m.cg.clone(),
+                                mode: ReplicationMode::Sync,
+                            };
+                            self.step_cmd(cx, Key::SetMode, cmd, out);
+                        } else {
+                            self.note(
+                                format!(
+                                    "failing back: node {}'s copy is {}, {lag} behind",
+                                    m.from,
+                                    l.state.as_str()
+                                ),
+                                out,
+                            );
+                        }
                     }
                     Some(l) => {
                         let op = StorageOp::HandOver(HandOverRequest {

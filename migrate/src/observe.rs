@@ -46,7 +46,9 @@ pub struct LinkStatus {
 }
 
 impl LinkStatus {
-    /// Writes the replica lacks.
+    /// How much the replica lacks: writes behind in the group's order, or, while it is
+    /// being seeded, chunks still to send (`acked_seq` then counts up to `last_seq` as
+    /// they go). Convergence is judged on it either way.
     pub fn lag(&self) -> u64 {
         self.last_seq.saturating_sub(self.acked_seq)
     }

@@ -25,9 +25,9 @@ use std::future::Future;
 use convoy_model::{DiskId, NodeId};
 
 use crate::{
-    DeltaReport, HandOverRequest, HypervisorError, HypervisorOp, HypervisorReply, LinkStatus,
-    RestoreRequest, SequencerReport, StorageError, StorageOp, StorageReply, TakeOverRequest,
-    VmState,
+    DeltaReport, Guard, HandOverRequest, HypervisorError, HypervisorOp, HypervisorReply,
+    LinkStatus, RestoreRequest, SequencerReport, StorageError, StorageOp, StorageReply,
+    TakeOverRequest, VmState,
 };
 
 /// The component that owns a group's copies and replication (Convoy's replicated store,
@@ -121,12 +121,17 @@ pub trait StorageProvider {
 /// is refused by every copy.
 pub trait HypervisorDriver {
     /// Pause `vm` on `host` and wait until none of its writes is in flight (each was
-    /// acknowledged or failed). Returns `Ok` at once if it is already paused or stopped
-    /// there. On [`HypervisorError::DrainTimeout`] the VM stays paused.
+    /// acknowledged or failed). First, atomically with the pause, check `guard` against
+    /// the committed model: if the migration is decided or its claim or phase differ,
+    /// return [`HypervisorError::Stale`] and do nothing (a stale coordinator must not
+    /// pause a VM nobody will resume). Returns `Ok` at once if the VM is already paused
+    /// or stopped there, or does not run there. On [`HypervisorError::DrainTimeout`] the
+    /// VM stays paused.
     fn pause_and_drain(
         &self,
         vm: &str,
         host: NodeId,
+        guard: &Guard,
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
     /// Run `vm` on `host`, which must be where the committed model says it runs
@@ -174,8 +179,8 @@ pub async fn run_hypervisor_op<H: HypervisorDriver + Sync>(
     op: &HypervisorOp,
 ) -> Result<HypervisorReply, HypervisorError> {
     match op {
-        HypervisorOp::PauseAndDrain { vm, host } => driver
-            .pause_and_drain(vm, *host)
+        HypervisorOp::PauseAndDrain { vm, host, guard } => driver
+            .pause_and_drain(vm, *host, guard)
             .await
             .map(|()| HypervisorReply::Drained),
         HypervisorOp::Resume { vm, host } => driver

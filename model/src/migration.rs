@@ -846,9 +846,20 @@ impl ClusterModel {
             }
         }
         let m = self.migration_mut(id)?;
-        if let SequencerBasis::HandOver { roots, .. } = basis {
+        if let SequencerBasis::HandOver {
+            roots,
+            old_link_mode,
+        } = basis
+        {
             if to == m.to {
                 m.stats.cutover_roots = roots.clone();
+            } else if old_link_mode.is_some_and(ReplicationMode::is_synchronous)
+                && m.stats.destination_complete_at_ms.is_none()
+            {
+                // Handed back to the source: the destination held every write at the
+                // consistent point and follows synchronously from it, so it holds every
+                // acknowledged write (it may take the order if the source is lost).
+                m.stats.destination_complete_at_ms = Some(at_ms);
             }
         }
         if m.phase == Phase::CuttingOver && to == m.to {
