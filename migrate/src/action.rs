@@ -247,6 +247,9 @@ pub enum HypervisorOp {
         vm: String,
         /// Where the model says it runs.
         host: NodeId,
+        /// Resumed only while the migration is undecided under this claim and phase: a
+        /// stale coordinator must not resume a VM another one is moving.
+        guard: Guard,
     },
 }
 
@@ -268,9 +271,11 @@ pub enum HypervisorError {
     /// The host did not answer.
     #[error("node {0}'s hypervisor did not answer: check `convoy cluster status`")]
     Unreachable(NodeId),
-    /// The pause's guard no longer holds in the committed model (another coordinator, a
+    /// The operation's guard no longer holds in the committed model (another coordinator, a
     /// phase change, or the decision came first): nothing was done.
-    #[error("the migration moved on (claim, phase or decision changed); VM {0} was not paused")]
+    #[error(
+        "the migration moved on (claim, phase or decision changed); nothing was done to VM {0}"
+    )]
     Stale(String),
     /// The committed model says the VM runs elsewhere: nothing was done.
     #[error("VM {vm} does not run on node {host} in the committed model; nothing was done")]

@@ -878,6 +878,7 @@ impl Coordinator {
                         let op = HypervisorOp::Resume {
                             vm: vm.into(),
                             host: target,
+                            guard: self.guard(cx),
                         };
                         self.hypervisor(cx, Key::Resume(vm.into()), op, out);
                     }

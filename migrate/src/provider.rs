@@ -125,8 +125,9 @@ pub trait HypervisorDriver {
     /// the committed model: if the migration is decided or its claim or phase differ,
     /// return [`HypervisorError::Stale`] and do nothing (a stale coordinator must not
     /// pause a VM nobody will resume). Returns `Ok` at once if the VM is already paused
-    /// or stopped there, or does not run there. On [`HypervisorError::DrainTimeout`] the
-    /// VM stays paused.
+    /// or stopped there, or does not run there. The VM is paused once: if it is resumed
+    /// while draining, the operation ends without pausing it again. On
+    /// [`HypervisorError::DrainTimeout`] the VM stays paused.
     fn pause_and_drain(
         &self,
         vm: &str,
@@ -135,14 +136,17 @@ pub trait HypervisorDriver {
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
     /// Run `vm` on `host`, which must be where the committed model says it runs
-    /// ([`HypervisorError::NotThere`] otherwise, changing nothing): resume its paused
-    /// instance there, or start it there from the host's copy (its old host was lost),
-    /// stopping a paused instance left on another live host first. Returns at once if it
+    /// ([`HypervisorError::NotThere`] otherwise, changing nothing), checking `guard` like
+    /// [`HypervisorDriver::pause_and_drain`] does ([`HypervisorError::Stale`]): resume its
+    /// paused instance there, or start it there from the host's copy at the disks'
+    /// current epochs (its old host was lost), stopping an instance left on another live
+    /// host first (one that was cut off when the VM was moved away). Returns at once if it
     /// already runs there. Reports the stun time (from pause, or from the old host's loss).
     fn resume(
         &self,
         vm: &str,
         host: NodeId,
+        guard: &Guard,
     ) -> impl Future<Output = Result<Option<u64>, HypervisorError>> + Send;
 
     /// How `vm` runs now.
@@ -183,8 +187,8 @@ pub async fn run_hypervisor_op<H: HypervisorDriver + Sync>(
             .pause_and_drain(vm, *host, guard)
             .await
             .map(|()| HypervisorReply::Drained),
-        HypervisorOp::Resume { vm, host } => driver
-            .resume(vm, *host)
+        HypervisorOp::Resume { vm, host, guard } => driver
+            .resume(vm, *host, guard)
             .await
             .map(|stun_ms| HypervisorReply::Resumed { stun_ms }),
     }

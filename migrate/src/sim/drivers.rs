@@ -96,6 +96,14 @@ impl Committer {
     }
 }
 
+/// Whether the committed model still shows the guard's migration undecided, under its
+/// claim, in its phase.
+fn guard_holds(w: &World, guard: &Guard) -> bool {
+    w.model().migrations.get(&guard.migration).is_some_and(|m| {
+        m.decision.is_none() && m.claim.number == guard.claim && m.phase == guard.phase
+    })
+}
+
 /// The simulated storage provider.
 #[derive(Clone)]
 pub(crate) struct SimStorage(pub(crate) Shared);
@@ -524,13 +532,8 @@ impl HypervisorDriver for SimHypervisor {
             if !w.is_alive(host) {
                 return Poll::Ready(Err(HypervisorError::Unreachable(host)));
             }
-            if since.is_none() {
-                let holds = w.model().migrations.get(&guard.migration).is_some_and(|m| {
-                    m.decision.is_none() && m.claim.number == guard.claim && m.phase == guard.phase
-                });
-                if !holds {
-                    return Poll::Ready(Err(HypervisorError::Stale(vm.clone())));
-                }
+            if since.is_none() && !guard_holds(w, &guard) {
+                return Poll::Ready(Err(HypervisorError::Stale(vm.clone())));
             }
             let Some(&i) = w.current.get(&vm) else {
                 return Poll::Ready(Ok(()));
@@ -540,9 +543,12 @@ impl HypervisorDriver for SimHypervisor {
             if inst.host != host {
                 return Poll::Ready(Ok(()));
             }
-            match inst.state {
-                InstState::Running => inst.state = InstState::Paused { since: tick },
-                InstState::Paused { .. } => {}
+            match (inst.state, since) {
+                (InstState::Running, None) => inst.state = InstState::Paused { since: tick },
+                (InstState::Paused { .. }, _) => {}
+                // Resumed by someone else while draining: the pause is over, and must
+                // not be taken again behind their back.
+                (InstState::Running, Some(_)) => return Poll::Ready(Ok(())),
                 _ => return Poll::Ready(Ok(())),
             }
             let started = *since.get_or_insert(tick);
@@ -560,11 +566,16 @@ impl HypervisorDriver for SimHypervisor {
         &self,
         vm: &str,
         host: NodeId,
+        guard: &Guard,
     ) -> impl Future<Output = Result<Option<u64>, HypervisorError>> + Send {
         let vm = vm.to_string();
+        let guard = *guard;
         poller(&self.0, move |w: &mut World| {
             if !w.is_alive(host) {
                 return Poll::Ready(Err(HypervisorError::Unreachable(host)));
+            }
+            if !guard_holds(w, &guard) {
+                return Poll::Ready(Err(HypervisorError::Stale(vm.clone())));
             }
             if w.model().vms.get(&vm).map(|v| v.host) != Some(host) {
                 return Poll::Ready(Err(HypervisorError::NotThere {

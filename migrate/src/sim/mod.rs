@@ -212,6 +212,7 @@ struct Sim {
     all_moved_at: Option<u64>,
     fired: BTreeSet<&'static str>,
     first_decision: Option<DecisionRecord>,
+    vm_hosts: BTreeMap<String, NodeId>,
     decided_at: Option<u64>,
     trace: Vec<String>,
     verbose: bool,
@@ -323,6 +324,7 @@ impl Sim {
             all_moved_at: None,
             fired: BTreeSet::new(),
             first_decision: None,
+            vm_hosts: BTreeMap::new(),
             decided_at: None,
             trace: Vec::new(),
             verbose,
@@ -791,6 +793,27 @@ impl Sim {
                                 s.pos
                             ));
                         }
+                    }
+                }
+            }
+        }
+        // 4. One writer per disk, and no guest I/O error for it: a VM moves only once
+        // drained, unless its host is reported lost (then the epochs the move bumps
+        // refuse whatever a surviving instance sends).
+        let model = w.model().clone();
+        for (name, vm) in &model.vms {
+            let before = self.vm_hosts.insert(name.clone(), vm.host);
+            if let Some(old) = before.filter(|old| *old != vm.host) {
+                let inst = w.current.get(name).map(|i| w.instances[*i].clone());
+                if let Some(i) = inst {
+                    if i.host == old
+                        && i.state == InstState::Running
+                        && w.is_alive(old)
+                        && !w.detected_lost(old)
+                    {
+                        w.violate(format!(
+                            "VM {name} was moved from node {old} while running there (not drained, host not lost)"
+                        ));
                     }
                 }
             }
