@@ -70,6 +70,8 @@ enum Key {
 struct Pending {
     action: Action,
     issued_ms: u64,
+    /// Its outcome came back unknown: emit it again at the next chance.
+    retry: bool,
 }
 
 /// Coordinates one migration from one agent. Every agent runs one per undecided
@@ -249,7 +251,7 @@ impl Coordinator {
                 // Ask again at once with the same request id: the model answers a
                 // repeated id with its first answer, so nothing applies twice.
                 if let Some(p) = self.pending.get_mut(&key) {
-                    p.issued_ms = 0;
+                    p.retry = true;
                 }
                 continue;
             }
@@ -340,8 +342,9 @@ impl Coordinator {
             .get(&key)
             .map_or(0, |p| self.timeout(&p.action.kind));
         if let Some(p) = self.pending.get_mut(&key) {
-            if now >= p.issued_ms.saturating_add(timeout) {
+            if p.retry || now >= p.issued_ms.saturating_add(timeout) {
                 p.issued_ms = now;
+                p.retry = false;
                 out.push(p.action.clone());
             }
             return;
@@ -360,6 +363,7 @@ impl Coordinator {
             Pending {
                 action: action.clone(),
                 issued_ms: now,
+                retry: false,
             },
         );
         out.push(action);

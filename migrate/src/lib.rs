@@ -41,6 +41,8 @@ mod observe;
 mod provider;
 
 #[cfg(test)]
+mod engine_tests;
+#[cfg(test)]
 mod sim;
 
 pub use action::{

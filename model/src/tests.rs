@@ -1045,6 +1045,37 @@ fn take_over_needs_a_synchronous_destination_the_migration_saw_complete() {
 }
 
 #[test]
+fn handing_the_order_back_over_a_synchronous_link_records_the_destination_complete() {
+    let mut m = migrating(Strategy::ReverseReplication);
+    ok(&mut m, advance(1, Phase::Planned, Phase::CuttingOver));
+    let r = roots(&m, false);
+    let hand = |phase, to, mode| {
+        sequencer(
+            1,
+            phase,
+            to,
+            SequencerBasis::HandOver {
+                roots: r.clone(),
+                old_link_mode: Some(mode),
+            },
+        )
+    };
+    ok(&mut m, hand(Phase::CuttingOver, 2, ReplicationMode::Sync));
+    assert_eq!(m.migrations[&1].stats.destination_complete_at_ms, None);
+    let back = Phase::FailingBack(FailBackCause::Abort);
+    ok(&mut m, advance(1, Phase::Verifying, back));
+    ok(&mut m, hand(back, 1, ReplicationMode::Sync));
+    assert_eq!(m.migrations[&1].stats.destination_complete_at_ms, Some(400));
+    // So the destination may take the order if the source is lost now.
+    ok(&mut m, advance(1, back, Phase::RollingForward));
+    ok(
+        &mut m,
+        sequencer(1, Phase::RollingForward, 2, SequencerBasis::TakeOver),
+    );
+    assert_eq!(m.cgs["g"].sequencer, 2);
+}
+
+#[test]
 fn break_consistency_returns_the_order_to_its_snapshot_only_when_failing_back() {
     let mut m = migrating(Strategy::BreakConsistency);
     ok(&mut m, advance(1, Phase::Planned, Phase::Preparing));

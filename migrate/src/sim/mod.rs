@@ -1064,6 +1064,59 @@ mod tests {
         }
     }
 
+    /// Seeds that found bugs, replayed whole. They pin the scenarios of this simulator's
+    /// random stream (a change to how scenarios are drawn moves them); the engine-level
+    /// `regression_seed_*` tests in `engine_tests` pin the same bugs independently of it.
+    fn replays_clean(seed: u64) -> Summary {
+        match run_seed(seed, false) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn regression_seed_965_fail_back_decided_while_its_pause_was_in_flight() {
+        assert_eq!(replays_clean(965).decision, Some(Decision::FailedBack));
+    }
+
+    #[test]
+    fn regression_seed_1402_abort_decided_while_its_pause_was_in_flight() {
+        assert_eq!(replays_clean(1402).decision, Some(Decision::FailedBack));
+    }
+
+    #[test]
+    fn regression_seed_132_abort_after_the_move_committed_but_before_the_resume() {
+        assert_eq!(replays_clean(132).decision, Some(Decision::FailedBack));
+    }
+
+    #[test]
+    fn regression_seed_98_lost_pause_answer_stalled_the_move_until_the_deadline() {
+        let s = replays_clean(98);
+        assert_eq!(s.decision, Some(Decision::Committed));
+        assert!(
+            s.ticks < 6_000,
+            "ended at tick {}, the deadline is 6000",
+            s.ticks
+        );
+    }
+
+    #[test]
+    fn regression_seed_2591_source_lost_after_the_order_was_handed_back() {
+        let s = replays_clean(2591);
+        assert!(s.rolled_forward);
+        assert_eq!(s.decision, Some(Decision::Committed));
+    }
+
+    #[test]
+    fn regression_seed_2774_seeding_back_to_the_source_outpaced_by_guests() {
+        assert_eq!(replays_clean(2774).decision, Some(Decision::FailedBack));
+    }
+
+    #[test]
+    fn regression_seed_2885_drain_paused_a_vm_again_after_it_was_resumed() {
+        assert_eq!(replays_clean(2885).decision, Some(Decision::FailedBack));
+    }
+
     #[test]
     fn a_seed_replays_exactly() {
         let a = run_seed(7, false).map(|s| (s.decision, s.ticks, s.stale_refused));
