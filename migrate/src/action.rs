@@ -37,8 +37,9 @@ pub enum ActionKind {
     Storage(StorageOp),
     /// Run a hypervisor-driver operation ([`crate::HypervisorDriver`]).
     Hypervisor(HypervisorOp),
-    /// A line for the shell's log and the live status of the migration. Not persisted:
-    /// what matters later is in the record's timeline, written by the proposals.
+    /// A line for the shell's log and the live status of the migration (emitted when it
+    /// changes, with action id 0 and no completion). Not persisted: what matters later is
+    /// in the record's timeline, written by the proposals.
     Note(String),
 }
 
