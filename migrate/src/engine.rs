@@ -640,12 +640,23 @@ impl Coordinator {
     /// pause, or a move this coordinator did not finish before a phase change).
     fn heal_paused(&mut self, cx: &Ctx, out: &mut Vec<Action>) {
         for name in &cx.group.vms {
+            if self.in_transit(name) {
+                // Its move is proposed: resuming it now would let the move commit under
+                // a running guest, whose writes in flight the new epochs then refuse.
+                continue;
+            }
             if let Some(vm) = cx.model.vms.get(name) {
                 if cx.obs.vm(name) == VmState::Paused(vm.host) {
                     self.ensure_on(cx, name, vm.host, out);
                 }
             }
         }
+    }
+
+    /// Whether a pause or a move of `vm` is outstanding.
+    fn in_transit(&self, vm: &str) -> bool {
+        self.pending.contains_key(&Key::Move(vm.into()))
+            || self.pending.contains_key(&Key::Pause(vm.into()))
     }
 
     fn sample(&mut self, now: u64, lag: u64) {
@@ -943,11 +954,8 @@ impl Coordinator {
             }
         } else if done {
             self.ensure_on(cx, &away[0], target, out);
-        } else {
-            // One at a time: the next VM starts only when the last one runs again. VMs
-            // paused where they still belong are resumed meanwhile.
-            self.heal_paused(cx, out);
         }
+        // Otherwise one at a time: the next VM starts only when the last one runs again.
         false
     }
 
@@ -962,7 +970,7 @@ impl Coordinator {
                 .find(|v| cx.model.vms.get(*v).is_some_and(|vm| vm.host != m.to))
                 .cloned();
             for name in &cx.group.vms {
-                if Some(name) != in_transit.as_ref() {
+                if Some(name) != in_transit.as_ref() && !self.in_transit(name) {
                     if let Some(vm) = cx.model.vms.get(name) {
                         if vm.host != m.to && cx.obs.vm(name) == VmState::Paused(vm.host) {
                             self.ensure_on(cx, name, vm.host, out);

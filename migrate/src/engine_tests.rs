@@ -24,6 +24,10 @@ fn ok(m: &mut ClusterModel, cmd: Command) -> Outcome {
 /// Hosts 1-4; VM a (one disk) on host 1 in group g; group copy on host 2 (`mode`,
 /// consistent) unless `mode` is None; migration 1 of g to host 2 started by host 1.
 fn model(strategy: Strategy, mode: Option<ReplicationMode>) -> ClusterModel {
+    model_with(strategy, mode, &["a"])
+}
+
+fn model_with(strategy: Strategy, mode: Option<ReplicationMode>, vms: &[&str]) -> ClusterModel {
     let mut m = ClusterModel::default();
     for id in 1..=4 {
         ok(
@@ -35,21 +39,23 @@ fn model(strategy: Strategy, mode: Option<ReplicationMode>) -> ClusterModel {
             },
         );
     }
-    ok(
-        &mut m,
-        Command::CreateVm {
-            name: "a".into(),
-            host: 1,
-            disk_sizes: vec![1 << 20],
-            workload: None,
-            created_at_ms: 0,
-        },
-    );
+    for vm in vms {
+        ok(
+            &mut m,
+            Command::CreateVm {
+                name: vm.to_string(),
+                host: 1,
+                disk_sizes: vec![1 << 20],
+                workload: None,
+                created_at_ms: 0,
+            },
+        );
+    }
     ok(
         &mut m,
         Command::CreateCg {
             name: "g".into(),
-            vms: vec!["a".into()],
+            vms: vms.iter().map(|v| v.to_string()).collect(),
         },
     );
     if let Some(mode) = mode {
@@ -752,4 +758,53 @@ fn the_decision_is_proposed_once_the_order_and_every_vm_are_on_the_deciding_side
         ),
         Err(ModelError::Stale(_))
     ));
+}
+
+/// Seed 19903 (long run): with VM a moved and not yet running on the destination, the
+/// engine "healed" VM b, paused on the source with its move already proposed; the move
+/// then committed under a running guest (its in-flight writes refused by the new epochs).
+#[test]
+fn regression_seed_19903_a_vm_whose_move_is_proposed_is_not_resumed_where_it_was() {
+    let mut h = H::new(model_with(
+        Strategy::ReverseReplication,
+        Some(ReplicationMode::Sync),
+        &["a", "b"],
+    ));
+    h.advance(
+        Phase::Moving,
+        Progress {
+            destination_complete: true,
+            ..Progress::default()
+        },
+    );
+    h.step_cmd(Command::MoveVm {
+        name: "a".into(),
+        to: 2,
+        expect_host: Some(1),
+    });
+    h.obs.vms.insert("a".into(), VmState::Running(2));
+    h.obs.vms.insert("b".into(), VmState::Paused(1));
+    let out = h.step();
+    assert_eq!(
+        proposals(&out)
+            .iter()
+            .filter_map(|c| inner(c))
+            .collect::<Vec<_>>(),
+        vec![&Command::MoveVm {
+            name: "b".into(),
+            to: 2,
+            expect_host: Some(1)
+        }]
+    );
+    // Before the move commits, VM a stops being seen running (its host hiccups).
+    h.obs.vms.insert("a".into(), VmState::Unknown);
+    for _ in 0..5 {
+        let out = h.step();
+        assert!(
+            !hypervisor(&out)
+                .iter()
+                .any(|op| matches!(op, HypervisorOp::Resume { vm, host: 1, .. } if vm == "b")),
+            "resumed b on the source with its move in flight: {out:?}"
+        );
+    }
 }

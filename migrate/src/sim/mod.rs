@@ -1118,6 +1118,11 @@ mod tests {
     }
 
     #[test]
+    fn regression_seed_19903_a_vm_resumed_under_its_own_proposed_move() {
+        assert_eq!(replays_clean(19903).decision, Some(Decision::FailedBack));
+    }
+
+    #[test]
     fn a_seed_replays_exactly() {
         let a = run_seed(7, false).map(|s| (s.decision, s.ticks, s.stale_refused));
         let b = run_seed(7, false).map(|s| (s.decision, s.ticks, s.stale_refused));
