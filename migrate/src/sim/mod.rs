@@ -21,8 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use convoy_model::{
-    Command, Decision, DecisionRecord, FailBackCause, LinkState, NodeId, Phase, ReplicationMode,
-    Strategy,
+    Command, Decision, DecisionRecord, LinkState, NodeId, Phase, ReplicationMode, Strategy,
 };
 
 use crate::{
@@ -1128,7 +1127,4 @@ mod tests {
         let b = run_seed(7, false).map(|s| (s.decision, s.ticks, s.stale_refused));
         assert_eq!(a, b);
     }
-
-    #[allow(dead_code)]
-    fn unused(_: FailBackCause) {}
 }
