@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     Cg, DecisionRecord, Disk, HostRecord, LinkState, Migration, NodeId, Phase, Progress,
-    ReplicationMode, Strategy, Vm,
+    ReplicationMode, SequencerBasis, Strategy, Vm,
 };
 
 /// A change to the cluster model, as committed in the Raft log. Stored entries carry the
@@ -193,7 +193,12 @@ pub enum Command {
         /// Progress to record with it.
         progress: Progress,
     },
-    /// Write a migration's decision; refused if one was written before.
+    /// Write a migration's decision; refused if one was written before, if the phase
+    /// does not allow it (committed: verifying or rolling forward; failed back: failing
+    /// back), if the group's order and VMs are not all on the deciding side, or (committed)
+    /// without the cut-over's equal roots. The same entry restores the group's previous
+    /// mode (roles swapped when committed), drops a destination copy the migration
+    /// created when failing back, and forgets the migration's fail-back snapshot.
     DecideMigration {
         /// The migration.
         id: u64,
@@ -201,6 +206,55 @@ pub enum Command {
         claim: u64,
         /// The decision.
         record: DecisionRecord,
+    },
+    /// An operator's abort: an undecided migration turns to failing back at once, whoever
+    /// coordinates it (commands of the phase it left are refused from then on). Refused
+    /// for a decided migration and for one rolling forward (its source is lost).
+    AbortMigration {
+        /// The migration.
+        id: u64,
+        /// Proposer's clock.
+        at_ms: u64,
+        /// Who asked and why, for the timeline.
+        reason: String,
+    },
+    /// A change a migration makes to its group (add or drop a copy on its source or
+    /// destination, set the group's mode, record or delete one of its snapshots, move one
+    /// of its VMs between its two hosts), applied only while the migration is undecided,
+    /// coordinated under `claim` and in `phase` (compare-and-set), so a stale coordinator
+    /// changes nothing.
+    MigrationStep {
+        /// The migration.
+        id: u64,
+        /// The coordinator's claim number.
+        claim: u64,
+        /// The phase the coordinator acted in.
+        phase: Phase,
+        /// Proposer's clock.
+        at_ms: u64,
+        /// The change: `AddReplica`, `RemoveReplica`, `SetMode`, `CreateSnapshot`,
+        /// `DeleteSnapshot` or `MoveVm`, for this migration's group and hosts.
+        command: Box<Command>,
+    },
+    /// Hand a migrating group's order to `to` (its source or destination), guarded like
+    /// [`Command::MigrationStep`]. Committed by the storage provider at the consistent
+    /// point it reached; when the destination takes the order in the cut-over phase, the
+    /// roots are recorded and the phase moves to the strategy's next one in this entry.
+    MigrationSequencer {
+        /// The migration.
+        id: u64,
+        /// The coordinator's claim number.
+        claim: u64,
+        /// The phase the coordinator acted in.
+        phase: Phase,
+        /// The new sequencer.
+        to: NodeId,
+        /// First sequence number the new sequencer assigns.
+        continue_at: u64,
+        /// What the hand-over rests on.
+        basis: SequencerBasis,
+        /// Proposer's clock.
+        at_ms: u64,
     },
 }
 
@@ -229,6 +283,9 @@ impl Command {
             Command::ClaimMigration { .. } => "claim_migration",
             Command::AdvanceMigration { .. } => "advance_migration",
             Command::DecideMigration { .. } => "decide_migration",
+            Command::AbortMigration { .. } => "abort_migration",
+            Command::MigrationStep { .. } => "migration_step",
+            Command::MigrationSequencer { .. } => "migration_sequencer",
         }
     }
 }

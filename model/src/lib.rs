@@ -38,8 +38,8 @@ pub use command::{Command, Outcome};
 pub use error::ModelError;
 pub use host::HostRecord;
 pub use migration::{
-    Claim, Decision, DecisionRecord, DiskRoots, MAX_TIMELINE, Migration, MigrationStats, Phase,
-    Progress, Strategy, TimelineEntry,
+    Claim, Decision, DecisionRecord, DiskRoots, FailBackCause, MAX_TIMELINE, Migration,
+    MigrationStats, Phase, Progress, SequencerBasis, Strategy, TimelineEntry,
 };
 pub use plan::{
     DiskPlan, DomainId, ExportKind, ExportPlan, GuestPlan, HostPlan, ReplicaPlan, SequencerPlan,
@@ -223,6 +223,25 @@ impl ClusterModel {
             Command::DecideMigration { id, claim, record } => {
                 self.decide_migration(*id, *claim, record)
             }
+            Command::AbortMigration { id, at_ms, reason } => {
+                self.abort_migration(*id, *at_ms, reason)
+            }
+            Command::MigrationStep {
+                id,
+                claim,
+                phase,
+                at_ms,
+                command,
+            } => self.migration_step(*id, *claim, *phase, *at_ms, command),
+            Command::MigrationSequencer {
+                id,
+                claim,
+                phase,
+                to,
+                continue_at,
+                basis,
+                at_ms,
+            } => self.migration_sequencer(*id, *claim, *phase, *to, *continue_at, basis, *at_ms),
         }
     }
 

@@ -483,112 +483,664 @@ fn sequencer_hand_over_swaps_roles_and_continues_the_sequence() {
     assert!(g.replicas.is_empty());
 }
 
-#[test]
-fn a_migration_is_claimed_advanced_and_decided_once() {
+// ---- migrations ----
+
+/// Group g (VMs a, b on host 1) with an async copy on host 2 and migration 1 of it to
+/// host 2, coordinated by host 3 under claim 1.
+fn migrating(strategy: Strategy) -> ClusterModel {
     let mut m = replicated(ReplicationMode::Async);
-    let start = Command::StartMigration {
-        cg: "g".into(),
-        to: 2,
-        strategy: Strategy::ReverseReplication,
-        coordinator: 3,
-        started_at_ms: 100,
-        deadline_ms: 1000,
-    };
-    let Outcome::Migration(mig) = ok(&mut m, start.clone()) else {
-        panic!()
-    };
-    assert_eq!(
-        (mig.id, mig.from, mig.phase, mig.claim.number),
-        (1, 1, Phase::Planned, 1)
+    ok(
+        &mut m,
+        Command::StartMigration {
+            cg: "g".into(),
+            to: 2,
+            strategy,
+            coordinator: 3,
+            started_at_ms: 100,
+            deadline_ms: 10_000,
+        },
     );
-    assert!(mig.destination_had_copy);
-    assert!(matches!(m.apply(0, &start), Err(ModelError::InUse(_))));
-    let advance = |claim, from, to| Command::AdvanceMigration {
+    m
+}
+
+fn advance(claim: u64, from: Phase, to: Phase) -> Command {
+    Command::AdvanceMigration {
         id: 1,
         claim,
         from,
         to,
         at_ms: 200,
         note: "x".into(),
-        progress: Progress {
-            moved: vec!["a".into()],
-            ..Progress::default()
+        progress: Progress::default(),
+    }
+}
+
+fn step(claim: u64, phase: Phase, command: Command) -> Command {
+    Command::MigrationStep {
+        id: 1,
+        claim,
+        phase,
+        at_ms: 300,
+        command: Box::new(command),
+    }
+}
+
+fn move_to(vm: &str, to: NodeId) -> Command {
+    Command::MoveVm {
+        name: vm.into(),
+        to,
+        expect_host: None,
+    }
+}
+
+/// Equal (or, with `differ`, unequal) roots for every disk of g.
+fn roots(m: &ClusterModel, differ: bool) -> Vec<DiskRoots> {
+    m.cg_disks(&m.cgs["g"])
+        .iter()
+        .map(|d| DiskRoots {
+            disk: d.id,
+            source: Some([d.id as u8; 32]),
+            destination: [if differ { 99 } else { d.id as u8 }; 32],
+        })
+        .collect()
+}
+
+fn sequencer(claim: u64, phase: Phase, to: NodeId, basis: SequencerBasis) -> Command {
+    Command::MigrationSequencer {
+        id: 1,
+        claim,
+        phase,
+        to,
+        continue_at: 50,
+        basis,
+        at_ms: 400,
+    }
+}
+
+fn decide(claim: u64, decision: Decision, roots: Vec<DiskRoots>) -> Command {
+    Command::DecideMigration {
+        id: 1,
+        claim,
+        record: DecisionRecord {
+            decision,
+            at_ms: 500,
+            reason: "r".into(),
+            roots,
         },
-    };
-    ok(&mut m, advance(1, Phase::Planned, Phase::Preparing));
-    // Wrong phase or claim: refused.
-    assert!(matches!(
-        m.apply(0, &advance(1, Phase::Planned, Phase::Moving)),
-        Err(ModelError::Stale(_))
-    ));
-    // Another coordinator takes over; the old one is refused from then on.
+    }
+}
+
+fn refused(m: &mut ClusterModel, cmd: Command) -> ModelError {
+    let before = m.topology();
+    match m.apply(0, &cmd) {
+        Ok(_) => panic!("{} was applied", cmd.kind()),
+        Err(e) => {
+            assert_eq!(
+                m.topology(),
+                before,
+                "a refused {} changed the model",
+                cmd.kind()
+            );
+            e
+        }
+    }
+}
+
+#[test]
+fn a_reverse_replication_migration_is_claimed_advanced_cut_over_and_decided_once() {
+    let mut m = migrating(Strategy::ReverseReplication);
+    let mig = &m.migrations[&1];
+    assert_eq!(
+        (
+            mig.from,
+            mig.phase,
+            mig.claim.number,
+            mig.destination_had_copy
+        ),
+        (1, Phase::Planned, 1, true)
+    );
+    assert_eq!(mig.prior_mode, Some(ReplicationMode::Async));
     ok(
         &mut m,
         Command::ClaimMigration {
             id: 1,
             node: 2,
             expect_claim: 1,
-            at_ms: 300,
+            at_ms: 150,
         },
     );
-    assert!(matches!(
-        m.apply(0, &advance(1, Phase::Preparing, Phase::Moving)),
-        Err(ModelError::Stale(_))
-    ));
+    ok(&mut m, advance(2, Phase::Planned, Phase::Preparing));
+    ok(
+        &mut m,
+        step(
+            2,
+            Phase::Preparing,
+            Command::SetMode {
+                cg: "g".into(),
+                mode: ReplicationMode::Sync,
+            },
+        ),
+    );
     ok(&mut m, advance(2, Phase::Preparing, Phase::Moving));
-    // Phases never go backwards, except into fail-back.
+    ok(&mut m, step(2, Phase::Moving, move_to("a", 2)));
+    ok(&mut m, step(2, Phase::Moving, move_to("b", 2)));
+    ok(&mut m, advance(2, Phase::Moving, Phase::CuttingOver));
+    let r = roots(&m, false);
+    ok(
+        &mut m,
+        sequencer(
+            2,
+            Phase::CuttingOver,
+            2,
+            SequencerBasis::HandOver {
+                roots: r.clone(),
+                old_link_mode: Some(ReplicationMode::Sync),
+            },
+        ),
+    );
+    let mig = &m.migrations[&1];
+    assert_eq!(
+        mig.phase,
+        Phase::Verifying,
+        "the cut-over entry moves the phase"
+    );
+    assert_eq!(mig.stats.cutover_roots, r);
+    assert_eq!((m.cgs["g"].sequencer, m.cgs["g"].seq_start), (2, 50));
+    ok(&mut m, decide(2, Decision::Committed, r.clone()));
     assert!(matches!(
-        m.apply(0, &advance(2, Phase::Moving, Phase::Preparing)),
-        Err(ModelError::Invalid { .. })
-    ));
-    let roots = |equal: bool| {
-        vec![DiskRoots {
-            disk: 1,
-            source: [1; 32],
-            destination: if equal { [1; 32] } else { [2; 32] },
-        }]
-    };
-    let decide = |decision, roots| Command::DecideMigration {
-        id: 1,
-        claim: 2,
-        record: DecisionRecord {
-            decision,
-            at_ms: 400,
-            reason: "r".into(),
-            roots,
-        },
-    };
-    assert!(matches!(
-        m.apply(0, &decide(Decision::Committed, roots(false))),
-        Err(ModelError::Invalid { .. })
-    ));
-    ok(&mut m, decide(Decision::Committed, roots(true)));
-    assert!(matches!(
-        m.apply(0, &decide(Decision::FailedBack, vec![])),
-        Err(ModelError::Stale(_))
+        refused(&mut m, decide(2, Decision::FailedBack, vec![])),
+        ModelError::Stale(_)
     ));
     let mig = &m.migrations[&1];
     assert_eq!(mig.phase, Phase::Done);
-    assert_eq!(mig.moved, vec!["a".to_string()]);
     assert_eq!(
         mig.decision.as_ref().map(|d| d.decision),
         Some(Decision::Committed)
     );
-    assert!(mig.timeline.len() >= 4);
-    // A decided migration no longer blocks a new one.
-    assert!(
-        m.apply(
-            0,
-            &Command::StartMigration {
-                cg: "g".into(),
-                to: 2,
-                strategy: Strategy::CompareDelta,
-                coordinator: 1,
-                started_at_ms: 500,
-                deadline_ms: 900,
+    // The decision restored the previous mode with the roles swapped.
+    let g = &m.cgs["g"];
+    assert_eq!(
+        g.replicas,
+        vec![ReplicationLink {
+            to: 1,
+            mode: ReplicationMode::Async,
+            state: LinkState::Consistent
+        }]
+    );
+    // A decided migration no longer blocks a new one, nor takes steps.
+    assert!(matches!(
+        refused(&mut m, step(2, Phase::Done, move_to("a", 1))),
+        ModelError::Stale(_)
+    ));
+    ok(
+        &mut m,
+        Command::StartMigration {
+            cg: "g".into(),
+            to: 1,
+            strategy: Strategy::CompareDelta,
+            coordinator: 1,
+            started_at_ms: 500,
+            deadline_ms: 900,
+        },
+    );
+}
+
+#[test]
+fn a_stale_claim_or_phase_or_a_foreign_target_changes_nothing() {
+    let mut m = migrating(Strategy::ReverseReplication);
+    ok(&mut m, advance(1, Phase::Planned, Phase::Preparing));
+    ok(&mut m, advance(1, Phase::Preparing, Phase::Moving));
+    ok(
+        &mut m,
+        Command::ClaimMigration {
+            id: 1,
+            node: 1,
+            expect_claim: 1,
+            at_ms: 150,
+        },
+    );
+    // The old coordinator (claim 1) is refused, for steps and phase changes alike.
+    for cmd in [
+        step(1, Phase::Moving, move_to("a", 2)),
+        advance(1, Phase::Moving, Phase::CuttingOver),
+        decide(1, Decision::FailedBack, vec![]),
+    ] {
+        assert!(matches!(refused(&mut m, cmd), ModelError::Stale(_)));
+    }
+    // A step for a phase the migration is not in is refused.
+    assert!(matches!(
+        refused(&mut m, step(2, Phase::Preparing, move_to("a", 2))),
+        ModelError::Stale(_)
+    ));
+    // Only the migration's group, hosts and kinds of change.
+    ok(&mut m, create_vm("x", 3));
+    for cmd in [
+        move_to("a", 3),
+        move_to("x", 1),
+        Command::AddReplica {
+            cg: "g".into(),
+            to: 3,
+            mode: ReplicationMode::Async,
+        },
+        Command::BumpEpoch { cg: "g".into() },
+        Command::CreateSnapshot {
+            cg: "g".into(),
+            name: "mine".into(),
+            created_at_ms: 0,
+        },
+    ] {
+        assert!(matches!(
+            refused(&mut m, step(2, Phase::Moving, cmd)),
+            ModelError::Invalid { .. }
+        ));
+    }
+    ok(&mut m, step(2, Phase::Moving, move_to("a", 2)));
+    assert_eq!(m.vms["a"].host, 2);
+}
+
+#[test]
+fn phases_follow_the_strategy_path_and_turn_back_only_before_the_decision() {
+    let mut m = migrating(Strategy::ReverseReplication);
+    // Forward, skipping allowed; never backwards.
+    assert!(matches!(
+        refused(&mut m, advance(1, Phase::Planned, Phase::Done)),
+        ModelError::Invalid { .. }
+    ));
+    ok(&mut m, advance(1, Phase::Planned, Phase::Moving));
+    assert!(matches!(
+        refused(&mut m, advance(1, Phase::Moving, Phase::Preparing)),
+        ModelError::Invalid { .. }
+    ));
+    let back = Phase::FailingBack(FailBackCause::Deadline);
+    ok(&mut m, advance(1, Phase::Moving, back));
+    // Failing back never turns forward again, but may roll forward.
+    assert!(matches!(
+        refused(&mut m, advance(1, back, Phase::CuttingOver)),
+        ModelError::Invalid { .. }
+    ));
+    assert!(matches!(
+        refused(
+            &mut m,
+            advance(1, back, Phase::FailingBack(FailBackCause::Abort))
+        ),
+        ModelError::Invalid { .. }
+    ));
+    ok(&mut m, advance(1, back, Phase::RollingForward));
+    assert!(matches!(
+        refused(&mut m, advance(1, Phase::RollingForward, back)),
+        ModelError::Invalid { .. }
+    ));
+    // break-consistency cuts over before it moves.
+    let mut bc = migrating(Strategy::BreakConsistency);
+    ok(&mut bc, advance(1, Phase::Planned, Phase::Preparing));
+    ok(&mut bc, advance(1, Phase::Preparing, Phase::CuttingOver));
+    assert!(matches!(
+        refused(&mut bc, advance(1, Phase::CuttingOver, Phase::Preparing)),
+        ModelError::Invalid { .. }
+    ));
+    ok(&mut bc, advance(1, Phase::CuttingOver, Phase::Moving));
+}
+
+#[test]
+fn abort_turns_an_undecided_migration_to_failing_back_whoever_coordinates_it() {
+    let mut m = migrating(Strategy::ReverseReplication);
+    ok(&mut m, advance(1, Phase::Planned, Phase::Moving));
+    let abort = Command::AbortMigration {
+        id: 1,
+        at_ms: 250,
+        reason: "operator".into(),
+    };
+    ok(&mut m, abort.clone());
+    assert_eq!(
+        m.migrations[&1].phase,
+        Phase::FailingBack(FailBackCause::Abort)
+    );
+    // The coordinator's next step, made for the phase it saw, is refused.
+    assert!(matches!(
+        refused(&mut m, step(1, Phase::Moving, move_to("a", 2))),
+        ModelError::Stale(_)
+    ));
+    // Asking again is harmless.
+    ok(&mut m, abort.clone());
+    ok(&mut m, decide(1, Decision::FailedBack, vec![]));
+    assert!(matches!(refused(&mut m, abort), ModelError::Stale(_)));
+
+    let mut m = migrating(Strategy::ReverseReplication);
+    ok(&mut m, advance(1, Phase::Planned, Phase::RollingForward));
+    assert!(matches!(
+        refused(
+            &mut m,
+            Command::AbortMigration {
+                id: 1,
+                at_ms: 1,
+                reason: "late".into()
             }
+        ),
+        ModelError::InUse(_)
+    ));
+}
+
+#[test]
+fn committed_needs_the_cutover_roots_the_order_and_every_vm_at_the_destination() {
+    let mut m = migrating(Strategy::ReverseReplication);
+    ok(&mut m, advance(1, Phase::Planned, Phase::Moving));
+    let r = roots(&m, false);
+    // Not from moving, however good the roots.
+    assert!(matches!(
+        refused(&mut m, decide(1, Decision::Committed, r.clone())),
+        ModelError::Stale(_)
+    ));
+    ok(&mut m, step(1, Phase::Moving, move_to("a", 2)));
+    ok(&mut m, advance(1, Phase::Moving, Phase::CuttingOver));
+    // Unequal roots: the hand-over must not happen.
+    let bad = roots(&m, true);
+    assert!(matches!(
+        refused(
+            &mut m,
+            sequencer(
+                1,
+                Phase::CuttingOver,
+                2,
+                SequencerBasis::HandOver {
+                    roots: bad,
+                    old_link_mode: Some(ReplicationMode::Sync)
+                }
+            )
+        ),
+        ModelError::Invalid { .. }
+    ));
+    // Roots for only some disks are not a proof either.
+    assert!(matches!(
+        refused(
+            &mut m,
+            sequencer(
+                1,
+                Phase::CuttingOver,
+                2,
+                SequencerBasis::HandOver {
+                    roots: r[..1].to_vec(),
+                    old_link_mode: Some(ReplicationMode::Sync)
+                }
+            )
+        ),
+        ModelError::Invalid { .. }
+    ));
+    ok(
+        &mut m,
+        sequencer(
+            1,
+            Phase::CuttingOver,
+            2,
+            SequencerBasis::HandOver {
+                roots: r.clone(),
+                old_link_mode: Some(ReplicationMode::Sync),
+            },
+        ),
+    );
+    // VM b still runs on the source.
+    assert!(matches!(
+        refused(&mut m, decide(1, Decision::Committed, r.clone())),
+        ModelError::Invalid { .. }
+    ));
+    ok(&mut m, step(1, Phase::Verifying, move_to("b", 2)));
+    // Roots other than the recorded ones.
+    let mut other = r.clone();
+    other[0].source = Some([7; 32]);
+    other[0].destination = [7; 32];
+    assert!(matches!(
+        refused(&mut m, decide(1, Decision::Committed, other)),
+        ModelError::Invalid { .. }
+    ));
+    ok(&mut m, decide(1, Decision::Committed, r));
+}
+
+#[test]
+fn failed_back_drops_a_copy_the_migration_created_and_restores_the_mode() {
+    let mut m = with_hosts(&[1, 2, 3]);
+    ok(&mut m, create_vm("a", 1));
+    ok(&mut m, cg("g", &["a"]));
+    ok(
+        &mut m,
+        Command::StartMigration {
+            cg: "g".into(),
+            to: 2,
+            strategy: Strategy::SyncSwitch {
+                active_active: true,
+            },
+            coordinator: 1,
+            started_at_ms: 0,
+            deadline_ms: 10,
+        },
+    );
+    assert!(!m.migrations[&1].destination_had_copy);
+    ok(&mut m, advance(1, Phase::Planned, Phase::Preparing));
+    ok(
+        &mut m,
+        step(
+            1,
+            Phase::Preparing,
+            add("g", 2, ReplicationMode::ActiveActiveSync),
+        ),
+    );
+    ok(&mut m, link_state("g", 2, LinkState::Consistent));
+    ok(&mut m, advance(1, Phase::Preparing, Phase::Moving));
+    ok(&mut m, step(1, Phase::Moving, move_to("a", 2)));
+    let back = Phase::FailingBack(FailBackCause::DestinationLost);
+    ok(&mut m, advance(1, Phase::Moving, back));
+    // Not while a VM still runs on the destination.
+    assert!(matches!(
+        refused(&mut m, decide(1, Decision::FailedBack, vec![])),
+        ModelError::Invalid { .. }
+    ));
+    ok(&mut m, step(1, back, move_to("a", 1)));
+    ok(&mut m, decide(1, Decision::FailedBack, vec![]));
+    assert!(
+        m.cgs["g"].replicas.is_empty(),
+        "the copy it created is dropped"
+    );
+
+    // A destination that had a copy keeps it, in the previous mode.
+    let mut m = migrating(Strategy::SyncSwitch {
+        active_active: false,
+    });
+    ok(&mut m, advance(1, Phase::Planned, Phase::Preparing));
+    ok(
+        &mut m,
+        step(
+            1,
+            Phase::Preparing,
+            Command::SetMode {
+                cg: "g".into(),
+                mode: ReplicationMode::Sync,
+            },
+        ),
+    );
+    ok(
+        &mut m,
+        advance(
+            1,
+            Phase::Preparing,
+            Phase::FailingBack(FailBackCause::Abort),
+        ),
+    );
+    ok(&mut m, decide(1, Decision::FailedBack, vec![]));
+    assert_eq!(m.cgs["g"].replicas[0].mode, ReplicationMode::Async);
+    assert_eq!(m.cgs["g"].replicas[0].to, 2);
+}
+
+#[test]
+fn take_over_needs_a_synchronous_destination_the_migration_saw_complete() {
+    let mut m = migrating(Strategy::ReverseReplication);
+    ok(&mut m, advance(1, Phase::Planned, Phase::Preparing));
+    ok(
+        &mut m,
+        step(
+            1,
+            Phase::Preparing,
+            Command::SetMode {
+                cg: "g".into(),
+                mode: ReplicationMode::Sync,
+            },
+        ),
+    );
+    ok(&mut m, advance(1, Phase::Preparing, Phase::RollingForward));
+    // Synchronous and consistent, but never seen caught up: it may lack writes
+    // acknowledged while the link was still asynchronous.
+    assert!(matches!(
+        refused(
+            &mut m,
+            sequencer(1, Phase::RollingForward, 2, SequencerBasis::TakeOver)
+        ),
+        ModelError::Invalid { .. }
+    ));
+    let mut m = migrating(Strategy::ReverseReplication);
+    ok(&mut m, advance(1, Phase::Planned, Phase::Preparing));
+    ok(
+        &mut m,
+        step(
+            1,
+            Phase::Preparing,
+            Command::SetMode {
+                cg: "g".into(),
+                mode: ReplicationMode::Sync,
+            },
+        ),
+    );
+    ok(
+        &mut m,
+        Command::AdvanceMigration {
+            id: 1,
+            claim: 1,
+            from: Phase::Preparing,
+            to: Phase::Moving,
+            at_ms: 220,
+            note: "caught up".into(),
+            progress: Progress {
+                destination_complete: true,
+                ..Progress::default()
+            },
+        },
+    );
+    assert_eq!(m.migrations[&1].stats.destination_complete_at_ms, Some(220));
+    ok(&mut m, step(1, Phase::Moving, move_to("a", 2)));
+    ok(&mut m, step(1, Phase::Moving, move_to("b", 2)));
+    ok(&mut m, advance(1, Phase::Moving, Phase::RollingForward));
+    ok(
+        &mut m,
+        sequencer(1, Phase::RollingForward, 2, SequencerBasis::TakeOver),
+    );
+    let g = &m.cgs["g"];
+    assert_eq!((g.sequencer, g.seq_start), (2, 50));
+    assert_eq!(g.link(1).map(|l| l.state), Some(LinkState::Outdated));
+    // No cut-over happened: committed on the destination's roots alone.
+    let mut alone = roots(&m, false);
+    assert!(matches!(
+        refused(&mut m, decide(1, Decision::Committed, alone.clone())),
+        ModelError::Invalid { .. }
+    ));
+    for r in &mut alone {
+        r.source = None;
+    }
+    ok(&mut m, decide(1, Decision::Committed, alone));
+}
+
+#[test]
+fn handing_the_order_back_over_a_synchronous_link_records_the_destination_complete() {
+    let mut m = migrating(Strategy::ReverseReplication);
+    ok(&mut m, advance(1, Phase::Planned, Phase::CuttingOver));
+    let r = roots(&m, false);
+    let hand = |phase, to, mode| {
+        sequencer(
+            1,
+            phase,
+            to,
+            SequencerBasis::HandOver {
+                roots: r.clone(),
+                old_link_mode: Some(mode),
+            },
         )
-        .is_ok()
+    };
+    ok(&mut m, hand(Phase::CuttingOver, 2, ReplicationMode::Sync));
+    assert_eq!(m.migrations[&1].stats.destination_complete_at_ms, None);
+    let back = Phase::FailingBack(FailBackCause::Abort);
+    ok(&mut m, advance(1, Phase::Verifying, back));
+    ok(&mut m, hand(back, 1, ReplicationMode::Sync));
+    assert_eq!(m.migrations[&1].stats.destination_complete_at_ms, Some(400));
+    // So the destination may take the order if the source is lost now.
+    ok(&mut m, advance(1, back, Phase::RollingForward));
+    ok(
+        &mut m,
+        sequencer(1, Phase::RollingForward, 2, SequencerBasis::TakeOver),
+    );
+    assert_eq!(m.cgs["g"].sequencer, 2);
+}
+
+#[test]
+fn break_consistency_returns_the_order_to_its_snapshot_only_when_failing_back() {
+    let mut m = migrating(Strategy::BreakConsistency);
+    ok(&mut m, advance(1, Phase::Planned, Phase::Preparing));
+    ok(
+        &mut m,
+        step(
+            1,
+            Phase::Preparing,
+            Command::CreateSnapshot {
+                cg: "g".into(),
+                name: "migration-1".into(),
+                created_at_ms: 210,
+            },
+        ),
+    );
+    ok(&mut m, advance(1, Phase::Preparing, Phase::CuttingOver));
+    let r = roots(&m, false);
+    ok(
+        &mut m,
+        sequencer(
+            1,
+            Phase::CuttingOver,
+            2,
+            SequencerBasis::HandOver {
+                roots: r,
+                old_link_mode: None,
+            },
+        ),
+    );
+    assert_eq!(m.migrations[&1].phase, Phase::Moving);
+    assert!(
+        m.cgs["g"].replicas.is_empty(),
+        "nothing flows back to the source"
+    );
+    let snap = || SequencerBasis::Snapshot {
+        name: "migration-1".into(),
+    };
+    assert!(matches!(
+        refused(&mut m, sequencer(1, Phase::Moving, 1, snap())),
+        ModelError::Invalid { .. }
+    ));
+    let back = Phase::FailingBack(FailBackCause::DestinationLost);
+    ok(&mut m, advance(1, Phase::Moving, back));
+    assert!(matches!(
+        refused(
+            &mut m,
+            sequencer(
+                1,
+                back,
+                1,
+                SequencerBasis::Snapshot {
+                    name: "other".into()
+                }
+            )
+        ),
+        ModelError::Invalid { .. }
+    ));
+    ok(&mut m, sequencer(1, back, 1, snap()));
+    let g = &m.cgs["g"];
+    assert_eq!((g.sequencer, g.seq_start), (1, 50));
+    assert_eq!(g.link(2).map(|l| l.state), Some(LinkState::Outdated));
+    ok(&mut m, decide(1, Decision::FailedBack, vec![]));
+    assert!(
+        m.cgs["g"].snapshots.is_empty(),
+        "the fail-back snapshot is forgotten"
     );
 }
 
