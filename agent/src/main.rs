@@ -63,6 +63,7 @@ fn main() -> ExitCode {
                             Cmd::Vm(c) => cli::vm(&global, c).await,
                             Cmd::Cg(c) => cli::cg(&global, c).await,
                             Cmd::Disk(c) => cli::disk(&global, c).await,
+                            Cmd::Migrate(c) => cli::migrate::run(&global, c).await,
                             Cmd::Agent { .. } | Cmd::Dev(_) | Cmd::Cert(_) => Ok(()),
                         }
                     })

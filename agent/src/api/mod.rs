@@ -4,6 +4,7 @@
 //! leader), and reads pass a linearizable barrier first unless `?local=true` asks for this
 //! node's possibly stale view.
 
+pub mod migrations;
 pub mod types;
 
 use std::net::SocketAddr;
@@ -43,7 +44,7 @@ pub struct ApiState {
 pub struct ApiError(StatusCode, ErrorBody);
 
 impl ApiError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         let status = match code {
             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
@@ -98,10 +99,10 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// The state machine answered a command with an outcome of another kind: a bug.
-fn unexpected(outcome: Outcome) -> ApiError {
+pub(crate) fn unexpected(outcome: Outcome) -> ApiError {
     ApiError::new(
         ErrorCode::Internal,
         format!("unexpected outcome {outcome:?}"),
@@ -136,6 +137,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cgs/{name}/fence", post(fence_cg))
         .route("/v1/cgs/{name}/switch-primary", post(switch_primary))
         .route("/v1/vms/{name}/move", post(move_vm))
+        .route(
+            "/v1/migrations",
+            post(migrations::start).get(migrations::list),
+        )
+        .route("/v1/migrations/plan", post(migrations::plan))
+        .route("/v1/migrations/{id}", get(migrations::show))
+        .route("/v1/migrations/{id}/abort", post(migrations::abort))
         .route("/v1/vms/{name}/fence", post(fence_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
@@ -236,7 +244,7 @@ fn parse_request_id(text: Option<&str>) -> ApiResult<Option<u128>> {
 }
 
 /// Waits for a linearizable view unless the caller asked for the local one.
-async fn read_model<T>(
+pub(crate) async fn read_model<T>(
     s: &ApiState,
     q: &ReadQuery,
     f: impl FnOnce(&ClusterModel) -> T,
@@ -582,7 +590,7 @@ async fn switch_primary(
     body: Result<Json<SwitchPrimaryRequest>, JsonRejection>,
 ) -> ApiResult<Json<SwitchPrimaryResponse>> {
     let Json(req) = body?;
-    let (report, from) = s.cluster.switch_primary(&name, req.to, false).await?;
+    let (report, from) = s.cluster.switch_primary(&name, req.to).await?;
     s.cluster.read_barrier().await?;
     let cg = s
         .cluster

@@ -469,3 +469,142 @@ pub struct SnapshotView {
     #[serde(default)]
     pub chunks_restored: Option<u64>,
 }
+
+/// `POST /v1/migrations`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StartMigrationRequest {
+    /// The group to move.
+    pub cg: String,
+    /// Destination host.
+    pub to: u64,
+    /// `reverse-replication`, `sync-switch`, `compare-delta` or `break-consistency`.
+    pub strategy: String,
+    /// For `sync-switch`: `active-active` (default) or `active-passive`.
+    #[serde(default)]
+    pub sync_mode: Option<String>,
+    /// Fail back if not decided within this many seconds (default 600).
+    #[serde(default)]
+    pub deadline_secs: Option<u64>,
+}
+
+/// `POST /v1/migrations/plan`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlanMigrationRequest {
+    /// The group to move.
+    pub cg: String,
+    /// Destination host.
+    pub to: u64,
+    /// Strategy (default `reverse-replication`).
+    #[serde(default)]
+    pub strategy: Option<String>,
+}
+
+/// What `migrate plan` found.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationPlanView {
+    /// The group.
+    pub cg: String,
+    /// Source (the group's primary).
+    pub from: u64,
+    /// Destination.
+    pub to: u64,
+    /// Strategy.
+    pub strategy: String,
+    /// Whether the migration can start.
+    pub ok: bool,
+    /// Why it cannot (empty when `ok`).
+    pub problems: Vec<String>,
+    /// What the destination holds of the group now: `none`, or its copy's state.
+    pub destination_copy: String,
+    /// Estimated bytes to move (what the destination lacks).
+    pub bytes_to_move: u64,
+    /// Guest writes per second measured on the group now.
+    pub dirty_writes_per_sec: f64,
+    /// Free bytes on the destination.
+    pub destination_free_bytes: u64,
+    /// Estimated seconds, at the assumed link rate.
+    pub estimated_secs: f64,
+    /// The link rate the estimate assumes, bytes per second.
+    pub assumed_link_bytes_per_sec: u64,
+}
+
+/// One line of a migration's timeline.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TimelineView {
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Seconds since the migration started.
+    pub at_secs: f64,
+    /// Phase.
+    pub phase: String,
+    /// The coordinator that wrote it.
+    pub node: u64,
+    /// What happened.
+    pub note: String,
+}
+
+/// One disk's roots at the cut-over.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RootsView {
+    /// Disk id.
+    pub disk: u64,
+    /// Source copy's root (hex), if it was there.
+    pub source: Option<String>,
+    /// Destination copy's root (hex).
+    pub destination: String,
+}
+
+/// A migration in API output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationView {
+    /// Id.
+    pub id: u64,
+    /// Group.
+    pub cg: String,
+    /// Source host.
+    pub from: u64,
+    /// Destination host.
+    pub to: u64,
+    /// Strategy.
+    pub strategy: String,
+    /// Phase (`planned`, `preparing`, `moving`, `cutting-over`, `verifying`,
+    /// `failing-back`, `rolling-forward`, `done`).
+    pub phase: String,
+    /// Why it fails back, while failing back.
+    pub failing_back_because: Option<String>,
+    /// `committed` or `failed-back`, once decided.
+    pub decision: Option<String>,
+    /// The decision's reason.
+    pub decision_reason: Option<String>,
+    /// The agent coordinating it, and its claim number.
+    pub coordinator: u64,
+    /// Claim number (each takeover adds one).
+    pub claim: u64,
+    /// Start, ms since the Unix epoch.
+    pub started_at_ms: u64,
+    /// Deadline, ms since the Unix epoch.
+    pub deadline_ms: u64,
+    /// Seconds from start to the decision (or to now).
+    pub elapsed_secs: f64,
+    /// The group's VMs.
+    pub vms: Vec<String>,
+    /// VMs moved so far.
+    pub moved: Vec<String>,
+    /// Bytes the destination lacked (estimate).
+    pub bytes_needed: u64,
+    /// Bytes moved.
+    pub bytes_moved: u64,
+    /// Stun time per VM move, ms.
+    pub stun_ms: Vec<(String, u64)>,
+    /// Highest lag of the fail-back copy seen, writes.
+    pub rpo_writes: u64,
+    /// Per disk, both copies' Merkle roots at the cut-over.
+    pub roots: Vec<RootsView>,
+    /// What happened, in order.
+    pub timeline: Vec<TimelineView>,
+    /// The coordinator's latest note (live; not replicated).
+    pub note: Option<String>,
+    /// The destination link as the coordinator last saw it: acknowledged and last
+    /// sequence (or chunks sent and total while seeding).
+    pub link_progress: Option<(u64, u64)>,
+}

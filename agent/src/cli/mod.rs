@@ -3,6 +3,7 @@
 //! Local commands (`agent`, `dev`, `cert`) work on this machine; remote commands talk to
 //! any agent through the admin API.
 
+pub mod migrate;
 pub mod output;
 
 use std::net::SocketAddr;
@@ -81,6 +82,9 @@ pub enum Cmd {
     /// Disks and their copies.
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// Live migration of a consistency group to another host, with fail-back.
+    #[command(subcommand)]
+    Migrate(migrate::MigrateCmd),
     /// Certificates: cluster CA, node, admin client and NBD client certificates.
     #[command(subcommand)]
     Cert(crate::certs::CertCmd),
@@ -359,7 +363,7 @@ impl GlobalArgs {
     }
 }
 
-fn read_query(r: &ReadArgs) -> &'static str {
+pub(crate) fn read_query(r: &ReadArgs) -> &'static str {
     if r.local { "?local=true" } else { "" }
 }
 

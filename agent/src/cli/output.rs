@@ -14,7 +14,7 @@ pub struct Output {
     format: Format,
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Dynamic)
@@ -35,6 +35,16 @@ impl Output {
     fn json<T: Serialize + ?Sized>(&self, v: &T) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(v)?);
         Ok(())
+    }
+
+    /// Whether output is JSON.
+    pub fn is_json(&self) -> bool {
+        self.format == Format::Json
+    }
+
+    /// Prints `v` as pretty JSON.
+    pub fn print_json<T: Serialize + ?Sized>(&self, v: &T) -> Result<()> {
+        self.json(v)
     }
 
     /// A confirmation without data.

@@ -328,6 +328,12 @@ impl super::DataPlane {
         (guests.stats(vm), guests.running_for(vm), guests.failure(vm))
     }
 
+    /// Whether `vm`'s guest runs here, and whether it is paused for a move.
+    pub async fn guest_running_paused(&self, vm: &str) -> (bool, bool) {
+        let guests = self.guests.lock().await;
+        (guests.running_for(vm).is_some(), guests.is_paused(vm))
+    }
+
     /// Stats of `vm`'s simulated guest on this host.
     pub async fn guest_stats(&self, vm: &str) -> Option<GuestStats> {
         self.guests.lock().await.stats(vm)

@@ -1,17 +1,21 @@
-//! Handing a group's order to another host (`convoy cg switch-primary`, and a migration's
-//! cut-over), and the fence barrier commands wait on.
+//! Changing who orders a group's writes: a hand-over between two live hosts (`convoy cg
+//! switch-primary`, a migration's cut-over), a take-over after the sequencer was lost, and
+//! the fence barrier commands wait on.
 //!
 //! A hand-over runs on the current sequencer: writes pause (they wait, they do not fail),
-//! the target's copy acknowledges every write sequenced before the pause, this host's copy
-//! is flushed and recorded as a consistent replica at that point, and only then is
-//! `SetSequencer` committed. The target continues the sequence exactly where this host
-//! stopped, this host's copy resumes as its replica from the journal, and no chunk is
-//! re-sent. If anything fails before the commit, writes resume here unchanged.
+//! the target's copy acknowledges every write sequenced before the pause, both copies'
+//! Merkle roots are compared at that point when asked, this host's copy is flushed and
+//! recorded as a consistent replica at that point, and only then is the change committed.
+//! Writes stay paused until Raft gives a definite answer: an unknown outcome is proposed
+//! again with the same request id, never guessed. The target continues the sequence
+//! exactly where this host stopped, this host's copy resumes as its replica from the
+//! journal, and no chunk is re-sent. If anything fails before the commit, writes resume
+//! here unchanged.
 
 use std::time::{Duration, Instant};
 
-use convoy_raft::Command;
-use convoy_raft::model::{DiskId, NodeId, ReplicationMode};
+use convoy_raft::model::{DiskId, ModelError, NodeId, ReplicationMode};
+use convoy_raft::{Command, Outcome};
 use serde::{Deserialize, Serialize};
 
 use super::DataPlane;
@@ -30,6 +34,41 @@ pub struct HandOverReport {
     pub roots: Vec<(DiskId, [u8; 32], [u8; 32])>,
 }
 
+/// Why a change of sequencer did not happen (nothing changed in every case).
+#[derive(Debug, thiserror::Error)]
+pub enum HandOverError {
+    /// This host does not order the group, or the target holds no copy of it.
+    #[error("{0}")]
+    Precondition(String),
+    /// The target did not acknowledge every write in time; writes resumed unchanged.
+    #[error(
+        "node {host} has not caught up ({lag} writes behind after {waited:?}); writes resumed unchanged"
+    )]
+    NotCaughtUp {
+        /// The target.
+        host: NodeId,
+        /// Writes it lacked.
+        lag: u64,
+        /// How long it was waited for.
+        waited: Duration,
+    },
+    /// The copies differ at the consistent point: the hand-over must not happen.
+    #[error("disk {disk}'s copies differ at the consistent point; the hand-over did not happen")]
+    CopiesDiffer {
+        /// The first differing disk.
+        disk: DiskId,
+    },
+    /// The model refused the change.
+    #[error("the model refused the change: {0}")]
+    Refused(ModelError),
+    /// Another stream or operation holds the group; try again.
+    #[error("{0}")]
+    Busy(String),
+    /// Storage or another host failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Asks another host for the roots of its copy of a group (the node layer implements it).
 pub type PeerRoots<'a> = std::pin::Pin<
     Box<dyn std::future::Future<Output = anyhow::Result<Vec<(DiskId, [u8; 32])>>> + Send + 'a>,
@@ -39,33 +78,55 @@ pub type PeerRoots<'a> = std::pin::Pin<
 const CATCH_UP: Duration = Duration::from_secs(5);
 
 impl DataPlane {
-    /// Hands group `cg_id`'s order to `to`, which holds a consistent copy. The old link's
-    /// mode is kept for this host's copy. With `peer_roots`, the copies' Merkle roots are
-    /// compared at the hand-over point (while writes are paused) and recorded in the report.
+    /// Commits `cmd` with `request_id`, proposing it again (same id: the model applies it
+    /// once) while the outcome is unknown, until the model answers.
+    pub(crate) async fn commit_definitely(
+        &self,
+        request_id: u128,
+        cmd: Command,
+    ) -> Result<Outcome, ModelError> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.writer.propose(request_id, cmd.clone()).await {
+                Ok(answer) => return answer,
+                Err(unknown) => {
+                    tracing::warn!(kind = cmd.kind(), error = %unknown, "commit outcome unknown; proposing again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Hands group `cg_id`'s order to `to`, which holds a copy. `commit` makes the
+    /// command from the last sequence this host assigned and the per-disk roots (this
+    /// copy's, the target's) at that point; `peer_roots` asks the target for its roots
+    /// (none asked without it; then the roots are empty and nothing is compared).
     pub async fn hand_over(
         &self,
         cg_id: u64,
         cg: &str,
         to: NodeId,
         peer_roots: Option<PeerRoots<'_>>,
-    ) -> anyhow::Result<HandOverReport> {
-        let seq = self
-            .group_sequencer(cg_id)
-            .ok_or_else(|| anyhow::anyhow!("node {} does not order '{cg}'", self.node))?;
-        let link = seq
-            .link_status()
-            .get(&to)
-            .copied()
-            .ok_or_else(|| anyhow::anyhow!("node {to} holds no copy of '{cg}'"))?;
-        let mode: ReplicationMode = link.mode;
+        commit: impl FnOnce(u64, &[(DiskId, [u8; 32], [u8; 32])]) -> Command,
+    ) -> Result<HandOverReport, HandOverError> {
+        let seq = self.group_sequencer(cg_id).ok_or_else(|| {
+            HandOverError::Precondition(format!("node {} does not order '{cg}'", self.node))
+        })?;
+        if !seq.link_status().contains_key(&to) {
+            return Err(HandOverError::Precondition(format!(
+                "node {to} holds no copy of '{cg}'"
+            )));
+        }
         let started = Instant::now();
         let last = seq.pause();
-        let outcome = async {
+        let prepared = async {
             if !seq.wait_acked(to, last, CATCH_UP).await {
-                anyhow::bail!(
-                    "node {to} has not caught up (it acknowledged {} of {last} writes within {CATCH_UP:?}); nothing changed",
-                    seq.acked_by(to)
-                );
+                return Err(HandOverError::NotCaughtUp {
+                    host: to,
+                    lag: last.saturating_sub(seq.acked_by(to)),
+                    waited: CATCH_UP,
+                });
             }
             let images: Vec<_> = seq.images().values().cloned().collect();
             let local_roots = tokio::task::spawn_blocking(move || {
@@ -76,16 +137,25 @@ impl DataPlane {
                 }
                 anyhow::Ok(roots)
             })
-            .await??;
+            .await
+            .map_err(|e| HandOverError::Failed(e.to_string()))?
+            .map_err(|e| HandOverError::Failed(format!("{e:#}")))?;
             let mut roots = Vec::new();
             if let Some(peer) = peer_roots {
-                let theirs = peer.await?;
+                let theirs = peer
+                    .await
+                    .map_err(|e| HandOverError::Failed(format!("roots of node {to}: {e:#}")))?;
                 for ((disk, _), mine) in seq.images().iter().zip(&local_roots) {
                     let other = theirs
                         .iter()
                         .find(|(d, _)| d == disk)
                         .map(|(_, r)| *r)
-                        .ok_or_else(|| anyhow::anyhow!("node {to} sent no root for disk {disk}"))?;
+                        .ok_or_else(|| {
+                            HandOverError::Failed(format!("node {to} sent no root for disk {disk}"))
+                        })?;
+                    if other != *mine {
+                        return Err(HandOverError::CopiesDiffer { disk: *disk });
+                    }
                     roots.push((*disk, *mine, other));
                 }
             }
@@ -98,24 +168,26 @@ impl DataPlane {
                 resync_snapshot: false,
                 may_have_applied: last,
             };
-            let (mut file, _) = self.open_replica_state(cg_id)?;
-            file.store(&state)?;
-            let cmd = Command::SetSequencer {
-                cg: cg.to_string(),
-                to,
-                continue_at: last + 1,
-                expect_sequencer: self.node,
-                old_link_mode: Some(mode),
-            };
-            self.writer
-                .propose(cmd)
-                .await
-                .map_err(|e| anyhow::anyhow!("the hand-over was not committed: {e}"))?;
+            let (mut file, _) = self
+                .open_replica_state(cg_id)
+                .map_err(|e| HandOverError::Failed(format!("{e:#}")))?;
+            file.store(&state)
+                .map_err(|e| HandOverError::Failed(e.to_string()))?;
             Ok(roots)
         }
         .await;
-        match outcome {
-            Ok(roots) => {
+        let roots = match prepared {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_file(self.replica_state_path(cg_id));
+                seq.resume();
+                return Err(e);
+            }
+        };
+        // Writes stay paused until the model answers for certain.
+        let cmd = commit(last, &roots);
+        match self.commit_definitely(rand::random(), cmd).await {
+            Ok(_) => {
                 seq.hand_over();
                 Ok(HandOverReport {
                     last_seq: last,
@@ -126,9 +198,70 @@ impl DataPlane {
             Err(e) => {
                 let _ = std::fs::remove_file(self.replica_state_path(cg_id));
                 seq.resume();
-                Err(e)
+                Err(HandOverError::Refused(e))
             }
         }
+    }
+
+    /// The plain hand-over of `convoy cg switch-primary`: `SetSequencer`, the old copy a
+    /// replica in the link's mode.
+    pub async fn switch_primary(
+        &self,
+        cg_id: u64,
+        cg: &str,
+        to: NodeId,
+    ) -> Result<HandOverReport, HandOverError> {
+        let mode: Option<ReplicationMode> = self
+            .group_sequencer(cg_id)
+            .and_then(|s| s.link_status().get(&to).map(|l| l.mode));
+        let me = self.node;
+        self.hand_over(cg_id, cg, to, None, |last, _| Command::SetSequencer {
+            cg: cg.to_string(),
+            to,
+            continue_at: last + 1,
+            expect_sequencer: me,
+            old_link_mode: mode,
+        })
+        .await
+    }
+
+    /// This host takes group `cg_id`'s order over after its sequencer was lost: the
+    /// replica stream ends (so what this copy applied is final), and `commit` gets the
+    /// sequence it continues at (`applied + 1`). Returns that sequence once committed.
+    pub async fn take_over(
+        &self,
+        cg_id: u64,
+        commit: impl FnOnce(u64) -> Command,
+    ) -> Result<u64, HandOverError> {
+        if self.replicas.role(cg_id).is_none() {
+            return Err(HandOverError::Precondition(format!(
+                "node {} holds no replica of group {cg_id}",
+                self.node
+            )));
+        }
+        // The lost sequencer's stream must be over: then nothing more is applied here.
+        let turn = self.replicas.turn(cg_id);
+        let _turn = tokio::time::timeout(Duration::from_secs(3), turn.lock_owned())
+            .await
+            .map_err(|_| {
+                HandOverError::Busy(format!(
+                    "the replica stream of group {cg_id} is still alive: its sequencer is not lost"
+                ))
+            })?;
+        let (_, state) = self
+            .open_replica_state(cg_id)
+            .map_err(|e| HandOverError::Failed(format!("{e:#}")))?;
+        if !state.consistent {
+            return Err(HandOverError::Precondition(format!(
+                "node {}'s copy of group {cg_id} is not a consistent prefix",
+                self.node
+            )));
+        }
+        let continue_at = state.applied_seq + 1;
+        self.commit_definitely(rand::random(), commit(continue_at))
+            .await
+            .map_err(HandOverError::Refused)?;
+        Ok(continue_at)
     }
 
     /// The Merkle roots of this host's copy of group `cg_id`'s disks, read between

@@ -87,8 +87,15 @@ pub struct DataConfig {
 /// Proposes commands to the replicated model (implemented by the agent over its cluster
 /// service): the only way the data plane changes the model.
 pub trait ModelWriter: LinkReporter {
-    /// Proposes `cmd`; resolves once committed and applied with the model's answer.
-    fn propose(&self, cmd: Command) -> BoxFuture<'static, Result<Outcome, String>>;
+    /// Proposes `cmd` with client request id `request_id` (the model applies a request
+    /// id once). Resolves with the model's answer once committed and applied, or with
+    /// `Err` when the outcome is unknown (no leader, timeout): proposing again with the
+    /// same id is then safe.
+    fn propose(
+        &self,
+        request_id: u128,
+        cmd: Command,
+    ) -> BoxFuture<'static, Result<Result<Outcome, convoy_raft::model::ModelError>, String>>;
 }
 
 /// A running sequencer and its link senders.
@@ -328,6 +335,28 @@ impl DataPlane {
     /// Disks whose image cannot be opened here, with why.
     pub fn disk_failures(&self) -> BTreeMap<DiskId, String> {
         self.images.failures()
+    }
+
+    /// Free bytes in the data directory's file system (0 if unknown). Blocking.
+    pub fn free_bytes(&self) -> u64 {
+        rustix::fs::statvfs(&self.cfg.data_dir)
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            .unwrap_or(0)
+    }
+
+    /// Per disk, the bytes its local copy's image takes (0 when there is none). Blocking.
+    pub fn copy_sizes(&self, disks: &[DiskId]) -> Vec<(DiskId, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        disks
+            .iter()
+            .map(|d| {
+                let used = convoy_store::image_paths(self.images.dir(), &d.to_string())
+                    .ok()
+                    .and_then(|[img, _, _]| std::fs::metadata(img).ok())
+                    .map_or(0, |m| m.blocks() * 512);
+                (*d, used)
+            })
+            .collect()
     }
 
     fn replication_dir(&self) -> PathBuf {

@@ -13,6 +13,9 @@ use super::sequencer::Sequencer;
 use super::wire::Payload;
 use super::{DataPlane, lock};
 
+/// Where a snapshot records the last sequence it contains.
+const SNAPSHOT_SEQ_FILE: &str = "last_seq";
+
 impl DataPlane {
     fn snapshot_dir(&self, cg_id: u64, name: &str) -> PathBuf {
         self.cfg
@@ -75,11 +78,77 @@ impl DataPlane {
             };
             copy().inspect_err(|_| images.iter().for_each(|i| i.live_snapshot_abort()))
         });
+        let copied = copied.and_then(|()| {
+            // The point's sequence, for a restore that continues the order from it.
+            convoy_codec::file::write_record(&dir.join(SNAPSHOT_SEQ_FILE), &last)
+                .map_err(anyhow::Error::from)
+        });
         if let Err(e) = copied {
             let _ = std::fs::remove_dir_all(&dir);
             lock(&self.snapshots_in_progress).remove(&dir);
             return Err(e.context(format!("cannot snapshot '{cg}'")));
         }
+        Ok(last)
+    }
+
+    /// Whether snapshot `name` of group `cg_id` has files on this host.
+    pub fn snapshot_exists(&self, cg_id: u64, name: &str) -> bool {
+        self.snapshot_dir(cg_id, name).exists()
+    }
+
+    /// Rolls this host's copy of group `cg_id` back to snapshot `name` in place (only
+    /// chunks whose hashes differ are written), when nothing else writes the copy: this
+    /// host neither orders nor replicates the group now. Returns the last sequence the
+    /// snapshot contains. Blocking.
+    pub fn restore_in_place(&self, cg_id: u64, name: &str) -> anyhow::Result<u64> {
+        if lock(&self.domains).contains_key(&convoy_raft::model::DomainId::Cg(cg_id)) {
+            anyhow::bail!(
+                "node {} orders group {cg_id}: restore through the sequencer",
+                self.node
+            );
+        }
+        let turn = self.replicas.turn(cg_id);
+        let Ok(_turn) = turn.try_lock() else {
+            anyhow::bail!(
+                "a replica stream of group {cg_id} runs on node {}",
+                self.node
+            );
+        };
+        let dir = self.snapshot_dir(cg_id, name);
+        let last: u64 = convoy_codec::file::read_record(&dir.join(SNAPSHOT_SEQ_FILE))?
+            .with_context(|| format!("snapshot '{name}' has no recorded sequence"))?;
+        let view = self.view.borrow().clone();
+        let cg = view
+            .model
+            .cg_by_id(cg_id)
+            .with_context(|| format!("group {cg_id} is not in the model"))?;
+        for d in view.model.cg_disks(cg) {
+            let image = self.images.open(d.id, d.size)?;
+            let snap = DiskImage::open(&dir, &d.id.to_string())?;
+            let chunk = u64::from(image.geometry().chunk_size());
+            let mut buf = vec![0u8; chunk as usize];
+            for c in 0..image.chunk_count() {
+                if image.chunk_hash(c)? == snap.chunk_hash(c)? {
+                    continue;
+                }
+                let offset = c * chunk;
+                let len = chunk.min(image.size() - offset) as usize;
+                snap.read_at(&mut buf[..len], offset)?;
+                if convoy_store::is_zero(&buf[..len]) {
+                    image.write_zeroes(offset, len as u64)?;
+                } else {
+                    image.write_at(&buf[..len], offset)?;
+                }
+            }
+            image.flush()?;
+            snap.close()?;
+        }
+        tracing::info!(
+            cg_id,
+            snapshot = name,
+            last,
+            "rolled this copy back to a snapshot"
+        );
         Ok(last)
     }
 

@@ -1,7 +1,9 @@
 //! The agent daemon: wires storage, transport, Raft and the admin API together.
 
+pub mod migration;
 pub mod ops;
 pub mod proposer;
+pub mod provider;
 pub mod raft_net;
 pub mod rpc;
 pub mod service;
@@ -101,6 +103,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         log_stats,
         proposer: proposer::Proposer::spawn(raft.clone()),
         data: std::sync::OnceLock::new(),
+        migrations: Arc::new(migration::Migrations::default()),
     });
     // Before any stream is served: a retired node must not get in while the first
     // reconcile is pending.
@@ -131,6 +134,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let _ = cluster.data.set(Arc::clone(&plane));
     tokio::spawn(reconcile_loop(Arc::clone(&cluster), Arc::clone(&plane)));
     tokio::spawn(gc_loop(Arc::clone(&cluster), Arc::clone(&plane)));
+    tokio::spawn(migration::run(
+        Arc::clone(&cluster),
+        Arc::clone(&cluster.migrations),
+    ));
 
     let metrics = crate::metrics::install()?;
     note_cert_expiry(&cfg, &identity);
@@ -279,25 +286,42 @@ impl LinkReporter for RaftModelWriter {
         state: LinkState,
         expect: Option<LinkState>,
     ) -> futures::future::BoxFuture<'static, Result<(), String>> {
-        let fut = self.propose(Command::SetLinkState {
-            cg,
-            to,
-            state,
-            expect,
-        });
-        Box::pin(async move { fut.await.map(|_| ()) })
+        let fut = self.propose(
+            rand::random(),
+            Command::SetLinkState {
+                cg,
+                to,
+                state,
+                expect,
+            },
+        );
+        Box::pin(async move {
+            match fut.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(unknown) => Err(unknown),
+            }
+        })
     }
 }
 
 impl ModelWriter for RaftModelWriter {
     fn propose(
         &self,
+        request_id: u128,
         cmd: Command,
-    ) -> futures::future::BoxFuture<'static, Result<convoy_raft::Outcome, String>> {
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<Result<convoy_raft::Outcome, convoy_raft::ModelError>, String>,
+    > {
         let cluster = self.0.upgrade();
         Box::pin(async move {
             let cluster = cluster.ok_or("the agent is shutting down")?;
-            cluster.write(cmd, None).await.map_err(|e| e.to_string())
+            match cluster.write(cmd, Some(request_id)).await {
+                Ok(o) => Ok(Ok(o)),
+                Err(service::ServiceError::Model(e)) => Ok(Err(e)),
+                Err(e) => Err(e.to_string()),
+            }
         })
     }
 }

@@ -190,13 +190,11 @@ impl Cluster {
     }
 
     /// Hands group `cg`'s order (and the primary role) to `to`, which holds a consistent
-    /// copy; the old sequencer becomes its replica in the link's mode. With `roots`, the
-    /// copies' Merkle roots at the hand-over point are in the report.
+    /// copy; the old sequencer becomes its replica in the link's mode.
     pub async fn switch_primary(
         &self,
         cg: &str,
         to: NodeId,
-        roots: bool,
     ) -> Result<(HandOverReport, NodeId), ServiceError> {
         self.read_barrier().await?;
         let group: Option<Cg> = self.model.read(|m| m.cgs.get(cg).cloned());
@@ -225,11 +223,15 @@ impl Cluster {
             }
             Some(_) => {}
         }
+        if let Some(m) = self.model.read(|m| m.running_migration(cg).map(|m| m.id)) {
+            return Err(ServiceError::Conflict(format!(
+                "group '{cg}' is being migrated (migration {m}): its primary changes with it"
+            )));
+        }
         let req = LocalRequest::HandOver {
             cg: cg.to_string(),
             cg_id: group.id,
             to,
-            roots,
         };
         match self.local(from, req).await? {
             LocalResponse::HandedOver(report) => Ok((report, from)),

@@ -81,7 +81,8 @@ pub enum LocalRequest {
         /// Compare-delta instead of a full copy.
         compare: bool,
     },
-    /// Take a crash-consistent snapshot of a group this node sequences.
+    /// Take a crash-consistent snapshot of a group this node sequences, and record it in
+    /// the model.
     SnapshotCreate {
         /// Group name.
         cg: String,
@@ -127,7 +128,7 @@ pub enum LocalRequest {
         /// VM name.
         vm: String,
     },
-    /// Hand the order of a group this node sequences to `to`.
+    /// Hand the order of a group this node sequences to `to` (`cg switch-primary`).
     HandOver {
         /// Group name.
         cg: String,
@@ -135,8 +136,22 @@ pub enum LocalRequest {
         cg_id: u64,
         /// The new sequencer.
         to: u64,
-        /// Compare the copies' Merkle roots at the hand-over point.
-        roots: bool,
+    },
+    /// Run a migration's storage-provider operation on this node (the one the operation
+    /// names: the sequencer for a hand-over, the taking host for a take-over...).
+    Storage {
+        /// The operation.
+        op: convoy_migrate::StorageOp,
+    },
+    /// Run a migration's hypervisor-driver operation on this node (the VM's host).
+    Hypervisor {
+        /// The operation.
+        op: convoy_migrate::HypervisorOp,
+    },
+    /// How a VM runs on this node, for a migration's coordinator.
+    VmState {
+        /// VM name.
+        vm: String,
     },
     /// Merkle roots of this node's copy of a group's disks.
     CopyRoots {
@@ -151,6 +166,17 @@ pub enum LocalRequest {
     },
     /// This node's data-plane health: disks that cannot be opened.
     HostHealth,
+    /// Free space in this node's data directory, and the space these disks' local
+    /// copies take (0 for a disk it holds no copy of).
+    Capacity {
+        /// Disk ids.
+        disks: Vec<u64>,
+    },
+    /// The live view this node's migration coordinator has of migration `id`.
+    MigrationLive {
+        /// Migration id.
+        id: u64,
+    },
 }
 
 /// The answer to a [`LocalRequest`], one variant per request.
@@ -208,6 +234,21 @@ pub enum LocalResponse {
     },
     /// Disks that cannot be opened here, with why.
     HostHealth(std::collections::BTreeMap<u64, String>),
+    /// The result of a storage-provider operation.
+    Storage(Result<convoy_migrate::StorageReply, convoy_migrate::StorageError>),
+    /// The result of a hypervisor-driver operation.
+    Hypervisor(Result<convoy_migrate::HypervisorReply, convoy_migrate::HypervisorError>),
+    /// How a VM runs here.
+    VmState(convoy_migrate::VmState),
+    /// Free bytes, and bytes each disk's copy takes here.
+    Capacity {
+        /// Free bytes in the data directory's file system.
+        free_bytes: u64,
+        /// Per disk, bytes its local copy takes.
+        used: Vec<(u64, u64)>,
+    },
+    /// A coordinator's live view of a migration, if it runs one here.
+    MigrationLive(Option<super::migration::LiveStatus>),
 }
 
 /// The leader's answer.

@@ -124,6 +124,8 @@ pub struct Cluster {
     pub proposer: Proposer,
     /// This host's data plane, set once it started.
     pub data: std::sync::OnceLock<Arc<crate::data::DataPlane>>,
+    /// The migration coordinators' live view (notes, observed links).
+    pub migrations: Arc<super::migration::Migrations>,
 }
 
 fn now_ms() -> u64 {
@@ -823,7 +825,7 @@ impl Cluster {
     }
 
     /// [`Self::local`] on another node (never this one).
-    async fn local_remote(
+    pub(crate) async fn local_remote(
         &self,
         node: NodeId,
         req: LocalRequest,
@@ -840,7 +842,7 @@ impl Cluster {
             | LocalRequest::SnapshotCreate { .. }
             | LocalRequest::SnapshotRestore { .. }
             | LocalRequest::CopyRoots { .. }
-            | LocalRequest::HandOver { roots: true, .. } => LONG_LOCAL_TIMEOUT,
+            | LocalRequest::Storage { .. } => LONG_LOCAL_TIMEOUT,
             _ => LOCAL_TIMEOUT,
         };
         let payload = convoy_codec::encode(&ForwardRequest::Local(req))
@@ -993,32 +995,18 @@ impl Cluster {
                 plane.resume_guest(&vm).await;
                 LocalResponse::Done
             }
-            LocalRequest::HandOver {
-                cg,
-                cg_id,
-                to,
-                roots,
-            } => {
-                let peer_roots: Option<crate::data::handover::PeerRoots<'_>> = if roots {
-                    Some(Box::pin(async move {
-                        match self
-                            .local_remote(to, LocalRequest::CopyRoots { cg_id })
-                            .await
-                        {
-                            Ok(LocalResponse::Roots(r)) => Ok(r),
-                            Ok(other) => Err(anyhow::anyhow!("unexpected answer {other:?}")),
-                            Err(e) => Err(anyhow::anyhow!("{e}")),
-                        }
-                    }))
-                } else {
-                    None
-                };
+            LocalRequest::HandOver { cg, cg_id, to } => {
                 let report = plane
-                    .hand_over(cg_id, &cg, to, peer_roots)
+                    .switch_primary(cg_id, &cg, to)
                     .await
-                    .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
+                    .map_err(|e| ServiceError::Conflict(e.to_string()))?;
                 LocalResponse::HandedOver(report)
             }
+            LocalRequest::Storage { op } => LocalResponse::Storage(self.run_storage_here(op).await),
+            LocalRequest::Hypervisor { op } => {
+                LocalResponse::Hypervisor(self.run_hypervisor_here(op).await)
+            }
+            LocalRequest::VmState { vm } => LocalResponse::VmState(self.vm_state_here(&vm).await),
             LocalRequest::CopyRoots { cg_id } => {
                 let plane2 = Arc::clone(&plane);
                 let roots = tokio::task::spawn_blocking(move || plane2.copy_roots(cg_id))
@@ -1031,6 +1019,17 @@ impl Cluster {
                 complete: plane.fence_barrier(&disks, Duration::from_secs(10)).await,
             },
             LocalRequest::HostHealth => LocalResponse::HostHealth(plane.disk_failures()),
+            LocalRequest::Capacity { disks } => {
+                let p = Arc::clone(&plane);
+                let (free_bytes, used) =
+                    tokio::task::spawn_blocking(move || (p.free_bytes(), p.copy_sizes(&disks)))
+                        .await
+                        .map_err(joined)?;
+                LocalResponse::Capacity { free_bytes, used }
+            }
+            LocalRequest::MigrationLive { id } => {
+                LocalResponse::MigrationLive(self.migrations.live(id))
+            }
         })
     }
 

@@ -1,0 +1,266 @@
+//! The migration engine's shell: every agent runs a [`Coordinator`] for each undecided
+//! migration, feeds it the committed model and what it observes, and carries out its
+//! actions (Raft proposals, storage-provider and hypervisor-driver operations). Only the
+//! agent holding a migration's claim acts; another claims it when the failure detector
+//! reports the holder's host lost, and continues (or fails back) from the record alone.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use convoy_migrate::{
+    ActionKind, ActionResult, Completion, Config, Coordinator, HostHealth, HypervisorDriver,
+    Observations, ProposalResult, StorageProvider, run_hypervisor_op, run_storage_op,
+};
+use convoy_raft::model::NodeId;
+use convoy_transport::StreamKind;
+use tokio::sync::mpsc;
+
+use super::provider::ClusterProvider;
+use super::rpc::ForwardRequest;
+use super::service::{Cluster, ServiceError};
+
+/// How often each coordinator steps without news.
+const TICK: Duration = Duration::from_millis(200);
+/// How often the failure detector probes each host.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// A host that has not answered a probe for this long is reported lost.
+const LOST_AFTER: Duration = Duration::from_millis(1200);
+/// How long a proposal may take before its outcome is reported unknown.
+const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the shell knows of a migration for `migrate status` (not replicated: the
+/// coordinating agent's live view).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct LiveStatus {
+    /// The latest note of the engine.
+    pub note: Option<String>,
+    /// The destination link as last observed.
+    pub link: Option<convoy_migrate::LinkStatus>,
+    /// Whether this agent coordinates it now.
+    pub coordinating: bool,
+}
+
+/// The shell's shared state, readable by the API.
+#[derive(Default)]
+pub struct Migrations {
+    live: Mutex<HashMap<u64, LiveStatus>>,
+}
+
+impl Migrations {
+    /// The live status of migration `id` on this agent.
+    pub fn live(&self, id: u64) -> Option<LiveStatus> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    fn update(&self, id: u64, f: impl FnOnce(&mut LiveStatus)) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        f(live.entry(id).or_default());
+    }
+}
+
+/// The failure detector: which hosts answered a probe recently.
+struct Detector {
+    last_ok: Mutex<HashMap<NodeId, Instant>>,
+    started: Instant,
+}
+
+impl Detector {
+    fn health(&self, hosts: &[NodeId], me: NodeId) -> BTreeMap<NodeId, HostHealth> {
+        let last = self.last_ok.lock().unwrap_or_else(|p| p.into_inner());
+        hosts
+            .iter()
+            .map(|h| {
+                let lost = *h != me
+                    && self.started.elapsed() > LOST_AFTER
+                    && last.get(h).is_none_or(|at| at.elapsed() > LOST_AFTER);
+                (
+                    *h,
+                    if lost {
+                        HostHealth::Lost
+                    } else {
+                        HostHealth::Up
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+async fn probe_loop(cluster: Arc<Cluster>, detector: Arc<Detector>) {
+    loop {
+        let hosts: Vec<(NodeId, String)> = cluster.model.read(|m| {
+            m.active_hosts()
+                .filter(|h| h.id != cluster.id)
+                .map(|h| (h.id, h.raft_addr.clone()))
+                .collect()
+        });
+        let probes = hosts.into_iter().map(|(id, addr)| {
+            let cluster = Arc::clone(&cluster);
+            async move {
+                let Ok(addr) = addr.parse() else {
+                    return (id, false);
+                };
+                let Ok(payload) = convoy_codec::encode(&ForwardRequest::Ping) else {
+                    return (id, false);
+                };
+                let ok = cluster
+                    .endpoint
+                    .request(id, addr, StreamKind::Forward, &payload, PROBE_EVERY * 2)
+                    .await
+                    .is_ok();
+                (id, ok)
+            }
+        });
+        let results = futures::future::join_all(probes).await;
+        {
+            let mut last = detector.last_ok.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, ok) in results {
+                if ok {
+                    last.insert(id, Instant::now());
+                }
+            }
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One coordinator and what it waits for.
+struct Runner {
+    coordinator: Coordinator,
+    completions: Vec<Completion>,
+    in_flight: HashSet<u64>,
+}
+
+/// Runs coordinators for every undecided migration until the agent stops.
+pub async fn run(cluster: Arc<Cluster>, shared: Arc<Migrations>) {
+    let detector = Arc::new(Detector {
+        last_ok: Mutex::new(HashMap::new()),
+        started: Instant::now(),
+    });
+    tokio::spawn(probe_loop(Arc::clone(&cluster), Arc::clone(&detector)));
+    let provider = Arc::new(ClusterProvider::new(Arc::clone(&cluster)));
+    let incarnation: u32 = rand::random();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, Completion)>();
+    let mut runners: HashMap<u64, Runner> = HashMap::new();
+    let mut applied = cluster.model.subscribe();
+    loop {
+        tokio::select! {
+            r = applied.changed() => if r.is_err() { return },
+            Some((id, c)) = done_rx.recv() => {
+                if let Some(r) = runners.get_mut(&id) {
+                    r.in_flight.remove(&c.action);
+                    r.completions.push(c);
+                }
+                while let Ok((id, c)) = done_rx.try_recv() {
+                    if let Some(r) = runners.get_mut(&id) {
+                        r.in_flight.remove(&c.action);
+                        r.completions.push(c);
+                    }
+                }
+            }
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        let model = cluster.model.read(|m| m.topology());
+        let undecided: Vec<u64> = model
+            .migrations
+            .values()
+            .filter(|m| m.decision.is_none())
+            .map(|m| m.id)
+            .collect();
+        runners.retain(|id, _| undecided.contains(id));
+        let hosts: Vec<NodeId> = model.active_hosts().map(|h| h.id).collect();
+        let health = detector.health(&hosts, cluster.id);
+        for id in undecided {
+            let runner = runners.entry(id).or_insert_with(|| Runner {
+                coordinator: Coordinator::new(cluster.id, id, incarnation, Config::default()),
+                completions: Vec::new(),
+                in_flight: HashSet::new(),
+            });
+            let Some(m) = model.migrations.get(&id) else {
+                continue;
+            };
+            let holder_lost = health.get(&m.claim.node) == Some(&HostHealth::Lost);
+            let acting = m.claim.node == cluster.id || holder_lost;
+            shared.update(id, |l| l.coordinating = m.claim.node == cluster.id);
+            let mut obs = Observations {
+                completions: std::mem::take(&mut runner.completions),
+                hosts: health.clone(),
+                ..Observations::default()
+            };
+            if acting {
+                if let Ok(links) = provider.link_status(&m.cg).await {
+                    shared.update(id, |l| l.link = links.get(&m.to).copied());
+                    obs.links = links;
+                }
+                let vms: Vec<String> = model
+                    .cgs
+                    .get(&m.cg)
+                    .map(|c| c.vms.clone())
+                    .unwrap_or_default();
+                for vm in vms {
+                    let state = provider.state(&vm).await;
+                    obs.vms.insert(vm, state);
+                }
+            }
+            let actions = runner.coordinator.step(&model, &obs, now_ms());
+            for action in actions {
+                if let ActionKind::Note(note) = &action.kind {
+                    tracing::info!(migration = id, "{note}");
+                    let note = note.clone();
+                    shared.update(id, |l| l.note = Some(note));
+                    continue;
+                }
+                if !runner.in_flight.insert(action.id) {
+                    continue;
+                }
+                let (cluster, provider, tx) =
+                    (Arc::clone(&cluster), Arc::clone(&provider), done_tx.clone());
+                tokio::spawn(async move {
+                    let result = match &action.kind {
+                        ActionKind::Propose {
+                            request_id,
+                            command,
+                        } => {
+                            let written = tokio::time::timeout(
+                                PROPOSAL_TIMEOUT,
+                                cluster.write(command.clone(), Some(*request_id)),
+                            )
+                            .await;
+                            ActionResult::Proposal(match written {
+                                Ok(Ok(o)) => ProposalResult::Applied(Ok(o)),
+                                Ok(Err(ServiceError::Model(e))) => ProposalResult::Applied(Err(e)),
+                                _ => ProposalResult::Unknown,
+                            })
+                        }
+                        ActionKind::Storage(op) => {
+                            ActionResult::Storage(run_storage_op(provider.as_ref(), op).await)
+                        }
+                        ActionKind::Hypervisor(op) => {
+                            ActionResult::Hypervisor(run_hypervisor_op(provider.as_ref(), op).await)
+                        }
+                        ActionKind::Note(_) => return,
+                    };
+                    let _ = tx.send((
+                        id,
+                        Completion {
+                            action: action.id,
+                            result,
+                        },
+                    ));
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,609 @@
+//! The migration engine's two interfaces over this cluster: Convoy's replicated store as
+//! the [`StorageProvider`], simulated guests as the [`HypervisorDriver`].
+//!
+//! The coordinator's side ([`ClusterProvider`]) sends each operation to the host it
+//! concerns; that host runs it against its own data plane ([`Cluster::run_storage_here`],
+//! [`Cluster::run_hypervisor_here`]), checking preconditions and guards against the
+//! committed model (after a read barrier), so a stale coordinator changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use convoy_migrate::{
+    DeltaReport, Guard, HandOverRequest, HypervisorDriver, HypervisorError, HypervisorOp,
+    HypervisorReply, LinkStatus, RestoreRequest, SequencerReport, StorageError, StorageOp,
+    StorageProvider, StorageReply, TakeOverRequest, VmState,
+};
+use convoy_raft::model::{DiskId, DiskRoots, LinkState, NodeId, SequencerBasis};
+
+use super::rpc::{LocalRequest, LocalResponse};
+use super::service::{Cluster, ServiceError};
+use crate::data::handover::HandOverError;
+
+/// How long a resumed guest may take to start on its host.
+const RESUME_WAIT: Duration = Duration::from_secs(15);
+
+fn storage_failed(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Failed(e.to_string())
+}
+
+impl From<HandOverError> for StorageError {
+    fn from(e: HandOverError) -> Self {
+        match e {
+            HandOverError::Precondition(m) => StorageError::Precondition(m),
+            HandOverError::NotCaughtUp { host, lag, .. } => StorageError::NotCaughtUp { host, lag },
+            HandOverError::CopiesDiffer { disk } => StorageError::CopiesDiffer { disk },
+            HandOverError::Refused(m) => StorageError::Refused(m),
+            HandOverError::Busy(m) => StorageError::Busy(m),
+            HandOverError::Failed(m) => StorageError::Failed(m),
+        }
+    }
+}
+
+impl Cluster {
+    /// Whether `guard` holds in the committed model: its migration is undecided and
+    /// coordinated under its claim, in its phase.
+    async fn guard_holds(&self, guard: &Guard) -> Result<bool, ServiceError> {
+        self.read_barrier().await?;
+        Ok(self.model.read(|m| {
+            m.migrations.get(&guard.migration).is_some_and(|mig| {
+                mig.decision.is_none()
+                    && mig.claim.number == guard.claim
+                    && mig.phase == guard.phase
+            })
+        }))
+    }
+
+    fn cg_id_of(&self, cg: &str) -> Result<u64, StorageError> {
+        self.model
+            .read(|m| m.cgs.get(cg).map(|c| c.id))
+            .ok_or_else(|| StorageError::Precondition(format!("group '{cg}' is not in the model")))
+    }
+
+    /// Runs a storage operation on this node's data plane (this node is the host the
+    /// operation concerns).
+    pub(crate) async fn run_storage_here(
+        &self,
+        op: StorageOp,
+    ) -> Result<StorageReply, StorageError> {
+        let plane = self
+            .data()
+            .ok_or_else(|| StorageError::Failed("the data plane is still starting".into()))?;
+        match op {
+            StorageOp::CompareDelta { cg, to, .. } => {
+                let report = plane
+                    .sync_to(&cg, to, true)
+                    .await
+                    .map_err(|e| StorageError::Precondition(format!("{e:#}")))?;
+                Ok(StorageReply::Delta(DeltaReport {
+                    bytes_compared: report.disks.iter().map(|d| d.size).sum(),
+                    bytes_sent: report.disks.iter().map(|d| d.data_bytes_sent).sum(),
+                }))
+            }
+            StorageOp::Snapshot { cg, name, .. } => {
+                self.read_barrier().await.map_err(storage_failed)?;
+                let (cg_id, recorded, sequencer) = self
+                    .model
+                    .read(|m| {
+                        m.cgs.get(&cg).map(|c| {
+                            (
+                                c.id,
+                                c.snapshots.iter().any(|s| s.name == name),
+                                c.sequencer,
+                            )
+                        })
+                    })
+                    .ok_or_else(|| StorageError::Precondition(format!("group '{cg}' is gone")))?;
+                if sequencer != self.id {
+                    return Err(StorageError::Precondition(format!(
+                        "node {} does not order '{cg}'",
+                        self.id
+                    )));
+                }
+                if plane.snapshot_exists(cg_id, &name) {
+                    if recorded {
+                        return Ok(StorageReply::Snapshot);
+                    }
+                    // An unrecorded leftover of an earlier try: take it afresh.
+                    let (p, n) = (Arc::clone(&plane), name.clone());
+                    tokio::task::spawn_blocking(move || p.snapshot_delete_files(cg_id, &n))
+                        .await
+                        .map_err(storage_failed)?;
+                }
+                let (p, c, n) = (Arc::clone(&plane), cg.clone(), name.clone());
+                tokio::task::spawn_blocking(move || p.snapshot_create(&c, &n))
+                    .await
+                    .map_err(storage_failed)?
+                    .map_err(|e| StorageError::Failed(format!("{e:#}")))?;
+                plane.snapshot_recorded(cg_id, &name);
+                Ok(StorageReply::Snapshot)
+            }
+            StorageOp::HandOver(req) => self.hand_over_here(&req).await,
+            StorageOp::TakeOver(req) => self.take_over_here(&req).await,
+            StorageOp::RestoreSnapshot(req) => self.restore_here(&req).await,
+            StorageOp::Roots { cg, .. } => {
+                let cg_id = self.cg_id_of(&cg)?;
+                let p = Arc::clone(&plane);
+                let roots = tokio::task::spawn_blocking(move || p.copy_roots(cg_id))
+                    .await
+                    .map_err(storage_failed)?
+                    .map_err(|e| StorageError::Failed(format!("{e:#}")))?;
+                Ok(StorageReply::Roots(roots))
+            }
+        }
+    }
+
+    async fn hand_over_here(&self, req: &HandOverRequest) -> Result<StorageReply, StorageError> {
+        let plane = self
+            .data()
+            .ok_or_else(|| StorageError::Failed("the data plane is still starting".into()))?;
+        self.read_barrier().await.map_err(storage_failed)?;
+        let (cg_id, sequencer) = self
+            .model
+            .read(|m| m.cgs.get(&req.cg).map(|c| (c.id, c.sequencer)))
+            .ok_or_else(|| StorageError::Precondition(format!("group '{}' is gone", req.cg)))?;
+        if sequencer == req.to {
+            // Already committed (a retry whose first answer was lost).
+            let roots = self.model.read(|m| {
+                m.migrations
+                    .get(&req.guard.migration)
+                    .map(|mig| mig.stats.cutover_roots.clone())
+                    .unwrap_or_default()
+            });
+            return Ok(StorageReply::Sequencer(SequencerReport {
+                continue_at: self
+                    .model
+                    .read(|m| m.cgs.get(&req.cg).map_or(0, |c| c.seq_start)),
+                roots,
+                pause_ms: 0,
+            }));
+        }
+        let to = req.to;
+        let peer_roots: crate::data::handover::PeerRoots<'_> = Box::pin(async move {
+            match self
+                .local_remote(
+                    to,
+                    LocalRequest::Storage {
+                        op: StorageOp::Roots {
+                            cg: req.cg.clone(),
+                            host: to,
+                        },
+                    },
+                )
+                .await
+            {
+                Ok(LocalResponse::Storage(Ok(StorageReply::Roots(r)))) => Ok(r),
+                Ok(LocalResponse::Storage(Err(e))) => Err(anyhow::anyhow!("{e}")),
+                Ok(other) => Err(anyhow::anyhow!("unexpected answer {other:?}")),
+                Err(e) => Err(anyhow::anyhow!("{e}")),
+            }
+        });
+        let guard = req.guard;
+        let old_link_mode = req.old_link_mode;
+        let report = plane
+            .hand_over(cg_id, &req.cg, to, Some(peer_roots), |last, roots| {
+                guard.sequencer_command(
+                    to,
+                    last + 1,
+                    SequencerBasis::HandOver {
+                        roots: disk_roots(roots),
+                        old_link_mode,
+                    },
+                )
+            })
+            .await?;
+        Ok(StorageReply::Sequencer(SequencerReport {
+            continue_at: report.last_seq + 1,
+            roots: disk_roots(&report.roots),
+            pause_ms: report.paused_ms as u64,
+        }))
+    }
+
+    async fn take_over_here(&self, req: &TakeOverRequest) -> Result<StorageReply, StorageError> {
+        let plane = self
+            .data()
+            .ok_or_else(|| StorageError::Failed("the data plane is still starting".into()))?;
+        self.read_barrier().await.map_err(storage_failed)?;
+        let (cg_id, sequencer, seq_start) = self
+            .model
+            .read(|m| m.cgs.get(&req.cg).map(|c| (c.id, c.sequencer, c.seq_start)))
+            .ok_or_else(|| StorageError::Precondition(format!("group '{}' is gone", req.cg)))?;
+        if sequencer == req.to {
+            return Ok(StorageReply::Sequencer(SequencerReport {
+                continue_at: seq_start,
+                roots: Vec::new(),
+                pause_ms: 0,
+            }));
+        }
+        let guard = req.guard;
+        let to = req.to;
+        let continue_at = plane
+            .take_over(cg_id, |at| {
+                guard.sequencer_command(to, at, SequencerBasis::TakeOver)
+            })
+            .await?;
+        Ok(StorageReply::Sequencer(SequencerReport {
+            continue_at,
+            roots: Vec::new(),
+            pause_ms: 0,
+        }))
+    }
+
+    async fn restore_here(&self, req: &RestoreRequest) -> Result<StorageReply, StorageError> {
+        let plane = self
+            .data()
+            .ok_or_else(|| StorageError::Failed("the data plane is still starting".into()))?;
+        self.read_barrier().await.map_err(storage_failed)?;
+        let (cg_id, sequencer, seq_start) = self
+            .model
+            .read(|m| m.cgs.get(&req.cg).map(|c| (c.id, c.sequencer, c.seq_start)))
+            .ok_or_else(|| StorageError::Precondition(format!("group '{}' is gone", req.cg)))?;
+        if sequencer == req.host {
+            return Ok(StorageReply::Sequencer(SequencerReport {
+                continue_at: seq_start,
+                roots: Vec::new(),
+                pause_ms: 0,
+            }));
+        }
+        let (p, name) = (Arc::clone(&plane), req.snapshot.clone());
+        let last = tokio::task::spawn_blocking(move || p.restore_in_place(cg_id, &name))
+            .await
+            .map_err(storage_failed)?
+            .map_err(|e| StorageError::Precondition(format!("{e:#}")))?;
+        let cmd = req.guard.sequencer_command(
+            req.host,
+            last + 1,
+            SequencerBasis::Snapshot {
+                name: req.snapshot.clone(),
+            },
+        );
+        plane
+            .commit_definitely(rand::random(), cmd)
+            .await
+            .map_err(StorageError::Refused)?;
+        Ok(StorageReply::Sequencer(SequencerReport {
+            continue_at: last + 1,
+            roots: Vec::new(),
+            pause_ms: 0,
+        }))
+    }
+
+    /// Runs a hypervisor operation for a VM of this node.
+    pub(crate) async fn run_hypervisor_here(
+        &self,
+        op: HypervisorOp,
+    ) -> Result<HypervisorReply, HypervisorError> {
+        let plane = self
+            .data()
+            .ok_or_else(|| HypervisorError::Failed("the data plane is still starting".into()))?;
+        let failed = |e: ServiceError| HypervisorError::Failed(e.to_string());
+        match op {
+            HypervisorOp::PauseAndDrain { vm, guard, .. } => {
+                if !self.guard_holds(&guard).await.map_err(failed)? {
+                    return Err(HypervisorError::Stale(vm));
+                }
+                let runs_here = self
+                    .model
+                    .read(|m| m.vms.get(&vm).is_some_and(|v| v.host == self.id));
+                if runs_here {
+                    plane.pause_guest(&vm).await;
+                }
+                Ok(HypervisorReply::Drained)
+            }
+            HypervisorOp::Resume { vm, host, guard } => {
+                if !self.guard_holds(&guard).await.map_err(failed)? {
+                    return Err(HypervisorError::Stale(vm));
+                }
+                let (there, simulated) = self.model.read(|m| {
+                    m.vms.get(&vm).map_or((false, false), |v| {
+                        (v.host == self.id, v.running && v.workload.is_some())
+                    })
+                });
+                if !there {
+                    return Err(HypervisorError::NotThere { vm, host });
+                }
+                plane.resume_guest(&vm).await;
+                if simulated {
+                    let deadline = Instant::now() + RESUME_WAIT;
+                    loop {
+                        let (running, _) = plane.guest_running_paused(&vm).await;
+                        if running {
+                            break;
+                        }
+                        if Instant::now() > deadline {
+                            return Err(HypervisorError::Failed(format!(
+                                "the guest of VM {vm} did not start on node {} within {RESUME_WAIT:?}",
+                                self.id
+                            )));
+                        }
+                        plane.reconcile_guests().await;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                Ok(HypervisorReply::Resumed { stun_ms: None })
+            }
+        }
+    }
+
+    /// How VM `vm` runs on this node.
+    pub(crate) async fn vm_state_here(&self, vm: &str) -> VmState {
+        let Some(plane) = self.data() else {
+            return VmState::Unknown;
+        };
+        let (here, running, simulated) = self.model.read(|m| {
+            m.vms.get(vm).map_or((false, false, false), |v| {
+                (v.host == self.id, v.running, v.workload.is_some())
+            })
+        });
+        let (guest, paused) = plane.guest_running_paused(vm).await;
+        if paused {
+            return VmState::Paused(self.id);
+        }
+        if guest || (here && running && !simulated) {
+            return VmState::Running(self.id);
+        }
+        if here && running {
+            // Planned here and starting.
+            return VmState::Running(self.id);
+        }
+        VmState::Stopped
+    }
+}
+
+fn disk_roots(roots: &[(DiskId, [u8; 32], [u8; 32])]) -> Vec<DiskRoots> {
+    roots
+        .iter()
+        .map(|(disk, source, destination)| DiskRoots {
+            disk: *disk,
+            source: Some(*source),
+            destination: *destination,
+        })
+        .collect()
+}
+
+/// The coordinator's side: sends each operation to the host it concerns.
+pub struct ClusterProvider {
+    cluster: Arc<Cluster>,
+    /// When each VM was paused by this coordinator (for its stun time).
+    pauses: Mutex<HashMap<String, Instant>>,
+}
+
+impl ClusterProvider {
+    /// A provider over `cluster`.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self {
+            cluster,
+            pauses: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn storage_on(&self, host: NodeId, op: StorageOp) -> Result<StorageReply, StorageError> {
+        match self.cluster.local(host, LocalRequest::Storage { op }).await {
+            Ok(LocalResponse::Storage(r)) => r,
+            Ok(other) => Err(StorageError::Failed(format!("unexpected answer {other:?}"))),
+            Err(ServiceError::Unavailable(_)) => Err(StorageError::Unreachable(host)),
+            Err(e) => Err(storage_failed(e)),
+        }
+    }
+
+    async fn hypervisor_on(
+        &self,
+        host: NodeId,
+        op: HypervisorOp,
+    ) -> Result<HypervisorReply, HypervisorError> {
+        match self
+            .cluster
+            .local(host, LocalRequest::Hypervisor { op })
+            .await
+        {
+            Ok(LocalResponse::Hypervisor(r)) => r,
+            Ok(other) => Err(HypervisorError::Failed(format!(
+                "unexpected answer {other:?}"
+            ))),
+            Err(ServiceError::Unavailable(_)) => Err(HypervisorError::Unreachable(host)),
+            Err(e) => Err(HypervisorError::Failed(e.to_string())),
+        }
+    }
+}
+
+impl StorageProvider for ClusterProvider {
+    async fn link_status(&self, cg: &str) -> Result<BTreeMap<NodeId, LinkStatus>, StorageError> {
+        let group = self
+            .cluster
+            .model
+            .read(|m| m.cgs.get(cg).cloned())
+            .ok_or_else(|| StorageError::Precondition(format!("group '{cg}' is gone")))?;
+        let status = match self
+            .cluster
+            .local(
+                group.sequencer,
+                LocalRequest::GroupStatus { cg: cg.to_string() },
+            )
+            .await
+        {
+            Ok(LocalResponse::GroupStatus(Some(s))) => s,
+            Ok(_) => return Ok(BTreeMap::new()),
+            Err(ServiceError::Unavailable(_)) => {
+                return Err(StorageError::Unreachable(group.sequencer));
+            }
+            Err(e) => return Err(storage_failed(e)),
+        };
+        let mut out = BTreeMap::new();
+        for link in &group.replicas {
+            let Some(l) = status.links.get(&link.to) else {
+                continue;
+            };
+            let streaming = l.phase == "streaming";
+            let (acked_seq, last_seq) = if streaming {
+                (l.acked_seq, l.last_seq)
+            } else {
+                // Being seeded: the lag counts chunks still to send.
+                (
+                    l.resync_chunks_sent,
+                    l.resync_chunks_sent + l.resync_chunks_left,
+                )
+            };
+            out.insert(
+                link.to,
+                LinkStatus {
+                    acked_seq,
+                    last_seq,
+                    up_to_date: streaming
+                        && link.mode.is_synchronous()
+                        && link.state == LinkState::Consistent,
+                    bytes_needed: l.resync_bytes_sent
+                        + l.resync_chunks_left * convoy_store::DEFAULT_CHUNK_SIZE as u64,
+                    bytes_moved: l.bytes_sent,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    async fn compare_delta(
+        &self,
+        cg: &str,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<DeltaReport, StorageError> {
+        match self
+            .storage_on(
+                from,
+                StorageOp::CompareDelta {
+                    cg: cg.to_string(),
+                    from,
+                    to,
+                },
+            )
+            .await?
+        {
+            StorageReply::Delta(d) => Ok(d),
+            other => Err(StorageError::Failed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn snapshot(&self, cg: &str, host: NodeId, name: &str) -> Result<(), StorageError> {
+        self.storage_on(
+            host,
+            StorageOp::Snapshot {
+                cg: cg.to_string(),
+                host,
+                name: name.to_string(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn hand_over(&self, req: &HandOverRequest) -> Result<SequencerReport, StorageError> {
+        match self
+            .storage_on(req.from, StorageOp::HandOver(req.clone()))
+            .await?
+        {
+            StorageReply::Sequencer(r) => Ok(r),
+            other => Err(StorageError::Failed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn take_over(&self, req: &TakeOverRequest) -> Result<SequencerReport, StorageError> {
+        match self
+            .storage_on(req.to, StorageOp::TakeOver(req.clone()))
+            .await?
+        {
+            StorageReply::Sequencer(r) => Ok(r),
+            other => Err(StorageError::Failed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn restore_snapshot(
+        &self,
+        req: &RestoreRequest,
+    ) -> Result<SequencerReport, StorageError> {
+        match self
+            .storage_on(req.host, StorageOp::RestoreSnapshot(req.clone()))
+            .await?
+        {
+            StorageReply::Sequencer(r) => Ok(r),
+            other => Err(StorageError::Failed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn roots(&self, cg: &str, host: NodeId) -> Result<Vec<(DiskId, [u8; 32])>, StorageError> {
+        match self
+            .storage_on(
+                host,
+                StorageOp::Roots {
+                    cg: cg.to_string(),
+                    host,
+                },
+            )
+            .await?
+        {
+            StorageReply::Roots(r) => Ok(r),
+            other => Err(StorageError::Failed(format!("unexpected reply {other:?}"))),
+        }
+    }
+}
+
+impl HypervisorDriver for ClusterProvider {
+    async fn pause_and_drain(
+        &self,
+        vm: &str,
+        host: NodeId,
+        guard: &Guard,
+    ) -> Result<(), HypervisorError> {
+        self.hypervisor_on(
+            host,
+            HypervisorOp::PauseAndDrain {
+                vm: vm.to_string(),
+                host,
+                guard: *guard,
+            },
+        )
+        .await?;
+        self.pauses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(vm.to_string())
+            .or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    async fn resume(
+        &self,
+        vm: &str,
+        host: NodeId,
+        guard: &Guard,
+    ) -> Result<Option<u64>, HypervisorError> {
+        self.hypervisor_on(
+            host,
+            HypervisorOp::Resume {
+                vm: vm.to_string(),
+                host,
+                guard: *guard,
+            },
+        )
+        .await?;
+        let paused = self
+            .pauses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vm);
+        Ok(paused.map(|at| at.elapsed().as_millis() as u64))
+    }
+
+    async fn state(&self, vm: &str) -> VmState {
+        let Some(host) = self.cluster.model.read(|m| m.vms.get(vm).map(|v| v.host)) else {
+            return VmState::Stopped;
+        };
+        match self
+            .cluster
+            .local(host, LocalRequest::VmState { vm: vm.to_string() })
+            .await
+        {
+            Ok(LocalResponse::VmState(s)) => s,
+            _ => VmState::Unknown,
+        }
+    }
+}
