@@ -43,21 +43,25 @@ mod activity;
 mod backend;
 mod bitmap;
 mod chunkmap;
+mod clock;
 mod error;
 mod geometry;
 mod hash;
 mod image;
+mod leaves;
+mod meta;
 pub mod sim;
+mod sparse;
 mod tree;
 
 pub use activity::ActivityLog;
-pub use backend::{Backend, FileBackend, image_paths};
+pub use backend::{Backend, FileBackend, image_files, image_paths};
 pub use bitmap::Bitmap;
 pub use chunkmap::{ChunkMap, DirtySet, HashTicket, RecoveryReport, Trust, WriteSeq};
 pub use error::{Result, StoreError};
 pub use geometry::{DEFAULT_CHUNK_SIZE, DEFAULT_EXTENT_CHUNKS, DEFAULT_FANOUT, Geometry};
 pub use hash::{ChunkHash, HashAlgo, ZERO_CHUNK_HASH, hash_chunk, is_zero};
-pub use image::{DEFAULT_ACTIVITY_LIMIT, DiskImage, HashPass};
+pub use image::{DEFAULT_ACTIVITY_LIMIT, DataChunks, DiskImage, HashPass};
 pub use tree::{HashTree, diff_leaves};
 
 #[cfg(test)]

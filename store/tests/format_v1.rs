@@ -62,7 +62,11 @@ fn format_1_image_closed_cleanly_opens_trusted_with_its_trackers_and_hashes() {
     assert_eq!(b, [0x22; 4096]);
     assert_hashes_honest(&img);
 
-    // Upgraded on open: reopening (cleanly and after a crash) keeps it all.
+    // Upgraded on open: the metadata is in the current format, the hashes in their file.
+    let meta = std::fs::read(dir.path().join("disk-clean.meta")).unwrap();
+    assert!(meta.starts_with(b"CVYSMETA"), "metadata not upgraded");
+    assert!(dir.path().join("disk-clean.hashes").exists());
+    // Reopening (cleanly and after a crash) keeps it all.
     img.close().unwrap();
     drop(img);
     let img = DiskImage::open(dir.path(), "clean").unwrap();
