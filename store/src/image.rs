@@ -406,6 +406,14 @@ impl<B: Backend> DiskImage<B> {
         lock(&self.state).generation
     }
 
+    /// Sets how many 4 KiB pages of chunk hashes (128 chunks each) the image keeps cached
+    /// (default 1024 = 4 MiB, the hashes of 8 GiB of disk at 64 KiB chunks; at least 4).
+    /// Pages changed since the last write-back are kept beyond it until written (a hasher
+    /// writes them back once they pass half of it).
+    pub fn set_hash_cache_pages(&self, pages: usize) {
+        lock(&self.state).map.leaves().set_capacity(pages);
+    }
+
     /// Sets how many active extents make [`DiskImage::flush`] also checkpoint.
     pub fn set_activity_limit(&self, extents: u64) {
         self.activity_limit.store(extents, Ordering::Relaxed);
@@ -963,11 +971,12 @@ impl<B: Backend> DiskImage<B> {
                 };
                 done.push((t, h));
             }
-            // The pages the hashes go to, cached before the hashes are offered.
-            self.load_pages_of(done.iter().map(|(t, _)| t.chunk()))?;
-            {
+            // Page by page: load the page, then offer its hashes at once, so that even a
+            // small cache keeps what was computed.
+            for group in done.chunk_by(|a, b| page_of(a.0.chunk()) == page_of(b.0.chunk())) {
+                self.load_pages_of(std::iter::once(group[0].0.chunk()))?;
                 let mut st = lock(&self.state);
-                for (t, h) in done {
+                for &(t, h) in group {
                     st.map.offer_hash(t, h);
                 }
             }

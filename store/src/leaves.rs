@@ -49,6 +49,9 @@ pub(crate) fn page_from_bytes(bytes: &[u8]) -> LeafPage {
 /// Default number of pages kept cached per image (4 MiB: the hashes of 8 GiB of disk).
 pub(crate) const DEFAULT_CACHED_PAGES: usize = 1024;
 
+/// The smallest cache allowed.
+pub(crate) const MIN_CACHED_PAGES: usize = 4;
+
 /// Evictions remembered, to tell whether a page read from the file may be stale.
 const EVICTIONS_REMEMBERED: usize = 1 << 14;
 
@@ -87,7 +90,7 @@ impl LeafCache {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
             pages: HashMap::new(),
-            capacity: capacity.max(64),
+            capacity: capacity.max(MIN_CACHED_PAGES),
             tick: 0,
             evictions: 0,
             evicted: VecDeque::new(),
@@ -109,6 +112,12 @@ impl LeafCache {
     /// The pages-kept bound.
     pub(crate) fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Changes the pages-kept bound (at least `MIN_CACHED_PAGES`).
+    pub(crate) fn set_capacity(&mut self, pages: usize) {
+        self.capacity = pages.max(MIN_CACHED_PAGES);
+        self.evict(None);
     }
 
     /// Chunk `c`'s stored hash if its page is cached (whether the hash is valid is the
@@ -171,7 +180,9 @@ impl LeafCache {
                 used: self.tick,
             },
         );
-        self.evict();
+        // Not the page just read: when every other page is dirty, it would be the only
+        // candidate, and the caller would read it again forever.
+        self.evict(Some(miss.page));
         true
     }
 
@@ -229,19 +240,19 @@ impl LeafCache {
                 }
             }
         }
-        self.evict();
+        self.evict(None);
     }
 
-    /// Drops least recently used clean pages while over capacity (to 7/8 of it, so
-    /// evictions come in batches).
-    fn evict(&mut self) {
+    /// Drops least recently used clean pages (but `keep`) while over capacity (to 7/8 of
+    /// it, so evictions come in batches). Dirty and pinned pages stay, even past it.
+    fn evict(&mut self, keep: Option<u64>) {
         if self.pages.len() <= self.capacity {
             return;
         }
         let mut clean: Vec<(u64, u64)> = self
             .pages
             .iter()
-            .filter(|(_, c)| !c.dirty && !c.pinned)
+            .filter(|&(&p, c)| !c.dirty && !c.pinned && Some(p) != keep)
             .map(|(&p, c)| (c.used, p))
             .collect();
         let excess = self.pages.len() - self.capacity * 7 / 8;
@@ -306,6 +317,14 @@ mod tests {
         }
         assert!(c.contains(1) && c.contains(2));
         assert!(c.cached_pages() <= 64 + 2);
+        // With every page dirty, a page just read stays (or a lookup would loop).
+        let mut full = LeafCache::new(4);
+        for p in 0..6 {
+            assert!(full.install(full.miss(p), page(0)));
+            full.set(p * LEAVES_PER_PAGE, [1; 32]);
+        }
+        assert!(full.install(full.miss(9), page(0)));
+        assert!(full.get(9 * LEAVES_PER_PAGE).is_some());
         c.written(&[1], false);
         assert_eq!(
             c.dirty_pages(),

@@ -60,6 +60,8 @@ pub enum Fault {
 }
 
 const PAGE: usize = 4096;
+/// Log space reserved ahead, like the file backend's (smaller, so tests reach its end).
+const LOG_RESERVE: usize = 4096;
 
 /// A sparse file: absent pages read as zeros.
 #[derive(Clone, Debug, Default)]
@@ -177,22 +179,44 @@ struct VolatileFile {
     visible: SparseFile,
     /// Changes since the last sync, oldest first.
     unsynced: Vec<Change>,
+    /// Pages whose write-back failed: Linux marks them clean, so a later sync does not
+    /// write them; the disk keeps their old content until they are written again.
+    lost: std::collections::BTreeSet<u64>,
 }
 
 impl VolatileFile {
     fn apply(&mut self, c: Change) {
         apply_to(&mut self.visible, &c);
+        // A page written again is dirty again: the next sync writes it whole.
+        if let Some(r) = c.pages() {
+            let hit: Vec<u64> = self.lost.range(r).copied().collect();
+            for p in hit {
+                self.lost.remove(&p);
+            }
+        }
         self.unsynced.push(c);
     }
 
     fn sync(&mut self) {
-        self.durable = self.visible.clone();
+        let mut d = self.visible.clone();
+        for &p in &self.lost {
+            match self.durable.pages.get(&p) {
+                Some(old) => d.pages.insert(p, Arc::clone(old)),
+                None => d.pages.remove(&p),
+            };
+        }
+        self.durable = d;
         self.unsynced.clear();
     }
 
-    /// A failed write-back: the changes stay visible but will never become durable.
+    /// A failed write-back: the changes stay visible but never become durable (unless
+    /// their pages are written again).
     fn lose_unsynced(&mut self) {
-        self.unsynced.clear();
+        for c in std::mem::take(&mut self.unsynced) {
+            if let Some(r) = c.pages() {
+                self.lost.extend(r);
+            }
+        }
     }
 
     fn crash(&mut self, power_loss: bool, coin: &mut impl FnMut() -> bool) {
@@ -206,9 +230,23 @@ impl VolatileFile {
             }
             self.durable = f;
         } else {
+            // The page cache survives a killed process, lost pages included.
             self.durable = self.visible.clone();
         }
+        self.lost.clear();
         self.visible = self.durable.clone();
+    }
+}
+
+impl Change {
+    /// The pages a change touches (`None` for a length change).
+    fn pages(&self) -> Option<Range<u64>> {
+        let (off, len) = match self {
+            Change::Write(off, data) => (*off, data.len() as u64),
+            Change::Punch(off, len) => (*off, *len),
+            Change::SetLen(_) => return None,
+        };
+        Some(off / PAGE as u64..(off + len).div_ceil(PAGE as u64))
     }
 }
 
@@ -328,6 +366,7 @@ impl SimBackend {
                 ..SparseFile::default()
             },
             unsynced: Vec::new(),
+            lost: Default::default(),
         };
         Self {
             inner: Arc::new((
@@ -469,6 +508,11 @@ impl SimBackend {
         self.state().log = bytes;
     }
 
+    /// Bytes of the activity log that appends may fill without allocating.
+    pub fn log_reserved(&self) -> usize {
+        self.state().log_reserved
+    }
+
     /// Removes the chunk-hash file (to stage its loss).
     pub fn remove_hashes(&self) {
         let mut s = self.state();
@@ -590,7 +634,8 @@ impl Backend for SimBackend {
         }
         if matches!(go, Step::Go) || s.coin() {
             s.log = Some(bytes.to_vec());
-            s.log_reserved = 0;
+            // Like the file backend: room for the appends until the next replacement.
+            s.log_reserved = bytes.len() + LOG_RESERVE;
         }
         if s.dead { Err(died()) } else { Ok(()) }
     }
@@ -605,7 +650,7 @@ impl Backend for SimBackend {
         if s.full {
             return Err(enospc());
         }
-        s.log_reserved = need + 4096;
+        s.log_reserved = need + LOG_RESERVE;
         Ok(())
     }
 
@@ -705,6 +750,27 @@ impl Backend for SimBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_later_sync_does_not_persist_pages_whose_write_back_failed() {
+        let sim = SimBackend::new(4 * PAGE as u64, 1);
+        sim.write_at(&[1; 10], 0).unwrap();
+        sim.write_at(&[2; 10], 2 * PAGE as u64).unwrap();
+        sim.inject(Fault::DataSyncFails);
+        assert!(sim.sync_data().is_err());
+        sim.write_at(&[3; 10], 2 * PAGE as u64 + 100).unwrap(); // page 2 dirty again
+        sim.sync_data().unwrap();
+        assert_eq!(sim.image()[0], 1, "the page cache still shows it");
+        sim.crash(true);
+        let img = sim.image();
+        assert_eq!(img[0], 0, "page 0 was never written back");
+        assert_eq!(
+            img[2 * PAGE],
+            2,
+            "page 2 was written whole when synced again"
+        );
+        assert_eq!(img[2 * PAGE + 100], 3);
+    }
 
     #[test]
     fn sparse_file_reads_what_was_written_and_zeros_elsewhere() {
