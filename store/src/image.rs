@@ -1022,17 +1022,17 @@ impl<B: Backend> DiskImage<B> {
             let read = self.read_pages(&misses)?;
             // The leaves as they are now, under one hold of the lock: cached pages as
             // cached, the others as read unless an eviction may have made the read stale.
-            let zero: Arc<LeafPage> = Arc::new([ZERO_CHUNK_HASH; LEAVES_PER_PAGE as usize]);
-            let leaves: Option<HashMap<u64, Arc<LeafPage>>> = {
+            // `None`: a page in a hole of the file, all zero hashes.
+            let leaves: Option<HashMap<u64, Option<Arc<LeafPage>>>> = {
                 let mut st = lock(&self.state);
                 let mut got = HashMap::with_capacity(pages.len());
                 let mut complete = true;
                 for &p in &pages {
                     let page = match st.map.leaves().peek(p) {
-                        Some(a) => a,
+                        Some(a) => Some(a),
                         None => match read.get(&p) {
                             Some((m, content)) if st.map.leaves().file_read_valid(*m) => {
-                                content.clone().unwrap_or_else(|| Arc::clone(&zero))
+                                content.clone()
                             }
                             _ => {
                                 complete = false;
@@ -1050,18 +1050,21 @@ impl<B: Backend> DiskImage<B> {
             let Some(leaves) = leaves else {
                 continue;
             };
-            let leaf = |c: u64| {
-                leaves
-                    .get(&page_of(c))
-                    .map_or(ZERO_CHUNK_HASH, |p| p[(c % LEAVES_PER_PAGE) as usize])
-            };
             let values: Vec<(u64, Option<ChunkHash>)> = nodes
                 .iter()
                 .map(|&node| {
-                    let kids: Vec<ChunkHash> = (node * fanout..((node + 1) * fanout).min(n))
-                        .map(leaf)
+                    let r = node * fanout..((node + 1) * fanout).min(n);
+                    let pages = page_of(r.start)..=page_of(r.end - 1);
+                    // Nodes over holes of the file take the tree's constant, unread.
+                    if pages.clone().all(|p| matches!(leaves.get(&p), Some(None))) {
+                        return (node, None);
+                    }
+                    let kids: Vec<ChunkHash> = r
+                        .map(|c| match leaves.get(&page_of(c)) {
+                            Some(Some(p)) => p[(c % LEAVES_PER_PAGE) as usize],
+                            _ => ZERO_CHUNK_HASH,
+                        })
                         .collect();
-                    // All-zero nodes take the tree's own constant (no hashing).
                     let zero = kids.iter().all(|h| *h == ZERO_CHUNK_HASH);
                     (node, (!zero).then(|| hash_node(&kids)))
                 })

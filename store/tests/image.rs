@@ -427,3 +427,32 @@ fn async_wrappers_run_on_the_blocking_pool() {
         assert_ne!(h, ZERO_CHUNK_HASH);
     });
 }
+
+/// A resync's second pass sends only what became dirty while the first pass ran.
+#[test]
+fn dirty_since_lists_only_chunks_written_during_the_first_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = DiskImage::create(dir.path(), "d", 16 * MIB).unwrap();
+    img.start_tracking("r").unwrap();
+    img.write_at(&[1; 10 * 65536], 0).unwrap();
+    let pass1 = img.dirty_chunks("r").unwrap();
+    assert_eq!(pass1.chunks, (0..10).collect::<Vec<_>>());
+    // While pass 1 reads and sends those, the guest writes on.
+    img.write_at(&[2; 100], 3 * 65536 + 7).unwrap();
+    img.write_at(&[3; 100], 40 * 65536).unwrap();
+    img.write_zeroes(50 * 65536, 65536).unwrap();
+    assert_eq!(img.dirty_since("r", pass1.as_of).unwrap(), vec![3, 40, 50]);
+    // Pass 1 acknowledged: clearing it leaves exactly pass 2's chunks.
+    assert_eq!(img.clear("r", &pass1.chunks, pass1.as_of).unwrap(), 9);
+    assert_eq!(img.dirty_chunks("r").unwrap().chunks, vec![3, 40, 50]);
+    assert_eq!(img.dirty_count("r").unwrap(), 3);
+    let pass2 = img.dirty_chunks("r").unwrap();
+    assert!(img.dirty_since("r", pass2.as_of).unwrap().is_empty());
+    // In pieces, for sets too large to list at once.
+    let piece = img.dirty_chunks_from("r", 4, 1).unwrap();
+    assert_eq!(piece.chunks, vec![40]);
+    assert!(matches!(
+        img.dirty_since("nope", pass1.as_of),
+        Err(StoreError::UnknownTracker(_))
+    ));
+}
