@@ -4,7 +4,8 @@
 //! `cargo run -p convoy-store --example mem_per_tib [-- <GiB> [<dir>]]` (default 1024 GiB
 //! in the temp dir). Steps: create (untouched), write 1 GiB scattered (16,384 64-KiB writes
 //! at random chunks), hash what was written, checkpoint while a writer keeps writing (its
-//! longest write is printed), close, reopen. Memory is the process's VmRSS (what the
+//! longest write is printed, and the same without a checkpoint), close, reopen, then
+//! reopen once more without the activity log (everything distrusted) and rehash. Memory is the process's VmRSS (what the
 //! image really holds resident), measured after each step, minus the figure before create.
 
 use std::sync::Arc;
@@ -88,35 +89,48 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     report("after hashing them");
 
-    // A checkpoint while a writer keeps writing 4 KiB into already-active extents.
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (img, stop) = (Arc::clone(&img), Arc::clone(&stop));
-        std::thread::spawn(move || -> (Duration, u64) {
-            let mut rng = StdRng::seed_from_u64(8);
-            let (mut worst, mut n) = (Duration::ZERO, 0u64);
-            while !stop.load(Ordering::Relaxed) {
-                let off = rng.gen_range(0..64u64) * 4096;
-                let t = Instant::now();
-                if img.write_at(&[9u8; 4096], off).is_err() {
-                    break;
+    // A checkpoint while a writer keeps writing 4 KiB into already-active extents, then
+    // the same writer for as long without a checkpoint (what the disk alone costs it).
+    let writer_during = |work: &dyn Fn() -> Result<Duration, convoy_store::StoreError>| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (img, stop) = (Arc::clone(&img), Arc::clone(&stop));
+            std::thread::spawn(move || -> (Duration, u64) {
+                let mut rng = StdRng::seed_from_u64(8);
+                let (mut worst, mut n) = (Duration::ZERO, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let off = rng.gen_range(0..64u64) * 4096;
+                    let t = Instant::now();
+                    if img.write_at(&[9u8; 4096], off).is_err() {
+                        break;
+                    }
+                    worst = worst.max(t.elapsed());
+                    n += 1;
                 }
-                worst = worst.max(t.elapsed());
-                n += 1;
-            }
-            (worst, n)
-        })
+                (worst, n)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let took = work();
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, Ordering::Relaxed);
+        let (worst, n) = writer.join().unwrap_or_default();
+        (took, worst, n)
     };
-    std::thread::sleep(Duration::from_millis(50));
-    let t = Instant::now();
-    img.checkpoint()?;
-    let took = t.elapsed();
-    std::thread::sleep(Duration::from_millis(20));
-    stop.store(true, Ordering::Relaxed);
-    let (worst, n) = writer.join().map_err(|_| "writer panicked")?;
+    let (took, worst, n) = writer_during(&|| {
+        let t = Instant::now();
+        img.checkpoint()?;
+        Ok(t.elapsed())
+    });
+    let took = took?;
     println!(
         "  checkpoint took {took:?}; a concurrent writer did {n} 4 KiB writes, longest {worst:?}"
     );
+    let (_, worst, n) = writer_during(&|| {
+        std::thread::sleep(took);
+        Ok(took)
+    });
+    println!("  the same writer without a checkpoint: {n} writes, longest {worst:?}");
     report("after checkpoint");
 
     let t = Instant::now();
@@ -132,6 +146,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             report("after reopen (clean)");
             let d = img.dirty_chunks("replica")?;
             println!("  tracker holds {} chunks", d.chunks.len());
+            let t = Instant::now();
+            let root = img.root()?;
+            println!(
+                "  root after reopen (tree rebuilt from the hash file) took {:?}",
+                t.elapsed()
+            );
+            drop(img);
+            // The worst recovery: the activity log is lost, so nothing is trusted.
+            std::fs::remove_file(dir.path().join("disk-m.al"))?;
+            let t = Instant::now();
+            let img = DiskImage::open(dir.path(), "m")?;
+            println!(
+                "  reopen without an activity log took {:?} ({} chunks distrusted)",
+                t.elapsed(),
+                img.recovery().untrusted_chunks
+            );
+            report("after it");
+            let t = Instant::now();
+            let pass = img.hash_all()?;
+            println!(
+                "  rehashing everything took {:?} ({} read, {} holes)",
+                t.elapsed(),
+                pass.read,
+                pass.holes
+            );
+            report("after rehashing everything");
+            println!("  root unchanged: {}", img.root()? == root);
         }
         Err(e) => println!("  REOPEN FAILED: {e}"),
     }

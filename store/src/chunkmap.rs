@@ -84,8 +84,9 @@ pub(crate) enum Leaf {
 /// bounded memory; where a page is needed, it says so and the caller reads it.
 ///
 /// Memory follows what was written, not the disk size: bitmaps are sparse, the write
-/// history is bounded ([`WriteClock`]), the tree stores only nodes over non-zero chunks,
-/// and at most a bounded number of hash pages is cached (plus those not yet written back).
+/// history is bounded (exact for recent writes, per region for older ones), the tree
+/// stores only nodes over non-zero chunks, and at most a bounded number of hash pages is
+/// cached (plus those not yet written back).
 ///
 /// Protocol the caller must follow for every write to chunks `r`:
 /// [`ChunkMap::write_started`]`(r)` before the data write is issued, and
@@ -305,7 +306,7 @@ impl ChunkMap {
     /// The chunks dirty in tracker `name` whose last write started or finished after
     /// `as_of`, ascending. Never misses such a chunk; may include chunks last written
     /// before `as_of` when the image's write history was folded (more than a quarter of a
-    /// million chunks written since; see [`WriteClock`]).
+    /// million chunks written since: older history is kept per region).
     pub fn dirty_since(&self, name: &str, as_of: WriteSeq) -> Result<Vec<u64>> {
         let t = self.tracker(name)?;
         Ok(t.iter_ones_from(0)

@@ -975,12 +975,15 @@ impl<B: Backend> DiskImage<B> {
             // small cache keeps what was computed.
             for group in done.chunk_by(|a, b| page_of(a.0.chunk()) == page_of(b.0.chunk())) {
                 self.load_pages_of(std::iter::once(group[0].0.chunk()))?;
-                let mut st = lock(&self.state);
-                for &(t, h) in group {
-                    st.map.offer_hash(t, h);
+                {
+                    let mut st = lock(&self.state);
+                    for &(t, h) in group {
+                        st.map.offer_hash(t, h);
+                    }
                 }
+                // Scattered chunks dirty a page each: keep them within the cache's bound.
+                self.write_back(false)?;
             }
-            self.write_back(false)?;
         }
     }
 
