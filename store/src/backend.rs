@@ -198,14 +198,27 @@ impl FileBackend {
                 _ => StoreError::io(format!("create {}", image_path.display()), e),
             })?;
         let ctx = |what: &str| format!("{what} {}", image_path.display());
-        image
-            .set_len(size)
-            .map_err(|e| StoreError::io(ctx("size"), e))?;
-        image
-            .sync_all()
-            .map_err(|e| StoreError::io(ctx("fsync"), e))?;
-        let hashes = open_hashes(&hashes_path)?;
-        sync_dir(dir).map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))?;
+        let rest = (|| {
+            image
+                .set_len(size)
+                .map_err(|e| StoreError::io(ctx("size"), e))?;
+            image
+                .sync_all()
+                .map_err(|e| StoreError::io(ctx("fsync"), e))?;
+            let hashes = open_hashes(&hashes_path)?;
+            sync_dir(dir).map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))?;
+            Ok(hashes)
+        })();
+        let hashes = match rest {
+            Ok(h) => h,
+            Err(e) => {
+                // Leave nothing behind that a later open would refuse as a broken image
+                // (a file system too small, or one that refuses the size).
+                let _ = fs::remove_file(&image_path);
+                let _ = fs::remove_file(&hashes_path);
+                return Err(e);
+            }
+        };
         Ok(Self {
             image_path,
             meta_path,
@@ -595,6 +608,14 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden", "sp ace"] {
             assert!(image_paths(d, bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_create_the_file_system_refuses_leaves_no_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // Past what any file system holds (ext4: 16 TiB - 4 KiB; XFS, tmpfs: 8 EiB).
+        assert!(FileBackend::create(dir.path(), "t", u64::MAX / 2 + 1).is_err());
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
     }
 
     #[test]

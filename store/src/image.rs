@@ -171,8 +171,11 @@ impl DiskImage<FileBackend> {
     pub fn create_with_geometry(dir: &Path, id: &str, geometry: Geometry) -> Result<Self> {
         geometry.validate()?;
         let backend = FileBackend::create(dir, id, geometry.size()).map_err(|e| match e {
-            // ext4 with 4 KiB blocks holds files up to 16 TiB - 4 KiB.
-            StoreError::Io { what, source } if source.raw_os_error() == Some(27) => {
+            // ext4 with 4 KiB blocks holds files up to 16 TiB - 4 KiB: say so, since the
+            // model allows 16 TiB disks.
+            StoreError::Io { what, source }
+                if source.raw_os_error() == Some(rustix::io::Errno::FBIG.raw_os_error()) =>
+            {
                 StoreError::Io {
                     what: format!(
                         "{what} (the file system refuses a file of {} bytes: ext4 with 4 KiB blocks holds at most 16 TiB - 4 KiB; use XFS for larger disks)",
