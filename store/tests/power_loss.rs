@@ -182,3 +182,40 @@ fn hash_pages_written_back_before_a_checkpoint_are_not_trusted_after_power_loss(
         check(&img, &sim, &format!("seed {seed}"));
     }
 }
+
+/// Before fail-stop, the append handle outlived a torn append, so later frames landed
+/// behind the torn one, and recovery, stopping at the first bad frame, never saw the
+/// extents they named: their writes kept the hashes and clean tracker bits of the last
+/// checkpoint. Such a log now makes recovery distrust the whole image.
+#[test]
+fn regression_valid_frames_behind_a_torn_one_make_recovery_distrust_the_whole_image() {
+    let sim = SimBackend::new(CHUNKS * CHUNK, 9);
+    let img = DiskImage::create_on(sim.clone(), geometry()).unwrap();
+    img.start_tracking("r").unwrap(); // checkpoints: the log is a header only
+    img.hash_all().unwrap();
+    let header = sim.log_bytes().unwrap();
+    write(&img, [28], 1); // extent 7
+    let with7 = sim.log_bytes().unwrap();
+    write(&img, [200], 2); // extent 50
+    let with50 = sim.log_bytes().unwrap();
+    img.flush().unwrap();
+    drop(img);
+    // The log as the old code could leave it: the frame for extent 7 torn, the frame for
+    // extent 50 appended behind it.
+    let frame7 = &with7[header.len()..];
+    let frame50 = &with50[with7.len()..];
+    let mut log = header.clone();
+    log.extend_from_slice(&frame7[..frame7.len() / 2]);
+    log.extend_from_slice(frame50);
+    sim.set_log_bytes(Some(log));
+    sim.crash(false);
+    let img = DiskImage::open_on(sim.clone()).unwrap();
+    assert_eq!(img.recovery().untrusted_chunks, CHUNKS);
+    let dirty = img.dirty_chunks("r").unwrap().chunks;
+    assert!(
+        dirty.contains(&200),
+        "the write behind the torn frame must be dirty"
+    );
+    assert_eq!(img.cached_hash(200), None);
+    check(&img, &sim, "valid frames behind a torn one");
+}
