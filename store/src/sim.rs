@@ -512,12 +512,6 @@ impl SimBackend {
     pub fn log_reserved(&self) -> usize {
         self.state().log_reserved
     }
-
-    /// Removes the chunk-hash file (to stage its loss).
-    pub fn remove_hashes(&self) {
-        let mut s = self.state();
-        s.hashes = VolatileFile::default();
-    }
 }
 
 impl Backend for SimBackend {

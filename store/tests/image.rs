@@ -531,3 +531,25 @@ fn concurrent_writes_hashes_trees_and_checkpoints_with_a_tiny_hash_cache_stay_ho
         }
     }
 }
+
+#[test]
+fn lost_chunk_hash_file_forgets_every_hash_but_keeps_the_trackers() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = DiskImage::create(dir.path(), "h", 4 * MIB).unwrap();
+    img.start_tracking("r").unwrap();
+    img.write_at(&[5; 70_000], MIB).unwrap();
+    let root = img.root().unwrap();
+    let d = img.dirty_chunks("r").unwrap();
+    img.clear("r", &d.chunks[..1], d.as_of).unwrap();
+    img.close().unwrap();
+    drop(img);
+    std::fs::remove_file(dir.path().join("disk-h.hashes")).unwrap();
+    let img = DiskImage::open(dir.path(), "h").unwrap();
+    assert!((0..img.chunk_count()).all(|c| img.cached_hash(c).is_none()));
+    assert_eq!(
+        img.dirty_chunks("r").unwrap().chunks,
+        d.chunks[1..].to_vec()
+    );
+    assert_eq!(img.root().unwrap(), root);
+    assert_cached_hashes_match_content(&img);
+}
