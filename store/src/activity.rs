@@ -6,14 +6,20 @@
 //! `[len: u32 LE][xxh3-64 of payload: u64 LE][payload]`, the payload a codec-encoded
 //! [`LogEntry`]. A crash during an append leaves at most one torn frame at the tail; the
 //! checksum detects it, and no write waited on a torn frame, so it is ignored.
+//!
+//! A bad frame with valid frames after it is not a torn tail: something appended behind a
+//! torn frame, or the file was damaged. Frames after the bad one may name extents with
+//! writes the metadata does not reflect, and frames after it cannot be trusted to be all
+//! there, so recovery then distrusts the whole image. (`DiskImage` never appends behind a
+//! failed append: the image is failed and the append handle dropped.)
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bitmap::Bitmap;
 use crate::chunkmap::Trust;
+use crate::sparse::SparseBitmap;
 
 /// In-memory state of the activity log of one image, and the rules for admitting writes
 /// and checkpointing. Pure: the caller performs the appends and file replacements it asks
@@ -25,28 +31,28 @@ use crate::chunkmap::Trust;
 #[derive(Clone, Debug)]
 pub struct ActivityLog {
     /// Extents known to be in the durable log file.
-    persisted: Bitmap,
+    persisted: SparseBitmap,
     /// Extents requested by waiting writers, not yet appended.
     pending: BTreeSet<u32>,
-    /// Writes in flight per extent.
-    inflight: Vec<u32>,
+    /// Writes in flight per extent, for extents that have any.
+    inflight: HashMap<u32, u32>,
     inflight_total: u64,
     /// During a checkpoint: extents with writes in flight when it took its snapshot or
     /// admitted since. These must stay active in the log that replaces the current one.
-    touched: Option<Bitmap>,
+    touched: Option<SparseBitmap>,
 }
 
 impl ActivityLog {
     /// A log for `extent_count` extents whose durable active set is `active`.
     pub fn new(extent_count: u32, active: impl IntoIterator<Item = u32>) -> Self {
-        let mut persisted = Bitmap::new(u64::from(extent_count));
+        let mut persisted = SparseBitmap::new(u64::from(extent_count));
         for e in active {
             persisted.set(u64::from(e));
         }
         Self {
             persisted,
             pending: BTreeSet::new(),
-            inflight: vec![0; extent_count as usize],
+            inflight: HashMap::new(),
             inflight_total: 0,
             touched: None,
         }
@@ -66,7 +72,7 @@ impl ActivityLog {
             return false;
         }
         for e in extents {
-            self.inflight[e as usize] += 1;
+            *self.inflight.entry(e).or_insert(0) += 1;
             self.inflight_total += 1;
             if let Some(t) = &mut self.touched {
                 t.set(u64::from(e));
@@ -97,10 +103,12 @@ impl ActivityLog {
     /// A write admitted on `extents` returned.
     pub fn finish(&mut self, extents: Range<u32>) {
         for e in extents {
-            let n = &mut self.inflight[e as usize];
-            if *n > 0 {
+            if let Some(n) = self.inflight.get_mut(&e) {
                 *n -= 1;
                 self.inflight_total -= 1;
+                if *n == 0 {
+                    self.inflight.remove(&e);
+                }
             }
         }
     }
@@ -117,11 +125,9 @@ impl ActivityLog {
 
     /// Call under the same lock as the metadata snapshot a checkpoint is about to write.
     pub fn begin_checkpoint(&mut self) {
-        let mut t = Bitmap::new(self.persisted.len());
-        for (e, &n) in self.inflight.iter().enumerate() {
-            if n > 0 {
-                t.set(e as u64);
-            }
+        let mut t = SparseBitmap::new(self.persisted.len());
+        for &e in self.inflight.keys() {
+            t.set(u64::from(e));
         }
         self.touched = Some(t);
     }
@@ -143,7 +149,7 @@ impl ActivityLog {
             .touched
             .take()
             .unwrap_or_else(|| self.persisted.clone());
-        let set: Vec<u32> = keep.iter_ones().map(|e| e as u32).collect();
+        let set: Vec<u32> = keep.iter_ones_from(0).map(|e| e as u32).collect();
         self.persisted = keep;
         set
     }
@@ -165,6 +171,8 @@ pub(crate) struct LogState {
     pub(crate) generation: u64,
     pub(crate) clean: bool,
     pub(crate) active: BTreeSet<u32>,
+    /// A bad frame is followed by valid ones: not a torn tail, so not to be trusted.
+    pub(crate) damaged: bool,
 }
 
 pub(crate) fn encode_frame(entry: &LogEntry) -> Vec<u8> {
@@ -189,8 +197,8 @@ pub(crate) fn encode_log(generation: u64, clean: bool, active: &[u32]) -> Vec<u8
     out
 }
 
-/// Parses a log file. `None` when the header is missing or unreadable. Frames after the
-/// first bad one are ignored: only the tail can be torn.
+/// Parses a log file. `None` when the header is missing or unreadable. A bad frame ends
+/// the log; if a valid frame can be found anywhere after it, the log is `damaged`.
 pub(crate) fn parse_log(bytes: &[u8]) -> Option<LogState> {
     let mut rest = bytes;
     let mut state: Option<LogState> = None;
@@ -202,6 +210,7 @@ pub(crate) fn parse_log(bytes: &[u8]) -> Option<LogState> {
                     generation,
                     clean,
                     active: BTreeSet::new(),
+                    damaged: false,
                 });
             }
             (LogEntry::Active { extents }, Some(s)) => {
@@ -209,7 +218,19 @@ pub(crate) fn parse_log(bytes: &[u8]) -> Option<LogState> {
                 // Anything appended means the image was open for writing.
                 s.clean = false;
             }
-            _ => break,
+            // A second header, or extents before any header: not a log we wrote.
+            (_, Some(s)) => {
+                s.damaged = true;
+                return state;
+            }
+            (_, None) => return None,
+        }
+    }
+    if let Some(s) = &mut state {
+        // Only a torn tail may follow the last good frame: look for any valid frame in it.
+        s.damaged = (1..rest.len()).any(|i| next_frame(&rest[i..]).is_some());
+        if s.damaged {
+            s.clean = false;
         }
     }
     state
@@ -232,6 +253,7 @@ fn next_frame(bytes: &[u8]) -> Option<(LogEntry, &[u8])> {
 /// behind is the previous checkpoint's log: a superset of what is needed, still usable.
 pub(crate) fn decide_trust(meta_generation: u64, log: Option<&LogState>) -> Trust {
     match log {
+        Some(l) if l.damaged => Trust::Nothing,
         Some(l) if l.generation == meta_generation && l.clean => Trust::Clean,
         // A clean log one generation behind cannot occur (opening replaces a clean log
         // before anything else happens), so it is not trusted either.
@@ -295,7 +317,9 @@ mod tests {
         for cut in 0..second.len() {
             let mut torn = bytes.clone();
             torn.extend_from_slice(&second[..cut]);
-            assert_eq!(parse_log(&torn).unwrap().active, full.active);
+            let l = parse_log(&torn).unwrap();
+            assert_eq!(l.active, full.active);
+            assert!(!l.damaged, "a torn tail alone is not damage (cut {cut})");
         }
         assert!(parse_log(&[]).is_none());
         assert!(parse_log(&bytes[..5]).is_none());
@@ -309,6 +333,7 @@ mod tests {
             generation,
             clean,
             active: BTreeSet::from([4]),
+            damaged: false,
         };
         assert_eq!(decide_trust(5, Some(&log(5, true))), Trust::Clean);
         assert_eq!(
@@ -323,6 +348,40 @@ mod tests {
         assert_eq!(decide_trust(5, Some(&log(3, false))), Trust::Nothing);
         assert_eq!(decide_trust(5, Some(&log(6, true))), Trust::Nothing);
         assert_eq!(decide_trust(5, None), Trust::Nothing);
+        let mut damaged = log(5, false);
+        damaged.damaged = true;
+        assert_eq!(decide_trust(5, Some(&damaged)), Trust::Nothing);
+    }
+
+    #[test]
+    fn regression_torn_append_followed_by_valid_frames_distrusts_everything() {
+        // Today's failure: the append handle was kept after a partial append, so later
+        // frames landed behind the torn one, and recovery stopped at the torn frame and
+        // never saw the extents they named.
+        let mut bytes = encode_log(3, false, &[1]);
+        let torn = encode_frame(&LogEntry::Active { extents: vec![7] });
+        for cut in 1..torn.len() {
+            let mut b = bytes.clone();
+            b.extend_from_slice(&torn[..cut]);
+            b.extend(encode_frame(&LogEntry::Active { extents: vec![9] }));
+            let l = parse_log(&b).unwrap();
+            assert!(
+                l.damaged,
+                "cut {cut}: frames behind a torn one must be noticed"
+            );
+            assert!(!l.clean);
+            assert_eq!(decide_trust(3, Some(&l)), Trust::Nothing);
+        }
+        // A damaged frame in the middle (bit rot) is noticed too.
+        bytes.extend(encode_frame(&LogEntry::Active { extents: vec![8] }));
+        let good_len = bytes.len();
+        bytes.extend(encode_frame(&LogEntry::Active { extents: vec![5] }));
+        bytes[good_len - 1] ^= 0xff;
+        assert!(parse_log(&bytes).unwrap().damaged);
+        // A second header is not ours either.
+        let mut two = encode_log(3, false, &[1]);
+        two.extend(encode_log(4, false, &[]));
+        assert!(parse_log(&two).unwrap().damaged);
     }
 
     proptest! {

@@ -18,13 +18,20 @@ use crate::error::{Result, StoreError};
 ///
 /// Implementations must keep these promises, on which crash safety rests:
 /// - `write_at` / `punch_hole` may be lost by a crash until `sync_data` returns after them;
-///   `sync_data` makes every data change that returned before it was called durable.
+///   `sync_data` makes every data change that returned before it was called durable. The
+///   same holds for `write_hashes` and `sync_hashes` on the chunk-hash file, and a crash
+///   never tears one 32-byte hash (hashes are 32-byte aligned, within one sector).
 /// - `replace_meta` and `replace_log` are atomic and durable when they return: after a
-///   crash the file holds the complete old or the complete new content.
+///   crash the file holds the complete old or the complete new content. When they fail
+///   with `ENOSPC`/`EDQUOT`, the old content is still in place and nothing new is pending.
 /// - `append_log` is durable when it returns; a crash during it may leave a prefix of the
-///   appended bytes.
-/// - Methods may be called concurrently from many threads; `append_log` and `replace_log`
-///   are never called concurrently with each other by `DiskImage`.
+///   appended bytes. After `reserve_log(n)` returned, appends of up to `n` bytes in total
+///   do not fail for lack of space.
+/// - A failed sync (`sync_data`, `sync_hashes`) may have lost the writes it covered even
+///   if a later sync succeeds (Linux marks such pages clean): callers must treat it as
+///   permanent.
+/// - Methods may be called concurrently from many threads; `append_log`, `reserve_log` and
+///   `replace_log` are never called concurrently with each other by `DiskImage`.
 pub trait Backend: Send + Sync {
     /// Reads exactly `buf.len()` bytes at `offset` (within the image).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
@@ -61,24 +68,63 @@ pub trait Backend: Send + Sync {
     fn replace_log(&self, bytes: &[u8]) -> io::Result<()>;
     /// Durably appends to the activity log.
     fn append_log(&self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes sure the next `len` bytes appended to the activity log have space, so an
+    /// append never fails half-way for lack of it. An error leaves the log unchanged.
+    fn reserve_log(&self, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// Reads `buf.len()` bytes of the chunk-hash file at `offset`; bytes past its end read
+    /// as zeros.
+    fn read_hashes(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes `buf` to the chunk-hash file at `offset` (durable after `sync_hashes`). An
+    /// all-zero, page-aligned buffer may be stored as a hole.
+    fn write_hashes(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every returned `write_hashes` and `set_hashes_len` durable.
+    fn sync_hashes(&self) -> io::Result<()>;
+    /// Length of the chunk-hash file (0 if it does not exist).
+    fn hashes_len(&self) -> io::Result<u64>;
+    /// Sets the length of the chunk-hash file, creating it if needed (new bytes are zeros).
+    fn set_hashes_len(&self, len: u64) -> io::Result<()>;
+    /// Like [`Backend::next_data`] for the chunk-hash file.
+    fn hashes_next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        Ok(Some(offset..u64::MAX))
+    }
     /// A name for error messages (the image path).
     fn describe(&self) -> String;
 }
 
 /// An image stored as `<dir>/disk-<id>.img` (sparse raw data), `<dir>/disk-<id>.meta`
-/// (metadata checkpoint) and `<dir>/disk-<id>.al` (activity log).
+/// (metadata checkpoint), `<dir>/disk-<id>.al` (activity log) and `<dir>/disk-<id>.hashes`
+/// (chunk hashes, 32 bytes per chunk, sparse).
 #[derive(Debug)]
 pub struct FileBackend {
     image_path: PathBuf,
     meta_path: PathBuf,
     log_path: PathBuf,
     image: File,
+    hashes: File,
     /// Append handle of the current log file; reset when the file is replaced so appends
-    /// never go to an unlinked inode.
-    log: Mutex<Option<File>>,
+    /// never go to an unlinked inode, and after a failed append so nothing is ever
+    /// appended behind a torn frame.
+    log: Mutex<LogHandle>,
     /// Whether the kernel takes `RWF_DONTCACHE` on this file (cleared on the first refusal).
     uncached: AtomicBool,
 }
+
+/// The activity log's append handle and how far space is reserved behind its end.
+#[derive(Debug, Default)]
+struct LogHandle {
+    file: Option<File>,
+    /// Length of the file as appended through this handle.
+    len: u64,
+    /// Space is allocated up to here (`fallocate` with `KEEP_SIZE`).
+    reserved: u64,
+}
+
+/// Space reserved behind the activity log's end at a time: far more than a checkpoint
+/// interval's appends (a frame per batch of extents, tens of bytes), so that in normal
+/// operation an append never allocates and so never fails with `ENOSPC`.
+const LOG_RESERVE: u64 = 256 << 10;
 
 /// Reads and writes at least this long bypass the page cache's retention (see
 /// [`FileBackend::bulk_flags`]).
@@ -88,13 +134,22 @@ const UNCACHED_IO_MIN: usize = 64 << 10;
 /// dropped once written back (or once read, if they were not cached before).
 const RWF_DONTCACHE: ReadWriteFlags = ReadWriteFlags::from_bits_retain(0x80);
 
-/// The three paths of image `id` in `dir`: data, metadata, activity log.
+/// The paths of image `id` in `dir`: data, metadata, activity log. The image has one more
+/// file, its chunk hashes (see [`image_files`]); this keeps its shape for callers that
+/// only look for the data file.
 pub fn image_paths(dir: &Path, id: &str) -> Result<[PathBuf; 3]> {
+    let [img, meta, log, _] = image_files(dir, id)?;
+    Ok([img, meta, log])
+}
+
+/// Every file of image `id` in `dir`: data, metadata, activity log, chunk hashes.
+pub fn image_files(dir: &Path, id: &str) -> Result<[PathBuf; 4]> {
     validate_id(id)?;
     Ok([
         dir.join(format!("disk-{id}.img")),
         dir.join(format!("disk-{id}.meta")),
         dir.join(format!("disk-{id}.al")),
+        dir.join(format!("disk-{id}.hashes")),
     ])
 }
 
@@ -123,8 +178,8 @@ impl FileBackend {
     /// Creates a sparse image file of `size` bytes (no metadata yet) and makes its
     /// existence durable. Fails if any of the image's files exists.
     pub fn create(dir: &Path, id: &str, size: u64) -> Result<Self> {
-        let [image_path, meta_path, log_path] = image_paths(dir, id)?;
-        for p in [&image_path, &meta_path, &log_path] {
+        let [image_path, meta_path, log_path, hashes_path] = image_files(dir, id)?;
+        for p in [&image_path, &meta_path, &log_path, &hashes_path] {
             if p.exists() {
                 return Err(StoreError::AlreadyExists {
                     path: p.display().to_string(),
@@ -143,26 +198,41 @@ impl FileBackend {
                 _ => StoreError::io(format!("create {}", image_path.display()), e),
             })?;
         let ctx = |what: &str| format!("{what} {}", image_path.display());
-        image
-            .set_len(size)
-            .map_err(|e| StoreError::io(ctx("size"), e))?;
-        image
-            .sync_all()
-            .map_err(|e| StoreError::io(ctx("fsync"), e))?;
-        sync_dir(dir).map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))?;
+        let rest = (|| {
+            image
+                .set_len(size)
+                .map_err(|e| StoreError::io(ctx("size"), e))?;
+            image
+                .sync_all()
+                .map_err(|e| StoreError::io(ctx("fsync"), e))?;
+            let hashes = open_hashes(&hashes_path)?;
+            sync_dir(dir).map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))?;
+            Ok(hashes)
+        })();
+        let hashes = match rest {
+            Ok(h) => h,
+            Err(e) => {
+                // Leave nothing behind that a later open would refuse as a broken image
+                // (a file system too small, or one that refuses the size).
+                let _ = fs::remove_file(&image_path);
+                let _ = fs::remove_file(&hashes_path);
+                return Err(e);
+            }
+        };
         Ok(Self {
             image_path,
             meta_path,
             log_path,
             image,
-            log: Mutex::new(None),
+            hashes,
+            log: Mutex::new(LogHandle::default()),
             uncached: AtomicBool::new(true),
         })
     }
 
     /// Opens an existing image's files.
     pub fn open(dir: &Path, id: &str) -> Result<Self> {
-        let [image_path, meta_path, log_path] = image_paths(dir, id)?;
+        let [image_path, meta_path, log_path, hashes_path] = image_files(dir, id)?;
         let image = OpenOptions::new()
             .read(true)
             .write(true)
@@ -173,12 +243,16 @@ impl FileBackend {
                 },
                 _ => StoreError::io(format!("open {}", image_path.display()), e),
             })?;
+        // Images written before chunk hashes had their own file have none yet: opening
+        // creates it empty, and the metadata upgrade fills it.
+        let hashes = open_hashes(&hashes_path)?;
         Ok(Self {
             image_path,
             meta_path,
             log_path,
             image,
-            log: Mutex::new(None),
+            hashes,
+            log: Mutex::new(LogHandle::default()),
             uncached: AtomicBool::new(true),
         })
     }
@@ -241,6 +315,43 @@ impl FileBackend {
         }
         Ok(())
     }
+}
+
+fn open_hashes(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| StoreError::io(format!("open {}", path.display()), e))
+}
+
+/// `SEEK_DATA`/`SEEK_HOLE` from `offset`: the next region that may hold data.
+fn seek_data(file: &File, offset: u64) -> io::Result<Option<Range<u64>>> {
+    // lseek moves the shared file position, which positional I/O never uses.
+    let start = match rustix::fs::seek(file, SeekFrom::Data(offset)) {
+        Ok(s) => s,
+        Err(rustix::io::Errno::NXIO) => return Ok(None),
+        Err(rustix::io::Errno::INVAL) => return Ok(Some(offset..u64::MAX)),
+        Err(e) => return Err(e.into()),
+    };
+    // Unknown hole position: report data to the end, which never skips data.
+    let end = rustix::fs::seek(file, SeekFrom::Hole(start)).unwrap_or(u64::MAX);
+    Ok(Some(start..end.max(start + 1)))
+}
+
+/// Replaces `path` durably; on failure removes the temporary file the replacement left
+/// (`convoy_codec::file::durable_write` names it `.<name>.tmp`), so a full file system
+/// gets its space back.
+fn durable_replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let res = convoy_codec::file::durable_write(path, bytes);
+    if res.is_err() {
+        if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
+            let _ = fs::remove_file(dir.join(format!(".{}.tmp", name.to_string_lossy())));
+        }
+    }
+    res
 }
 
 fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
@@ -325,16 +436,7 @@ impl Backend for FileBackend {
     }
 
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
-        // lseek moves the shared file position, which positional I/O never uses.
-        let start = match rustix::fs::seek(&self.image, SeekFrom::Data(offset)) {
-            Ok(s) => s,
-            Err(rustix::io::Errno::NXIO) => return Ok(None),
-            Err(rustix::io::Errno::INVAL) => return Ok(Some(offset..u64::MAX)),
-            Err(e) => return Err(e.into()),
-        };
-        // Unknown hole position: report data to the end, which never skips data.
-        let end = rustix::fs::seek(&self.image, SeekFrom::Hole(start)).unwrap_or(u64::MAX);
-        Ok(Some(start..end.max(start + 1)))
+        seek_data(&self.image, offset)
     }
 
     fn read_meta(&self) -> io::Result<Option<Vec<u8>>> {
@@ -342,7 +444,7 @@ impl Backend for FileBackend {
     }
 
     fn replace_meta(&self, bytes: &[u8]) -> io::Result<()> {
-        convoy_codec::file::durable_write(&self.meta_path, bytes)
+        durable_replace(&self.meta_path, bytes)
     }
 
     fn read_log(&self) -> io::Result<Option<Vec<u8>>> {
@@ -351,29 +453,147 @@ impl Backend for FileBackend {
 
     fn replace_log(&self, bytes: &[u8]) -> io::Result<()> {
         let mut handle = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        *handle = None;
-        convoy_codec::file::durable_write(&self.log_path, bytes)
+        *handle = LogHandle::default();
+        durable_replace(&self.log_path, bytes)?;
+        // Reserve room for the appends until the next replacement now, while the caller
+        // (a checkpoint) can afford to fail; best effort, an append reserves again.
+        let file = OpenOptions::new().append(true).open(&self.log_path)?;
+        *handle = LogHandle {
+            file: Some(file),
+            len: bytes.len() as u64,
+            reserved: bytes.len() as u64,
+        };
+        let _ = reserve(&mut handle, LOG_RESERVE);
+        Ok(())
+    }
+
+    fn reserve_log(&self, len: u64) -> io::Result<()> {
+        let mut handle = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        log_file(&mut handle, &self.log_path)?;
+        reserve(&mut handle, len)
     }
 
     fn append_log(&self, bytes: &[u8]) -> io::Result<()> {
         let mut handle = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        let f = match handle.as_mut() {
-            Some(f) => f,
-            // A missing log is created headerless, which recovery reads as "trust nothing":
-            // conservative, never wrong.
-            None => handle.insert(
-                OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .open(&self.log_path)?,
-            ),
-        };
-        f.write_all(bytes)?;
-        f.sync_data()
+        let res = log_file(&mut handle, &self.log_path).and_then(|f| {
+            f.write_all(bytes)?;
+            f.sync_data()
+        });
+        match res {
+            Ok(()) => {
+                handle.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // The file may now end in a torn frame: never append behind it.
+                *handle = LogHandle::default();
+                Err(e)
+            }
+        }
+    }
+
+    fn read_hashes(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.hashes.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_hashes(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // Pages of zero hashes (chunks reading as zeros) stay holes, so the file of a
+        // sparse disk stays small and a discarded region gives its space back.
+        if buf.len() >= 4096
+            && offset % 4096 == 0
+            && buf.len() % 4096 == 0
+            && crate::hash::is_zero(buf)
+        {
+            let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+            match rustix::fs::fallocate(&self.hashes, flags, offset, buf.len() as u64) {
+                Ok(()) => {
+                    let end = offset + buf.len() as u64;
+                    if self.hashes.metadata()?.len() < end {
+                        self.hashes.set_len(end)?;
+                    }
+                    return Ok(());
+                }
+                Err(rustix::io::Errno::OPNOTSUPP) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.hashes.write_all_at(buf, offset)
+    }
+
+    fn sync_hashes(&self) -> io::Result<()> {
+        self.hashes.sync_data()
+    }
+
+    fn hashes_len(&self) -> io::Result<u64> {
+        Ok(self.hashes.metadata()?.len())
+    }
+
+    fn set_hashes_len(&self, len: u64) -> io::Result<()> {
+        self.hashes.set_len(len)
+    }
+
+    fn hashes_next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        seek_data(&self.hashes, offset)
     }
 
     fn describe(&self) -> String {
         self.image_path.display().to_string()
+    }
+}
+
+/// The append handle, opened (creating a headerless log if none exists) if needed.
+fn log_file<'a>(handle: &'a mut LogHandle, path: &Path) -> io::Result<&'a mut File> {
+    if handle.file.is_none() {
+        // A missing log is created headerless, which recovery reads as "trust nothing":
+        // conservative, never wrong.
+        let f = OpenOptions::new().append(true).create(true).open(path)?;
+        let len = f.metadata()?.len();
+        *handle = LogHandle {
+            file: Some(f),
+            len,
+            reserved: len,
+        };
+    }
+    handle
+        .file
+        .as_mut()
+        .ok_or_else(|| io::Error::other("activity log handle missing"))
+}
+
+/// Allocates space so the next `len` appended bytes need none.
+fn reserve(handle: &mut LogHandle, len: u64) -> io::Result<()> {
+    let need = handle.len + len;
+    if need <= handle.reserved {
+        return Ok(());
+    }
+    let Some(f) = handle.file.as_ref() else {
+        return Ok(());
+    };
+    let end = need.max(handle.len + LOG_RESERVE);
+    match rustix::fs::fallocate(f, FallocateFlags::KEEP_SIZE, handle.len, end - handle.len) {
+        Ok(()) => {
+            handle.reserved = end;
+            Ok(())
+        }
+        // No preallocation on this file system: appends allocate as they go (and are
+        // not asked again each time).
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            handle.reserved = end;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -388,6 +608,14 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden", "sp ace"] {
             assert!(image_paths(d, bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_create_the_file_system_refuses_leaves_no_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // Past what any file system holds (ext4: 16 TiB - 4 KiB; XFS, tmpfs: 8 EiB).
+        assert!(FileBackend::create(dir.path(), "t", u64::MAX / 2 + 1).is_err());
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
     }
 
     #[test]

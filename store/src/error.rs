@@ -6,10 +6,13 @@ use std::io;
 /// there is one, the next step for the caller or operator.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// An I/O call on the image, its metadata or its activity log failed. The operation
-    /// may have taken partial effect on the image data (as with any failed `pwrite`), but
-    /// the chunk metadata never claims more than what is known: a failed write still marks
-    /// its chunks dirty and their hashes unknown.
+    /// An I/O call on the image, its metadata or its activity log failed, and the image
+    /// is still usable: a failed data write (it may have taken partial effect, as any
+    /// failed `pwrite`, but its chunks are marked dirty in every tracker and their hashes
+    /// unknown), a read, or a checkpoint that could not write its files. The OS error is
+    /// kept: [`StoreError::is_no_space`] tells a full file system (`ENOSPC`, `EDQUOT`;
+    /// free space and retry) from other causes. Failures that may have lost acknowledged
+    /// data are [`StoreError::Failed`] instead.
     #[error("{what}: {source}")]
     Io {
         /// What was being done, with the path or offset.
@@ -72,23 +75,42 @@ pub enum StoreError {
     /// completed. Retry when the write load is lower (compare-delta runs on a quiet copy).
     #[error("chunk hashes kept changing under concurrent writes; retry when writes pause")]
     Busy,
+    /// The image is failed: an earlier fsync/fdatasync of its data, chunk hashes or
+    /// metadata, or an append to its activity log, failed, so data acknowledged as written
+    /// may not be on disk, and the activity log may end in a torn frame. The image refuses
+    /// writes, flushes and checkpoints from then on (reads still work, and see what the
+    /// kernel holds, which may not be on disk). Reopening it recovers it as after a crash:
+    /// every chunk that may have been lost is distrusted and marked dirty. Check the
+    /// device, then reopen the image, or resync it from a replica.
+    #[error(
+        "disk image {image} is failed since {first_error}; its data may not be on disk: check the device, then reopen the image or resync it from a replica"
+    )]
+    Failed {
+        /// The image.
+        image: String,
+        /// The first error, which failed the image.
+        first_error: String,
+    },
     /// A blocking task run by an async wrapper panicked or was cancelled.
     #[error("blocking store task failed: {0}")]
     Task(String),
 }
 
 impl StoreError {
-    /// Whether the file system ran out of space: the guest gets `ENOSPC`, and writes
-    /// work again once space is freed.
-    pub fn is_no_space(&self) -> bool {
-        matches!(self, StoreError::Io { source, .. }
-            if source.kind() == io::ErrorKind::StorageFull || source.raw_os_error() == Some(28))
-    }
-
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
         StoreError::Io {
             what: what.into(),
             source,
+        }
+    }
+
+    /// Whether this is an I/O error because the file system is full (`ENOSPC`) or a quota
+    /// is exhausted (`EDQUOT`): nothing sticky, the call may succeed once space is freed.
+    /// An NBD server answers such a write with `ENOSPC`.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => is_no_space(source),
+            _ => false,
         }
     }
 
@@ -98,6 +120,14 @@ impl StoreError {
             reason: reason.into(),
         }
     }
+}
+
+/// Whether `e` says the file system is full or a quota exhausted.
+pub(crate) fn is_no_space(e: &io::Error) -> bool {
+    let nospc = rustix::io::Errno::NOSPC.raw_os_error();
+    let dquot = rustix::io::Errno::DQUOT.raw_os_error();
+    e.kind() == io::ErrorKind::StorageFull
+        || e.raw_os_error().is_some_and(|c| c == nospc || c == dquot)
 }
 
 /// Result alias for the store.

@@ -1,5 +1,6 @@
 //! [`DiskImage`]: the I/O shell around the pure [`ChunkMap`] and [`ActivityLog`].
 
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,12 +9,17 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use bytes::Bytes;
 
 use crate::activity::{ActivityLog, LogEntry, decide_trust, encode_frame, encode_log, parse_log};
-use crate::backend::{Backend, FileBackend, image_paths};
-use crate::bitmap::Bitmap;
-use crate::chunkmap::{ChunkMap, DirtySet, MetaRecord, RecoveryReport, Trust, WriteSeq};
-use crate::error::{Result, StoreError};
+use crate::backend::{Backend, FileBackend, image_files};
+use crate::chunkmap::{ChunkMap, DirtySet, Leaf, RecoveryReport, Trust, WriteSeq};
+use crate::error::{Result, StoreError, is_no_space};
 use crate::geometry::Geometry;
-use crate::hash::{ChunkHash, ZERO_CHUNK_HASH, hash_chunk};
+use crate::hash::{ChunkHash, ZERO_CHUNK_HASH, hash_chunk, hash_node};
+use crate::leaves::{
+    LEAVES_PER_PAGE, LeafPage, PAGE_BYTES, PageMiss, hash_file_len, page_bytes, page_from_bytes,
+    page_of,
+};
+use crate::meta::{self, Decoded, Meta, MetaRecordV1};
+use crate::sparse::SparseBitmap;
 use crate::tree::HashTree;
 
 /// Default number of active extents above which [`DiskImage::flush`] also checkpoints
@@ -28,6 +34,12 @@ const IDLE_HASH_WINDOW: usize = 64;
 
 /// How often tree-returning calls retry when concurrent writes keep invalidating hashes.
 const TREE_ATTEMPTS: usize = 8;
+/// Level-1 tree nodes computed per batch (their leaves are read outside the lock).
+const TREE_BATCH: usize = 2048;
+/// Upper tree nodes recomputed per hold of the image's lock.
+const UPPER_BATCH: usize = 256;
+/// Chunk-hash pages written per batch by a hasher that dirtied too many.
+const WRITE_BACK_BATCH: usize = 256;
 
 /// Counts from a hashing pass.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,11 +50,17 @@ pub struct HashPass {
     pub holes: u64,
 }
 
+/// Pages read from the chunk-hash file by page index: the ticket they were read under, and
+/// their content (`None` for a page in a hole: all zero hashes).
+type PagesRead = HashMap<u64, (PageMiss, Option<Arc<LeafPage>>)>;
+
 struct State {
     map: ChunkMap,
     log: ActivityLog,
     generation: u64,
     closed: bool,
+    /// Why the image is failed (the first sticky error), if it is.
+    failed: Option<String>,
 }
 
 /// One virtual disk: a sparse raw image plus chunk metadata that survives SIGKILL and
@@ -62,6 +80,19 @@ struct State {
 /// durable metadata (hash unknown, dirty in every tracker).* Opening after a crash
 /// distrusts every chunk of every active extent: its hash is dropped (recomputed on
 /// demand) and it is marked dirty in every tracker.
+///
+/// Fail-stop: when an fsync/fdatasync of the data, the chunk hashes or the metadata, or
+/// an append to the activity log fails, the image is *failed* for good
+/// ([`DiskImage::failure`]): acknowledged data may not be on disk, so writes, flushes and
+/// checkpoints fail with [`StoreError::Failed`] from then on, and no checkpoint ever
+/// records hashes of data that may be lost. Reopening recovers it as after a crash. A
+/// failed data write, or a full file system, is not sticky: the call fails with
+/// [`StoreError::Io`] ([`StoreError::is_no_space`] for `ENOSPC`), its chunks stay dirty in
+/// every tracker with unknown hashes, and writes succeed again once space is freed.
+///
+/// Memory follows what was written, not the disk size (see [`ChunkMap`]): an untouched
+/// image of any size holds a few KiB, and chunk hashes are paged from the chunk-hash file
+/// through a bounded cache.
 pub struct DiskImage<B: Backend = FileBackend> {
     backend: B,
     geometry: Geometry,
@@ -71,8 +102,12 @@ pub struct DiskImage<B: Backend = FileBackend> {
     /// Held by the one thread appending to or replacing the activity log. Writers queue
     /// here, so one append + fsync admits every writer that queued meanwhile.
     log_leader: Mutex<()>,
-    /// Serialises checkpoints. Lock order: checkpointing, then log_leader, then state.
+    /// Serialises checkpoints. Lock order: live_copy, checkpointing, leaf_io, log_leader,
+    /// state.
     checkpointing: Mutex<()>,
+    /// Held while chunk-hash pages are written to the chunk-hash file, so that a
+    /// checkpoint's sync waits for a write-back another thread began before it.
+    leaf_io: Mutex<()>,
     recovery: RecoveryReport,
     activity_limit: AtomicU64,
     /// A point-in-time copy being made while writes go on (copy-before-write). Lock order:
@@ -87,10 +122,8 @@ struct LiveCopy {
     dir: std::path::PathBuf,
     id: String,
     dest: FileBackend,
-    /// The copy's chunk hashes, filled as chunks are copied.
-    map: ChunkMap,
     /// Chunks already in `dest` (or known to be zero).
-    done: Bitmap,
+    done: SparseBitmap,
     /// Where the background copier goes on.
     next: u64,
     holes: HoleCursor,
@@ -101,15 +134,18 @@ struct LiveCopy {
 }
 
 impl LiveCopy {
-    /// Stores chunk `c`'s snapshot content `data` (hash `h`); all-zero chunks stay holes.
+    /// Stores chunk `c`'s snapshot content `data` (hash `h`) and its hash in the copy's
+    /// chunk-hash file; all-zero chunks stay holes in both.
     fn put_chunk(&mut self, g: &Geometry, c: u64, data: &[u8], h: ChunkHash) -> Result<()> {
         if h != ZERO_CHUNK_HASH {
             let off = g.chunk_offset(c);
             self.dest.write_at(data, off).map_err(|e| {
                 StoreError::io(format!("write {off} of {}", self.dest.describe()), e)
             })?;
+            self.dest.write_hashes(&h, c * 32).map_err(|e| {
+                StoreError::io(format!("write chunk hashes of {}", self.dest.describe()), e)
+            })?;
         }
-        self.map.set_hash(c, h);
         self.done.set(c);
         Ok(())
     }
@@ -134,19 +170,35 @@ impl DiskImage<FileBackend> {
     /// [`DiskImage::create`] with an explicit geometry.
     pub fn create_with_geometry(dir: &Path, id: &str, geometry: Geometry) -> Result<Self> {
         geometry.validate()?;
-        let backend = FileBackend::create(dir, id, geometry.size())?;
-        Self::init(backend, ChunkMap::new_zeroed(geometry))
+        let backend = FileBackend::create(dir, id, geometry.size()).map_err(|e| match e {
+            // ext4 with 4 KiB blocks holds files up to 16 TiB - 4 KiB: say so, since the
+            // model allows 16 TiB disks.
+            StoreError::Io { what, source }
+                if source.raw_os_error() == Some(rustix::io::Errno::FBIG.raw_os_error()) =>
+            {
+                StoreError::Io {
+                    what: format!(
+                        "{what} (the file system refuses a file of {} bytes: ext4 with 4 KiB blocks holds at most 16 TiB - 4 KiB; use XFS for larger disks)",
+                        geometry.size()
+                    ),
+                    source,
+                }
+            }
+            e => e,
+        })?;
+        Self::init(backend, geometry, true)
     }
 
     /// Opens `<dir>/disk-<id>.img`, recovering its metadata if it was not closed cleanly
-    /// (see [`DiskImage::recovery`]). The recovery is durable when this returns.
+    /// (see [`DiskImage::recovery`]), and upgrading metadata of an older format. The
+    /// recovery is durable when this returns.
     pub fn open(dir: &Path, id: &str) -> Result<Self> {
         Self::open_on(FileBackend::open(dir, id)?)
     }
 
-    /// Deletes the image and its metadata. The caller must make sure nobody has it open.
+    /// Deletes the image and all its files. The caller must make sure nobody has it open.
     pub fn destroy(dir: &Path, id: &str) -> Result<()> {
-        for p in image_paths(dir, id)? {
+        for p in image_files(dir, id)? {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -169,26 +221,54 @@ impl<B: Backend> DiskImage<B> {
     /// and which must hold no metadata yet.
     pub fn create_on(backend: B, geometry: Geometry) -> Result<Self> {
         geometry.validate()?;
-        Self::init(backend, ChunkMap::new_zeroed(geometry))
+        Self::init(backend, geometry, true)
     }
 
-    /// Writes the first metadata and log for `map`, which must describe the backend's data.
-    fn init(backend: B, map: ChunkMap) -> Result<Self> {
+    /// Writes the first metadata and log of an image whose chunk-hash file holds every
+    /// chunk's hash (zeros for zero chunks): a new image (`known_zero`: all chunks are
+    /// zero) or a snapshot copy.
+    fn init(backend: B, geometry: Geometry, known_zero: bool) -> Result<Self> {
         let what = backend.describe();
-        let len = backend
-            .image_len()
-            .map_err(|e| StoreError::io(format!("stat {what}"), e))?;
-        if len != map.geometry().size() {
+        let io = |op: &str| {
+            let what = what.clone();
+            let op = op.to_string();
+            move |e| StoreError::io(format!("{op} {what}"), e)
+        };
+        let len = backend.image_len().map_err(io("stat"))?;
+        if len != geometry.size() {
             return Err(StoreError::invalid(
                 "image",
-                format!("{what} is {len} bytes, expected {}", map.geometry().size()),
+                format!("{what} is {len} bytes, expected {}", geometry.size()),
             ));
         }
+        let n = geometry.chunk_count();
+        backend
+            .set_hashes_len(hash_file_len(n))
+            .map_err(io("size chunk hashes of"))?;
+        backend
+            .sync_hashes()
+            .map_err(io("fdatasync chunk hashes of"))?;
         let generation = 1;
-        write_meta(&backend, &map.to_record(generation))?;
+        let meta = Meta {
+            geometry,
+            generation,
+            unknown: SparseBitmap::new(n),
+            trackers: BTreeMap::new(),
+        };
+        write_meta(&backend, &meta)?;
         backend
             .replace_log(&encode_log(generation, false, &[]))
-            .map_err(|e| StoreError::io(format!("write activity log of {what}"), e))?;
+            .map_err(io("write activity log of"))?;
+        let map = if known_zero {
+            ChunkMap::new_zeroed(geometry)
+        } else {
+            ChunkMap::recover(meta, &Trust::Clean)
+                .map_err(|reason| StoreError::Corrupt {
+                    what: what.clone(),
+                    reason,
+                })?
+                .0
+        };
         let report = RecoveryReport {
             clean: true,
             untrusted_chunks: 0,
@@ -208,24 +288,48 @@ impl<B: Backend> DiskImage<B> {
             .read_meta()
             .map_err(|e| StoreError::io(format!("read metadata of {what}"), e))?
             .ok_or_else(|| corrupt("metadata file missing".into()))?;
-        let record: MetaRecord =
-            convoy_codec::decode(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let (meta, upgraded) = match meta::decode(&bytes).map_err(corrupt)? {
+            Decoded::Current(m) => (m, false),
+            Decoded::V1(r) => (upgrade_v1(&backend, r)?, true),
+        };
+        drop(bytes);
         let len = backend
             .image_len()
             .map_err(|e| StoreError::io(format!("stat {what}"), e))?;
-        if len != record.geometry.size() {
+        if len != meta.geometry.size() {
             return Err(corrupt(format!(
                 "image is {len} bytes, metadata says {}",
-                record.geometry.size()
+                meta.geometry.size()
             )));
+        }
+        let n = meta.geometry.chunk_count();
+        // A chunk-hash file of another length (lost, truncated, or not this image's) says
+        // nothing: start it afresh and forget every hash (the trackers are unaffected).
+        let expected = hash_file_len(n);
+        let hashes_len = backend
+            .hashes_len()
+            .map_err(|e| StoreError::io(format!("stat chunk hashes of {what}"), e))?;
+        let hashes_lost = hashes_len != expected;
+        if hashes_lost {
+            tracing::warn!(image = %what, hashes_len, expected, "chunk-hash file missing or of the wrong size; every chunk will be rehashed");
+            backend
+                .set_hashes_len(0)
+                .and_then(|()| backend.set_hashes_len(expected))
+                .map_err(|e| StoreError::io(format!("reset chunk hashes of {what}"), e))?;
         }
         let log = backend
             .read_log()
             .map_err(|e| StoreError::io(format!("read activity log of {what}"), e))?
             .as_deref()
             .and_then(parse_log);
-        let trust = decide_trust(record.generation, log.as_ref());
-        let (map, report) = ChunkMap::recover(record, &trust).map_err(corrupt)?;
+        if log.as_ref().is_some_and(|l| l.damaged) {
+            tracing::warn!(image = %what, "activity log has valid frames after a bad one; distrusting the whole image");
+        }
+        let trust = decide_trust(meta.generation, log.as_ref());
+        let (mut map, report) = ChunkMap::recover(meta, &trust).map_err(corrupt)?;
+        if hashes_lost {
+            map.forget_hashes(0..n);
+        }
         let generation = report.generation;
         let img = Self::assemble(backend, map, generation, report);
         if trust == Trust::Clean {
@@ -239,7 +343,10 @@ impl<B: Backend> DiskImage<B> {
                 untrusted_chunks = img.recovery.untrusted_chunks,
                 "image was not closed cleanly; distrusted chunks are marked dirty and will be rehashed"
             );
-            // Make the recovered state durable so the same work is not redone.
+        }
+        if trust != Trust::Clean || upgraded || hashes_lost {
+            // Make the recovery (or the upgrade) durable so the same work is not redone,
+            // and so an upgraded image is never written under its old metadata.
             img.checkpoint()?;
         }
         Ok(img)
@@ -255,10 +362,12 @@ impl<B: Backend> DiskImage<B> {
                 map,
                 generation,
                 closed: false,
+                failed: None,
             }),
             idle: Condvar::new(),
             log_leader: Mutex::new(()),
             checkpointing: Mutex::new(()),
+            leaf_io: Mutex::new(()),
             recovery,
             activity_limit: AtomicU64::new(DEFAULT_ACTIVITY_LIMIT),
             live_copy: Mutex::new(None),
@@ -300,16 +409,57 @@ impl<B: Backend> DiskImage<B> {
         lock(&self.state).generation
     }
 
+    /// Sets how many 4 KiB pages of chunk hashes (128 chunks each) the image keeps cached
+    /// (default 1024 = 4 MiB, the hashes of 8 GiB of disk at 64 KiB chunks; at least 4).
+    /// Pages changed since the last write-back are kept beyond it until written (a hasher
+    /// writes them back once they pass half of it).
+    pub fn set_hash_cache_pages(&self, pages: usize) {
+        lock(&self.state).map.leaves().set_capacity(pages);
+    }
+
     /// Sets how many active extents make [`DiskImage::flush`] also checkpoint.
     pub fn set_activity_limit(&self, extents: u64) {
         self.activity_limit.store(extents, Ordering::Relaxed);
     }
 
-    fn ensure_open(&self) -> Result<()> {
-        if lock(&self.state).closed {
-            Err(StoreError::Closed)
-        } else {
-            Ok(())
+    /// Why the image is failed, if it is: the first fsync/fdatasync or activity-log
+    /// append that failed, with the OS error. Once set it stays set for this instance
+    /// (see [`StoreError::Failed`]); for the agent to report and fence the disk.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.state).failed.clone()
+    }
+
+    fn failed_error(&self, first_error: String) -> StoreError {
+        StoreError::Failed {
+            image: self.backend.describe(),
+            first_error,
+        }
+    }
+
+    /// Fails the image for good because `what` failed with `e`; returns the error to
+    /// report. Later failures keep the first error.
+    fn fail(&self, what: String, e: std::io::Error) -> StoreError {
+        let first = lock(&self.state)
+            .failed
+            .get_or_insert_with(|| format!("{what}: {e}"))
+            .clone();
+        tracing::error!(
+            image = %self.backend.describe(),
+            error = %first,
+            "disk image failed: writes, flushes and checkpoints are refused until it is reopened"
+        );
+        self.failed_error(first)
+    }
+
+    /// Errors unless the image is open and not failed.
+    fn ensure_usable(&self) -> Result<()> {
+        let st = lock(&self.state);
+        if st.closed {
+            return Err(StoreError::Closed);
+        }
+        match &st.failed {
+            Some(f) => Err(self.failed_error(f.clone())),
+            None => Ok(()),
         }
     }
 
@@ -337,7 +487,9 @@ impl<B: Backend> DiskImage<B> {
     /// [`DiskImage::flush`]. Before the data is issued, the extents it touches are durably
     /// in the activity log (one fsync shared by all writers arriving meanwhile; none once
     /// the extent is active). When it returns, every tracker has the touched chunks dirty,
-    /// even if it failed.
+    /// even if it failed. A failure of the data write itself (for instance `ENOSPC`) is
+    /// [`StoreError::Io`] and leaves the image usable; on a failed image it is
+    /// [`StoreError::Failed`] and nothing is written.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
@@ -403,6 +555,9 @@ impl<B: Backend> DiskImage<B> {
                 if st.closed {
                     return Err(StoreError::Closed);
                 }
+                if let Some(f) = &st.failed {
+                    return Err(self.failed_error(f.clone()));
+                }
                 if st.log.admit(extents.clone()) {
                     st.map.write_started(chunks);
                     return Ok(());
@@ -416,12 +571,25 @@ impl<B: Backend> DiskImage<B> {
             let frame = encode_frame(&LogEntry::Active {
                 extents: batch.clone(),
             });
-            self.backend.append_log(&frame).map_err(|e| {
+            // Space first, so that a full file system fails the write cleanly instead of
+            // tearing a frame (and failing the image). Writers whose extents were in this
+            // batch find them still missing and try again themselves.
+            self.backend.reserve_log(frame.len() as u64).map_err(|e| {
                 StoreError::io(
-                    format!("append to activity log of {}", self.backend.describe()),
+                    format!(
+                        "reserve space in the activity log of {}",
+                        self.backend.describe()
+                    ),
                     e,
                 )
             })?;
+            if let Err(e) = self.backend.append_log(&frame) {
+                // The log may now end in a torn frame; nothing may be appended behind it.
+                return Err(self.fail(
+                    format!("append to the activity log of {}", self.backend.describe()),
+                    e,
+                ));
+            }
             lock(&self.state).log.batch_durable(&batch);
         }
     }
@@ -437,20 +605,37 @@ impl<B: Backend> DiskImage<B> {
 
     /// Makes every write that returned before this call durable (fdatasync). If the
     /// activity log has grown past the limit ([`DiskImage::set_activity_limit`]), also
-    /// checkpoints, which bounds the work of a crash recovery.
+    /// checkpoints, which bounds the work of a crash recovery; a checkpoint that fails
+    /// without failing the image (a full file system) is logged and retried later, since
+    /// the data is durable all the same. A failed fdatasync fails the image
+    /// ([`StoreError::Failed`]).
     pub fn flush(&self) -> Result<()> {
-        self.ensure_open()?;
-        self.backend
-            .sync_data()
-            .map_err(|e| StoreError::io(format!("fdatasync {}", self.backend.describe()), e))?;
+        self.ensure_usable()?;
+        if let Err(e) = self.backend.sync_data() {
+            return Err(self.fail(format!("fdatasync {}", self.backend.describe()), e));
+        }
         let over =
             lock(&self.state).log.active_count() > self.activity_limit.load(Ordering::Relaxed);
-        if over { self.checkpoint() } else { Ok(()) }
+        if !over {
+            return Ok(());
+        }
+        match self.checkpoint() {
+            Err(e @ StoreError::Failed { .. }) => Err(e),
+            Err(e) => {
+                tracing::warn!(image = %self.backend.describe(), error = %e, "checkpoint after flush failed; the data is durable, the checkpoint will be retried");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
-    /// Writes the metadata (hashes, trackers) durably and shrinks the activity log to the
-    /// extents written since. Also flushes the data (hashes in the checkpoint must describe
-    /// durable content). Safe to call concurrently with writes.
+    /// Writes the metadata (trackers, which hashes are known) durably, with the chunk-hash
+    /// pages it relies on, and shrinks the activity log to the extents written since.
+    /// Also flushes the data (hashes in the checkpoint must describe durable content).
+    /// Safe to call concurrently with writes, which it holds back only while it takes a
+    /// copy-on-write snapshot of the bitmaps (pointer copies), never during its I/O. A
+    /// failed fsync fails the image ([`StoreError::Failed`]); a full file system fails
+    /// only the checkpoint.
     pub fn checkpoint(&self) -> Result<()> {
         self.checkpoint_inner(false)
     }
@@ -458,25 +643,54 @@ impl<B: Backend> DiskImage<B> {
     fn checkpoint_inner(&self, closing: bool) -> Result<()> {
         let _one = lock(&self.checkpointing);
         let what = self.backend.describe();
-        let (record, generation) = {
+        let (snapshot, generation) = {
             let mut st = lock(&self.state);
+            if let Some(f) = &st.failed {
+                return Err(self.failed_error(f.clone()));
+            }
             if st.closed && !closing {
                 return Err(StoreError::Closed);
             }
             st.log.begin_checkpoint();
             let g = st.generation + 1;
-            (st.map.to_record(g), g)
+            (st.map.snapshot(g), g)
         };
         let abort = |e: StoreError| {
             lock(&self.state).log.abort_checkpoint();
             e
         };
+        // Every chunk-hash page dirty at the snapshot goes to the file (pages dirtied since
+        // may go too: harmless, see `leaves`), and is synced before the metadata that may
+        // call its hashes known.
+        self.write_back(true).map_err(abort)?;
         // Every hash in the snapshot was computed from data written before the snapshot;
         // flushing now makes that data durable before the metadata claims it.
-        self.backend
-            .sync_data()
-            .map_err(|e| abort(StoreError::io(format!("fdatasync {what}"), e)))?;
-        write_meta(&self.backend, &record).map_err(abort)?;
+        if let Err(e) = self.backend.sync_data() {
+            return Err(abort(self.fail(format!("fdatasync {what}"), e)));
+        }
+        if let Err(e) = self.backend.sync_hashes() {
+            return Err(abort(
+                self.fail(format!("fdatasync chunk hashes of {what}"), e),
+            ));
+        }
+        let bytes = meta::encode(&snapshot).map_err(|e| {
+            abort(StoreError::Corrupt {
+                what: what.clone(),
+                reason: format!("cannot encode metadata: {e}"),
+            })
+        })?;
+        drop(snapshot);
+        if let Err(e) = self.backend.replace_meta(&bytes) {
+            let op = format!("write metadata of {what}");
+            // ENOSPC leaves the old record (Backend contract); anything else may have
+            // half-replaced it.
+            let err = if is_no_space(&e) {
+                StoreError::io(op, e)
+            } else {
+                self.fail(op, e)
+            };
+            return Err(abort(err));
+        }
         let _leader = lock(&self.log_leader);
         let keep = {
             let mut st = lock(&self.state);
@@ -484,9 +698,20 @@ impl<B: Backend> DiskImage<B> {
             st.log.cut_over()
         };
         let clean = closing && keep.is_empty();
-        self.backend
+        if let Err(e) = self
+            .backend
             .replace_log(&encode_log(generation, clean, &keep))
-            .map_err(|e| StoreError::io(format!("write activity log of {what}"), e))?;
+        {
+            // The old log (a superset, one generation behind) is still in place after
+            // ENOSPC and recovery accepts it; anything else may have left the new one
+            // visible but not durable, and appends to it could be lost.
+            let op = format!("write activity log of {what}");
+            return Err(if is_no_space(&e) {
+                StoreError::io(op, e)
+            } else {
+                self.fail(op, e)
+            });
+        }
         tracing::debug!(image = %what, generation, active = keep.len(), clean, "checkpoint");
         Ok(())
     }
@@ -494,7 +719,8 @@ impl<B: Backend> DiskImage<B> {
     /// Closes the image: refuses new writes, waits for writes in flight, checkpoints and
     /// marks the metadata clean, so the next open trusts it completely. Later calls that
     /// change the image fail with [`StoreError::Closed`]. Dropping an image without closing
-    /// is safe but makes the next open recover as after a crash.
+    /// is safe but makes the next open recover as after a crash; so does closing a failed
+    /// image, which returns [`StoreError::Failed`] and writes nothing.
     pub fn close(&self) -> Result<()> {
         {
             let mut st = lock(&self.state);
@@ -505,17 +731,155 @@ impl<B: Backend> DiskImage<B> {
             while st.log.inflight() > 0 {
                 st = self.idle.wait(st).unwrap_or_else(PoisonError::into_inner);
             }
+            if let Some(f) = &st.failed {
+                return Err(self.failed_error(f.clone()));
+            }
         }
         self.checkpoint_inner(true)
     }
 
+    // ---- chunk-hash pages ---------------------------------------------------------------
+
+    /// Reads page `miss.page` of the chunk-hash file and caches it (unless a racing
+    /// eviction makes the read possibly stale; the caller then asks again).
+    fn load_page(&self, miss: PageMiss) -> Result<()> {
+        let mut buf = [0u8; PAGE_BYTES];
+        self.backend
+            .read_hashes(&mut buf, miss.page * PAGE_BYTES as u64)
+            .map_err(|e| {
+                StoreError::io(
+                    format!("read chunk hashes of {}", self.backend.describe()),
+                    e,
+                )
+            })?;
+        lock(&self.state).map.install_page(miss, &buf);
+        Ok(())
+    }
+
+    /// Caches the pages holding `chunks` (ascending), reading those not cached. Best
+    /// effort: a page may be evicted again before the caller uses it.
+    fn load_pages_of(&self, chunks: impl Iterator<Item = u64>) -> Result<()> {
+        let misses: Vec<PageMiss> = {
+            let st = lock(&self.state);
+            let mut last = None;
+            chunks
+                .map(page_of)
+                .filter(|&p| last.replace(p) != Some(p))
+                .filter_map(|p| st.map.page_miss(p))
+                .collect()
+        };
+        for m in misses {
+            self.load_page(m)?;
+        }
+        Ok(())
+    }
+
+    /// Reads pages `misses` (ascending) of the chunk-hash file without caching them,
+    /// skipping its holes: `None` for a page in a hole (all zero hashes).
+    fn read_pages(&self, misses: &[PageMiss]) -> Result<PagesRead> {
+        let io = |e| {
+            StoreError::io(
+                format!("read chunk hashes of {}", self.backend.describe()),
+                e,
+            )
+        };
+        let mut out = HashMap::with_capacity(misses.len());
+        let mut region: Option<Option<Range<u64>>> = None;
+        let mut buf = [0u8; PAGE_BYTES];
+        for &m in misses {
+            let start = m.page * PAGE_BYTES as u64;
+            let end = start + PAGE_BYTES as u64;
+            let stale = match &region {
+                None => true,
+                Some(Some(r)) => r.end <= start,
+                Some(None) => false,
+            };
+            if stale {
+                region = Some(self.backend.hashes_next_data(start).map_err(io)?);
+            }
+            let hole = match &region {
+                Some(Some(r)) => r.start >= end,
+                _ => true,
+            };
+            let page = if hole {
+                None
+            } else {
+                self.backend.read_hashes(&mut buf, start).map_err(io)?;
+                Some(Arc::new(page_from_bytes(&buf)))
+            };
+            out.insert(m.page, (m, page));
+        }
+        Ok(out)
+    }
+
+    /// Writes dirty chunk-hash pages to the file (not synced): all of them (`all`), or,
+    /// for a hasher that dirtied many, enough to bring them under a quarter of the cache.
+    /// A failed write leaves its pages dirty and the image usable.
+    fn write_back(&self, all: bool) -> Result<()> {
+        let _io = lock(&self.leaf_io);
+        loop {
+            let batch = {
+                let mut st = lock(&self.state);
+                let leaves = st.map.leaves();
+                let dirty = leaves.dirty_pages();
+                let cap = leaves.capacity();
+                let want = match (all, dirty) {
+                    (_, 0) => 0,
+                    (true, d) => d,
+                    (false, d) if d > cap / 2 => (d - cap / 4).min(WRITE_BACK_BATCH),
+                    _ => 0,
+                };
+                if want == 0 {
+                    return Ok(());
+                }
+                leaves.take_dirty(want)
+            };
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let mut res = Ok(());
+            for (p, page) in &batch {
+                res = self
+                    .backend
+                    .write_hashes(page_bytes(page), p * PAGE_BYTES as u64);
+                if res.is_err() {
+                    break;
+                }
+            }
+            let pages: Vec<u64> = batch.iter().map(|(p, _)| *p).collect();
+            lock(&self.state).map.leaves().written(&pages, res.is_ok());
+            res.map_err(|e| {
+                StoreError::io(
+                    format!("write chunk hashes of {}", self.backend.describe()),
+                    e,
+                )
+            })?;
+            if all {
+                // One pass takes every page dirty now, which includes every page dirty at
+                // the caller's snapshot; pages dirtied since are not its business.
+                return Ok(());
+            }
+        }
+    }
+
     // ---- hashes -------------------------------------------------------------------------
 
-    /// The cached hash of `chunk`, without computing it. `None` when unknown or past the
-    /// end. A returned hash always equals the hash of the chunk's current content unless a
-    /// write to it is in flight.
+    /// The cached hash of `chunk`, without computing it. `None` when unknown, past the
+    /// end, or when its page of the chunk-hash file cannot be read. A returned hash always
+    /// equals the hash of the chunk's current content unless a write to it is in flight.
     pub fn cached_hash(&self, chunk: u64) -> Option<ChunkHash> {
-        lock(&self.state).map.cached_hash(chunk)
+        self.known_hash(chunk).ok().flatten()
+    }
+
+    fn known_hash(&self, chunk: u64) -> Result<Option<ChunkHash>> {
+        loop {
+            let miss = match lock(&self.state).map.leaf(chunk) {
+                Leaf::Unknown => return Ok(None),
+                Leaf::Known(h) => return Ok(Some(h)),
+                Leaf::NotCached(m) => m,
+            };
+            self.load_page(miss)?;
+        }
     }
 
     /// Changes whenever a write starts or ends: equal across two calls means the image was
@@ -528,16 +892,22 @@ impl<B: Backend> DiskImage<B> {
     /// describes the chunk's content at some moment during the call.
     pub fn chunk_hash(&self, chunk: u64) -> Result<ChunkHash> {
         self.geometry.check_chunk(chunk)?;
-        let ticket = {
-            let st = lock(&self.state);
-            if let Some(h) = st.map.cached_hash(chunk) {
-                return Ok(h);
-            }
-            st.map.hash_ticket(chunk)
+        let ticket = loop {
+            let miss = {
+                let mut st = lock(&self.state);
+                match st.map.leaf(chunk) {
+                    Leaf::Known(h) => return Ok(h),
+                    Leaf::Unknown => break st.map.hash_ticket(chunk),
+                    Leaf::NotCached(m) => m,
+                }
+            };
+            self.load_page(miss)?;
         };
         let mut buf = Vec::new();
         let h = self.read_hash(chunk, &mut buf)?;
+        self.load_pages_of(std::iter::once(chunk))?;
         lock(&self.state).map.offer_hash(ticket, h);
+        self.write_back(false)?;
         Ok(h)
     }
 
@@ -604,31 +974,178 @@ impl<B: Backend> DiskImage<B> {
                 };
                 done.push((t, h));
             }
-            let mut st = lock(&self.state);
-            for (t, h) in done {
-                st.map.offer_hash(t, h);
+            // Page by page: load the page, then offer its hashes at once, so that even a
+            // small cache keeps what was computed.
+            for group in done.chunk_by(|a, b| page_of(a.0.chunk()) == page_of(b.0.chunk())) {
+                self.load_pages_of(std::iter::once(group[0].0.chunk()))?;
+                {
+                    let mut st = lock(&self.state);
+                    for &(t, h) in group {
+                        st.map.offer_hash(t, h);
+                    }
+                }
+                // Scattered chunks dirty a page each: keep them within the cache's bound.
+                self.write_back(false)?;
             }
         }
     }
 
-    fn with_tree<T>(&self, f: impl Fn(&HashTree) -> T) -> Result<T> {
-        for _ in 0..TREE_ATTEMPTS {
-            self.hash_all()?;
-            if let Some(t) = lock(&self.state).map.tree() {
-                return Ok(f(t));
+    /// Brings the tree's interior up to date with the chunk hashes; `Ok(false)` if some
+    /// chunk hash is unknown (hash first). Level-1 nodes are computed in batches whose
+    /// leaves are read (from the cache, or the chunk-hash file, skipping its holes)
+    /// without holding writers back; upper levels in small batches under the lock.
+    fn settle_tree(&self) -> Result<bool> {
+        let fanout = u64::from(self.geometry.fanout());
+        let n = self.chunk_count();
+        loop {
+            let (nodes, pages, misses) = {
+                let mut st = lock(&self.state);
+                if st.map.unknown_count() > 0 {
+                    return Ok(false);
+                }
+                let tree = st.map.tree();
+                if !tree.has_stale_level1() {
+                    if tree.recompute_upper(UPPER_BATCH) {
+                        return Ok(true);
+                    }
+                    continue;
+                }
+                let nodes = tree.stale_level1(TREE_BATCH);
+                let mut pages: Vec<u64> = Vec::new();
+                for &node in &nodes {
+                    let first = node * fanout;
+                    let last = ((node + 1) * fanout).min(n) - 1;
+                    for p in page_of(first)..=page_of(last) {
+                        if pages.last() != Some(&p) {
+                            pages.push(p);
+                        }
+                    }
+                }
+                let misses: Vec<PageMiss> =
+                    pages.iter().filter_map(|&p| st.map.page_miss(p)).collect();
+                (nodes, pages, misses)
+            };
+            let read = self.read_pages(&misses)?;
+            // The leaves as they are now, under one hold of the lock: cached pages as
+            // cached, the others as read unless an eviction may have made the read stale.
+            // `None`: a page in a hole of the file, all zero hashes.
+            let leaves: Option<HashMap<u64, Option<Arc<LeafPage>>>> = {
+                let mut st = lock(&self.state);
+                let mut got = HashMap::with_capacity(pages.len());
+                let mut complete = true;
+                for &p in &pages {
+                    let page = match st.map.leaves().peek(p) {
+                        Some(a) => Some(a),
+                        None => match read.get(&p) {
+                            Some((m, content)) if st.map.leaves().file_read_valid(*m) => {
+                                content.clone()
+                            }
+                            _ => {
+                                complete = false;
+                                break;
+                            }
+                        },
+                    };
+                    got.insert(p, page);
+                }
+                if complete {
+                    st.map.tree().begin_level1(&nodes);
+                }
+                complete.then_some(got)
+            };
+            let Some(leaves) = leaves else {
+                continue;
+            };
+            let values: Vec<(u64, Option<ChunkHash>)> = nodes
+                .iter()
+                .map(|&node| {
+                    let r = node * fanout..((node + 1) * fanout).min(n);
+                    let pages = page_of(r.start)..=page_of(r.end - 1);
+                    // Nodes over holes of the file take the tree's constant, unread.
+                    if pages.clone().all(|p| matches!(leaves.get(&p), Some(None))) {
+                        return (node, None);
+                    }
+                    let kids: Vec<ChunkHash> = r
+                        .map(|c| match leaves.get(&page_of(c)) {
+                            Some(Some(p)) => p[(c % LEAVES_PER_PAGE) as usize],
+                            _ => ZERO_CHUNK_HASH,
+                        })
+                        .collect();
+                    let zero = kids.iter().all(|h| *h == ZERO_CHUNK_HASH);
+                    (node, (!zero).then(|| hash_node(&kids)))
+                })
+                .collect();
+            let mut st = lock(&self.state);
+            let tree = st.map.tree();
+            for (node, h) in values {
+                let h = h.unwrap_or_else(|| tree.zero_node(1, node));
+                tree.install_level1(node, h);
             }
         }
-        Err(StoreError::Busy)
+    }
+
+    /// Leaves `range` as they are at one moment when every hash is known and the tree is
+    /// current; `None` if that moment could not be caught (writes, or racing evictions).
+    fn read_leaves(&self, range: Range<u64>) -> Result<Option<Vec<ChunkHash>>> {
+        if range.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let (misses, writes) = {
+            let st = lock(&self.state);
+            if !st.map.tree_current() {
+                return Ok(None);
+            }
+            let misses: Vec<PageMiss> = (page_of(range.start)..=page_of(range.end - 1))
+                .filter_map(|p| st.map.page_miss(p))
+                .collect();
+            (misses, st.map.write_count())
+        };
+        let read = self.read_pages(&misses)?;
+        let mut st = lock(&self.state);
+        // No write since means no hash became unknown, and so none changed.
+        if !st.map.tree_current() || st.map.write_count() != writes {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        let mut page: Option<(u64, Arc<LeafPage>)> = None;
+        for c in range {
+            let p = page_of(c);
+            if page.as_ref().is_none_or(|(q, _)| *q != p) {
+                let got = match st.map.leaves().peek(p) {
+                    Some(a) => a,
+                    None => match read.get(&p) {
+                        Some((m, content)) if st.map.leaves().file_read_valid(*m) => {
+                            content.clone().unwrap_or_else(|| {
+                                Arc::new([ZERO_CHUNK_HASH; LEAVES_PER_PAGE as usize])
+                            })
+                        }
+                        _ => return Ok(None),
+                    },
+                };
+                page = Some((p, got));
+            }
+            if let Some((_, leaves)) = &page {
+                out.push(leaves[(c % LEAVES_PER_PAGE) as usize]);
+            }
+        }
+        Ok(Some(out))
     }
 
     /// Root of the hash tree over all chunks, computing missing hashes first. Two copies
     /// with equal geometry and equal roots have equal content (up to BLAKE3 collisions).
     pub fn root(&self) -> Result<ChunkHash> {
-        self.with_tree(HashTree::root)
+        let top = self.tree_height() - 1;
+        Ok(self
+            .tree_level(top, 0..1)?
+            .first()
+            .copied()
+            .unwrap_or(ZERO_CHUNK_HASH))
     }
 
     /// Node hashes of tree level `level` (0 = chunks, `tree_height() - 1` = root) for the
-    /// node indices in `range` (clamped), computing missing hashes first.
+    /// node indices in `range` (clamped), computing missing hashes first. All values
+    /// describe the image at one moment. Fails with [`StoreError::Busy`] when writes keep
+    /// invalidating hashes.
     pub fn tree_level(&self, level: usize, range: Range<usize>) -> Result<Vec<ChunkHash>> {
         if level >= self.tree_height() {
             return Err(StoreError::invalid(
@@ -636,12 +1153,44 @@ impl<B: Backend> DiskImage<B> {
                 format!("{level}: the tree has {} levels", self.tree_height()),
             ));
         }
-        self.with_tree(|t| t.level(level, range.clone()).to_vec())
+        let len = self.level_len(level);
+        let end = (range.end as u64).min(len);
+        let range = (range.start as u64).min(end)..end;
+        for _ in 0..TREE_ATTEMPTS {
+            self.hash_all()?;
+            if !self.settle_tree()? {
+                continue;
+            }
+            if level == 0 {
+                if let Some(v) = self.read_leaves(range.clone())? {
+                    return Ok(v);
+                }
+            } else {
+                let mut st = lock(&self.state);
+                if st.map.tree_current() {
+                    let tree = st.map.tree();
+                    return Ok(range.clone().map(|i| tree.node(level, i)).collect());
+                }
+            }
+        }
+        Err(StoreError::Busy)
     }
 
-    /// A copy of the whole hash tree, computing missing hashes first.
+    /// A copy of the whole hash tree, computing missing hashes first. Holds every leaf in
+    /// memory (32 bytes per chunk): for tests and small disks; compare-delta walks the
+    /// tree with [`DiskImage::tree_level`] instead.
     pub fn tree(&self) -> Result<HashTree> {
-        self.with_tree(HashTree::clone)
+        let leaves = self.tree_level(0, 0..self.chunk_count() as usize)?;
+        Ok(HashTree::from_leaves(leaves, self.geometry.fanout()))
+    }
+
+    fn level_len(&self, level: usize) -> u64 {
+        let fanout = u64::from(self.geometry.fanout());
+        let mut n = self.geometry.chunk_count();
+        for _ in 0..level {
+            n = n.div_ceil(fanout);
+        }
+        n
     }
 
     /// Number of tree levels, leaves included.
@@ -656,31 +1205,34 @@ impl<B: Backend> DiskImage<B> {
         h
     }
 
+    /// The chunk ranges that may hold data, ascending, from chunk `from`: chunks that lie
+    /// entirely in holes of the image file are skipped without being read or listed (one
+    /// `SEEK_DATA`/`SEEK_HOLE` per range), so walking a sparse 16 TiB disk costs what its
+    /// data regions cost. Never skips a chunk holding data; may yield chunks that read as
+    /// zeros (allocated zeros, or file systems without `SEEK_DATA`, where it yields
+    /// everything). For the initial sync of a replica.
+    pub fn data_chunks(&self, from: u64) -> DataChunks<'_, B> {
+        DataChunks {
+            image: self,
+            next: from,
+        }
+    }
+
     // ---- dirty trackers -----------------------------------------------------------------
 
     /// Starts tracker `name`: from now on it collects every chunk written. Durable when it
     /// returns (this checkpoints). On error the tracker exists in memory but may not
     /// survive a crash; drop it or retry.
     pub fn start_tracking(&self, name: &str) -> Result<()> {
-        {
-            let mut st = lock(&self.state);
-            if st.closed {
-                return Err(StoreError::Closed);
-            }
-            st.map.start_tracking(name)?;
-        }
+        self.ensure_usable()?;
+        lock(&self.state).map.start_tracking(name)?;
         self.checkpoint()
     }
 
     /// Removes tracker `name`. Durable when it returns (this checkpoints).
     pub fn drop_tracking(&self, name: &str) -> Result<()> {
-        {
-            let mut st = lock(&self.state);
-            if st.closed {
-                return Err(StoreError::Closed);
-            }
-            st.map.drop_tracking(name)?;
-        }
+        self.ensure_usable()?;
+        lock(&self.state).map.drop_tracking(name)?;
         self.checkpoint()
     }
 
@@ -691,13 +1243,30 @@ impl<B: Backend> DiskImage<B> {
 
     /// The chunks tracker `name` holds dirty: a superset of the chunks written since it
     /// started (or since they were cleared). After a crash it may hold more, never fewer.
+    /// Lists every one (8 bytes each): for large sets see
+    /// [`DiskImage::dirty_chunks_from`].
     pub fn dirty_chunks(&self, name: &str) -> Result<DirtySet> {
         lock(&self.state).map.dirty_chunks(name)
     }
 
-    /// The chunks tracker `name` holds dirty that a write started or finished on after
-    /// `as_of` (from an earlier [`DiskImage::dirty_chunks`]): what a copy read chunk by
-    /// chunk since `as_of` may have missed. A resync's second pass sends only these.
+    /// Up to `max` chunks tracker `name` holds dirty, at or after chunk `start`, with the
+    /// write position they were taken at: a large set in pieces. Each piece has its own
+    /// `as_of`, to be passed back with that piece's chunks.
+    pub fn dirty_chunks_from(&self, name: &str, start: u64, max: usize) -> Result<DirtySet> {
+        lock(&self.state).map.dirty_chunks_from(name, start, max)
+    }
+
+    /// How many chunks tracker `name` holds dirty.
+    pub fn dirty_count(&self, name: &str) -> Result<u64> {
+        lock(&self.state).map.dirty_count(name)
+    }
+
+    /// The chunks dirty in tracker `name` whose last write started or finished after
+    /// `as_of` (from an earlier [`DiskImage::dirty_chunks`]), ascending: what a resync's
+    /// second pass must send after a first pass that read the chunks dirty at `as_of`.
+    /// Never misses a chunk written after `as_of` (a write in flight at this call
+    /// included); it may list a chunk written before when more than a quarter of a million
+    /// chunks were written since (the write history is then kept per region).
     pub fn dirty_since(&self, name: &str, as_of: WriteSeq) -> Result<Vec<u64>> {
         lock(&self.state).map.dirty_since(name, as_of)
     }
@@ -736,7 +1305,7 @@ impl<B: Backend> DiskImage<B> {
     /// the image as it is at this call, so the caller must have no write in flight to it
     /// (the write pipeline calls this with writes paused, which takes microseconds).
     pub fn live_snapshot_begin(&self, dir: &Path, id: &str) -> Result<()> {
-        self.ensure_open()?;
+        self.ensure_usable()?;
         let mut live = lock(&self.live_copy);
         if live.is_some() {
             return Err(StoreError::invalid(
@@ -758,8 +1327,7 @@ impl<B: Backend> DiskImage<B> {
             dir: dir.to_path_buf(),
             id: id.to_string(),
             dest,
-            map: ChunkMap::new_zeroed(self.geometry),
-            done: Bitmap::new(self.chunk_count()),
+            done: SparseBitmap::new(self.chunk_count()),
             next: 0,
             holes: HoleCursor::default(),
             buf: Vec::new(),
@@ -768,12 +1336,14 @@ impl<B: Backend> DiskImage<B> {
         Ok(())
     }
 
-    /// Copies up to `max_chunks` more chunks of the running live snapshot; `true` once every
-    /// chunk is copied. Chunks are read without holding writers back: a chunk still not
-    /// copied after the read was not written since the snapshot began (a writer saves it
-    /// first), so what was read is the snapshot's content; otherwise the read is dropped.
+    /// Copies up to `max_chunks` more chunks of the running live snapshot (a run of
+    /// chunks in a hole counts as one); `true` once every chunk is copied. Chunks are read
+    /// without holding writers back: a chunk still not copied after the read was not
+    /// written since the snapshot began (a writer saves it first), so what was read is the
+    /// snapshot's content; otherwise the read is dropped.
     pub fn live_snapshot_step(&self, max_chunks: u64) -> Result<bool> {
         let mut buf = Vec::new();
+        let n = self.chunk_count();
         for _ in 0..max_chunks {
             self.ensure_open()?;
             let c = {
@@ -787,7 +1357,6 @@ impl<B: Backend> DiskImage<B> {
                 if let Some(why) = &lc.failed {
                     return Err(StoreError::invalid("snapshot", why.clone()));
                 }
-                let n = self.chunk_count();
                 while lc.next < n && lc.done.get(lc.next) {
                     lc.next += 1;
                 }
@@ -795,10 +1364,11 @@ impl<B: Backend> DiskImage<B> {
                     return Ok(true);
                 }
                 let c = lc.next;
-                if lc.holes.is_hole(&self.backend, &self.geometry, c)? {
+                if let Some(end) = lc.holes.hole_until(&self.backend, &self.geometry, c)? {
                     // Reads as zeros, as does the fresh copy (a writer into the hole
-                    // waits for this lock, then finds the chunk done).
-                    lc.done.set(c);
+                    // waits for this lock, then finds its chunks done).
+                    lc.done.set_range(c..end);
+                    lc.next = end;
                     continue;
                 }
                 c
@@ -811,7 +1381,15 @@ impl<B: Backend> DiskImage<B> {
         }
         Ok(lock(&self.live_copy)
             .as_ref()
-            .is_some_and(|lc| lc.done.count_ones() == self.chunk_count()))
+            .is_some_and(|lc| lc.done.count_ones() == n))
+    }
+
+    fn ensure_open(&self) -> Result<()> {
+        if lock(&self.state).closed {
+            Err(StoreError::Closed)
+        } else {
+            Ok(())
+        }
     }
 
     /// Finishes the live snapshot once every chunk is copied: makes the copy durable and
@@ -834,13 +1412,11 @@ impl<B: Backend> DiskImage<B> {
             ));
         };
         drop(live);
-        let LiveCopy {
-            dir, id, dest, map, ..
-        } = lc;
+        let LiveCopy { dir, id, dest, .. } = lc;
         let synced = dest
             .sync_data()
             .map_err(|e| StoreError::io(format!("fdatasync {}", dest.describe()), e));
-        match synced.and_then(|()| DiskImage::init(dest, map)) {
+        match synced.and_then(|()| DiskImage::init(dest, self.geometry, false)) {
             Ok(img) => Ok(img),
             Err(e) => {
                 let _ = DiskImage::destroy(&dir, &id);
@@ -885,15 +1461,82 @@ impl<B: Backend> DiskImage<B> {
     }
 }
 
-fn write_meta<B: Backend>(backend: &B, record: &MetaRecord) -> Result<()> {
+/// Converts a format-1 image: its chunk hashes go to a fresh chunk-hash file (synced);
+/// the caller checkpoints the returned metadata in the current format before anything
+/// else changes the image. Interrupted, it is simply done again from the old record.
+fn upgrade_v1<B: Backend>(backend: &B, record: MetaRecordV1) -> Result<Meta> {
     let what = backend.describe();
-    let bytes = convoy_codec::encode(record).map_err(|e| StoreError::Corrupt {
+    let generation = record.generation;
+    let (meta, pages) = meta::upgrade_v1(record).map_err(|reason| StoreError::Corrupt {
+        what: what.clone(),
+        reason,
+    })?;
+    let io = |e| StoreError::io(format!("write chunk hashes of {what}"), e);
+    let len = hash_file_len(meta.geometry.chunk_count());
+    // From empty: an interrupted earlier upgrade may have left pages behind.
+    backend.set_hashes_len(0).map_err(io)?;
+    backend.set_hashes_len(len).map_err(io)?;
+    for (p, page) in &pages {
+        backend
+            .write_hashes(page_bytes(page), p * PAGE_BYTES as u64)
+            .map_err(io)?;
+    }
+    backend.sync_hashes().map_err(io)?;
+    tracing::info!(image = %what, generation, pages = pages.len(), "metadata upgraded from format 1");
+    Ok(meta)
+}
+
+fn write_meta<B: Backend>(backend: &B, meta: &Meta) -> Result<()> {
+    let what = backend.describe();
+    let bytes = meta::encode(meta).map_err(|e| StoreError::Corrupt {
         what: what.clone(),
         reason: format!("cannot encode metadata: {e}"),
     })?;
     backend
         .replace_meta(&bytes)
         .map_err(|e| StoreError::io(format!("write metadata of {what}"), e))
+}
+
+/// Chunk ranges of an image that may hold data, ascending; see [`DiskImage::data_chunks`].
+pub struct DataChunks<'a, B: Backend> {
+    image: &'a DiskImage<B>,
+    next: u64,
+}
+
+impl<B: Backend> Iterator for DataChunks<'_, B> {
+    type Item = Result<Range<u64>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let g = &self.image.geometry;
+        let n = g.chunk_count();
+        if self.next >= n {
+            return None;
+        }
+        let cs = u64::from(g.chunk_size());
+        match self.image.backend.next_data(g.chunk_offset(self.next)) {
+            Err(e) => {
+                self.next = n;
+                Some(Err(StoreError::io(
+                    format!("seek data in {}", self.image.backend.describe()),
+                    e,
+                )))
+            }
+            Ok(None) => {
+                self.next = n;
+                None
+            }
+            Ok(Some(r)) => {
+                let first = (r.start / cs).max(self.next);
+                if first >= n {
+                    self.next = n;
+                    return None;
+                }
+                let end = r.end.div_ceil(cs).clamp(first + 1, n);
+                self.next = end;
+                Some(Ok(first..end))
+            }
+        }
+    }
 }
 
 /// Walks data regions forward to answer "is this chunk entirely in a hole?".
@@ -923,6 +1566,24 @@ impl HoleCursor {
             Some(Some(r)) => r.start >= end,
             _ => true,
         })
+    }
+
+    /// If `chunk` lies entirely in a hole: the first chunk after it that may hold data (the
+    /// chunk count if none).
+    fn hole_until<B: Backend>(
+        &mut self,
+        backend: &B,
+        g: &Geometry,
+        chunk: u64,
+    ) -> Result<Option<u64>> {
+        if !self.is_hole(backend, g, chunk)? {
+            return Ok(None);
+        }
+        let n = g.chunk_count();
+        Ok(Some(match &self.region {
+            Some(Some(r)) => (r.start / u64::from(g.chunk_size())).clamp(chunk + 1, n),
+            _ => n,
+        }))
     }
 }
 

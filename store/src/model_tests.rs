@@ -2,20 +2,48 @@
 //! I/O call, against the simulated backend. After every reopen, every tracker must hold
 //! every chunk whose content changed since the tracker started (or since it was cleared),
 //! and every cached hash must equal the hash of the chunk's actual content.
+//!
+//! The second property adds what a failing or full disk does (a failed fsync of the data
+//! or the chunk hashes, a failed metadata write, a torn activity-log append, `ENOSPC`)
+//! and a chunk-hash cache of a few pages (so hash pages are evicted and written back
+//! between checkpoints), and checks two more things: what a successful flush
+//! acknowledged survives power loss, and a failed image stays failed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 
-use crate::sim::SimBackend;
+use crate::sim::{Fault, SimBackend};
 use crate::{DiskImage, Geometry, HashTree, StoreError, hash_chunk};
 
 const CHUNK: u32 = 512;
-const SIZE: u64 = 23 * CHUNK as u64 + 100; // a short last chunk
 const NAMES: [&str; 3] = ["a", "b", "c"];
 
-fn geometry() -> Geometry {
-    Geometry::with_params(SIZE, CHUNK, 4, 3).unwrap()
+/// The image a run works on.
+#[derive(Clone, Copy, Debug)]
+struct Config {
+    size: u64,
+    /// Chunk-hash pages cached (None: the default).
+    cache_pages: Option<usize>,
+    faults: bool,
+}
+
+/// 23 chunks and a short last one: one chunk-hash page.
+const SMALL: Config = Config {
+    size: 23 * CHUNK as u64 + 100,
+    cache_pages: None,
+    faults: false,
+};
+
+/// 600 chunks (5 chunk-hash pages) with a cache of 4 pages, and disk faults.
+const PAGED_FAULTY: Config = Config {
+    size: 600 * CHUNK as u64 - 17,
+    cache_pages: Some(4),
+    faults: true,
+};
+
+fn geometry(cfg: Config) -> Geometry {
+    Geometry::with_params(cfg.size, CHUNK, 4, 3).unwrap()
 }
 
 #[derive(Clone, Debug)]
@@ -43,19 +71,25 @@ enum Op {
         fail_reopen: Option<u64>,
     },
     CloseReopen,
+    /// The disk fails the next call of this kind.
+    Inject(Fault),
+    /// The file system becomes full, or not.
+    Full(bool),
 }
 
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        6 => (0..SIZE, 1u64..1500, 1u8..=255).prop_map(|(off, len, byte)| Op::Write {
+fn op(cfg: Config) -> BoxedStrategy<Op> {
+    let size = cfg.size;
+    let chunks = geometry(cfg).chunk_count();
+    let base = prop_oneof![
+        6 => (0..size, 1u64..1500, 1u8..=255).prop_map(move |(off, len, byte)| Op::Write {
             off,
-            len: len.min(SIZE - off),
+            len: len.min(size - off),
             byte
         }),
-        1 => (0..SIZE, 1u64..1500).prop_map(|(off, len)| Op::Zeroes { off, len: len.min(SIZE - off) }),
+        1 => (0..size, 1u64..1500).prop_map(move |(off, len)| Op::Zeroes { off, len: len.min(size - off) }),
         2 => Just(Op::Flush),
         2 => Just(Op::Checkpoint),
-        2 => (0..24u64).prop_map(Op::Hash),
+        2 => (0..chunks + 1).prop_map(Op::Hash),
         1 => Just(Op::HashAll),
         2 => (0..3usize).prop_map(Op::Start),
         1 => (0..3usize).prop_map(Op::Drop),
@@ -64,14 +98,70 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<bool>(), proptest::option::of(0..4u64))
             .prop_map(|(power_loss, fail_reopen)| Op::Crash { power_loss, fail_reopen }),
         1 => Just(Op::CloseReopen),
+    ];
+    if !cfg.faults {
+        return base.boxed();
+    }
+    prop_oneof![
+        24 => base,
+        1 => prop_oneof![
+            Just(Fault::DataSyncFails),
+            Just(Fault::HashSyncFails),
+            Just(Fault::TornAppend),
+            Just(Fault::MetaFails),
+        ]
+        .prop_map(Op::Inject),
+        1 => any::<bool>().prop_map(Op::Full),
     ]
+    .boxed()
 }
 
 struct Model {
+    cfg: Config,
     /// Image content each tracker last agreed with (at start, or per chunk at clear).
     baselines: BTreeMap<String, Vec<u8>>,
     /// Trackers that must exist (start returned Ok and no drop was attempted).
     certain: BTreeSet<String>,
+    /// The content as of the last successful flush (or checkpoint, close, crash).
+    acked: Vec<u8>,
+    /// Bytes a write (successful or not) touched since then.
+    touched: Vec<bool>,
+    /// A fault was injected in this incarnation (it may fail the image).
+    injected: bool,
+    /// The image reported itself failed.
+    failed: bool,
+    full: bool,
+}
+
+impl Model {
+    fn touch(&mut self, off: u64, len: u64) {
+        self.touched[off as usize..(off + len) as usize].fill(true);
+    }
+
+    /// Everything visible is durable now.
+    fn acknowledge(&mut self, sim: &SimBackend) {
+        self.acked = sim.image();
+        self.touched.fill(false);
+    }
+
+    /// After a crash: what was acknowledged and not touched since is still there.
+    fn after_crash(&mut self, sim: &SimBackend) -> Result<(), TestCaseError> {
+        let now = sim.image();
+        for (i, t) in self.touched.iter().enumerate() {
+            if !t {
+                prop_assert_eq!(
+                    now[i],
+                    self.acked[i],
+                    "byte {} acknowledged by a flush was lost",
+                    i
+                );
+            }
+        }
+        self.acknowledge(sim);
+        self.injected = false;
+        self.failed = false;
+        Ok(())
+    }
 }
 
 fn chunk_bytes(img: &[u8], c: u64) -> &[u8] {
@@ -117,38 +207,85 @@ fn check(img: &DiskImage<SimBackend>, model: &Model) -> Result<(), TestCaseError
             }
         }
     }
+    prop_assert_eq!(img.failure().is_some(), model.failed);
     Ok(())
 }
 
-fn reopen(sim: &SimBackend, power_loss: bool, fail_reopen: Option<u64>) -> DiskImage<SimBackend> {
+/// Opens the image after a crash, crashing again if a failpoint fires during recovery,
+/// and making room if the file system is too full to recover.
+fn reopen(
+    sim: &SimBackend,
+    model: &mut Model,
+    power_loss: bool,
+    fail_reopen: Option<u64>,
+) -> Result<DiskImage<SimBackend>, TestCaseError> {
     sim.crash(power_loss);
+    model.after_crash(sim)?;
     if let Some(n) = fail_reopen {
         sim.fail_after(n);
         match DiskImage::open_on(sim.clone()) {
-            Ok(img) if !sim.is_dead() => return img,
+            Ok(img) if !sim.is_dead() => return Ok(configure(img, model.cfg)),
             // Died during recovery (or just after): crash again, recover again.
-            _ => sim.crash(power_loss),
+            _ => {
+                sim.crash(power_loss);
+                model.after_crash(sim)?;
+            }
         }
     }
-    DiskImage::open_on(sim.clone()).unwrap()
+    let img = match DiskImage::open_on(sim.clone()) {
+        Err(e) if e.is_no_space() => {
+            prop_assert!(model.full, "ENOSPC while not full: {}", e);
+            sim.set_full(false);
+            model.full = false;
+            DiskImage::open_on(sim.clone()).unwrap()
+        }
+        r => r.unwrap(),
+    };
+    Ok(configure(img, model.cfg))
 }
 
-fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
-    let sim = SimBackend::new(SIZE, seed);
-    let mut img = DiskImage::create_on(sim.clone(), geometry()).unwrap();
+fn configure(img: DiskImage<SimBackend>, cfg: Config) -> DiskImage<SimBackend> {
     img.set_activity_limit(2);
+    if let Some(p) = cfg.cache_pages {
+        img.set_hash_cache_pages(p);
+    }
+    img
+}
+
+fn run(cfg: Config, ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
+    let sim = SimBackend::new(cfg.size, seed);
+    let mut img = configure(
+        DiskImage::create_on(sim.clone(), geometry(cfg)).unwrap(),
+        cfg,
+    );
     let mut model = Model {
+        cfg,
         baselines: BTreeMap::new(),
         certain: BTreeSet::new(),
+        acked: sim.image(),
+        touched: vec![false; cfg.size as usize],
+        injected: false,
+        failed: false,
+        full: false,
     };
     for (step, op) in ops.into_iter().enumerate() {
         let power_loss = seed.rotate_left(step as u32) & 1 == 1;
+        let was_failed = model.failed;
         let res: Result<(), StoreError> = match op.clone() {
-            Op::Write { off, len, byte } => img.write_at(&vec![byte; len as usize], off),
-            Op::Zeroes { off, len } => img.write_zeroes(off, len),
-            Op::Flush => img.flush(),
-            Op::Checkpoint => img.checkpoint(),
-            Op::Hash(c) => img.chunk_hash(c).map(|_| ()),
+            Op::Write { off, len, byte } => {
+                model.touch(off, len);
+                img.write_at(&vec![byte; len as usize], off)
+            }
+            Op::Zeroes { off, len } => {
+                model.touch(off, len);
+                img.write_zeroes(off, len)
+            }
+            Op::Flush => img.flush().inspect(|()| model.acknowledge(&sim)),
+            Op::Checkpoint => img.checkpoint().inspect(|()| model.acknowledge(&sim)),
+            Op::Hash(c) => match img.chunk_hash(c) {
+                Err(StoreError::OutOfRange { .. }) if c >= img.chunk_count() => Ok(()),
+                r => r.map(|_| ()),
+            },
             Op::HashAll => img.hash_all().map(|_| ()),
             Op::Start(i) => {
                 let name = NAMES[i];
@@ -198,13 +335,22 @@ fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
                 sim.fail_after(n);
                 Ok(())
             }
+            Op::Inject(f) => {
+                sim.inject(f);
+                model.injected = true;
+                Ok(())
+            }
+            Op::Full(full) => {
+                sim.set_full(full);
+                model.full = full;
+                Ok(())
+            }
             Op::Crash {
                 power_loss,
                 fail_reopen,
             } => {
                 drop(img);
-                img = reopen(&sim, power_loss, fail_reopen);
-                img.set_activity_limit(2);
+                img = reopen(&sim, &mut model, power_loss, fail_reopen)?;
                 check(&img, &model)?;
                 Ok(())
             }
@@ -212,33 +358,69 @@ fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
                 let closed = img.close();
                 drop(img);
                 if closed.is_ok() && !sim.is_dead() {
+                    model.acknowledge(&sim);
                     sim.crash(false);
-                    img = DiskImage::open_on(sim.clone()).unwrap();
+                    model.after_crash(&sim)?;
+                    img = configure(DiskImage::open_on(sim.clone()).unwrap(), cfg);
                     prop_assert!(img.recovery().clean, "clean close not recognised");
                     prop_assert_eq!(img.recovery().untrusted_chunks, 0);
                 } else {
-                    img = reopen(&sim, power_loss, None);
+                    img = reopen(&sim, &mut model, power_loss, None)?;
                 }
-                img.set_activity_limit(2);
                 Ok(())
             }
         };
-        if let Err(e) = res {
+        // A failed image refuses every write, flush and checkpoint.
+        if was_failed
+            && !sim.is_dead()
+            && matches!(
+                op,
+                Op::Write { .. } | Op::Zeroes { .. } | Op::Flush | Op::Checkpoint
+            )
+        {
             prop_assert!(
-                sim.is_dead(),
-                "unexpected error at step {} ({:?}): {}",
+                matches!(res, Err(StoreError::Failed { .. })),
+                "step {} ({:?}) on a failed image gave {:?}",
                 step,
                 op,
-                e
+                res
             );
-            drop(img);
-            img = reopen(&sim, power_loss, None);
-            img.set_activity_limit(2);
+        }
+        if let Err(e) = res {
+            if sim.is_dead() {
+                drop(img);
+                img = reopen(&sim, &mut model, power_loss, None)?;
+            } else if matches!(e, StoreError::Failed { .. }) {
+                prop_assert!(
+                    model.injected,
+                    "step {} ({:?}) failed the image: {}",
+                    step,
+                    op,
+                    e
+                );
+                model.failed = true;
+            } else if e.is_no_space() {
+                prop_assert!(
+                    model.full,
+                    "step {} ({:?}): ENOSPC while not full",
+                    step,
+                    op
+                );
+            } else {
+                prop_assert!(false, "unexpected error at step {} ({:?}): {}", step, op, e);
+            }
         }
         check(&img, &model)?;
     }
     // Whatever happened, a full rehash gives a tree equal to one built from the content.
-    img.hash_all().unwrap();
+    // (Hashing writes chunk-hash pages, so an armed failpoint may fire here.)
+    sim.set_full(false);
+    if img.hash_all().is_err() {
+        prop_assert!(sim.is_dead(), "hash_all failed on a live image");
+        drop(img);
+        img = reopen(&sim, &mut model, false, None)?;
+        img.hash_all().unwrap();
+    }
     let content = sim.image();
     let fresh: Vec<_> = (0..img.chunk_count())
         .map(|c| hash_chunk(chunk_bytes(&content, c)))
@@ -252,10 +434,30 @@ proptest! {
 
     #[test]
     fn trackers_and_hashes_survive_crashes_anywhere(
-        ops in proptest::collection::vec(op(), 1..60),
+        ops in proptest::collection::vec(op(SMALL), 1..60),
         seed in any::<u64>(),
     ) {
-        run(ops, seed)?;
+        run(SMALL, ops, seed)?;
+    }
+}
+
+/// Cases of the faulty-disk property (`CONVOY_MODEL_CASES` overrides, for longer runs).
+fn faulty_cases() -> u32 {
+    std::env::var("CONVOY_MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: faulty_cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn acknowledged_writes_hashes_and_trackers_survive_disk_faults_and_power_loss(
+        ops in proptest::collection::vec(op(PAGED_FAULTY), 1..80),
+        seed in any::<u64>(),
+    ) {
+        run(PAGED_FAULTY, ops, seed)?;
     }
 }
 
@@ -263,6 +465,7 @@ proptest! {
 fn regression_tracker_started_then_crash_before_any_checkpoint() {
     // Deterministic smoke case: write in a fresh extent, crash with power loss, reopen.
     run(
+        SMALL,
         vec![
             Op::Start(0),
             Op::Write {
@@ -309,8 +512,8 @@ mod interleavings {
 
     #[test]
     fn regression_checkpoint_during_inflight_write_keeps_its_extent_active() {
-        let sim = SimBackend::new(SIZE, 1);
-        let img = Arc::new(DiskImage::create_on(sim.clone(), geometry()).unwrap());
+        let sim = SimBackend::new(SMALL.size, 1);
+        let img = Arc::new(DiskImage::create_on(sim.clone(), geometry(SMALL)).unwrap());
         img.start_tracking("r").unwrap();
         sim.pause(Gate::Writes);
         let writer = {
@@ -337,8 +540,8 @@ mod interleavings {
 
     #[test]
     fn regression_write_admitted_during_checkpoint_keeps_its_extent_active() {
-        let sim = SimBackend::new(SIZE, 2);
-        let img = Arc::new(DiskImage::create_on(sim.clone(), geometry()).unwrap());
+        let sim = SimBackend::new(SMALL.size, 2);
+        let img = Arc::new(DiskImage::create_on(sim.clone(), geometry(SMALL)).unwrap());
         img.start_tracking("r").unwrap();
         img.write_at(&[1], 0).unwrap(); // extent 0 now active
         sim.pause(Gate::Syncs);
@@ -359,8 +562,8 @@ mod interleavings {
 
     #[test]
     fn regression_hash_of_data_read_before_a_write_is_not_cached() {
-        let sim = SimBackend::new(SIZE, 3);
-        let img = Arc::new(DiskImage::create_on(sim.clone(), geometry()).unwrap());
+        let sim = SimBackend::new(SMALL.size, 3);
+        let img = Arc::new(DiskImage::create_on(sim.clone(), geometry(SMALL)).unwrap());
         img.write_at(&[1; 10], 0).unwrap();
         sim.pause(Gate::Reads);
         let hasher = {

@@ -2,6 +2,10 @@
 //! threads; the parent SIGKILLs it at a random moment, reopens the image and checks that
 //! recovery kept the metadata honest. Repeated, so recovery also follows recovery.
 //!
+//! This models SIGKILL, which keeps the page cache: everything the child wrote survives.
+//! Power loss, which does not, is tested on the simulated disk (`power_loss.rs`, `faults.rs`
+//! and the model tests in `src/model_tests.rs`), which drops unsynced writes at a crash.
+//!
 //! The child is this test binary re-executed with `CRASH_CHILD_ENV` set, running
 //! `crash_child_entry` (a no-op in a normal test run).
 

@@ -427,3 +427,129 @@ fn async_wrappers_run_on_the_blocking_pool() {
         assert_ne!(h, ZERO_CHUNK_HASH);
     });
 }
+
+/// A resync's second pass sends only what became dirty while the first pass ran.
+#[test]
+fn dirty_since_lists_only_chunks_written_during_the_first_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = DiskImage::create(dir.path(), "d", 16 * MIB).unwrap();
+    img.start_tracking("r").unwrap();
+    img.write_at(&[1; 10 * 65536], 0).unwrap();
+    let pass1 = img.dirty_chunks("r").unwrap();
+    assert_eq!(pass1.chunks, (0..10).collect::<Vec<_>>());
+    // While pass 1 reads and sends those, the guest writes on.
+    img.write_at(&[2; 100], 3 * 65536 + 7).unwrap();
+    img.write_at(&[3; 100], 40 * 65536).unwrap();
+    img.write_zeroes(50 * 65536, 65536).unwrap();
+    assert_eq!(img.dirty_since("r", pass1.as_of).unwrap(), vec![3, 40, 50]);
+    // Pass 1 acknowledged: clearing it leaves exactly pass 2's chunks.
+    assert_eq!(img.clear("r", &pass1.chunks, pass1.as_of).unwrap(), 9);
+    assert_eq!(img.dirty_chunks("r").unwrap().chunks, vec![3, 40, 50]);
+    assert_eq!(img.dirty_count("r").unwrap(), 3);
+    let pass2 = img.dirty_chunks("r").unwrap();
+    assert!(img.dirty_since("r", pass2.as_of).unwrap().is_empty());
+    // In pieces, for sets too large to list at once.
+    let piece = img.dirty_chunks_from("r", 4, 1).unwrap();
+    assert_eq!(piece.chunks, vec![40]);
+    assert!(matches!(
+        img.dirty_since("nope", pass1.as_of),
+        Err(StoreError::UnknownTracker(_))
+    ));
+}
+
+/// The chunk-hash cache under real concurrency: with 4 cached pages of 32, pages are
+/// evicted, re-read, written back and used to build the tree while writers change them.
+#[test]
+fn concurrent_writes_hashes_trees_and_checkpoints_with_a_tiny_hash_cache_stay_honest() {
+    let dir = tempfile::tempdir().unwrap();
+    let geo = Geometry::with_params(64 * MIB, 16 * 1024, 8, 16).unwrap();
+    let img = Arc::new(DiskImage::create_with_geometry(dir.path(), "t", geo).unwrap());
+    img.set_hash_cache_pages(4);
+    img.start_tracking("replica").unwrap();
+    img.set_activity_limit(3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut handles = Vec::new();
+    for t in 0..2u64 {
+        let img = img.clone();
+        handles.push(thread::spawn(move || {
+            let mut rng = StdRng::seed_from_u64(30 + t);
+            for i in 0..600 {
+                let len = rng.gen_range(1..40_000usize);
+                let off = rng.gen_range(0..img.size() - len as u64);
+                img.write_at(&random_chunk(&mut rng, len), off).unwrap();
+                if i % 50 == 0 {
+                    img.flush().unwrap();
+                }
+            }
+        }));
+    }
+    {
+        let img = img.clone();
+        handles.push(thread::spawn(move || {
+            let mut rng = StdRng::seed_from_u64(40);
+            while std::time::Instant::now() < deadline {
+                for _ in 0..200 {
+                    img.chunk_hash(rng.gen_range(0..img.chunk_count())).unwrap();
+                }
+                img.hash_all().unwrap();
+                match img.root() {
+                    Ok(_) | Err(StoreError::Busy) => {}
+                    Err(e) => panic!("root: {e}"),
+                }
+                img.checkpoint().unwrap();
+                if Arc::strong_count(&img) == 2 {
+                    break; // the writers are done
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_cached_hashes_match_content(&img);
+    let fresh = HashTree::from_leaves(fresh_hashes(&img), geo.fanout());
+    assert_eq!(img.root().unwrap(), fresh.root());
+    // And after a crash (SIGKILL: the files stay), the reopened image agrees.
+    let img = Arc::try_unwrap(img).ok().unwrap();
+    drop(img);
+    let img = DiskImage::open(dir.path(), "t").unwrap();
+    img.set_hash_cache_pages(4);
+    assert_cached_hashes_match_content(&img);
+    assert_eq!(img.root().unwrap(), fresh.root());
+    let dirty: BTreeSet<u64> = img
+        .dirty_chunks("replica")
+        .unwrap()
+        .chunks
+        .into_iter()
+        .collect();
+    for (c, h) in fresh_hashes(&img).iter().enumerate() {
+        if *h != ZERO_CHUNK_HASH {
+            assert!(
+                dirty.contains(&(c as u64)),
+                "chunk {c} written but not dirty"
+            );
+        }
+    }
+}
+
+#[test]
+fn lost_chunk_hash_file_forgets_every_hash_but_keeps_the_trackers() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = DiskImage::create(dir.path(), "h", 4 * MIB).unwrap();
+    img.start_tracking("r").unwrap();
+    img.write_at(&[5; 70_000], MIB).unwrap();
+    let root = img.root().unwrap();
+    let d = img.dirty_chunks("r").unwrap();
+    img.clear("r", &d.chunks[..1], d.as_of).unwrap();
+    img.close().unwrap();
+    drop(img);
+    std::fs::remove_file(dir.path().join("disk-h.hashes")).unwrap();
+    let img = DiskImage::open(dir.path(), "h").unwrap();
+    assert!((0..img.chunk_count()).all(|c| img.cached_hash(c).is_none()));
+    assert_eq!(
+        img.dirty_chunks("r").unwrap().chunks,
+        d.chunks[1..].to_vec()
+    );
+    assert_eq!(img.root().unwrap(), root);
+    assert_cached_hashes_match_content(&img);
+}

@@ -126,9 +126,16 @@ impl Images {
                 .is_ok_and(|[img, _, _]| img.exists())
     }
 
-    /// Disks whose image could not be opened, with why.
+    /// Disks whose image could not be opened, or failed since (a failed fsync makes an
+    /// image refuse writes until it is reopened), with why.
     pub fn failures(&self) -> BTreeMap<DiskId, String> {
-        lock(&self.failed).clone()
+        let mut out = lock(&self.failed).clone();
+        for (disk, image) in lock(&self.open).iter() {
+            if let Some(why) = image.failure() {
+                out.insert(*disk, format!("failed: {why}"));
+            }
+        }
+        out
     }
 
     /// Closes and deletes the image of `disk`. Blocking.

@@ -414,23 +414,22 @@ impl LinkSender {
         // `as_of`, so pass 2 finds it.
         let mut sets = Vec::new();
         for (disk, image) in self.seq.images() {
+            // The tracker's set: cleared once the replica holds what pass 1 read.
             let set = image.dirty_chunks(&self.tracker)?;
-            let chunks = if initial {
-                // Skip chunks known to hold only zeroes: a fresh copy is all zeroes too.
-                (0..image.chunk_count())
-                    .filter(|c| image.cached_hash(*c) != Some(convoy_store::ZERO_CHUNK_HASH))
-                    .collect()
-            } else {
-                set.chunks.clone()
-            };
-            sets.push((*disk, chunks, set.as_of));
+            sets.push((*disk, set.chunks, set.as_of));
         }
         if seed {
             let recv =
                 recv.ok_or_else(|| anyhow::anyhow!("seeding needs the stream's receive half"))?;
             self.seed_by_hashes(send, recv, epoch).await?;
+        } else if initial {
+            // A fresh copy is all zeroes: every chunk that may hold data, found without
+            // listing every chunk of the disk (holes are skipped by the file system).
+            self.send_data_chunks(send, epoch).await?;
         } else {
-            self.send_chunks(send, &sets, epoch).await?;
+            let dirty: Vec<(DiskId, Vec<u64>)> =
+                sets.iter().map(|(d, c, _)| (*d, c.clone())).collect();
+            self.send_chunks(send, &dirty, epoch).await?;
         }
 
         // Switch: from here the journal holds this link's writes.
@@ -448,7 +447,9 @@ impl LinkSender {
             let since = image.dirty_since(&self.tracker, as_of)?;
             second.push((*disk, since, set.as_of));
         }
-        self.send_chunks(send, &second, epoch).await?;
+        let second_chunks: Vec<(DiskId, Vec<u64>)> =
+            second.iter().map(|(d, c, _)| (*d, c.clone())).collect();
+        self.send_chunks(send, &second_chunks, epoch).await?;
         // Every chunk was read before this sequence was assigned.
         let consistent_at = self.seq.next_seq();
         let end = ToReplica::ResyncEnd {
@@ -523,15 +524,35 @@ impl LinkSender {
         Ok(())
     }
 
+    /// Sends every chunk of every disk that may hold data (a first sync to an empty copy).
+    async fn send_data_chunks(&self, send: &mut FramedSend, epoch: u64) -> anyhow::Result<()> {
+        for (disk, image) in self.seq.images() {
+            let mut from = 0;
+            loop {
+                // A batch of data ranges at a time: never the whole disk's chunk list.
+                let ranges: Vec<std::ops::Range<u64>> =
+                    image.data_chunks(from).take(64).collect::<Result<_, _>>()?;
+                let Some(last) = ranges.last() else { break };
+                from = last.end;
+                let chunks: Vec<u64> = ranges.into_iter().flatten().collect();
+                for part in chunks.chunks(4096) {
+                    self.send_chunks(send, &[(*disk, part.to_vec())], epoch)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn send_chunks(
         &self,
         send: &mut FramedSend,
-        sets: &[(DiskId, Vec<u64>, convoy_store::WriteSeq)],
+        sets: &[(DiskId, Vec<u64>)],
         epoch: u64,
     ) -> anyhow::Result<()> {
-        let total: u64 = sets.iter().map(|(_, c, _)| c.len() as u64).sum();
+        let total: u64 = sets.iter().map(|(_, c)| c.len() as u64).sum();
         report(&self.report).resync_chunks_left = total;
-        for (disk, chunks, _) in sets {
+        for (disk, chunks) in sets {
             let Some(image) = self.seq.image(*disk) else {
                 continue;
             };

@@ -1,0 +1,381 @@
+//! Live migration of a consistency group with real agents and simulated guests writing
+//! throughout: each strategy commits with every acknowledged write on the destination and
+//! the new replica; an abort, the destination's death and the coordinator's death midway
+//! each end in one decision, reported alike by every node, with nothing acknowledged lost.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::data::*;
+use common::*;
+use serde_json::Value;
+
+const STRATEGIES: [&str; 4] = [
+    "reverse-replication",
+    "sync-switch",
+    "compare-delta",
+    "break-consistency",
+];
+
+fn json(dev: &Dev, args: &[&str]) -> Value {
+    let r = dev.cli(args);
+    assert!(r.ok, "{args:?}: {}{}", r.stdout, r.stderr);
+    r.json()
+}
+
+fn create_group(dev: &Dev, cg: &str, vms: &[&str], size: &str) {
+    for vm in vms {
+        let r = dev.cli(&[
+            "vm",
+            "create",
+            vm,
+            "--host",
+            "1",
+            "--disk",
+            size,
+            "--workload",
+            "iops=150,size=4k,pattern=random,depth=2",
+        ]);
+        assert!(r.ok, "{r:?}");
+    }
+    let mut args = vec!["cg", "create", cg];
+    for vm in vms {
+        args.push("--vm");
+        args.push(vm);
+    }
+    assert!(dev.cli(&args).ok);
+}
+
+fn start_guests(dev: &Dev, vms: &[&str]) {
+    for vm in vms {
+        assert!(dev.cli(&["vm", "start", vm]).ok);
+    }
+}
+
+fn stop_guests(dev: &Dev, vms: &[&str]) {
+    for vm in vms {
+        let r = dev.cli(&["vm", "stop", vm]);
+        assert!(r.ok, "{r:?}");
+    }
+}
+
+fn acked(dev: &Dev, vm: &str) -> u64 {
+    dev.cli(&["vm", "show", vm, "-o", "json"]).json()["guest_stats"]["writes_acked"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn wait_writes(dev: &Dev, vm: &str, more: u64) {
+    let start = acked(dev, vm);
+    wait_for(
+        &format!("{more} more writes of {vm}"),
+        Duration::from_secs(30),
+        || (acked(dev, vm) >= start + more).then_some(()),
+    );
+}
+
+/// Every acknowledged write of `vm` is on `host`'s copy.
+fn verify(dev: &Dev, vm: &str, host: u64) {
+    let r = dev.cli(&["vm", "verify", vm, "--on", &host.to_string(), "-o", "json"]);
+    let v = r.json();
+    assert_eq!(
+        v["ok"], true,
+        "{vm} on node {host}: {}{}",
+        r.stdout, r.stderr
+    );
+}
+
+/// Starts a migration through node `via` (its agent coordinates first).
+fn start(dev: &Dev, via: u64, cg: &str, to: u64, strategy: &str) -> u64 {
+    let r = dev.cli_at(
+        via,
+        &[
+            "migrate",
+            "start",
+            cg,
+            "--to",
+            &to.to_string(),
+            "--strategy",
+            strategy,
+            "--deadline",
+            "2m",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(r.ok, "{r:?}");
+    r.json()["id"].as_u64().unwrap()
+}
+
+fn show(dev: &Dev, id: u64) -> Value {
+    json(dev, &["migrate", "show", &id.to_string(), "-o", "json"])
+}
+
+/// Waits until migration `id` is decided; returns its record.
+fn wait_decided(dev: &Dev, id: u64) -> Value {
+    wait_for(
+        &format!("migration {id} to be decided"),
+        Duration::from_secs(120),
+        || {
+            let r = dev.cli(&["migrate", "show", &id.to_string(), "-o", "json"]);
+            let v = r.ok.then(|| r.json())?;
+            v["decision"].is_string().then_some(v)
+        },
+    )
+}
+
+/// Waits until migration `id` is in one of `phases`; returns the phase seen (or the
+/// decision, if it ended first).
+fn wait_phase(dev: &Dev, id: u64, phases: &[&str]) -> String {
+    wait_for(
+        &format!("migration {id} to reach {phases:?}"),
+        Duration::from_secs(60),
+        || {
+            let r = dev.cli(&["migrate", "show", &id.to_string(), "-o", "json"]);
+            let v = r.ok.then(|| r.json())?;
+            let phase = v["phase"].as_str()?.to_string();
+            (phases.contains(&phase.as_str()) || v["decision"].is_string()).then_some(phase)
+        },
+    )
+}
+
+/// Every node reports the same decision for migration `id` (from its own state).
+fn same_decision_everywhere(dev: &Dev, id: u64, nodes: &[u64]) -> String {
+    let mut seen = Vec::new();
+    for n in nodes {
+        let d = wait_for(
+            &format!("node {n} to know migration {id}'s decision"),
+            Duration::from_secs(30),
+            || {
+                let r = dev.cli_at(
+                    *n,
+                    &["migrate", "show", &id.to_string(), "--local", "-o", "json"],
+                );
+                let v = r.ok.then(|| r.json())?;
+                v["decision"].as_str().map(String::from)
+            },
+        );
+        seen.push(d);
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] == w[1]),
+        "decisions differ: {seen:?}"
+    );
+    seen.remove(0)
+}
+
+fn group(dev: &Dev, cg: &str) -> Value {
+    json(dev, &["cg", "show", cg, "-o", "json"])
+}
+
+/// Prepares each strategy's destination: a replica for the replication strategies; for
+/// compare-delta, an old copy made by `cg sync` (data, no replication history).
+fn prepare_destination(dev: &Dev, cg: &str, strategy: &str, to: u64) {
+    if strategy == "compare-delta" {
+        let r = dev.cli(&["cg", "sync", cg, "--to", &to.to_string(), "-o", "json"]);
+        assert!(r.ok, "{r:?}");
+    } else {
+        let r = dev.cli(&[
+            "cg",
+            "replicate",
+            cg,
+            "--to",
+            &to.to_string(),
+            "--mode",
+            "async",
+        ]);
+        assert!(r.ok, "{r:?}");
+        wait_caught_up(dev, cg);
+    }
+}
+
+/// Each strategy commits: every VM runs on the destination, which orders the group; the
+/// destination's copies hold every acknowledged write, and so does the source's copy as
+/// the new replica once it caught up.
+#[test]
+fn every_strategy_commits_with_every_acknowledged_write_on_both_copies() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    for (i, strategy) in STRATEGIES.iter().enumerate() {
+        let cg = format!("c{i}");
+        let vms = [format!("c{i}a"), format!("c{i}b")];
+        let vms: Vec<&str> = vms.iter().map(String::as_str).collect();
+        create_group(&dev, &cg, &vms, "32MiB");
+        start_guests(&dev, &vms);
+        wait_writes(&dev, vms[0], 50);
+        let to = 2;
+        prepare_destination(&dev, &cg, strategy, to);
+        let plan = json(
+            &dev,
+            &[
+                "migrate",
+                "plan",
+                &cg,
+                "--to",
+                "2",
+                "--strategy",
+                strategy,
+                "-o",
+                "json",
+            ],
+        );
+        assert_eq!(plan["ok"], true, "{strategy}: {plan}");
+        let started = Instant::now();
+        let id = start(&dev, 3, &cg, to, strategy);
+        let m = wait_decided(&dev, id);
+        eprintln!(
+            "{strategy}: {} in {:.2} s, stun {}, moved {} of {} bytes",
+            m["decision"],
+            started.elapsed().as_secs_f64(),
+            m["stun_ms"],
+            m["bytes_moved"],
+            m["bytes_needed"]
+        );
+        assert_eq!(m["decision"], "committed", "{strategy}: {m}");
+        assert_eq!(m["moved"].as_array().unwrap().len(), 2, "{strategy}: {m}");
+        for r in m["roots"].as_array().unwrap() {
+            assert_eq!(r["source"], r["destination"], "{strategy}: {m}");
+        }
+        let g = group(&dev, &cg);
+        assert_eq!(g["sequencer"], to, "{strategy}: {g}");
+        for (_, host) in g["vm_hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v[0].clone(), v[1].clone()))
+        {
+            assert_eq!(host, to, "{strategy}: {g}");
+        }
+        same_decision_everywhere(&dev, id, &[1, 2, 3]);
+        wait_writes(&dev, vms[1], 50);
+        stop_guests(&dev, &vms);
+        for vm in &vms {
+            verify(&dev, vm, to);
+        }
+        if strategy != &"break-consistency" {
+            // The source is the new replica: it catches up and holds every write.
+            wait_caught_up(&dev, &cg);
+            for vm in &vms {
+                verify(&dev, vm, 1);
+            }
+        }
+    }
+    dev.assert_no_panics();
+}
+
+/// A group whose destination lacks a lot of data, so a migration to it spends a while
+/// preparing: the window the fault tests act in.
+fn slow_group(dev: &Dev, cg: &str, vms: &[&str]) {
+    create_group(dev, cg, vms, "256MiB");
+    for vm in vms {
+        let uri = vm_uri(dev, vm, 0);
+        qemu_io(&uri, &["write -P 7 0 200M".to_string()]);
+    }
+    start_guests(dev, vms);
+    wait_writes(dev, vms[0], 30);
+}
+
+/// `migrate abort` while the migration runs fails it back: every VM runs on the source,
+/// which orders the group, and its copy holds every acknowledged write.
+#[test]
+fn abort_midway_leaves_the_source_complete_and_consistent() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    for (i, strategy) in STRATEGIES.iter().enumerate() {
+        let cg = format!("a{i}");
+        let vms = [format!("a{i}a"), format!("a{i}b")];
+        let vms: Vec<&str> = vms.iter().map(String::as_str).collect();
+        slow_group(&dev, &cg, &vms);
+        let id = start(&dev, 1, &cg, 2, strategy);
+        let phase = wait_phase(&dev, id, &["preparing", "moving", "cutting-over"]);
+        let r = dev.cli(&["migrate", "abort", &id.to_string()]);
+        let m = wait_decided(&dev, id);
+        eprintln!(
+            "{strategy}: aborted in {phase}: {} ({})",
+            m["decision"], m["decision_reason"]
+        );
+        if r.ok {
+            assert_eq!(m["decision"], "failed-back", "{strategy}: {m}");
+            let g = group(&dev, &cg);
+            assert_eq!(g["sequencer"], 1, "{strategy}: {g}");
+            for v in g["vm_hosts"].as_array().unwrap() {
+                assert_eq!(v[1], 1, "{strategy}: {g}");
+            }
+        }
+        same_decision_everywhere(&dev, id, &[1, 2, 3]);
+        wait_writes(&dev, vms[0], 30);
+        stop_guests(&dev, &vms);
+        let seq = group(&dev, &cg)["sequencer"].as_u64().unwrap();
+        for vm in &vms {
+            verify(&dev, vm, seq);
+        }
+    }
+    dev.assert_no_panics();
+}
+
+/// SIGKILL of the destination's agent midway: the migration fails back on its own, every
+/// VM writes on the source again, and nothing acknowledged is lost.
+#[test]
+fn sigkill_of_the_destination_midway_fails_back() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    for (i, strategy) in ["reverse-replication", "compare-delta"].iter().enumerate() {
+        let cg = format!("d{i}");
+        let vms = [format!("d{i}a")];
+        let vms: Vec<&str> = vms.iter().map(String::as_str).collect();
+        slow_group(&dev, &cg, &vms);
+        let id = start(&dev, 1, &cg, 2, strategy);
+        wait_phase(&dev, id, &["preparing", "moving"]);
+        dev.kill(2);
+        let m = wait_decided(&dev, id);
+        eprintln!(
+            "{strategy}: destination killed: {} ({})",
+            m["decision"], m["decision_reason"]
+        );
+        assert_eq!(m["decision"], "failed-back", "{strategy}: {m}");
+        wait_writes(&dev, vms[0], 30);
+        dev.restart(2);
+        same_decision_everywhere(&dev, id, &[1, 2, 3]);
+        stop_guests(&dev, &vms);
+        verify(&dev, vms[0], 1);
+    }
+    dev.assert_no_panics();
+}
+
+/// SIGKILL of the coordinating agent (a bystander host) midway: another agent claims the
+/// migration within seconds and ends it in one decision every node reports, with every
+/// acknowledged write where the decision says.
+#[test]
+fn sigkill_of_the_coordinator_midway_ends_in_one_decision_everywhere() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let vms = ["ka", "kb"];
+    slow_group(&dev, "kg", &vms);
+    let id = start(&dev, 3, "kg", 2, "reverse-replication");
+    wait_phase(&dev, id, &["preparing", "moving"]);
+    let killed = Instant::now();
+    dev.kill(3);
+    // Another agent takes over coordination (claim number moves past the first).
+    wait_for("another coordinator", Duration::from_secs(20), || {
+        let v = show(&dev, id);
+        (v["claim"].as_u64()? > 1 && v["coordinator"] != 3).then_some(())
+    });
+    eprintln!(
+        "coordinator replaced {:.2} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+    let m = wait_decided(&dev, id);
+    eprintln!("decided {} ({})", m["decision"], m["decision_reason"]);
+    dev.restart(3);
+    let decision = same_decision_everywhere(&dev, id, &[1, 2, 3]);
+    let to = if decision == "committed" { 2 } else { 1 };
+    assert_eq!(group(&dev, "kg")["sequencer"], to);
+    wait_writes(&dev, "ka", 30);
+    stop_guests(&dev, &vms);
+    for vm in vms {
+        verify(&dev, vm, to);
+    }
+    dev.assert_no_panics();
+}
