@@ -25,7 +25,17 @@ fn json(dev: &Dev, args: &[&str]) -> Value {
     r.json()
 }
 
+/// A guest that writes small blocks all over its disk.
+const SMALL_WRITES: &str = "iops=150,size=4k,pattern=random,depth=2";
+/// A guest that writes 100 MB/s across its whole disk: a destination without a copy has a
+/// lot to catch up with.
+const BULK_WRITES: &str = "iops=400,size=256k,pattern=sequential,depth=4";
+
 fn create_group(dev: &Dev, cg: &str, vms: &[&str], size: &str) {
+    create_group_with(dev, cg, vms, size, SMALL_WRITES);
+}
+
+fn create_group_with(dev: &Dev, cg: &str, vms: &[&str], size: &str, workload: &str) {
     for vm in vms {
         let r = dev.cli(&[
             "vm",
@@ -36,7 +46,7 @@ fn create_group(dev: &Dev, cg: &str, vms: &[&str], size: &str) {
             "--disk",
             size,
             "--workload",
-            "iops=150,size=4k,pattern=random,depth=2",
+            workload,
         ]);
         assert!(r.ok, "{r:?}");
     }
@@ -265,16 +275,13 @@ fn every_strategy_commits_with_every_acknowledged_write_on_both_copies() {
     dev.assert_no_panics();
 }
 
-/// A group whose destination lacks a lot of data, so a migration to it spends a while
-/// preparing: the window the fault tests act in.
+/// A group whose destination lacks a lot of data (its guests wrote some 150 MB already
+/// and keep writing 100 MB/s), so a migration to it spends a while preparing: the window
+/// the fault tests act in.
 fn slow_group(dev: &Dev, cg: &str, vms: &[&str]) {
-    create_group(dev, cg, vms, "256MiB");
-    for vm in vms {
-        let uri = vm_uri(dev, vm, 0);
-        qemu_io(&uri, &["write -P 7 0 200M".to_string()]);
-    }
+    create_group_with(dev, cg, vms, "256MiB", BULK_WRITES);
     start_guests(dev, vms);
-    wait_writes(dev, vms[0], 30);
+    wait_writes(dev, vms[0], 600);
 }
 
 /// `migrate abort` while the migration runs fails it back: every VM runs on the source,

@@ -66,8 +66,12 @@ struct Running {
 pub struct Guests {
     running: HashMap<String, Running>,
     last: HashMap<String, GuestStats>,
-    /// Guests stopped for a move (drained): not restarted here while the move commits.
+    /// Guests stopped for a move (drained): not started here until resumed.
     paused: HashSet<String>,
+    /// Guests that arrived here with a migration, waiting for its coordinator's resume.
+    held: HashSet<String>,
+    /// Guests a migration's coordinator resumed here: not held again.
+    released: HashSet<String>,
     /// Why a planned guest could not start (shown by `vm show`).
     failures: HashMap<String, String>,
 }
@@ -95,9 +99,9 @@ impl Guests {
         self.running.keys().cloned().collect()
     }
 
-    /// Whether `vm` was paused for a move.
+    /// Whether `vm` was paused for a move, or is held for a migration's resume.
     pub fn is_paused(&self, vm: &str) -> bool {
-        self.paused.contains(vm)
+        self.paused.contains(vm) || self.held.contains(vm)
     }
 
     /// Marks `vm` paused for a move (or not).
@@ -112,6 +116,29 @@ impl Guests {
     /// Keeps pause marks only for guests still planned here.
     pub fn retain_paused(&mut self, planned: &HashSet<String>) {
         self.paused.retain(|v| planned.contains(v));
+        self.held.retain(|v| planned.contains(v));
+    }
+
+    /// Holds a guest that arrives here with a migration until the coordinator resumes it
+    /// (as a hypervisor keeps an incoming VM paused): its stun is measured from the pause
+    /// on the source to that resume.
+    fn hold_for_migration(&mut self, vm: &str) {
+        if !self.released.contains(vm) && !self.running.contains_key(vm) {
+            self.held.insert(vm.to_string());
+        }
+    }
+
+    /// The coordinator resumed `vm` here.
+    fn release(&mut self, vm: &str) {
+        self.paused.remove(vm);
+        self.held.remove(vm);
+        self.released.insert(vm.to_string());
+    }
+
+    /// Forgets holds and releases of VMs no longer under migration.
+    fn retain_released(&mut self, migrating: &HashSet<String>) {
+        self.released.retain(|v| migrating.contains(v));
+        self.held.retain(|v| migrating.contains(v));
     }
 
     /// Starts `plan`'s guest over `volumes` (in disk order).
@@ -250,6 +277,20 @@ impl super::DataPlane {
         let planned: HashSet<String> = plan.guests.keys().cloned().collect();
         guests.retain_paused(&planned);
         guests.retain_failures(&planned);
+        // VMs of groups under migration: a guest arriving here waits for the
+        // coordinator's resume instead of starting on its own.
+        let migrating: HashSet<String> = view
+            .model
+            .migrations
+            .values()
+            .filter(|m| m.decision.is_none())
+            .filter_map(|m| view.model.cgs.get(&m.cg))
+            .flat_map(|c| c.vms.iter().cloned())
+            .collect();
+        guests.retain_released(&migrating);
+        for vm in planned.iter().filter(|v| migrating.contains(*v)) {
+            guests.hold_for_migration(vm);
+        }
         let want: Vec<(GuestPlan, Vec<u64>)> = plan
             .guests
             .values()
@@ -308,9 +349,10 @@ impl super::DataPlane {
         }
     }
 
-    /// Undoes [`Self::pause_guest`] (a move that did not commit).
+    /// Undoes [`Self::pause_guest`] (a move that did not commit), or starts a guest a
+    /// migration brought here.
     pub async fn resume_guest(self: &Arc<Self>, vm: &str) {
-        self.guests.lock().await.set_paused(vm, false);
+        self.guests.lock().await.release(vm);
         self.reconcile_guests().await;
     }
 
@@ -332,6 +374,24 @@ impl super::DataPlane {
     pub async fn guest_running_paused(&self, vm: &str) -> (bool, bool) {
         let guests = self.guests.lock().await;
         (guests.running_for(vm).is_some(), guests.is_paused(vm))
+    }
+
+    /// Waits (up to `timeout`) until this host's applied plan runs `vm`'s guest here;
+    /// returns whether it does.
+    pub async fn wait_guest_planned(&self, vm: &str, timeout: std::time::Duration) -> bool {
+        let mut rx = self.view.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if rx.borrow_and_update().plan.guests.contains_key(vm) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
     }
 
     /// Stats of `vm`'s simulated guest on this host.

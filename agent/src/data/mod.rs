@@ -118,6 +118,8 @@ pub struct GroupStatus {
     pub last_seq: u64,
     /// Writes acknowledged since the sequencer started.
     pub writes: u64,
+    /// Bytes those writes changed.
+    pub bytes_written: u64,
     /// Writes refused for a stale epoch.
     pub stale_epoch_refused: u64,
     /// Times writers waited for a lagging replica.
@@ -601,6 +603,7 @@ impl DataPlane {
         Some(GroupStatus {
             last_seq: last,
             writes: stats.writes.load(Ordering::Relaxed),
+            bytes_written: stats.bytes.load(Ordering::Relaxed),
             stale_epoch_refused: stats.stale_epoch.load(Ordering::Relaxed),
             throttled: stats.throttled.load(Ordering::Relaxed),
             journal_bytes: d.seq.journal_bytes(),

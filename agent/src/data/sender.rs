@@ -166,34 +166,35 @@ impl LinkSender {
             && applied > 0
             && consistent
             && self.seq.resume_streaming(self.to, applied + 1);
-        let mut from = if resumed {
-            tracing::info!(cg = %self.seq.name, replica = self.to, from = applied + 1, "resuming replication from the journal");
-            applied + 1
-        } else {
-            let initial = state == LinkState::Syncing || applied == 0;
-            let seed = initial && holds_data;
-            self.resync(&mut send, Some(&mut recv), initial, seed, &mut pending)
-                .await?
-        };
-
-        // Acknowledgements arrive on the receive half. After a resync the copy is not
+        // Acknowledgements arrive on the receive half, read from now on (also during a
+        // resync: they tell the sequencer the replica is alive, which keeps writers
+        // throttled rather than overflowing the journal). After a resync the copy is not
         // consistent until the replica says so again.
         let (ack_tx, mut ack_rx) = watch::channel(Acked {
             applied,
             consistent: consistent && resumed,
         });
+        let seed_ready = Arc::new(tokio::sync::Notify::new());
         let reader = tokio::spawn(read_acks(
             recv,
             ack_tx,
             Arc::clone(&self.seq),
             self.to,
             Arc::clone(&self.report),
+            Arc::clone(&seed_ready),
         ));
-        let result = self
-            .stream(&mut send, &mut from, &mut ack_rx, &mut pending)
-            .await;
-        reader.abort();
-        result
+        let _reader = AbortOnDrop(reader);
+        let mut from = if resumed {
+            tracing::info!(cg = %self.seq.name, replica = self.to, from = applied + 1, "resuming replication from the journal");
+            applied + 1
+        } else {
+            let initial = state == LinkState::Syncing || applied == 0;
+            let seed = initial && holds_data;
+            self.resync(&mut send, Some(&seed_ready), initial, seed, &mut pending)
+                .await?
+        };
+        self.stream(&mut send, &mut from, &mut ack_rx, &mut pending)
+            .await
     }
 
     fn link_state(&self) -> LinkState {
@@ -382,11 +383,12 @@ impl LinkSender {
     /// Sends a resync and returns the sequence streaming continues from. Pass 1 sends, per
     /// disk: the chunks that differ by hash (`seed`, a first sync of a copy that holds
     /// data), every chunk holding data (another first sync), or the dirty chunks.
-    /// `recv` is needed for seeding (the replica confirms it let the delta sessions in).
+    /// `seed_ready` is needed for seeding (the replica confirms it let the delta sessions
+    /// in).
     async fn resync(
         &self,
         send: &mut FramedSend,
-        recv: Option<&mut FramedRecv>,
+        seed_ready: Option<&tokio::sync::Notify>,
         initial: bool,
         seed: bool,
         pending: &mut Vec<(u64, PendingClear)>,
@@ -419,9 +421,9 @@ impl LinkSender {
             sets.push((*disk, set.chunks, set.as_of));
         }
         if seed {
-            let recv =
-                recv.ok_or_else(|| anyhow::anyhow!("seeding needs the stream's receive half"))?;
-            self.seed_by_hashes(send, recv, epoch).await?;
+            let ready =
+                seed_ready.ok_or_else(|| anyhow::anyhow!("seeding needs the stream's reader"))?;
+            self.seed_by_hashes(send, ready, epoch).await?;
         } else if initial {
             // A fresh copy is all zeroes: every chunk that may hold data, found without
             // listing every chunk of the disk (holes are skipped by the file system).
@@ -476,27 +478,19 @@ impl LinkSender {
     async fn seed_by_hashes(
         &self,
         send: &mut FramedSend,
-        recv: &mut FramedRecv,
+        ready: &tokio::sync::Notify,
         epoch: u64,
     ) -> anyhow::Result<()> {
+        let notified = ready.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
         send.send_frame(&convoy_codec::encode(&ToReplica::SeedByHashes { epoch })?)
             .await?;
         // The replica confirms once it applied everything before and opened its images to
         // the delta sessions.
-        tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let Some(frame) = recv.recv_frame().await? else {
-                    anyhow::bail!("replica closed the stream before seeding");
-                };
-                match convoy_codec::decode::<FromReplica>(&frame)? {
-                    FromReplica::SeedReady => return Ok(()),
-                    FromReplica::Ack { applied_seq, .. } => self.seq.acked(self.to, applied_seq),
-                    FromReplica::Refused { reason } => anyhow::bail!("replica refused: {reason}"),
-                }
-            }
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("replica did not get ready for seeding within 30 s"))??;
+        tokio::time::timeout(Duration::from_secs(30), notified)
+            .await
+            .map_err(|_| anyhow::anyhow!("replica did not get ready for seeding within 30 s"))?;
         let cg = self.cg_id();
         for (disk, image) in self.seq.images() {
             let session = convoy_delta::Session {
@@ -589,6 +583,15 @@ impl LinkSender {
     }
 }
 
+/// Aborts a task when dropped (the ack reader ends with its session, whatever the path).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The replica's latest acknowledgement.
 #[derive(Clone, Copy, Debug)]
 struct Acked {
@@ -606,6 +609,7 @@ async fn read_acks(
     seq: Arc<Sequencer>,
     to: NodeId,
     report_to: Arc<Mutex<LinkReport>>,
+    seed_ready: Arc<tokio::sync::Notify>,
 ) {
     loop {
         let frame: Option<Bytes> = match recv.recv_frame().await {
@@ -625,7 +629,7 @@ async fn read_acks(
                     consistent,
                 });
             }
-            Ok(FromReplica::SeedReady) => {}
+            Ok(FromReplica::SeedReady) => seed_ready.notify_one(),
             Ok(FromReplica::Refused { reason }) => {
                 tracing::warn!(%reason, "replica refused the stream");
                 report(&report_to).last_error = Some(format!("replica refused: {reason}"));

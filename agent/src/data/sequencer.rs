@@ -788,12 +788,9 @@ impl Sequencer {
             }
             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
             let progressed = self.progress.notified();
-            // Re-check on every journal trim; give up waiting after the sync timeout (the
-            // replica is then no longer "acknowledging recently" and stops throttling).
+            // Re-check on every journal trim. A replica that stops acknowledging stops
+            // throttling after the sync timeout (then it overflows into a resync).
             let _ = tokio::time::timeout(Duration::from_millis(50), progressed).await;
-            if started.elapsed() > self.cfg.sync_timeout {
-                return Ok(());
-            }
         }
     }
 
@@ -1017,10 +1014,10 @@ impl Sequencer {
         let mut g = lock(&self.inner);
         let next = g.next_seq;
         if let Some(link) = g.links.get_mut(&to) {
-            if seq > link.acked {
-                link.acked = seq;
-                link.acked_at = Instant::now();
-            }
+            // Any acknowledgement shows the replica alive and working (during a resync it
+            // acknowledges chunk batches without new sequence numbers).
+            link.acked_at = Instant::now();
+            link.acked = link.acked.max(seq);
             if link.acked + 1 >= next {
                 link.held_all_at = Instant::now();
             }

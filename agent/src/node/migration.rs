@@ -129,6 +129,22 @@ async fn probe_loop(cluster: Arc<Cluster>, detector: Arc<Detector>) {
     }
 }
 
+/// A phase as a number for the `convoy_migration_phase` gauge: planned 0, preparing 1,
+/// moving 2, cutting-over 3, verifying 4, rolling-forward 5, failing-back 6, done 7.
+fn phase_number(phase: convoy_raft::model::Phase) -> f64 {
+    use convoy_raft::model::Phase;
+    match phase {
+        Phase::Planned => 0.0,
+        Phase::Preparing => 1.0,
+        Phase::Moving => 2.0,
+        Phase::CuttingOver => 3.0,
+        Phase::Verifying => 4.0,
+        Phase::RollingForward => 5.0,
+        Phase::FailingBack(_) => 6.0,
+        Phase::Done => 7.0,
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -179,7 +195,22 @@ pub async fn run(cluster: Arc<Cluster>, shared: Arc<Migrations>) {
             .filter(|m| m.decision.is_none())
             .map(|m| m.id)
             .collect();
-        runners.retain(|id, _| undecided.contains(id));
+        runners.retain(|id, _| {
+            let keep = undecided.contains(id);
+            if !keep {
+                if let Some(m) = model.migrations.get(id) {
+                    provider.forget(&m.cg);
+                    // Counted once, by the agent that coordinated the decision.
+                    if let (true, Some(d)) = (m.claim.node == cluster.id, &m.decision) {
+                        metrics::counter!("convoy_migrations_decided_total", "decision" => d.decision.as_str())
+                            .increment(1);
+                        metrics::gauge!("convoy_migration_phase", "id" => id.to_string(), "cg" => m.cg.clone())
+                            .set(phase_number(m.phase));
+                    }
+                }
+            }
+            keep
+        });
         let hosts: Vec<NodeId> = model.active_hosts().map(|h| h.id).collect();
         let health = detector.health(&hosts, cluster.id);
         for id in undecided {
@@ -212,6 +243,23 @@ pub async fn run(cluster: Arc<Cluster>, shared: Arc<Migrations>) {
                 for vm in vms {
                     let state = provider.state(&vm).await;
                     obs.vms.insert(vm, state);
+                }
+            }
+            if m.claim.node == cluster.id {
+                let labels = [("id", id.to_string()), ("cg", m.cg.clone())];
+                metrics::gauge!("convoy_migration_phase", &labels).set(phase_number(m.phase));
+                metrics::gauge!("convoy_migration_bytes_moved", &labels)
+                    .set(m.stats.bytes_moved as f64);
+                metrics::gauge!("convoy_migration_bytes_needed", &labels)
+                    .set(m.stats.bytes_needed as f64);
+            }
+            for c in &obs.completions {
+                if let ActionResult::Hypervisor(Ok(convoy_migrate::HypervisorReply::Resumed {
+                    stun_ms: Some(ms),
+                })) = &c.result
+                {
+                    metrics::histogram!("convoy_migration_stun_seconds")
+                        .record(*ms as f64 / 1000.0);
                 }
             }
             let actions = runner.coordinator.step(&model, &obs, now_ms());

@@ -303,6 +303,14 @@ impl Cluster {
                 if !there {
                     return Err(HypervisorError::NotThere { vm, host });
                 }
+                // The data plane applies the move a moment after Raft does: resume once
+                // its plan runs the guest here.
+                if simulated && !plane.wait_guest_planned(&vm, Duration::from_secs(5)).await {
+                    return Err(HypervisorError::Failed(format!(
+                        "node {} has not applied VM {vm}'s move yet",
+                        self.id
+                    )));
+                }
                 plane.resume_guest(&vm).await;
                 if simulated {
                     let deadline = Instant::now() + RESUME_WAIT;
@@ -344,8 +352,8 @@ impl Cluster {
             return VmState::Running(self.id);
         }
         if here && running {
-            // Planned here and starting.
-            return VmState::Running(self.id);
+            // Planned here, not started yet: waiting for a resume.
+            return VmState::Paused(self.id);
         }
         VmState::Stopped
     }
@@ -367,6 +375,18 @@ pub struct ClusterProvider {
     cluster: Arc<Cluster>,
     /// When each VM was paused by this coordinator (for its stun time).
     pauses: Mutex<HashMap<String, Instant>>,
+    /// Per (group, replica): what the link had sent, what the group had written and what
+    /// the replica lacked when this coordinator first looked, so the figures it reports
+    /// count this migration only.
+    baselines: Mutex<HashMap<(String, NodeId), Baseline>>,
+}
+
+/// See [`ClusterProvider::baselines`].
+#[derive(Clone, Copy, Debug)]
+struct Baseline {
+    sent: u64,
+    written: u64,
+    lacking: u64,
 }
 
 impl ClusterProvider {
@@ -375,7 +395,16 @@ impl ClusterProvider {
         Self {
             cluster,
             pauses: Mutex::new(HashMap::new()),
+            baselines: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Forgets the figures of group `cg` (its migration is decided).
+    pub fn forget(&self, cg: &str) {
+        self.baselines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(c, _), _| c != cg);
     }
 
     async fn storage_on(&self, host: NodeId, op: StorageOp) -> Result<StorageReply, StorageError> {
@@ -430,10 +459,26 @@ impl StorageProvider for ClusterProvider {
             Err(e) => return Err(storage_failed(e)),
         };
         let mut out = BTreeMap::new();
+        let average_write = status
+            .bytes_written
+            .checked_div(status.writes)
+            .unwrap_or(4096);
         for link in &group.replicas {
             let Some(l) = status.links.get(&link.to) else {
                 continue;
             };
+            let lacking_now = l.lag_writes * average_write
+                + l.resync_chunks_left * convoy_store::DEFAULT_CHUNK_SIZE as u64;
+            let base = *self
+                .baselines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry((cg.to_string(), link.to))
+                .or_insert(Baseline {
+                    sent: l.bytes_sent,
+                    written: status.bytes_written,
+                    lacking: lacking_now,
+                });
             let streaming = l.phase == "streaming";
             let (acked_seq, last_seq) = if streaming {
                 (l.acked_seq, l.last_seq)
@@ -452,9 +497,9 @@ impl StorageProvider for ClusterProvider {
                     up_to_date: streaming
                         && link.mode.is_synchronous()
                         && link.state == LinkState::Consistent,
-                    bytes_needed: l.resync_bytes_sent
-                        + l.resync_chunks_left * convoy_store::DEFAULT_CHUNK_SIZE as u64,
-                    bytes_moved: l.bytes_sent,
+                    // Missing when the migration began, plus what guests wrote since.
+                    bytes_needed: base.lacking + status.bytes_written.saturating_sub(base.written),
+                    bytes_moved: l.bytes_sent.saturating_sub(base.sent),
                 },
             );
         }
