@@ -886,7 +886,11 @@ impl Coordinator {
                 return false;
             }
             return match state {
-                VmState::Running(h) if h == target => true,
+                // Running there, and our resume (if we asked for one) has answered, so its
+                // stun time is recorded before the phase moves on.
+                VmState::Running(h) if h == target => {
+                    !self.outstanding(&Key::Resume(vm.into()), cx.now)
+                }
                 VmState::Stopped if self.stopped.contains(vm) => true,
                 _ => {
                     if !cx.obs.lost(target) {

@@ -596,7 +596,18 @@ fn regression_seed_965_no_decision_while_a_pause_of_ours_may_still_land() {
         hypervisor(&out)[..],
         [HypervisorOp::Resume { host: 1, .. }]
     ));
+    let resume = out
+        .iter()
+        .find(|a| matches!(a.kind, ActionKind::Hypervisor(HypervisorOp::Resume { .. })))
+        .expect("a resume")
+        .id;
     h.obs.vms.insert("a".into(), VmState::Running(1));
+    // Running, but our resume has not answered: its stun would be lost if we moved on.
+    assert!(!decides(&h.step()));
+    h.complete(
+        resume,
+        ActionResult::Hypervisor(Ok(HypervisorReply::Resumed { stun_ms: Some(5) })),
+    );
     assert!(decides(&h.step()));
 }
 
