@@ -29,6 +29,10 @@ pub struct Images {
     dir: PathBuf,
     open: Mutex<HashMap<DiskId, Arc<DiskImage>>>,
     failed: Mutex<BTreeMap<DiskId, String>>,
+    /// One opener per disk at a time: two racing creates of one image (a reconcile and a
+    /// replica stream) would each find no file, and one would tear the other's half-made
+    /// image down.
+    opening: Mutex<HashMap<DiskId, Arc<Mutex<()>>>>,
 }
 
 impl Images {
@@ -38,6 +42,7 @@ impl Images {
             dir,
             open: Mutex::new(HashMap::new()),
             failed: Mutex::new(BTreeMap::new()),
+            opening: Mutex::new(HashMap::new()),
         }
     }
 
@@ -49,6 +54,12 @@ impl Images {
     /// The open image of `disk`, opening (or creating, when no file exists) it first.
     /// A failure is recorded for status until a later open succeeds. Blocking.
     pub fn open(&self, disk: DiskId, size: u64) -> anyhow::Result<Arc<DiskImage>> {
+        if let Some(img) = lock(&self.open).get(&disk) {
+            return Ok(Arc::clone(img));
+        }
+        let turn = Arc::clone(lock(&self.opening).entry(disk).or_default());
+        let _turn = lock(&turn);
+        // Opened by whoever held the turn before us.
         if let Some(img) = lock(&self.open).get(&disk) {
             return Ok(Arc::clone(img));
         }
@@ -140,6 +151,8 @@ impl Images {
 
     /// Closes and deletes the image of `disk`. Blocking.
     pub fn delete(&self, disk: DiskId, why: &str) {
+        let turn = Arc::clone(lock(&self.opening).entry(disk).or_default());
+        let _turn = lock(&turn);
         if let Some(img) = lock(&self.open).remove(&disk) {
             let _ = img.close();
         }

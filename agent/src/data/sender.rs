@@ -189,7 +189,11 @@ impl LinkSender {
             applied + 1
         } else {
             let initial = state == LinkState::Syncing || applied == 0;
-            let seed = initial && holds_data;
+            // A copy that lacks writes from before this host ordered the group (a replica
+            // that lagged when the order was handed here): this host's dirty tracker only
+            // knows its own tenure, so compare by hashes instead.
+            let before_tenure = applied + 1 < self.seq.tenure_start();
+            let seed = (initial || before_tenure) && holds_data;
             self.resync(&mut send, Some(&seed_ready), initial, seed, &mut pending)
                 .await?
         };
@@ -395,9 +399,9 @@ impl LinkSender {
     ) -> anyhow::Result<u64> {
         let _bulk = super::BulkTransfer::start(&self.bulk);
         let phase = match (initial, seed) {
-            (true, true) => "seeding",
+            (_, true) => "seeding",
             (true, false) => "initial-sync",
-            _ => "resync",
+            (false, false) => "resync",
         };
         tracing::info!(cg = %self.seq.name, replica = self.to, phase, "bringing the replica up to date from chunks");
         {
