@@ -457,7 +457,8 @@ mod tests {
         assert_eq!(StreamKind::RaftAppend.as_u8(), 1);
         assert_eq!(StreamKind::Data.as_u8(), 5);
         assert_eq!(StreamKind::Delta.as_u8(), 6);
-        for b in [0u8, 7, 99, 255] {
+        assert_eq!(StreamKind::Mirror.as_u8(), 7);
+        for b in [0u8, 8, 99, 255] {
             assert_eq!(StreamKind::from_u8(b), None);
         }
     }
