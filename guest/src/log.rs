@@ -237,6 +237,8 @@ pub struct WriteLog {
     vm_id: u64,
     next_write_id: u64,
     reserved_upto: u64,
+    /// Created by this open: no write was ever issued through it.
+    fresh: bool,
 }
 
 impl WriteLog {
@@ -278,6 +280,7 @@ impl WriteLog {
             vm_id,
             next_write_id: parsed.contents.reserved_upto.max(first_id),
             reserved_upto: parsed.contents.reserved_upto.max(first_id),
+            fresh: parsed.contents.vm_id.is_none(),
         };
         match parsed.contents.vm_id {
             None => {
@@ -324,6 +327,11 @@ impl WriteLog {
     /// The VM the log belongs to.
     pub fn vm_id(&self) -> u64 {
         self.vm_id
+    }
+
+    /// Whether this open created the log: no guest ever wrote through it.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
     }
 
     /// Hands out the next write id. Ids increase by one and are never handed out twice

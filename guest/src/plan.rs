@@ -99,6 +99,48 @@ impl Planner {
     }
 }
 
+/// The fill pass ([`Workload::fill`]): every byte of each disk's written region once, in
+/// order, disk after disk, in writes of at most `size` bytes.
+#[derive(Debug)]
+pub(crate) struct FillPass {
+    size: u64,
+    /// End of the written region of each disk (sector-aligned).
+    ends: Vec<u64>,
+    disk: usize,
+    offset: u64,
+}
+
+impl FillPass {
+    pub(crate) fn new(size: u32, span: Option<u64>, disk_sizes: &[u64]) -> FillPass {
+        let sector = crate::content::SECTOR_SIZE as u64;
+        FillPass {
+            size: u64::from(size).max(sector),
+            ends: disk_sizes
+                .iter()
+                .map(|&d| span.map_or(d, |s| s.min(d)) / sector * sector)
+                .collect(),
+            disk: 0,
+            offset: 0,
+        }
+    }
+
+    /// The next write `(disk, offset, len)`, or `None` once everything was handed out.
+    pub(crate) fn next(&mut self) -> Option<(usize, u64, u32)> {
+        while let Some(&end) = self.ends.get(self.disk) {
+            if self.offset < end {
+                let len = self.size.min(end - self.offset);
+                let at = self.offset;
+                self.offset += len;
+                // `len` <= `size`, which came from a u32.
+                return Some((self.disk, at, len as u32));
+            }
+            self.disk += 1;
+            self.offset = 0;
+        }
+        None
+    }
+}
+
 /// A token bucket: `rate` tokens per second, holding at most `burst`.
 #[derive(Debug)]
 pub(crate) struct TokenBucket {
@@ -206,6 +248,23 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
+
+    #[test]
+    fn fill_pass_covers_each_region_once_in_order() {
+        let mut f = FillPass::new(4096, Some(10_240), &[16_384, 6_144]);
+        let got: Vec<_> = std::iter::from_fn(|| f.next()).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 0, 4096),
+                (0, 4096, 4096),
+                (0, 8192, 2048),
+                (1, 0, 4096),
+                (1, 4096, 2048)
+            ]
+        );
+        assert_eq!(f.next(), None);
+    }
 
     fn workload(spec: &str) -> Workload {
         spec.parse().unwrap()

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use crate::content::{BlockTag, make_block};
 use crate::error::GuestError;
 use crate::log::{LogRecord, WriteLog};
-use crate::plan::{LatencyHistogram, Planner, TokenBucket};
+use crate::plan::{FillPass, LatencyHistogram, Planner, TokenBucket};
 use crate::workload::Workload;
 
 /// How often the guest makes its log durable while running.
@@ -134,6 +134,8 @@ pub struct Guest;
 impl Guest {
     /// Starts a guest for VM `vm_id` writing `workload` to `disks` (index = disk index),
     /// logging every acknowledged write to `log`. Must be called inside a tokio runtime.
+    /// The workload's fill pass runs only when `log` is fresh; a caller continuing a VM's
+    /// earlier life in a new log (a stay on another host) clears `fill` itself.
     ///
     /// Fails if the workload is invalid or does not fit the disks, or if the log belongs
     /// to another VM. The task runs until [`GuestHandle::stop`] or until the handle is
@@ -155,6 +157,10 @@ impl Guest {
         let sizes: Vec<u64> = disks.iter().map(|d| d.size()).collect();
         let seed = workload.seed.unwrap_or_else(rand::random);
         let planner = Planner::new(&workload, &sizes, seed)?;
+        let fill = workload
+            .fill
+            .filter(|_| log.is_fresh())
+            .map(|size| FillPass::new(size, workload.span, &sizes));
         let now = Instant::now();
         let shared: Shared = Arc::new(Mutex::new(Counters {
             acked: 0,
@@ -181,6 +187,7 @@ impl Guest {
             sync_file: log.sync_handle(),
             log,
             planner,
+            fill,
             bucket,
             shared: Arc::clone(&shared),
             busy: HashSet::new(),
@@ -230,7 +237,8 @@ impl GuestHandle {
 enum Done {
     Write {
         disk: usize,
-        block: u64,
+        /// The steady workload's block (marked busy while in flight); `None` for fills.
+        block: Option<u64>,
         write_id: u64,
         offset: u64,
         len: u32,
@@ -247,6 +255,8 @@ struct Runner {
     log: WriteLog,
     sync_file: Arc<File>,
     planner: Planner,
+    /// The fill pass while it runs; the steady workload starts once its writes are done.
+    fill: Option<FillPass>,
     bucket: Option<TokenBucket>,
     shared: Shared,
     busy: HashSet<(usize, u64)>,
@@ -320,6 +330,19 @@ impl Runner {
         inflight: &mut FuturesUnordered<BoxFuture<'static, Done>>,
     ) -> Option<Instant> {
         while self.writes_in_flight < self.workload.depth {
+            if let Some(fill) = &mut self.fill {
+                match fill.next() {
+                    Some((disk, offset, len)) => {
+                        if !self.start_write(disk, None, offset, len, inflight) {
+                            return None;
+                        }
+                        continue;
+                    }
+                    // The steady workload may overlap the fill: wait for its last writes.
+                    None if self.writes_in_flight > 0 => return None,
+                    None => self.fill = None,
+                }
+            }
             if let Some(bucket) = &mut self.bucket
                 && let Err(at) = bucket.try_take(Instant::now())
             {
@@ -333,48 +356,64 @@ impl Runner {
                 }
                 return None;
             };
-            let write_id = match self.log.allocate_write_id() {
-                Ok(id) => id,
-                Err(e) => {
-                    self.halt(format!("cannot reserve write ids: {e}"));
-                    return None;
-                }
-            };
             let offset = self.planner.offset(block);
-            let len = self.workload.size;
-            let tag = BlockTag {
-                vm_id: self.vm_id,
-                disk_index: disk as u32,
-                offset,
-                write_id,
-            };
-            let data = match make_block(tag, len as usize) {
-                Ok(d) => d,
-                Err(e) => {
-                    // Unreachable for a validated workload; stop rather than write junk.
-                    self.halt(format!("cannot build write content: {e}"));
-                    return None;
-                }
-            };
-            self.busy.insert((disk, block));
-            self.writes_in_flight += 1;
-            lock(&self.shared).in_flight += 1;
-            let target = Arc::clone(&self.disks[disk]);
-            inflight.push(Box::pin(async move {
-                let started = Instant::now();
-                let result = target.write(offset, data).await;
-                Done::Write {
-                    disk,
-                    block,
-                    write_id,
-                    offset,
-                    len,
-                    started,
-                    result,
-                }
-            }));
+            if !self.start_write(disk, Some(block), offset, self.workload.size, inflight) {
+                return None;
+            }
         }
         None
+    }
+
+    /// Issues one write; false if the guest halted instead.
+    fn start_write(
+        &mut self,
+        disk: usize,
+        block: Option<u64>,
+        offset: u64,
+        len: u32,
+        inflight: &mut FuturesUnordered<BoxFuture<'static, Done>>,
+    ) -> bool {
+        let write_id = match self.log.allocate_write_id() {
+            Ok(id) => id,
+            Err(e) => {
+                self.halt(format!("cannot reserve write ids: {e}"));
+                return false;
+            }
+        };
+        let tag = BlockTag {
+            vm_id: self.vm_id,
+            disk_index: disk as u32,
+            offset,
+            write_id,
+        };
+        let data = match make_block(tag, len as usize) {
+            Ok(d) => d,
+            Err(e) => {
+                // Unreachable for a validated workload; stop rather than write junk.
+                self.halt(format!("cannot build write content: {e}"));
+                return false;
+            }
+        };
+        if let Some(block) = block {
+            self.busy.insert((disk, block));
+        }
+        self.writes_in_flight += 1;
+        lock(&self.shared).in_flight += 1;
+        let target = Arc::clone(&self.disks[disk]);
+        inflight.push(Box::pin(async move {
+            let started = Instant::now();
+            let result = target.write(offset, data).await;
+            Done::Write {
+                disk,
+                block,
+                write_id,
+                offset,
+                len,
+                started,
+                result,
+            }
+        }));
+        true
     }
 
     fn complete(&mut self, done: Done, inflight: &mut FuturesUnordered<BoxFuture<'static, Done>>) {
@@ -388,7 +427,9 @@ impl Runner {
                 started,
                 result,
             } => {
-                self.busy.remove(&(disk, block));
+                if let Some(block) = block {
+                    self.busy.remove(&(disk, block));
+                }
                 self.writes_in_flight -= 1;
                 match result {
                     Ok(cg_seq) => {

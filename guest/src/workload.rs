@@ -18,7 +18,7 @@ pub const MAX_DEPTH: u32 = 1024;
 /// Highest finite rate accepted by `iops=`.
 pub const MAX_IOPS: u32 = 1_000_000;
 
-const KEYS: &str = "iops, size, pattern, depth, span, flush_every, seed";
+const KEYS: &str = "iops, size, pattern, depth, span, flush_every, seed, fill";
 
 /// Where the guest's writes land within the written region of each disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +70,12 @@ pub struct Workload {
     pub flush_every: u32,
     /// Seed for the placement of writes; `None` = random at start.
     pub seed: Option<u64>,
+    /// Bytes per write of a first pass that writes the whole span of every disk once, in
+    /// order and as fast as `depth` allows, before the steady workload starts (a guest
+    /// installing its system): disks then hold data everywhere, as real ones do. The pass
+    /// runs only for a fresh log (see [`crate::Guest::start`]). A multiple of 512, at most
+    /// [`MAX_WRITE_SIZE`]; `None` = no pass.
+    pub fill: Option<u32>,
 }
 
 impl Default for Workload {
@@ -82,6 +88,7 @@ impl Default for Workload {
             span: None,
             flush_every: 0,
             seed: None,
+            fill: None,
         }
     }
 }
@@ -120,6 +127,18 @@ impl Workload {
                 format!("{} is out of range; use 1..={MAX_DEPTH}", self.depth),
             ));
         }
+        if let Some(fill) = self.fill
+            && (fill == 0 || fill % SECTOR_SIZE as u32 != 0 || fill > MAX_WRITE_SIZE)
+        {
+            return Err(err(
+                "fill",
+                format!(
+                    "{} is not allowed; use a multiple of 512 bytes up to {} (e.g. 1m)",
+                    format_size(u64::from(fill)),
+                    format_size(u64::from(MAX_WRITE_SIZE))
+                ),
+            ));
+        }
         if let Some(span) = self.span
             && span < u64::from(self.size)
         {
@@ -153,7 +172,7 @@ impl FromStr for Workload {
 
     /// Parses `key=value` items separated by commas. Keys: `iops` (1..=1000000 or `max`),
     /// `size`, `pattern` (`random`, `sequential`, `hot`), `depth`, `span`, `flush_every`,
-    /// `seed`. Omitted keys keep their [`Default`]. Sizes take `k`/`KiB`, `m`/`MiB`,
+    /// `seed`, `fill`. Omitted keys keep their [`Default`]. Sizes take `k`/`KiB`, `m`/`MiB`,
     /// `g`/`GiB`, `t`/`TiB` (binary) or plain bytes.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let mut w = Workload::default();
@@ -215,6 +234,15 @@ impl FromStr for Workload {
                     w.flush_every = parse_u32(&key, value, "a number of writes (0 = never flush)")?
                 }
                 "seed" => w.seed = Some(parse_u64(&key, value, "an unsigned 64-bit number")?),
+                "fill" => {
+                    let bytes = parse_size(value).map_err(|e| err(&key, e))?;
+                    w.fill = Some(u32::try_from(bytes).map_err(|_| {
+                        err(
+                            &key,
+                            format!("'{value}' is larger than {MAX_WRITE_SIZE} bytes"),
+                        )
+                    })?);
+                }
                 _ => {
                     return Err(err(&key, format!("unknown key; allowed keys: {KEYS}")));
                 }
@@ -247,6 +275,9 @@ impl fmt::Display for Workload {
         }
         if let Some(seed) = self.seed {
             write!(f, ",seed={seed}")?;
+        }
+        if let Some(fill) = self.fill {
+            write!(f, ",fill={}", format_size(u64::from(fill)))?;
         }
         Ok(())
     }
@@ -309,7 +340,7 @@ mod tests {
     #[test]
     fn parses_every_key() {
         let w: Workload =
-            " IOPS=max , size=64KiB,pattern=hot,depth=8,span=64MiB,flush_every=10,seed=42 "
+            " IOPS=max , size=64KiB,pattern=hot,depth=8,span=64MiB,flush_every=10,seed=42,fill=1m "
                 .parse()
                 .unwrap();
         assert_eq!(
@@ -322,11 +353,12 @@ mod tests {
                 span: Some(64 << 20),
                 flush_every: 10,
                 seed: Some(42),
+                fill: Some(1 << 20),
             }
         );
         assert_eq!(
             w.to_string(),
-            "iops=max,size=64KiB,pattern=hot,depth=8,span=64MiB,flush_every=10,seed=42"
+            "iops=max,size=64KiB,pattern=hot,depth=8,span=64MiB,flush_every=10,seed=42,fill=1MiB"
         );
     }
 
@@ -342,6 +374,7 @@ mod tests {
             "iops=1000000,size=32MiB,depth=1024,span=33MiB",
             "size=1536,span=3072,seed=18446744073709551615",
             "iops=max,pattern=seq,flush_every=1",
+            "iops=200,fill=1m",
         ];
         for spec in specs {
             let w: Workload = spec.parse().unwrap();
@@ -363,6 +396,9 @@ mod tests {
             ("depth=5000", "depth", "1..=1024"),
             ("size=8k,span=4k", "span", "smaller than one write"),
             ("flush_every=-1", "flush_every", "0 = never"),
+            ("fill=1000", "fill", "multiple of 512"),
+            ("fill=0", "fill", "multiple of 512"),
+            ("fill=64MiB", "fill", "multiple of 512"),
             ("color=blue", "color", "allowed keys"),
             ("iops", "spec", "key=value"),
             ("iops=1,iops=2", "iops", "more than once"),

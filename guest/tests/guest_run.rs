@@ -327,3 +327,61 @@ async fn start_refuses_bad_setups() {
     .unwrap_err();
     assert!(matches!(err, GuestError::LogVmMismatch { .. }), "{err}");
 }
+
+/// `fill=` writes every byte of each disk once before the steady workload, and only in a
+/// fresh log: a guest restarted on the same log goes straight to its steady writes.
+#[tokio::test]
+async fn fill_pass_writes_every_disk_once_then_the_steady_workload_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.log");
+    let (cg, disks) = two_disks(Faults::default());
+    let spec = "iops=max,size=4k,pattern=random,depth=4,fill=1m,seed=3";
+    let guest = Guest::start(
+        VM,
+        as_guest_disks(&disks),
+        spec.parse().unwrap(),
+        WriteLog::open(&path, VM).unwrap(),
+    )
+    .unwrap();
+    // 4 MiB + 2 MiB of 1 MiB fill writes, then 4 KiB ones.
+    wait_for(&guest, Duration::from_secs(10), "fill and steady", |s| {
+        s.writes_acked >= 6 + 200
+    })
+    .await;
+    guest.stop().await;
+    let records = logged(&path);
+    let fills: Vec<(u32, u64)> = records
+        .iter()
+        .filter(|r| r.len == 1 << 20)
+        .map(|r| (r.disk_index, r.offset))
+        .collect();
+    let mut expect: Vec<(u32, u64)> = (0..4).map(|i| (0, i << 20)).collect();
+    expect.extend((0..2).map(|i| (1, i << 20)));
+    assert_eq!(fills, expect, "each MiB of both disks once, in order");
+    // Every fill write was acknowledged before the first steady write was issued.
+    let last_fill = records.iter().position(|r| r.len == 1 << 20).unwrap() + 5;
+    assert!(records[..=last_fill].iter().all(|r| r.len == 1 << 20));
+    assert!(records[last_fill + 1..].iter().all(|r| r.len == 4096));
+    let report = verify_latest(VM, &records, &cg.copy(&[0, 1]), &VerifyOptions::default()).unwrap();
+    assert!(report.ok(), "{report}");
+
+    // Same log again: no second fill.
+    let guest = Guest::start(
+        VM,
+        as_guest_disks(&disks),
+        spec.parse().unwrap(),
+        WriteLog::open(&path, VM).unwrap(),
+    )
+    .unwrap();
+    wait_for(&guest, Duration::from_secs(10), "steady writes", |s| {
+        s.writes_acked >= 100
+    })
+    .await;
+    guest.stop().await;
+    let again = logged(&path);
+    assert_eq!(
+        again.iter().filter(|r| r.len == 1 << 20).count(),
+        6,
+        "a restarted guest does not fill again"
+    );
+}

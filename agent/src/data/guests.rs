@@ -150,10 +150,14 @@ impl Guests {
     ) -> anyhow::Result<()> {
         let vm = plan.vm.as_str();
         let result = (|| {
-            let workload: Workload = plan
+            let mut workload: Workload = plan
                 .workload
                 .parse()
                 .map_err(|e| anyhow::anyhow!("workload of VM '{vm}': {e}"))?;
+            if plan.stay > 0 {
+                // The fill pass is the VM's first boot; a later stay continues its life.
+                workload.fill = None;
+            }
             let path = log_path(data_dir, vm, plan.stay);
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
