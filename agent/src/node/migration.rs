@@ -70,14 +70,23 @@ struct Detector {
 }
 
 impl Detector {
-    fn health(&self, hosts: &[NodeId], me: NodeId) -> BTreeMap<NodeId, HostHealth> {
+    /// Health as seen by a coordinator watching since `watching_since`: a host is lost
+    /// only once it went unanswered for [`LOST_AFTER`] while this coordinator watched, so
+    /// a host that just came back (a probe not yet through) does not fail a fresh
+    /// migration at its first step.
+    fn health(
+        &self,
+        hosts: &[NodeId],
+        me: NodeId,
+        watching_since: Instant,
+    ) -> BTreeMap<NodeId, HostHealth> {
         let last = self.last_ok.lock().unwrap_or_else(|p| p.into_inner());
+        let watched = self.started.max(watching_since).elapsed() > LOST_AFTER;
         hosts
             .iter()
             .map(|h| {
-                let lost = *h != me
-                    && self.started.elapsed() > LOST_AFTER
-                    && last.get(h).is_none_or(|at| at.elapsed() > LOST_AFTER);
+                let lost =
+                    *h != me && watched && last.get(h).is_none_or(|at| at.elapsed() > LOST_AFTER);
                 (
                     *h,
                     if lost {
@@ -157,6 +166,8 @@ struct Runner {
     coordinator: Coordinator,
     completions: Vec<Completion>,
     in_flight: HashSet<u64>,
+    /// When this agent began watching the migration (see [`Detector::health`]).
+    watching_since: Instant,
 }
 
 /// Runs coordinators for every undecided migration until the agent stops.
@@ -212,16 +223,17 @@ pub async fn run(cluster: Arc<Cluster>, shared: Arc<Migrations>) {
             keep
         });
         let hosts: Vec<NodeId> = model.active_hosts().map(|h| h.id).collect();
-        let health = detector.health(&hosts, cluster.id);
         for id in undecided {
             let runner = runners.entry(id).or_insert_with(|| Runner {
                 coordinator: Coordinator::new(cluster.id, id, incarnation, Config::default()),
                 completions: Vec::new(),
                 in_flight: HashSet::new(),
+                watching_since: Instant::now(),
             });
             let Some(m) = model.migrations.get(&id) else {
                 continue;
             };
+            let health = detector.health(&hosts, cluster.id, runner.watching_since);
             let holder_lost = health.get(&m.claim.node) == Some(&HostHealth::Lost);
             let acting = m.claim.node == cluster.id || holder_lost;
             shared.update(id, |l| l.coordinating = m.claim.node == cluster.id);
