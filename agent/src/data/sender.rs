@@ -417,7 +417,10 @@ impl LinkSender {
             .await?;
 
         // Pass 1 while writes go on. Every write from here on marks the tracker after
-        // `as_of`, so pass 2 finds it.
+        // `as_of`, so pass 2 finds it; and the journal keeps it too, while it has room, so
+        // that replaying it replaces pass 2 (a 4 KiB write then costs 4 KiB, not the
+        // whole chunk it dirtied).
+        let early = self.seq.retain_during_resync(self.to);
         let mut sets = Vec::new();
         for (disk, image) in self.seq.images() {
             // The tracker's set: cleared once the replica holds what pass 1 read.
@@ -438,7 +441,33 @@ impl LinkSender {
             self.send_chunks(send, &dirty, epoch).await?;
         }
 
-        // Switch: from here the journal holds this link's writes.
+        if self.seq.keep_retention(self.to) {
+            // Every chunk was read before this sequence was assigned; the journal holds
+            // every write since `early`, and replaying those in order over pass 1's chunks
+            // leaves each byte at its latest value.
+            let consistent_at = self.seq.next_seq();
+            let end = ToReplica::ResyncEnd {
+                epoch,
+                resume_seq: early,
+                consistent_at,
+            };
+            send.send_frame(&convoy_codec::encode(&end)?).await?;
+            for (disk, chunks, as_of) in sets {
+                pending.push((
+                    consistent_at.saturating_sub(1),
+                    PendingClear {
+                        disk,
+                        chunks,
+                        as_of,
+                    },
+                ));
+            }
+            tracing::info!(cg = %self.seq.name, replica = self.to, from = early, "pass 1 done; replaying the journal kept since it began");
+            return Ok(early);
+        }
+
+        // The journal filled up meanwhile. Switch: from here the journal holds this link's
+        // writes, and pass 2 sends the chunks written during pass 1.
         let resume = self.seq.begin_streaming(self.to);
         let mut second = Vec::new();
         for (disk, image) in self.seq.images() {

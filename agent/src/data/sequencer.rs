@@ -199,6 +199,10 @@ pub struct LinkRuntime {
     pub retain_from: Option<u64>,
     /// A sender session is connected and streaming.
     connected: bool,
+    /// The retention is a resync's: kept while pass 1 runs so the journal can replace
+    /// pass 2, but the first to go when the journal fills, and never a reason to slow
+    /// writers.
+    soft: bool,
     /// Set when the journal overflowed and stopped holding this link's writes.
     pub overflowed: bool,
     /// Highest sequence the replica holds durably.
@@ -220,6 +224,7 @@ impl LinkRuntime {
             promoting: false,
             retain_from: None,
             connected: false,
+            soft: false,
             overflowed: false,
             acked: 0,
             acked_at: Instant::now(),
@@ -717,7 +722,7 @@ impl Sequencer {
                 .links
                 .iter()
                 .filter(|(_, l)| l.retain_from.is_some())
-                .min_by_key(|(_, l)| l.acked)
+                .min_by_key(|(_, l)| (!l.soft, l.acked))
                 .map(|(to, _)| *to);
             let Some(to) = slowest else { break };
             if let Some(link) = g.links.get_mut(&to) {
@@ -757,10 +762,16 @@ impl Sequencer {
         if g.journal.bytes() <= self.cfg.journal_limit / 2 {
             return false;
         }
-        let healthy = |l: &LinkRuntime| {
-            l.retain_from.is_some() && l.connected && l.acked_at.elapsed() < self.cfg.sync_timeout
-        };
-        g.links.values().any(healthy)
+        // Only the link that holds the journal back can make writers wait; when that is a
+        // resync's soft retention, the journal grows until the limit drops it instead.
+        let holder = g
+            .links
+            .values()
+            .filter_map(|l| l.retain_from.map(|from| (from.max(l.acked + 1), l)))
+            .min_by_key(|(keep_from, l)| (*keep_from, !l.soft))
+            .map(|(_, l)| l);
+        holder
+            .is_some_and(|l| !l.soft && l.connected && l.acked_at.elapsed() < self.cfg.sync_timeout)
     }
 
     /// Waits while writes are paused, or while a healthy replica lags (backpressure).
@@ -931,6 +942,17 @@ impl Sequencer {
 
     /// Starts journal retention for link `to` from the next write on; returns that sequence.
     pub fn begin_streaming(&self, to: NodeId) -> u64 {
+        self.retain_from_next(to, false)
+    }
+
+    /// Starts a resync's soft retention for `to` from the next write on (see
+    /// [`LinkRuntime::soft`]); returns that sequence. [`Sequencer::keep_retention`] tells
+    /// afterwards whether the journal still holds everything since.
+    pub fn retain_during_resync(&self, to: NodeId) -> u64 {
+        self.retain_from_next(to, true)
+    }
+
+    fn retain_from_next(&self, to: NodeId, soft: bool) -> u64 {
         let mut g = lock(&self.inner);
         let next = g.next_seq;
         if g.journal.first_seq() > next || g.links.values().all(|l| l.retain_from.is_none()) {
@@ -938,10 +960,24 @@ impl Sequencer {
         }
         if let Some(link) = g.links.get_mut(&to) {
             link.retain_from = Some(next);
+            link.soft = soft;
             link.overflowed = false;
             link.connected = true;
         }
         next
+    }
+
+    /// Turns a resync's soft retention into a streaming one if the journal still holds
+    /// every write since it began; false if it was dropped meanwhile.
+    pub fn keep_retention(&self, to: NodeId) -> bool {
+        let mut g = lock(&self.inner);
+        match g.links.get_mut(&to) {
+            Some(link) if link.soft && link.retain_from.is_some() => {
+                link.soft = false;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Resumes streaming for `to` from `from` if the journal still holds it.
@@ -956,6 +992,7 @@ impl Sequencer {
         }
         if let Some(link) = g.links.get_mut(&to) {
             link.retain_from = Some(from);
+            link.soft = false;
             link.overflowed = false;
             link.connected = true;
             true
@@ -971,7 +1008,11 @@ impl Sequencer {
         let mut g = lock(&self.inner);
         if let Some(link) = g.links.get_mut(&to) {
             link.connected = false;
-            if link.retain_from.is_some() {
+            if link.soft {
+                // A resync broke off: the replica never got what this held for it.
+                link.retain_from = None;
+                link.soft = false;
+            } else if link.retain_from.is_some() {
                 link.retain_from = Some(link.acked + 1);
             }
         }
@@ -985,6 +1026,7 @@ impl Sequencer {
         let mut g = lock(&self.inner);
         if let Some(link) = g.links.get_mut(&to) {
             link.retain_from = None;
+            link.soft = false;
             link.connected = false;
         }
         Self::trim(&mut g);
@@ -1362,5 +1404,57 @@ mod tests {
             .await
             .unwrap();
         assert!(s.journal_bytes() - before < 4096);
+    }
+
+    #[tokio::test]
+    async fn a_resync_keeps_its_writes_in_the_journal_without_slowing_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = open(dir.path(), 0, 64 * 1024);
+        s.set_links(&[(2, ReplicationMode::Async, LinkState::Inconsistent)]);
+        let early = s.retain_during_resync(2);
+        s.acked(2, 0);
+        // Pass 1 runs; guests write past half the journal limit. Nothing acknowledges,
+        // and nobody waits for the resyncing replica.
+        for i in 0..12u64 {
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                s.write(1, (i % 16) * 4096, data(4096), false, 1),
+            )
+            .await
+            .expect("a resync's retention never throttles writers")
+            .unwrap();
+        }
+        assert!(s.keep_retention(2), "the journal still holds every write");
+        let kept = s.journal_from(2, early, 1 << 20).unwrap();
+        assert_eq!(kept.len(), 12);
+        assert_eq!(kept[0].seq, early);
+
+        // Another resync whose writes outgrow the journal: the soft retention goes first,
+        // and the sender learns it must send pass 2 by chunks.
+        s.set_links(&[
+            (2, ReplicationMode::Async, LinkState::Inconsistent),
+            (3, ReplicationMode::Async, LinkState::Consistent),
+        ]);
+        s.retain_during_resync(2);
+        s.begin_streaming(3);
+        let s3 = Arc::clone(&s);
+        let acker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let last = s3.last_seq();
+                s3.acked(3, last);
+            }
+        });
+        for i in 0..40u64 {
+            s.write(1, (i % 16) * 4096, data(4096), false, 1)
+                .await
+                .unwrap();
+        }
+        acker.abort();
+        assert!(!s.keep_retention(2), "dropped when the journal filled");
+        assert!(
+            s.journal_from(3, s.acked_by(3) + 1, 1 << 20).is_ok(),
+            "the streaming replica kept its retention"
+        );
     }
 }
