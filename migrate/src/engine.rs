@@ -9,7 +9,7 @@ use convoy_model::{
 };
 
 use crate::{
-    Action, ActionId, ActionKind, ActionResult, DeltaReport, Guard, HandOverRequest, HypervisorOp,
+    Action, ActionId, ActionKind, ActionResult, Guard, HandOverRequest, HypervisorOp,
     HypervisorReply, Observations, ProposalResult, RestoreRequest, StorageError, StorageOp,
     StorageReply, TakeOverRequest, VmState,
 };
@@ -60,7 +60,6 @@ enum Key {
     Move(String),
     Pause(String),
     Resume(String),
-    CompareDelta,
     TakeSnapshot(String),
     Sequencer,
     Roots,
@@ -98,8 +97,6 @@ pub struct Coordinator {
     max_lag: u64,
     stuns: Vec<(String, u64)>,
     snapshots_taken: BTreeSet<String>,
-    compare_done: bool,
-    delta: DeltaReport,
     dest_roots: Option<Vec<(DiskId, [u8; 32])>>,
     stopped: BTreeSet<String>,
     last_note: String,
@@ -137,8 +134,6 @@ impl Coordinator {
             max_lag: 0,
             stuns: Vec::new(),
             snapshots_taken: BTreeSet::new(),
-            compare_done: false,
-            delta: DeltaReport::default(),
             dest_roots: None,
             stopped: BTreeSet::new(),
             last_note: String::new(),
@@ -299,10 +294,8 @@ impl Coordinator {
             Ok(reply) => {
                 self.failures.remove(key);
                 match reply {
-                    StorageReply::Delta(d) => {
-                        self.compare_done = true;
-                        self.delta = *d;
-                    }
+                    // Migrations compare through the new replica's seeding (below).
+                    StorageReply::Delta(_) => {}
                     StorageReply::Snapshot => {
                         if let Key::TakeSnapshot(name) = key {
                             self.snapshots_taken.insert(name.clone());
@@ -466,8 +459,8 @@ impl Coordinator {
         progress.stun_ms.extend(self.stuns.iter().cloned());
         progress.rpo_writes = Some(self.max_lag);
         if let Some(st) = cx.obs.links.get(&cx.m.to) {
-            progress.bytes_needed = Some(st.bytes_needed + self.delta.bytes_sent);
-            progress.bytes_moved = Some(st.bytes_moved + self.delta.bytes_sent);
+            progress.bytes_needed = Some(st.bytes_needed);
+            progress.bytes_moved = Some(st.bytes_moved);
         }
         let cmd = Command::AdvanceMigration {
             id: cx.m.id,
@@ -705,15 +698,11 @@ impl Coordinator {
             }
         }
         let Some(link) = g.link(m.to) else {
-            if m.strategy == Strategy::CompareDelta && !self.compare_done {
-                let op = StorageOp::CompareDelta {
-                    cg: m.cg.clone(),
-                    from: g.sequencer,
-                    to: m.to,
-                };
-                self.storage(cx, Key::CompareDelta, op, out);
-                return;
-            }
+            // compare-delta included: a new replica whose destination holds data is
+            // seeded by comparing chunk hashes, sending only what differs, while the
+            // journal keeps the writes made meanwhile (4 KiB each, not the chunk they
+            // dirtied). A separate comparison first would leave those writes to be
+            // caught up chunk by chunk.
             // Every copy of a group shares one mode; a new copy takes the group's.
             let mode = g
                 .replicas
