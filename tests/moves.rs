@@ -340,3 +340,98 @@ fn a_removed_and_re_added_replica_is_sent_only_what_it_lacks() {
     );
     dev.assert_no_panics();
 }
+
+/// `convoy_mirror_flushes_total` on node `id`, read from its `/metrics` (0 before the
+/// first mirrored flush: the counter appears then).
+fn mirror_flushes(dev: &Dev, id: u64) -> u64 {
+    let client = dev.client_at(id);
+    let text = rt()
+        .block_on(client.send(hyper::Method::GET, "/metrics", None))
+        .expect("metrics");
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix("convoy_mirror_flushes_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// An NBD FLUSH on the export of a VM moved off its group's sequencer returns only once
+/// the sequencer has made every write acknowledged before it durable on every copy the
+/// mode promises (its own included): with the sequencer frozen (SIGSTOP) the flush does
+/// not return, however long; once it thaws the flush succeeds and the sequencer counts
+/// one mirrored flush served. A flush that synced only the local copy would return at
+/// once.
+#[test]
+fn a_flush_on_a_mirrored_export_returns_only_after_the_sequencer_flushed() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    assert!(
+        dev.cli(&["vm", "create", "fl", "--host", "1", "--disk", "16MiB"])
+            .ok
+    );
+    assert!(dev.cli(&["cg", "create", "flg", "--vm", "fl"]).ok);
+    assert!(
+        dev.cli(&["cg", "replicate", "flg", "--to", "2", "--mode", "sync"])
+            .ok
+    );
+    wait_caught_up(&dev, "flg");
+    let moved = dev.cli(&["vm", "move", "fl", "--to", "2", "-o", "json"]);
+    assert!(moved.ok, "{moved:?}");
+    assert_eq!(moved.json()["vm"]["sequencer"], 1);
+    let uri = wait_for("the export on node 2", Duration::from_secs(20), || {
+        let v = vm_show(&dev, "fl");
+        (v["host"] == 2)
+            .then(|| v["disks"][0]["uris"][0].as_str().map(String::from))
+            .flatten()
+    });
+    // The write goes to the sequencer over the mirror stream; its stream stays open.
+    qemu_io(&uri, &["write -P 7 0 64k".to_string()]);
+    let before = mirror_flushes(&dev, 1);
+
+    let sequencer = Pid::from_raw(dev.pid(1) as i32);
+    kill(sequencer, Signal::SIGSTOP).unwrap();
+    let flush = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "flush", &uri])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut flush = match flush {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = kill(sequencer, Signal::SIGCONT);
+            panic!("cannot run qemu-io ({e}); install it with scripts/setup-debian");
+        }
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let early = flush.try_wait().unwrap();
+    kill(sequencer, Signal::SIGCONT).unwrap();
+    assert!(
+        early.is_none(),
+        "the flush returned ({early:?}) while the sequencer was frozen"
+    );
+    let status = wait_for("the flush to return", Duration::from_secs(30), || {
+        flush.try_wait().unwrap()
+    });
+    let out = flush.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        status.success() && !text.contains("failed"),
+        "the flush failed after the sequencer thawed: {text}"
+    );
+    let after = mirror_flushes(&dev, 1);
+    assert!(
+        after > before,
+        "the sequencer served no mirrored flush ({before} -> {after})"
+    );
+    // Both copies hold the write.
+    qemu_io_ro(&expose(&dev, "fl:0", 1), &["read -P 7 0 64k".to_string()]);
+    qemu_io_ro(&expose(&dev, "fl:0", 2), &["read -P 7 0 64k".to_string()]);
+    dev.assert_no_panics();
+}

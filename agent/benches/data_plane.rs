@@ -10,6 +10,13 @@
 //!    with no replica, an async and a sync replica, next to `nbdkit file` (Unix sockets on
 //!    both sides).
 //!
+//! 4. Bulk writes (issue 9): 1 GiB in 4 MiB requests by nbdcopy into the export with no
+//!    replica, an async and a sync replica: throughput, and resyncs of the link (must be 0).
+//! 5. Mirrored writes and hand-over (issue 10): fio 4 KiB random writes through the export
+//!    of a VM moved off its sequencer (`vm move`), QD1 and QD32, next to `sync` and no
+//!    replica; `cg switch-primary` 20 times under a timed QD1 writer: the pause the command
+//!    reports and the longest write the writer saw during each swap.
+//!
 //! Prints one table and writes it as JSON to `<target dir>/bench-data_plane.json`.
 //!
 //! Run: `cargo bench -p convoy-agent --bench data_plane --profile dev`
@@ -425,6 +432,12 @@ impl NbdClient {
     }
 
     fn request(&mut self, cmd: u16, offset: u64, data: &[u8], len: u32) {
+        let err = self.try_request(cmd, offset, data, len);
+        assert_eq!(err, 0, "NBD command {cmd} at {offset} failed: {err}");
+    }
+
+    /// Sends one request and returns the reply's error code (0 = done).
+    fn try_request(&mut self, cmd: u16, offset: u64, data: &[u8], len: u32) -> u32 {
         let mut h = Vec::with_capacity(28);
         h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         h.extend_from_slice(&0u16.to_be_bytes());
@@ -437,8 +450,7 @@ impl NbdClient {
         let mut r = [0u8; 16];
         self.0.read_exact(&mut r).unwrap();
         assert_eq!(u32::from_be_bytes(r[..4].try_into().unwrap()), REPLY_MAGIC);
-        let err = u32::from_be_bytes(r[4..8].try_into().unwrap());
-        assert_eq!(err, 0, "NBD command {cmd} at {offset} failed: {err}");
+        u32::from_be_bytes(r[4..8].try_into().unwrap())
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -465,6 +477,77 @@ fn vm_uris(dev: &Dev, vm: &str) -> (String, String) {
         let u = &v["disks"][0]["uris"];
         Some((u[0].as_str()?.to_string(), u[1].as_str()?.to_string()))
     })
+}
+
+/// The first (Unix socket) URI of `vm`'s disk once `vm show` says it runs on `host`.
+fn vm_uri_on(dev: &Dev, vm: &str, host: u64) -> String {
+    wait_for(
+        &format!("{vm}'s export on node {host}"),
+        Duration::from_secs(30),
+        || {
+            let v = dev.cli(&["vm", "show", vm, "-o", "json"]).json();
+            if v["host"] != host {
+                return None;
+            }
+            v["disks"][0]["uris"][0].as_str().map(String::from)
+        },
+    )
+}
+
+/// The group's first link as `cg show` reports it.
+fn first_link(dev: &Dev, cg: &str) -> Value {
+    dev.cli(&["cg", "show", cg, "-o", "json"]).json()["replicas"][0].clone()
+}
+
+/// One bulk write: 1 GiB from `src` into `uri` by nbdcopy in 4 MiB requests, flushed at
+/// the end (the page cache primed first, as for every timed copy). Returns wall seconds.
+fn bulk_write(work: &Path, src: &str, uri: &str) -> f64 {
+    prime(work);
+    run(
+        300,
+        "nbdcopy",
+        &["--request-size=4194304", "--flush", src, uri],
+    )
+    .1
+}
+
+/// Nearest-rank percentile `p` (0..=100) of `v` (not empty).
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
+    s[rank.min(s.len()) - 1]
+}
+
+/// A guest stand-in for the switch-primary rows: 4 KiB writes at queue depth 1 to random
+/// offsets through an export, each timed, until told to stop.
+struct TimedWrites {
+    /// (start, latency) of every write, from the writer's start.
+    writes: Vec<(Duration, Duration)>,
+    /// Writes the export answered with an error.
+    failed: u64,
+}
+
+fn timed_writer(uri: &str, stop: &std::sync::atomic::AtomicBool, t0: Instant) -> TimedWrites {
+    let mut nbd = NbdClient::connect(uri);
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut buf = vec![0u8; 4096];
+    let mut out = TimedWrites {
+        writes: Vec::new(),
+        failed: 0,
+    };
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        rng.fill_bytes(&mut buf);
+        let offset = rng.gen_range(0..DISK / 4096) * 4096;
+        let start = Instant::now();
+        let err = nbd.try_request(1, offset, &buf, 4096);
+        out.writes.push((start - t0, start.elapsed()));
+        if err != 0 {
+            out.failed += 1;
+        }
+    }
+    nbd.flush_and_close();
+    out
 }
 
 fn wait_caught_up(dev: &Dev, cg: &str, timeout: Duration) -> f64 {
@@ -672,7 +755,9 @@ impl Table {
         met: Option<bool>,
     ) {
         let fmt = |(v, unit): (f64, &str)| {
-            if v.abs() >= 100.0 {
+            if v.fract() == 0.0 && unit == "resyncs" {
+                format!("{v:.0} {unit}")
+            } else if v.abs() >= 100.0 {
                 format!("{v:.0} {unit}")
             } else if v.abs() >= 1.0 {
                 format!("{v:.2} {unit}")
@@ -777,6 +862,126 @@ fn target_dir() -> PathBuf {
         .parent()
         .and_then(Path::parent)
         .map_or_else(std::env::temp_dir, Path::to_path_buf)
+}
+
+// ---------------------------------------------------------------------------------------
+// Bulk writes and switch-primary swaps.
+
+/// One bulk write with a replica.
+struct Bulk {
+    /// Wall seconds of the write (nbdcopy, flushed).
+    secs: f64,
+    /// Seconds from its end until the replica held every write.
+    catch_up: f64,
+    /// Resyncs of the link during the write and the catch-up.
+    resyncs: u64,
+}
+
+/// One swap of the group's order.
+struct Swap {
+    to: u64,
+    /// What `cg switch-primary` reported.
+    paused_ms: f64,
+    /// The longest write of the timed writer that overlapped the command.
+    longest_write_ms: f64,
+    /// Per run (the same in every swap): the writer's p99 outside the swaps, its failed
+    /// writes, and swap attempts refused (not caught up) and retried.
+    steady_p99_ms: f64,
+    failed_writes: u64,
+    refused_attempts: u64,
+}
+
+/// Sets its flag when dropped, so a helper thread stops even if the bench panics.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Swaps `cg`'s order between nodes 1 and 2 `n` times (starting on node 1, ending there
+/// for even `n`) while a timed QD1 writer writes through `uri`.
+fn switch_primary_swaps(dev: &Dev, cg: &str, uri: &str, n: usize) -> Vec<Swap> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let t0 = Instant::now();
+    let mut refused = 0u64;
+    let (writes, mut swaps) = std::thread::scope(|s| {
+        let writer = s.spawn(|| timed_writer(uri, &stop, t0));
+        let guard = StopOnDrop(&stop);
+        // Steady writes before the first swap.
+        std::thread::sleep(Duration::from_secs(1));
+        let mut swaps = Vec::new();
+        for i in 0..n {
+            let to: u64 = if i % 2 == 0 { 2 } else { 1 };
+            let mut tries = 0;
+            loop {
+                wait_caught_up(dev, cg, Duration::from_secs(120));
+                let start = t0.elapsed();
+                let r = dev.cli(&[
+                    "cg",
+                    "switch-primary",
+                    cg,
+                    "--to",
+                    &to.to_string(),
+                    "-o",
+                    "json",
+                ]);
+                let end = t0.elapsed();
+                if r.ok {
+                    let v = r.json();
+                    swaps.push((to, v["paused_ms"].as_f64().unwrap(), start, end));
+                    break;
+                }
+                tries += 1;
+                refused += 1;
+                eprintln!("  switch-primary to {to} refused: {}", r.stderr.trim());
+                assert!(tries < 3, "switch-primary to {to} failed 3 times: {r:?}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        drop(guard);
+        (writer.join().unwrap(), swaps)
+    });
+    let overlapping = |(start, end): (Duration, Duration)| {
+        writes
+            .writes
+            .iter()
+            .filter(|(s, lat)| *s < end && *s + *lat > start)
+            .map(|(_, lat)| lat.as_secs_f64() * 1e3)
+            .fold(0.0, f64::max)
+    };
+    let outside: Vec<f64> = writes
+        .writes
+        .iter()
+        .filter(|(s, lat)| !swaps.iter().any(|(_, _, a, b)| *s < *b && *s + *lat > *a))
+        .map(|(_, lat)| lat.as_secs_f64() * 1e3)
+        .collect();
+    let steady = if outside.is_empty() {
+        0.0
+    } else {
+        percentile(&outside, 99.0)
+    };
+    eprintln!(
+        "  {} timed writes, {} failed, p99 outside swaps {steady:.3} ms",
+        writes.writes.len(),
+        writes.failed
+    );
+    swaps
+        .drain(..)
+        .map(|(to, paused_ms, start, end)| {
+            let longest = overlapping((start, end));
+            eprintln!("  switch to node {to}: paused_ms {paused_ms:.1}, longest guest write {longest:.1} ms");
+            Swap {
+                to,
+                paused_ms,
+                longest_write_ms: longest,
+                steady_p99_ms: steady,
+                failed_writes: writes.failed,
+                refused_attempts: refused,
+            }
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1227,6 +1432,30 @@ fn main() {
         .iter()
         .map(|qd| fio_run("convoy none", &convoy_uri, *qd, &a1))
         .collect();
+    // Bulk writes (issue 9): 1 GiB in 4 MiB requests, nbdkit and no replica first.
+    eprintln!("data_plane: bulk writes");
+    let bulk_peer = bulk_write(&work, &src_s, &peer_uri);
+    let bulk_none = bulk_write(&work, &src_s, &convoy_uri);
+    eprintln!(
+        "  bulk 1 GiB, 4 MiB requests: nbdkit {bulk_peer:.2} s, Convoy no replica {bulk_none:.2} s"
+    );
+    // With a replica: the write, then until the replica holds it; a resync (journal
+    // overflow) during either would show in the link's count.
+    let bulk_replicated = |mode: &str| -> Bulk {
+        let before = first_link(&dev, "dpg")["resyncs"].as_u64().unwrap();
+        let secs = bulk_write(&work, &src_s, &convoy_uri);
+        let catch_up = wait_caught_up(&dev, "dpg", Duration::from_secs(600));
+        let link = first_link(&dev, "dpg");
+        let resyncs = link["resyncs"].as_u64().unwrap() - before;
+        eprintln!(
+            "  bulk 1 GiB, {mode} replica: {secs:.2} s, then {catch_up:.2} s until the replica held it; {resyncs} resyncs"
+        );
+        Bulk {
+            secs,
+            catch_up,
+            resyncs,
+        }
+    };
     let r = dev.cli(&["cg", "replicate", "dpg", "--to", "2", "--mode", "async"]);
     assert!(r.ok, "{r:?}");
     let initial = wait_caught_up(&dev, "dpg", Duration::from_secs(600));
@@ -1240,6 +1469,7 @@ fn main() {
             r
         })
         .collect();
+    let bulk_async = bulk_replicated("async");
     let r = dev.cli(&["cg", "set-mode", "dpg", "sync", "-o", "json"]);
     assert!(r.ok, "{r:?}");
     wait_caught_up(&dev, "dpg", Duration::from_secs(600));
@@ -1247,6 +1477,29 @@ fn main() {
         .iter()
         .map(|qd| fio_run("convoy sync", &convoy_uri, *qd, &a12))
         .collect();
+    let bulk_sync = bulk_replicated("sync");
+
+    // switch-primary under load (issue 10): a QD1 4 KiB writer on node 1's export times
+    // every write while the group's order swaps between nodes 1 and 2, 20 times.
+    eprintln!("data_plane: switch-primary under load");
+    let swaps = switch_primary_swaps(&dev, "dpg", &convoy_uri, 20);
+
+    // Mirrored writes (issue 10): the VM moves to node 2 (its sync replica's host) and
+    // writes through node 2's export; node 1 still orders them and replicates to node 2.
+    eprintln!("data_plane: mirrored writes");
+    let r = dev.cli(&["vm", "move", "dp", "--to", "2", "-o", "json"]);
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.json()["vm"]["sequencer"], 1, "{}", r.stdout);
+    let mirrored_uri = vm_uri_on(&dev, "dp", 2);
+    wait_caught_up(&dev, "dpg", Duration::from_secs(600));
+    let mir: Vec<Fio> = qds
+        .iter()
+        .map(|qd| fio_run("convoy mirrored", &mirrored_uri, *qd, &a12))
+        .collect();
+    let r = dev.cli(&["vm", "move", "dp", "--to", "1", "-o", "json"]);
+    assert!(r.ok, "{r:?}");
+    vm_uri_on(&dev, "dp", 1);
+    wait_caught_up(&dev, "dpg", Duration::from_secs(600));
     let syn_tmpfs: Option<Vec<Fio>> = tmpfs.as_ref().map(|_| {
         let r = dev.cli(&["cg", "unreplicate", "dpg", "--from", "2"]);
         assert!(r.ok, "{r:?}");
@@ -1341,6 +1594,142 @@ fn main() {
             Some(d <= 1.0),
         );
     }
+    // ---- 4. Bulk writes with replicas (issue 9) ----------------------------------------
+    t.section = 4;
+    let mbps = |secs: f64| DISK as f64 / secs / MB;
+    t.ratio(
+        "bulk write 1 GiB, 4 MiB requests (nbdcopy), no replica, MB/s",
+        (mbps(bulk_none), "MB/s"),
+        "nbdkit file",
+        mbps(bulk_peer),
+        None,
+    );
+    for (mode, b) in [("async", &bulk_async), ("sync", &bulk_sync)] {
+        t.ratio(
+            &format!("bulk write 1 GiB, 4 MiB requests, {mode} replica, MB/s"),
+            (mbps(b.secs), "MB/s"),
+            "Convoy, no replica",
+            mbps(bulk_none),
+            None,
+        );
+        t.add(
+            &format!("bulk write 1 GiB, {mode} replica: resyncs during write + catch-up"),
+            (b.resyncs as f64, "resyncs"),
+            "must be",
+            (0.0, "resyncs"),
+            b.resyncs as f64,
+            format!("{}", b.resyncs),
+            "= 0",
+            Some(b.resyncs == 0),
+        );
+    }
+    t.note(format!(
+        "bulk: nbdcopy --request-size=4194304 --flush of the 1 GiB random source over the Unix socket; until the replica held it (write + catch-up): async {:.2} + {:.2} s ({:.0} MB/s), sync {:.2} + {:.2} s",
+        bulk_async.secs,
+        bulk_async.catch_up,
+        mbps(bulk_async.secs + bulk_async.catch_up),
+        bulk_sync.secs,
+        bulk_sync.catch_up
+    ));
+
+    // ---- 5. Mirrored writes and switch-primary (issue 10) ---------------------------------
+    t.section = 5;
+    for (i, qd) in qds.iter().enumerate() {
+        let (n, s, m) = (&none[i], &syn[i], &mir[i]);
+        for (label, mv, sv) in [("p50", m.p50_ms, s.p50_ms), ("p99", m.p99_ms, s.p99_ms)] {
+            t.ratio(
+                &format!("4k randwrite QD{qd} {label}, mirrored (VM off its sequencer)"),
+                (mv, "ms"),
+                "Convoy sync",
+                sv,
+                None,
+            );
+        }
+        if *qd == 1 {
+            let d = m.p99_ms - s.p99_ms;
+            t.add(
+                "4k randwrite QD1 p99, mirrored minus sync",
+                (m.p99_ms, "ms"),
+                "Convoy sync",
+                (s.p99_ms, "ms"),
+                d,
+                format!("{d:+.3} ms"),
+                "<= +0.3 ms",
+                Some(d <= 0.3),
+            );
+        }
+        t.ratio(
+            &format!("4k randwrite QD{qd} IOPS, mirrored vs sync"),
+            (m.iops, "IOPS"),
+            "Convoy sync",
+            s.iops,
+            (*qd == 32).then_some(Target::AtLeast(0.8)),
+        );
+        let d = m.p99_ms - n.p99_ms;
+        t.add(
+            &format!("4k randwrite QD{qd} p99, mirrored vs no replica (local)"),
+            (m.p99_ms, "ms"),
+            "Convoy, no replica",
+            (n.p99_ms, "ms"),
+            d,
+            format!("{d:+.2} ms"),
+            "-",
+            None,
+        );
+    }
+    let paused: Vec<f64> = swaps.iter().map(|w| w.paused_ms).collect();
+    let stalls: Vec<f64> = swaps.iter().map(|w| w.longest_write_ms).collect();
+    for (what, v) in [
+        (
+            "switch-primary write pause p99, 20 swaps under load (paused_ms)",
+            &paused,
+        ),
+        (
+            "switch-primary: guest's longest write during a swap, p99 of 20",
+            &stalls,
+        ),
+    ] {
+        let p99 = percentile(v, 99.0);
+        t.add(
+            what,
+            (p99, "ms"),
+            "target",
+            (50.0, "ms"),
+            p99 / 50.0,
+            format!("{:.3}x", p99 / 50.0),
+            "< 50 ms",
+            Some(p99 < 50.0),
+        );
+    }
+    let steady = swaps.first().map_or(0.0, |w| w.steady_p99_ms);
+    t.note(format!(
+        "switch-primary: 20 swaps between nodes 1 and 2 (sync) while a QD1 4 KiB writer (this process's NBD client on node 1's export) ran; paused_ms p50 {:.1} / p99 {:.1} / max {:.1} ms; guest's longest write during a swap p50 {:.1} / p99 {:.1} / max {:.1} ms; writer p99 outside swaps {steady:.3} ms; {} writes failed; {} swap attempts refused and retried",
+        percentile(&paused, 50.0),
+        percentile(&paused, 99.0),
+        percentile(&paused, 100.0),
+        percentile(&stalls, 50.0),
+        percentile(&stalls, 99.0),
+        percentile(&stalls, 100.0),
+        swaps.first().map_or(0, |w| w.failed_writes),
+        swaps.first().map_or(0, |w| w.refused_attempts),
+    ));
+    t.note(format!(
+        "mirrored: VM dp moved to node 2 (vm move), fio on node 2's export {mirrored_uri}; writes go to node 1 (sequencer) over the mirror stream, node 1 replicates them sync to node 2 before answering"
+    ));
+    extra.insert(
+        "switch_primary".into(),
+        json!(swaps.iter().map(|w| json!({"paused_ms": w.paused_ms, "longest_write_ms": w.longest_write_ms, "to": w.to})).collect::<Vec<_>>()),
+    );
+    extra.insert(
+        "bulk".into(),
+        json!({
+            "nbdkit_seconds": bulk_peer,
+            "none_seconds": bulk_none,
+            "async": {"seconds": bulk_async.secs, "catch_up_seconds": bulk_async.catch_up, "resyncs": bulk_async.resyncs},
+            "sync": {"seconds": bulk_sync.secs, "catch_up_seconds": bulk_sync.catch_up, "resyncs": bulk_sync.resyncs},
+        }),
+    );
+    t.section = 3;
     t.note(format!(
         "fio: --ioengine=nbd, 4 KiB randwrite over the whole 1 GiB (both fully written first), {FIO_RAMP} s warm-up + {FIO_RUNTIME} s, 1 job, no flushes; Unix-socket URIs on both sides (Convoy {convoy_uri}; TCP {convoy_tcp_uri} not used)"
     ));

@@ -2,8 +2,10 @@
 //!
 //! Names (all prefixed `convoy_`): Raft state gauges sampled every second, RPC counters and
 //! latency histograms from the Raft network, write latencies on the leader, peers the
-//! transport refused (`convoy_refused_peer_total{reason="retired"|"not_a_node"}`), and
-//! when this agent's certificate expires (`convoy_tls_cert_not_after_seconds`, Unix time).
+//! transport refused (`convoy_refused_peer_total{reason="retired"|"not_a_node"}`), when
+//! this agent's certificate expires (`convoy_tls_cert_not_after_seconds`, Unix time), and
+//! FLUSHes of VMs running on other hosts that this host's sequencers made durable on
+//! every promised copy (`convoy_mirror_flushes_total`).
 
 use std::sync::Arc;
 use std::time::Duration;

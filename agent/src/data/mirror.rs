@@ -516,7 +516,12 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
                             }
                         }
                         ToSequencer::Flush { id, disk } => match seq.flush_everywhere(disk).await {
-                            Ok(()) => FromSequencer::Flushed { id },
+                            Ok(()) => {
+                                // Counted only once every copy the mode promises is
+                                // flushed: shows that a mirrored FLUSH reached the order.
+                                metrics::counter!("convoy_mirror_flushes_total").increment(1);
+                                FromSequencer::Flushed { id }
+                            }
                             Err(e) => fail(id, &e),
                         },
                         ToSequencer::Read { id, disk, offset, len } => {
