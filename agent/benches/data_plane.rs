@@ -755,9 +755,7 @@ impl Table {
         met: Option<bool>,
     ) {
         let fmt = |(v, unit): (f64, &str)| {
-            if v.fract() == 0.0 && unit == "resyncs" {
-                format!("{v:.0} {unit}")
-            } else if v.abs() >= 100.0 {
+            if (v.fract() == 0.0 && unit == "resyncs") || v.abs() >= 100.0 {
                 format!("{v:.0} {unit}")
             } else if v.abs() >= 1.0 {
                 format!("{v:.2} {unit}")
