@@ -113,6 +113,13 @@ impl DataPlane {
         let seq = self.group_sequencer(cg_id).ok_or_else(|| {
             HandOverError::Precondition(format!("node {} does not order '{cg}'", self.node))
         })?;
+        let _turn = seq.hand_over_turn.lock().await;
+        if seq.handed_over() {
+            return Err(HandOverError::Precondition(format!(
+                "node {} no longer orders '{cg}': it was handed over",
+                self.node
+            )));
+        }
         if !seq.link_status().contains_key(&to) {
             return Err(HandOverError::Precondition(format!(
                 "node {to} holds no copy of '{cg}'"

@@ -313,6 +313,10 @@ pub struct Sequencer {
     cfg: SequencerConfig,
     /// Counters.
     pub stats: SequencerStats,
+    /// Held through a hand-over: pauses do not nest, so a second hand-over (a new
+    /// coordinator asking again while the first still runs) must wait for the first to
+    /// end, or the first one's resume would release the second one's pause.
+    pub hand_over_turn: tokio::sync::Mutex<()>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -421,6 +425,7 @@ impl Sequencer {
             seq_path: spec.seq_path,
             tenure_start: spec.seq_start,
             written: Notify::new(),
+            hand_over_turn: tokio::sync::Mutex::new(()),
             progress: Notify::new(),
             run: watch::channel(RunState::Running).0,
             reporter,
