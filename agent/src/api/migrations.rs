@@ -170,6 +170,9 @@ pub async fn list(
     ))
 }
 
+/// How long `show` waits for the coordinator's live note before answering without it.
+const LIVE_NOTE_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// `GET /v1/migrations/{id}`: the record, with the coordinator's live note.
 pub async fn show(
     State(s): State<ApiState>,
@@ -187,11 +190,15 @@ pub async fn show(
         )
     })?;
     if view.decision.is_none() {
-        if let Ok(LocalResponse::MigrationLive(Some(live))) = s
-            .cluster
-            .local(view.coordinator, LocalRequest::MigrationLive { id })
-            .await
-        {
+        // The live note is a garnish: a dead coordinator must not make `show` hang while
+        // the operator watches another agent take over.
+        let live = tokio::time::timeout(
+            LIVE_NOTE_WAIT,
+            s.cluster
+                .local(view.coordinator, LocalRequest::MigrationLive { id }),
+        )
+        .await;
+        if let Ok(Ok(LocalResponse::MigrationLive(Some(live)))) = live {
             view.note = live.note;
             view.link_progress = live.link.map(|l| (l.acked_seq, l.last_seq));
         }
