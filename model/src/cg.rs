@@ -393,6 +393,25 @@ impl ClusterModel {
         Ok(Outcome::Cg(group.clone()))
     }
 
+    pub(crate) fn report_link_state(
+        &mut self,
+        cg: &str,
+        from: NodeId,
+        sequencer_epoch: u64,
+        to: NodeId,
+        state: LinkState,
+        expect: Option<LinkState>,
+    ) -> Result<Outcome, ModelError> {
+        let group = self.cg_mut(cg)?;
+        if group.sequencer != from || group.sequencer_epoch != sequencer_epoch {
+            return Err(stale(format!(
+                "node {from} (sequencer epoch {sequencer_epoch}) no longer orders '{cg}': node {} does, in epoch {}",
+                group.sequencer, group.sequencer_epoch
+            )));
+        }
+        self.set_link_state(cg, to, state, expect)
+    }
+
     pub(crate) fn set_sequencer(
         &mut self,
         cg: &str,

@@ -256,6 +256,25 @@ pub enum Command {
         /// Proposer's clock.
         at_ms: u64,
     },
+    /// [`Command::SetLinkState`] as the group's sequencer reports it (schema 3): refused
+    /// unless `from` still orders the group in tenure `sequencer_epoch`. A sequencer that
+    /// missed its hand-over or a take-over (frozen, partitioned) can then neither record
+    /// its successor's replica `outdated` and acknowledge writes without it, nor promote
+    /// a copy.
+    ReportLinkState {
+        /// The group.
+        cg: String,
+        /// The reporting sequencer's host.
+        from: NodeId,
+        /// The group's sequencer epoch the reporter runs under.
+        sequencer_epoch: u64,
+        /// Host of the copy.
+        to: NodeId,
+        /// New state.
+        state: LinkState,
+        /// Applied only if the link is in this state now (compare-and-set).
+        expect: Option<LinkState>,
+    },
 }
 
 impl Command {
@@ -286,6 +305,7 @@ impl Command {
             Command::AbortMigration { .. } => "abort_migration",
             Command::MigrationStep { .. } => "migration_step",
             Command::MigrationSequencer { .. } => "migration_sequencer",
+            Command::ReportLinkState { .. } => "report_link_state",
         }
     }
 }

@@ -50,8 +50,10 @@ pub use vm::{DISK_SIZE_ALIGN, Disk, MAX_DISK_SIZE, MAX_DISKS_PER_VM, MIN_DISK_SI
 use error::invalid;
 
 /// The schema version this build writes. Version 1 is the format before schema versions
-/// existed (see [`v1`]).
-pub const SCHEMA_VERSION: u8 = 2;
+/// existed (see [`v1`]). Version 3 appended [`Command::ReportLinkState`]; every version 2
+/// record decodes unchanged as version 3 (bincode numbers enum variants in order), and the
+/// bump makes an older build refuse a version 3 log instead of misreading it.
+pub const SCHEMA_VERSION: u8 = 3;
 
 /// A host's Raft node id. Ids are never reused, even after a node is removed.
 pub type NodeId = u64;
@@ -169,6 +171,14 @@ impl ClusterModel {
                 state,
                 expect,
             } => self.set_link_state(cg, *to, *state, *expect),
+            Command::ReportLinkState {
+                cg,
+                from,
+                sequencer_epoch,
+                to,
+                state,
+                expect,
+            } => self.report_link_state(cg, *from, *sequencer_epoch, *to, *state, *expect),
             Command::SetVmRunning { name, running } => self.set_vm_running(name, *running),
             Command::CreateSnapshot {
                 cg,

@@ -295,6 +295,64 @@ fn link_state_compare_and_set_refuses_a_stale_view() {
 }
 
 #[test]
+fn a_link_report_from_a_sequencer_that_lost_the_order_is_refused() {
+    let mut m = replicated(ReplicationMode::Sync);
+    ok(&mut m, add("g", 3, ReplicationMode::Sync));
+    ok(&mut m, link_state("g", 3, LinkState::Consistent));
+    let report = |from, epoch, to| Command::ReportLinkState {
+        cg: "g".into(),
+        from,
+        sequencer_epoch: epoch,
+        to,
+        state: LinkState::Outdated,
+        expect: None,
+    };
+    let epoch = m.cgs["g"].sequencer_epoch;
+    // The order moves to host 2 (a hand-over host 1 missed, frozen).
+    ok(
+        &mut m,
+        Command::SetSequencer {
+            cg: "g".into(),
+            to: 2,
+            continue_at: 10,
+            expect_sequencer: 1,
+            old_link_mode: Some(ReplicationMode::Sync),
+        },
+    );
+    // Host 1 wakes and tries to outdate host 3's copy to acknowledge a write without it.
+    assert!(matches!(
+        m.apply(0, &report(1, epoch, 3)),
+        Err(ModelError::Stale(_))
+    ));
+    // The order comes back to host 1: its old tenure still may not speak.
+    ok(
+        &mut m,
+        Command::SetSequencer {
+            cg: "g".into(),
+            to: 1,
+            continue_at: 20,
+            expect_sequencer: 2,
+            old_link_mode: Some(ReplicationMode::Sync),
+        },
+    );
+    assert!(matches!(
+        m.apply(0, &report(1, epoch, 3)),
+        Err(ModelError::Stale(_))
+    ));
+    assert_eq!(
+        m.cgs["g"].link(3).map(|l| l.state),
+        Some(LinkState::Consistent)
+    );
+    // The current tenure may.
+    let now = m.cgs["g"].sequencer_epoch;
+    ok(&mut m, report(1, now, 3));
+    assert_eq!(
+        m.cgs["g"].link(3).map(|l| l.state),
+        Some(LinkState::Outdated)
+    );
+}
+
+#[test]
 fn snapshots_running_flag_and_group_fence() {
     let mut m = with_hosts(&[1]);
     ok(&mut m, create_vm("a", 1));

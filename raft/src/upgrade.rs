@@ -65,7 +65,8 @@ pub fn encode_entry(entry: &Entry) -> Result<Vec<u8>, CodecError> {
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, CodecError> {
     let (version, body) = convoy_codec::split_version(bytes)?;
     match version {
-        SCHEMA_VERSION => convoy_codec::decode_body(body),
+        // Version 3 only appended a command variant: version 2 bodies decode as they are.
+        SCHEMA_VERSION | 2 => convoy_codec::decode_body(body),
         1 => {
             let old: V1Entry = convoy_codec::decode_body(body)?;
             let payload = match old.payload {
@@ -100,7 +101,8 @@ pub fn encode_state(state: &SmState) -> Result<Vec<u8>, CodecError> {
 pub fn decode_state(bytes: &[u8]) -> Result<SmState, CodecError> {
     let (version, body) = convoy_codec::split_version(bytes)?;
     match version {
-        SCHEMA_VERSION => convoy_codec::decode_body(body),
+        // Version 3 only appended a command variant: version 2 bodies decode as they are.
+        SCHEMA_VERSION | 2 => convoy_codec::decode_body(body),
         1 => {
             let old: V1SmState = convoy_codec::decode_body(body)?;
             Ok(SmState {

@@ -213,7 +213,13 @@ impl LinkSender {
         }
         self.seq
             .reporter()
-            .report(self.seq.name.clone(), self.to, state, Some(now))
+            .report(
+                self.seq.name.clone(),
+                self.seq.sequencer_epoch(),
+                self.to,
+                state,
+                Some(now),
+            )
             .await
             .map_err(|e| anyhow::anyhow!("cannot record link state {}: {e}", state.as_str()))?;
         self.seq.note_state(self.to, state);
@@ -244,6 +250,7 @@ impl LinkSender {
             .reporter()
             .report(
                 self.seq.name.clone(),
+                self.seq.sequencer_epoch(),
                 self.to,
                 LinkState::Consistent,
                 Some(now),

@@ -104,10 +104,12 @@ impl WriteError {
 /// Records link states in Raft (implemented by the agent over its cluster service).
 pub trait LinkReporter: Send + Sync + 'static {
     /// Commits `state` for the link of group `cg` to `to`, if the link is in `expect` now
-    /// (when given); resolves once committed.
+    /// (when given) and this host still orders the group in `sequencer_epoch`; resolves
+    /// once committed.
     fn report(
         &self,
         cg: String,
+        sequencer_epoch: u64,
         to: NodeId,
         state: LinkState,
         expect: Option<LinkState>,
@@ -885,7 +887,13 @@ impl Sequencer {
         if must_commit {
             tracing::warn!(cg = %self.name, replica = to, seq, "synchronous replica did not acknowledge in time: marking it outdated");
             self.reporter
-                .report(self.name.clone(), to, LinkState::Outdated, None)
+                .report(
+                    self.name.clone(),
+                    self.sequencer_epoch(),
+                    to,
+                    LinkState::Outdated,
+                    None,
+                )
                 .await
                 .map_err(|reason| WriteError::SyncFailed { node: to, reason })?;
             let mut g = lock(&self.inner);
@@ -1172,6 +1180,7 @@ mod tests {
         fn report(
             &self,
             _cg: String,
+            _sequencer_epoch: u64,
             to: NodeId,
             state: LinkState,
             _expect: Option<LinkState>,

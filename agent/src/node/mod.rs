@@ -282,14 +282,21 @@ impl LinkReporter for RaftModelWriter {
     fn report(
         &self,
         cg: String,
+        sequencer_epoch: u64,
         to: NodeId,
         state: LinkState,
         expect: Option<LinkState>,
     ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let Some(from) = self.0.upgrade().map(|c| c.id) else {
+            return Box::pin(async { Err("the agent is shutting down".to_string()) });
+        };
+        // Bound to this host's tenure: a sequencer that missed a hand-over is refused.
         let fut = self.propose(
             rand::random(),
-            Command::SetLinkState {
+            Command::ReportLinkState {
                 cg,
+                from,
+                sequencer_epoch,
                 to,
                 state,
                 expect,
