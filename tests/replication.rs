@@ -602,3 +602,72 @@ fn copies_the_cluster_no_longer_uses_are_deleted_and_others_kept() {
     qemu_io(&uri, &["read -P 9 0 64k".to_string()]);
     dev.assert_no_panics();
 }
+
+/// With the replica's agent SIGKILLed while the guest keeps writing, `cg show` reports
+/// the replica's lag from what the sequencer assigned and what the replica acknowledged,
+/// not from the last streaming update: lag_writes = last_seq - acked_seq > 0, and
+/// lag_seconds keeps growing.
+#[test]
+fn lag_of_a_dead_replica_counts_every_write_it_lacks_and_keeps_growing() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let r = dev.cli(&[
+        "vm",
+        "create",
+        "sim",
+        "--host",
+        "1",
+        "--disk",
+        "32MiB",
+        "--workload",
+        "iops=200,size=4k",
+    ]);
+    assert!(r.ok, "{r:?}");
+    assert!(dev.cli(&["cg", "create", "g", "--vm", "sim"]).ok);
+    let r = dev.cli(&["cg", "replicate", "g", "--to", "2", "--mode", "async"]);
+    assert!(r.ok, "{r:?}");
+    let r = dev.cli(&["vm", "start", "sim"]);
+    assert!(r.ok, "{r:?}");
+    wait_for("the replica to stream writes", Duration::from_secs(60), || {
+        let v = cg_show(&dev, "g");
+        let r = &v["replicas"][0];
+        (r["phase"] == "streaming" && r["acked_seq"].as_u64() > Some(0)).then_some(())
+    });
+    dev.kill(2);
+    let lag = |v: &serde_json::Value| {
+        let r = &v["replicas"][0];
+        (
+            v["last_seq"].as_u64().unwrap(),
+            r["acked_seq"].as_u64().unwrap(),
+            r["lag_writes"].as_u64().unwrap(),
+            r["lag_seconds"].as_f64().unwrap(),
+        )
+    };
+    // The acknowledged sequence stops moving once the replica is dead; the guest keeps
+    // writing at 200 IOPS, so the replica soon lacks many writes.
+    let first = wait_for("the replica to lack writes", Duration::from_secs(30), || {
+        let v = cg_show(&dev, "g");
+        let (last, acked, _, _) = lag(&v);
+        (last > acked + 50).then_some(v)
+    });
+    let (last, acked, lag_writes, lag_seconds) = lag(&first);
+    eprintln!(
+        "replica down: last_seq {last}, acked_seq {acked}, lag_writes {lag_writes}, lag_seconds {lag_seconds:.2}, state {}",
+        first["replicas"][0]["state"]
+    );
+    assert_eq!(lag_writes, last - acked, "{first:#}");
+    assert!(lag_writes > 0);
+    assert!(lag_seconds > 0.0, "{first:#}");
+    let later = wait_for("lag_seconds to grow", Duration::from_secs(10), || {
+        let v = cg_show(&dev, "g");
+        (lag(&v).3 >= lag_seconds + 1.0).then_some(v)
+    });
+    let (last2, acked2, lag_writes2, lag_seconds2) = lag(&later);
+    eprintln!(
+        "later: last_seq {last2}, acked_seq {acked2}, lag_writes {lag_writes2}, lag_seconds {lag_seconds2:.2}, state {}",
+        later["replicas"][0]["state"]
+    );
+    assert_eq!(lag_writes2, last2 - acked2, "{later:#}");
+    assert!(lag_writes2 > lag_writes, "{later:#}");
+    dev.assert_no_panics();
+}
