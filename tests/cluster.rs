@@ -972,3 +972,38 @@ fn sighup_makes_the_agent_present_a_rotated_certificate_without_a_restart() {
     assert!(dev.cli(&["vm", "list"]).ok);
     dev.assert_no_panics();
 }
+
+/// A leader whose two followers died cannot commit anything: `cluster status` on it says
+/// there is no leader (openraft still names it leader) within a deadline.
+#[test]
+fn cluster_status_reports_no_leader_once_the_quorum_is_lost() {
+    let dev = Dev::start(3, &[]);
+    let leader = wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let status = dev.cli_at(leader, &["cluster", "status", "-o", "json"]).json();
+    assert_eq!(status["leader"].as_u64(), Some(leader), "{status:#}");
+    for id in (1..=3).filter(|id| *id != leader) {
+        dev.kill(id);
+    }
+    let started = Instant::now();
+    let status = wait_for("no leader on the survivor", Duration::from_secs(15), || {
+        let r = dev.cli_at(leader, &["cluster", "status", "-o", "json"]);
+        let v = r.json();
+        v["leader"].is_null().then_some(v)
+    });
+    eprintln!(
+        "survivor {leader} reported no leader after {:?}: {}",
+        started.elapsed(),
+        status["warning"]
+    );
+    let warning = status["warning"].as_str().unwrap_or_default();
+    assert!(warning.starts_with("no leader"), "{status:#}");
+    assert_eq!(status["reachable"].as_u64(), Some(1), "{status:#}");
+    assert!(
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["role"] != "leader"),
+        "{status:#}"
+    );
+}
