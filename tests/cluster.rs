@@ -979,7 +979,9 @@ fn sighup_makes_the_agent_present_a_rotated_certificate_without_a_restart() {
 fn cluster_status_reports_no_leader_once_the_quorum_is_lost() {
     let dev = Dev::start(3, &[]);
     let leader = wait_for("a leader", Duration::from_secs(10), || dev.leader());
-    let status = dev.cli_at(leader, &["cluster", "status", "-o", "json"]).json();
+    let status = dev
+        .cli_at(leader, &["cluster", "status", "-o", "json"])
+        .json();
     assert_eq!(status["leader"].as_u64(), Some(leader), "{status:#}");
     for id in (1..=3).filter(|id| *id != leader) {
         dev.kill(id);
@@ -1036,8 +1038,18 @@ fn agent_exits_with_code_1_when_its_port_is_taken() {
     let held_tcp = TcpListener::bind(SocketAddr::new(dev.ip, 0)).unwrap();
     let held_udp = UdpSocket::bind(SocketAddr::new(dev.ip, 0)).unwrap();
     let cases = [
-        ("admin", free_udp(), held_tcp.local_addr().unwrap(), "listen.admin"),
-        ("raft", held_udp.local_addr().unwrap(), free_tcp(), "listen.raft"),
+        (
+            "admin",
+            free_udp(),
+            held_tcp.local_addr().unwrap(),
+            "listen.admin",
+        ),
+        (
+            "raft",
+            held_udp.local_addr().unwrap(),
+            free_tcp(),
+            "listen.raft",
+        ),
     ];
     for (which, raft, admin, key) in cases {
         let mut cfg = base.clone();

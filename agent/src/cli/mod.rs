@@ -723,7 +723,10 @@ mod tests {
             .parent()
             .expect("the agent crate is in the workspace");
         let mut files = Vec::new();
-        for krate in std::fs::read_dir(workspace).expect("workspace dir").flatten() {
+        for krate in std::fs::read_dir(workspace)
+            .expect("workspace dir")
+            .flatten()
+        {
             sources(&krate.path().join("src"), &mut files);
         }
         assert!(files.len() > 20, "found only {} source files", files.len());
@@ -754,7 +757,11 @@ mod tests {
             }
         }
         assert!(checked > 30, "found only {checked} hints");
-        assert!(wrong.is_empty(), "hints naming no command:\n{}", wrong.join("\n"));
+        assert!(
+            wrong.is_empty(),
+            "hints naming no command:\n{}",
+            wrong.join("\n")
+        );
     }
 
     #[test]

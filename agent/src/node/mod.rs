@@ -68,7 +68,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 }
 
 /// The agent once its Raft log is open.
-async fn run_with_log(cfg: &AgentConfig, identity: &TlsIdentity, log_store: LogStore) -> Result<()> {
+async fn run_with_log(
+    cfg: &AgentConfig,
+    identity: &TlsIdentity,
+    log_store: LogStore,
+) -> Result<()> {
     let log_stats = log_store.stats();
     let state_machine = StateMachineStore::open(&cfg.data_dir.join("raft-sm"))
         .context("cannot open the state machine")?;
@@ -113,7 +117,10 @@ async fn run_with_log(cfg: &AgentConfig, identity: &TlsIdentity, log_store: LogS
 
     // From here on Raft runs: whatever `serve` returns, stop in order.
     let mut plane = None;
-    let outcome = serve(cfg, identity, &raft, &endpoint, inbound, model, log_stats, &mut plane).await;
+    let outcome = serve(
+        cfg, identity, &raft, &endpoint, inbound, model, log_stats, &mut plane,
+    )
+    .await;
     tracing::info!("shutting down");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     if let Some(plane) = plane {
