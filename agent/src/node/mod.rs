@@ -229,7 +229,7 @@ async fn serve(
         .context("cannot install the SIGTERM handler")?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP handler")?;
-    let outcome = loop {
+    loop {
         tokio::select! {
             _ = term.recv() => break Ok(()),
             r = tokio::signal::ctrl_c() => break r.context("cannot wait for SIGINT"),
@@ -240,8 +240,7 @@ async fn serve(
             },
             _ = hup.recv() => reload_certificate(cfg, identity),
         }
-    };
-    outcome
+    }
 }
 
 /// The NBD TCP listener's settings: TLS with NBD client certificates from the cluster CA,
