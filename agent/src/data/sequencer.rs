@@ -140,6 +140,26 @@ pub fn legacy_seq_record_path(replication_dir: &Path, name: &str) -> PathBuf {
     replication_dir.join(format!("{}.seq", name.replace(':', "-")))
 }
 
+/// Above every sequence number any domain of this host reserved (its `*.seq` records):
+/// the least first sequence of a domain that does not continue another host's tenure.
+/// A group deleted and created again over the same disks, or a VM leaving or joining a
+/// group, gets a new domain whose numbers must not repeat the old one's: the guest's
+/// acknowledged-write log and its checker order a VM's writes by them. Unreadable records
+/// are skipped (their domain's own open reports them). Blocking.
+pub fn host_sequence_floor(replication_dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(replication_dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seq"))
+        .filter_map(|p| read_seq_record(&p).ok().flatten())
+        .map(|r| r.reserved_until)
+        .max()
+        .unwrap_or(0)
+}
+
 fn read_seq_record(path: &Path) -> Result<Option<SeqRecord>, WriteError> {
     let meta = |e: String| WriteError::Meta(format!("{}: {e}", path.display()));
     let Some(bytes) = convoy_codec::file::read_bytes(path).map_err(|e| meta(e.to_string()))? else {
@@ -362,6 +382,9 @@ pub struct SequencerSpec {
     pub seq_path: PathBuf,
     /// Version 1's record, read once if the current one does not exist yet.
     pub legacy_seq_path: Option<PathBuf>,
+    /// Unless the tenure continues another host's (`seq_start > 0`), the first sequence
+    /// is at least this ([`host_sequence_floor`]).
+    pub floor: u64,
 }
 
 impl Sequencer {
@@ -378,7 +401,12 @@ impl Sequencer {
                 record = read_seq_record(legacy)?;
             }
         }
-        let next_seq = first_sequence(record, spec.seq_start);
+        let mut next_seq = first_sequence(record, spec.seq_start);
+        if spec.seq_start == 0 {
+            // A hand-over's tenure starts exactly where the model says; any other starts
+            // above every number this host gave out in other domains.
+            next_seq = next_seq.max(spec.floor);
+        }
         let reserved_until = next_seq + SEQ_BLOCK;
         let fresh = SeqRecord {
             tenure_start: spec.seq_start,
@@ -1195,6 +1223,7 @@ mod tests {
             seq_start,
             seq_path: dir.join("cg-1.seq"),
             legacy_seq_path: None,
+            floor: 0,
         };
         let cfg = SequencerConfig {
             journal_limit,
@@ -1229,6 +1258,43 @@ mod tests {
         assert_eq!(first_sequence(Some(r2), 77), 77 + SEQ_BLOCK);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_domain_numbers_above_every_other_domain_of_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, _) = open(dir.path(), 0, 1 << 20);
+        let last_old = old.write(1, 0, data(512), false, 1).await.unwrap();
+        old.close();
+        drop(old);
+        let floor = host_sequence_floor(dir.path());
+        assert!(floor > last_old);
+        let cfg = SequencerConfig {
+            journal_limit: 1 << 20,
+            sync_timeout: Duration::from_secs(1),
+        };
+        let spec = |domain: DomainId, seq_start| SequencerSpec {
+            domain,
+            name: "shop".into(),
+            disks: vec![(
+                1,
+                Arc::new(DiskImage::create(dir.path(), &domain.key(), 1 << 20).unwrap()),
+                1,
+            )],
+            sequencer_epoch: 1,
+            seq_start,
+            seq_path: seq_record_path(dir.path(), domain),
+            legacy_seq_path: None,
+            floor,
+        };
+        let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
+        // A group created again under the old name gets a new id, and new numbers.
+        let new = Sequencer::open(spec(DomainId::Cg(2), 0), cfg.clone(), rec.clone()).unwrap();
+        assert!(new.next_seq() >= floor);
+        new.close();
+        // A hand-over's tenure still starts exactly where the model says.
+        let taken = Sequencer::open(spec(DomainId::Cg(3), 77), cfg, rec).unwrap();
+        assert_eq!(taken.next_seq(), 77);
+    }
+
     #[test]
     fn a_schema_1_reservation_record_is_upgraded() {
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1/shop.seq");
@@ -1253,6 +1319,7 @@ mod tests {
             seq_start: 0,
             seq_path: seq_record_path(dir.path(), DomainId::Cg(1)),
             legacy_seq_path: Some(legacy.clone()),
+            floor: 0,
         };
         let cfg = SequencerConfig {
             journal_limit: 1 << 20,
