@@ -730,6 +730,17 @@ fn a_group_recreated_under_its_old_name_replicates_as_a_new_group() {
     let r = dev.cli(&["cg", "delete", "shop"]);
     assert!(r.ok, "{r:?}");
     create();
+    // The new copy lacks only the new group's writes, all numbered above the old group's.
+    let (v, last, lag) = wait_for("the new group's status", Duration::from_secs(20), || {
+        let v = cg_show(&dev, "shop");
+        let last = v["last_seq"].as_u64()?;
+        let lag = v["replicas"][0]["lag_writes"].as_u64()?;
+        Some((v, last, lag))
+    });
+    assert!(
+        lag < last - first_last,
+        "lag {lag} writes, last_seq {last}: {v:#}"
+    );
     let started = Instant::now();
     let second = wait_for(
         "the recreated group's replica to stream and hold every write",

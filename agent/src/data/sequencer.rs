@@ -324,6 +324,12 @@ pub struct Sequencer {
     sequencer_epoch: AtomicU64,
     seq_path: PathBuf,
     tenure_start: u64,
+    /// For a domain this host never sequenced before (no record, not a hand-over): the
+    /// number below its first one. Every replica holds all of the domain's writes through
+    /// it (there are none), so new links start acknowledged there and their lag counts
+    /// only this domain's writes. 0 otherwise: what a replica holds is unknown until it
+    /// answers.
+    held_by_all: u64,
     /// Woken after every write, for the senders.
     pub written: Notify,
     /// Woken whenever the journal shrinks or an in-flight write completes.
@@ -401,6 +407,7 @@ impl Sequencer {
                 record = read_seq_record(legacy)?;
             }
         }
+        let brand_new = record.is_none() && spec.seq_start == 0;
         let mut next_seq = first_sequence(record, spec.seq_start);
         if spec.seq_start == 0 {
             // A hand-over's tenure starts exactly where the model says; any other starts
@@ -452,6 +459,7 @@ impl Sequencer {
             sequencer_epoch: AtomicU64::new(spec.sequencer_epoch),
             seq_path: spec.seq_path,
             tenure_start: spec.seq_start,
+            held_by_all: if brand_new { next_seq - 1 } else { 0 },
             written: Notify::new(),
             hand_over_turn: tokio::sync::Mutex::new(()),
             progress: Notify::new(),
@@ -618,6 +626,7 @@ impl Sequencer {
         for (to, mode, state) in links {
             let link = g.links.entry(*to).or_insert_with(|| {
                 let mut l = LinkRuntime::new(*mode, *state);
+                l.acked = self.held_by_all;
                 if matches!(state, LinkState::Consistent | LinkState::Outdated) {
                     l.retain_from = Some(first);
                 }
@@ -1289,6 +1298,10 @@ mod tests {
         // A group created again under the old name gets a new id, and new numbers.
         let new = Sequencer::open(spec(DomainId::Cg(2), 0), cfg.clone(), rec.clone()).unwrap();
         assert!(new.next_seq() >= floor);
+        // Its replica lacks none of its writes yet: no lag from the numbers it skipped.
+        new.set_links(&[(2, ReplicationMode::Async, LinkState::Syncing)]);
+        let l = new.link_status()[&2];
+        assert_eq!((l.acked, l.lag_seconds), (new.next_seq() - 1, 0.0));
         new.close();
         // A hand-over's tenure still starts exactly where the model says.
         let taken = Sequencer::open(spec(DomainId::Cg(3), 77), cfg, rec).unwrap();
