@@ -972,3 +972,132 @@ fn sighup_makes_the_agent_present_a_rotated_certificate_without_a_restart() {
     assert!(dev.cli(&["vm", "list"]).ok);
     dev.assert_no_panics();
 }
+
+/// A leader whose two followers died cannot commit anything: `cluster status` on it says
+/// there is no leader (openraft still names it leader) within a deadline.
+#[test]
+fn cluster_status_reports_no_leader_once_the_quorum_is_lost() {
+    let dev = Dev::start(3, &[]);
+    let leader = wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let status = dev
+        .cli_at(leader, &["cluster", "status", "-o", "json"])
+        .json();
+    assert_eq!(status["leader"].as_u64(), Some(leader), "{status:#}");
+    for id in (1..=3).filter(|id| *id != leader) {
+        dev.kill(id);
+    }
+    let started = Instant::now();
+    let status = wait_for("no leader on the survivor", Duration::from_secs(15), || {
+        let r = dev.cli_at(leader, &["cluster", "status", "-o", "json"]);
+        let v = r.json();
+        v["leader"].is_null().then_some(v)
+    });
+    eprintln!(
+        "survivor {leader} reported no leader after {:?}: {}",
+        started.elapsed(),
+        status["warning"]
+    );
+    let warning = status["warning"].as_str().unwrap_or_default();
+    assert!(warning.starts_with("no leader"), "{status:#}");
+    assert_eq!(status["reachable"].as_u64(), Some(1), "{status:#}");
+    assert!(
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["role"] != "leader"),
+        "{status:#}"
+    );
+}
+
+/// An agent whose admin or QUIC port another process holds says so and exits with code 1,
+/// every time: Raft, the data plane and the Raft log's RocksDB shut down in order instead
+/// of dying by SIGSEGV or SIGABRT while the process exits.
+#[test]
+fn agent_exits_with_code_1_when_its_port_is_taken() {
+    use convoy_agent::config::AgentConfig;
+    use std::net::{SocketAddr, TcpListener, UdpSocket};
+    use std::os::unix::process::ExitStatusExt;
+
+    // A dev cluster of one issues the node certificate and writes a config to start from.
+    let dev = Dev::start(1, &[]);
+    let base = AgentConfig::load(&dev.node(1).config).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let free_udp = || {
+        UdpSocket::bind(SocketAddr::new(dev.ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let free_tcp = || {
+        TcpListener::bind(SocketAddr::new(dev.ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let held_tcp = TcpListener::bind(SocketAddr::new(dev.ip, 0)).unwrap();
+    let held_udp = UdpSocket::bind(SocketAddr::new(dev.ip, 0)).unwrap();
+    let cases = [
+        (
+            "admin",
+            free_udp(),
+            held_tcp.local_addr().unwrap(),
+            "listen.admin",
+        ),
+        (
+            "raft",
+            held_udp.local_addr().unwrap(),
+            free_tcp(),
+            "listen.raft",
+        ),
+    ];
+    for (which, raft, admin, key) in cases {
+        let mut cfg = base.clone();
+        cfg.data_dir = work.path().join(which).join("data");
+        cfg.nbd.socket_dir = work.path().join(which).join("run");
+        cfg.nbd.tcp = Some(free_tcp());
+        cfg.listen.raft = raft;
+        cfg.listen.admin = admin;
+        cfg.listen.metrics = None;
+        let path = work.path().join(format!("{which}.toml"));
+        std::fs::write(&path, cfg.to_toml().unwrap()).unwrap();
+        for run in 1..=5 {
+            let started = Instant::now();
+            let mut child = std::process::Command::new(convoy_bin())
+                .arg("agent")
+                .arg("--config")
+                .arg(&path)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Bounded: an agent that started anyway is killed and fails the test.
+            let status = loop {
+                if let Some(s) = child.try_wait().unwrap() {
+                    break s;
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    let _ = child.kill();
+                    panic!("{which} port taken, run {run}: the agent did not exit");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            eprintln!(
+                "{which} port taken, run {run}: {status:?} after {:?}",
+                started.elapsed()
+            );
+            assert_eq!(
+                (status.code(), status.signal()),
+                (Some(1), None),
+                "{which} port taken, run {run}: {status:?}\n{stderr}"
+            );
+            assert!(
+                stderr.contains("error:") && stderr.contains(key),
+                "{which} port taken, run {run}: the error does not name `{key}`:\n{stderr}"
+            );
+        }
+    }
+}

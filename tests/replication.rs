@@ -428,13 +428,17 @@ fn group_snapshot_create_restore_delete() {
     );
     let d0 = vm_uri(&dev, "s1", 0);
     let d1 = vm_uri(&dev, "s1", 1);
+    // A group's numbers start above those of the VM's earlier domain: count from here.
+    let start = wait_for("the group's sequencer", Duration::from_secs(20), || {
+        cg_show(&dev, "snapg")["last_seq"].as_u64()
+    });
     qemu_io(&d0, &["write -P 1 0 1M".into()]);
     qemu_io(&d1, &["write -P 2 0 1M".into()]);
     let snap = dev
         .cli(&["cg", "snapshot", "create", "snapg", "before", "-o", "json"])
         .json();
     assert_eq!(snap[0]["name"], "before");
-    assert_eq!(snap[0]["last_seq"], 2, "{snap}");
+    assert_eq!(snap[0]["last_seq"], start + 2, "{snap}");
     qemu_io(&d0, &["write -P 7 0 64k".into()]);
     qemu_io(&d1, &["write -P 8 4M 64k".into()]);
     let list = dev
@@ -600,5 +604,181 @@ fn copies_the_cluster_no_longer_uses_are_deleted_and_others_kept() {
     let uri = vm_uri(&dev, "keep", 0);
     qemu_io(&uri, &["write -P 9 0 64k".to_string()]);
     qemu_io(&uri, &["read -P 9 0 64k".to_string()]);
+    dev.assert_no_panics();
+}
+
+/// With the replica's agent SIGKILLed while the guest keeps writing, `cg show` reports
+/// the replica's lag from what the sequencer assigned and what the replica acknowledged,
+/// not from the last streaming update: lag_writes = last_seq - acked_seq > 0, and
+/// lag_seconds keeps growing.
+#[test]
+fn lag_of_a_dead_replica_counts_every_write_it_lacks_and_keeps_growing() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let r = dev.cli(&[
+        "vm",
+        "create",
+        "sim",
+        "--host",
+        "1",
+        "--disk",
+        "32MiB",
+        "--workload",
+        "iops=200,size=4k",
+    ]);
+    assert!(r.ok, "{r:?}");
+    assert!(dev.cli(&["cg", "create", "g", "--vm", "sim"]).ok);
+    let r = dev.cli(&["cg", "replicate", "g", "--to", "2", "--mode", "async"]);
+    assert!(r.ok, "{r:?}");
+    let r = dev.cli(&["vm", "start", "sim"]);
+    assert!(r.ok, "{r:?}");
+    wait_for(
+        "the replica to stream writes",
+        Duration::from_secs(60),
+        || {
+            let v = cg_show(&dev, "g");
+            let r = &v["replicas"][0];
+            (r["phase"] == "streaming" && r["acked_seq"].as_u64() > Some(0)).then_some(())
+        },
+    );
+    dev.kill(2);
+    let lag = |v: &serde_json::Value| {
+        let r = &v["replicas"][0];
+        (
+            v["last_seq"].as_u64().unwrap(),
+            r["acked_seq"].as_u64().unwrap(),
+            r["lag_writes"].as_u64().unwrap(),
+            r["lag_seconds"].as_f64().unwrap(),
+        )
+    };
+    // The acknowledged sequence stops moving once the replica is dead; the guest keeps
+    // writing at 200 IOPS, so the replica soon lacks many writes.
+    let first = wait_for(
+        "the replica to lack writes",
+        Duration::from_secs(30),
+        || {
+            let v = cg_show(&dev, "g");
+            let (last, acked, _, _) = lag(&v);
+            (last > acked + 50).then_some(v)
+        },
+    );
+    let (last, acked, lag_writes, lag_seconds) = lag(&first);
+    eprintln!(
+        "replica down: last_seq {last}, acked_seq {acked}, lag_writes {lag_writes}, lag_seconds {lag_seconds:.2}, state {}",
+        first["replicas"][0]["state"]
+    );
+    assert_eq!(lag_writes, last - acked, "{first:#}");
+    assert!(lag_writes > 0);
+    assert!(lag_seconds > 0.0, "{first:#}");
+    let later = wait_for("lag_seconds to grow", Duration::from_secs(10), || {
+        let v = cg_show(&dev, "g");
+        (lag(&v).3 >= lag_seconds + 1.0).then_some(v)
+    });
+    let (last2, acked2, lag_writes2, lag_seconds2) = lag(&later);
+    eprintln!(
+        "later: last_seq {last2}, acked_seq {acked2}, lag_writes {lag_writes2}, lag_seconds {lag_seconds2:.2}, state {}",
+        later["replicas"][0]["state"]
+    );
+    assert_eq!(lag_writes2, last2 - acked2, "{later:#}");
+    assert!(lag_writes2 > lag_writes, "{later:#}");
+    dev.assert_no_panics();
+}
+
+/// A group deleted and at once created again under the same name, with the same VMs (so
+/// the same disks), is a new group: replicating it streams to the replica like any new
+/// group, and every acknowledged write reaches the replica's copy. Nothing on the data
+/// path may take the old group's sequencer, stream or link state for the new one's.
+#[test]
+fn a_group_recreated_under_its_old_name_replicates_as_a_new_group() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    for vm in ["web", "db"] {
+        let r = dev.cli(&[
+            "vm",
+            "create",
+            vm,
+            "--host",
+            "1",
+            "--disk",
+            "32MiB",
+            "--workload",
+            "iops=100,size=4k",
+        ]);
+        assert!(r.ok, "{r:?}");
+    }
+    let create = || {
+        let r = dev.cli(&["cg", "create", "shop", "--vm", "web", "--vm", "db"]);
+        assert!(r.ok, "{r:?}");
+        let r = dev.cli(&["cg", "replicate", "shop", "--to", "2", "--mode", "async"]);
+        assert!(r.ok, "{r:?}");
+    };
+    create();
+    for vm in ["web", "db"] {
+        assert!(dev.cli(&["vm", "start", vm]).ok);
+    }
+    // Both groups must order writes of the guests: the checker then sees both numberings.
+    let writes_from = |from: u64| {
+        wait_for("the guests to write", Duration::from_secs(30), || {
+            let v = cg_show(&dev, "shop");
+            (v["last_seq"].as_u64()? >= from + 20).then_some(v)
+        })
+    };
+    writes_from(0);
+    let first = wait_caught_up(&dev, "shop");
+    let first_id = first["id"].as_u64().unwrap();
+    let first_last = first["last_seq"].as_u64().unwrap();
+    let r = dev.cli(&["cg", "delete", "shop"]);
+    assert!(r.ok, "{r:?}");
+    create();
+    // The new copy lacks only the new group's writes, all numbered above the old group's.
+    let (v, last, lag) = wait_for("the new group's status", Duration::from_secs(20), || {
+        let v = cg_show(&dev, "shop");
+        let last = v["last_seq"].as_u64()?;
+        let lag = v["replicas"][0]["lag_writes"].as_u64()?;
+        Some((v, last, lag))
+    });
+    assert!(
+        lag < last - first_last,
+        "lag {lag} writes, last_seq {last}: {v:#}"
+    );
+    let started = Instant::now();
+    let second = wait_for(
+        "the recreated group's replica to stream and hold every write",
+        Duration::from_secs(60),
+        || {
+            let v = cg_show(&dev, "shop");
+            let r = &v["replicas"][0];
+            (r["state"] == "consistent"
+                && r["phase"] == "streaming"
+                && r["acked_seq"].as_u64() > Some(0))
+            .then_some(v)
+        },
+    );
+    eprintln!(
+        "recreated group (id {}, was {first_id}) streaming after {:?}: {}",
+        second["id"],
+        started.elapsed(),
+        second["replicas"][0]
+    );
+    assert_ne!(second["id"].as_u64(), Some(first_id));
+    let second_first = second["replicas"][0]["acked_seq"].as_u64().unwrap();
+    assert!(
+        second_first > first_last,
+        "the new group numbers writes from {second_first}, the old one reached {first_last}"
+    );
+    writes_from(second_first);
+    for vm in ["web", "db"] {
+        assert!(dev.cli(&["vm", "stop", vm]).ok);
+    }
+    wait_caught_up(&dev, "shop");
+    for vm in ["web", "db"] {
+        let r = dev.cli(&["vm", "verify", vm, "--on", "2", "-o", "json"]);
+        let v = r.json();
+        assert_eq!(
+            v["ok"], true,
+            "verify {vm} on node 2: {}{}",
+            r.stdout, r.stderr
+        );
+    }
     dev.assert_no_panics();
 }

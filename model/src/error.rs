@@ -26,7 +26,7 @@ pub enum ModelError {
     /// The named object does not exist.
     #[error("{kind} '{name}' not found: {}", list_hint(kind))]
     NotFound {
-        /// Object kind (`vm`, `cg`, `host`, `replica`, `snapshot`, `migration`).
+        /// Object kind (`vm`, `cg`, `host`, `replica`, `snapshot`, `migration`, `disk`).
         kind: String,
         /// Its name or id.
         name: String,
@@ -57,6 +57,7 @@ fn list_hint(kind: &str) -> String {
         "replica" => "see the group's copies with `convoy cg show GROUP`".into(),
         "snapshot" => "list them with `convoy cg snapshot list GROUP`".into(),
         "migration" => "list them with `convoy migrate list`".into(),
+        "disk" => "list them with `convoy disk list`".into(),
         other => format!("check the {other} name"),
     }
 }

@@ -53,11 +53,45 @@ pub struct LogStats {
     pub fsyncs: AtomicU64,
 }
 
+/// Tells when a log store's database is closed: every clone of the store and of its
+/// readers dropped, and the flusher thread (which drops the last handle once the others
+/// are gone) ended. A process must not exit before: RocksDB's static destructors racing
+/// with a database still closing on another thread end in SIGSEGV or SIGABRT.
+pub struct LogStoreClosed {
+    db: std::sync::Weak<DB>,
+    flusher: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl LogStoreClosed {
+    /// Waits (blocking) until the database is closed, up to `timeout`; false if it was
+    /// still open then (a store or reader clone is still alive somewhere).
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut slot = self.flusher.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let thread_done = slot.as_ref().is_none_or(|t| t.is_finished());
+            if thread_done && self.db.strong_count() == 0 {
+                // Joining makes the flusher's drop of the database (if it held the last
+                // handle) complete before we return.
+                if let Some(t) = slot.take() {
+                    let _ = t.join();
+                }
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
 /// The Raft log store. Cheap to clone; all clones share one database and flusher.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    flusher_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     stats: Arc<LogStats>,
     /// Serialises writers so that a vote or truncate never interleaves with an append's
     /// write (openraft requires write IO in submission order).
@@ -128,16 +162,25 @@ impl LogStore {
         let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
         let flush_db = Arc::clone(&db);
         let flush_stats = Arc::clone(&stats);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-log-flush".into())
             .spawn(move || flusher(flush_db, rx, flush_stats))
             .map_err(LogStoreError::Thread)?;
         Ok(Self {
             db,
             flusher: tx,
+            flusher_thread: Arc::new(Mutex::new(Some(thread))),
             stats,
             write_lock: Arc::new(Mutex::new(())),
         })
+    }
+
+    /// What tells when the database is closed (see [`LogStoreClosed`]).
+    pub fn closed(&self) -> LogStoreClosed {
+        LogStoreClosed {
+            db: Arc::downgrade(&self.db),
+            flusher: Arc::clone(&self.flusher_thread),
+        }
     }
 
     /// Group-commit counters.

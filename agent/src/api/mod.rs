@@ -345,10 +345,13 @@ fn cg_view(model: &ClusterModel, cg: &convoy_raft::model::Cg) -> CgView {
 }
 
 fn not_found(kind: &str, name: &str) -> ApiError {
-    ApiError::new(
-        ErrorCode::NotFound,
-        format!("{kind} '{name}' not found: list them with `convoy {kind} list`"),
-    )
+    // The model's message names the command that lists each kind: not every kind has a
+    // list command of its own (snapshots are listed per group).
+    let e = ModelError::NotFound {
+        kind: kind.into(),
+        name: name.into(),
+    };
+    ApiError::new(ErrorCode::NotFound, e.to_string())
 }
 
 async fn create_vm(

@@ -654,3 +654,124 @@ async fn snapshot(client: &AdminClient, out: &Output, cmd: SnapshotCmd) -> Resul
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every `.rs` file under the workspace crates' `src` directories.
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// What is wrong with the command a hint names (the text after "`convoy "), if
+    /// anything: each word must be a subcommand until a leaf (or the end), and each
+    /// `--flag` one of the leaf's (or a global) flags.
+    fn check_hint(hint: &str) -> Result<(), String> {
+        let root = Cli::command();
+        let mut cmd = &root;
+        let mut words = hint.split_whitespace();
+        let mut path = vec!["convoy".to_string()];
+        while cmd.has_subcommands() {
+            // A group alone (`convoy cert`) exists too: it prints its commands.
+            let Some(w) = words.next() else {
+                return Ok(());
+            };
+            match cmd.find_subcommand(w) {
+                Some(sub) => {
+                    cmd = sub;
+                    path.push(w.to_string());
+                }
+                None => return Err(format!("`{} {w}`: no such command", path.join(" "))),
+            }
+        }
+        for w in words {
+            if let Some(flag) = w.strip_prefix("--") {
+                let flag = flag.split('=').next().unwrap_or(flag);
+                let known = cmd
+                    .get_arguments()
+                    .chain(root.get_arguments())
+                    .any(|a| a.get_long() == Some(flag));
+                if !known {
+                    return Err(format!("`{}` has no flag --{flag}", path.join(" ")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every hint that names a `convoy ...` command, in every crate's sources, names a
+    /// command (and flags) the CLI has: an operator told to run something that does not
+    /// exist is stuck exactly when they need help.
+    #[test]
+    fn every_hint_names_a_command_that_exists() {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the agent crate is in the workspace");
+        let mut files = Vec::new();
+        for krate in std::fs::read_dir(workspace)
+            .expect("workspace dir")
+            .flatten()
+        {
+            sources(&krate.path().join("src"), &mut files);
+        }
+        assert!(files.len() > 20, "found only {} source files", files.len());
+        let mut checked = 0;
+        let mut wrong = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).expect("read a source file");
+            // Hints live in the code, not in its unit tests (this one quotes the pattern).
+            let code = text.lines().take_while(|l| l.trim() != "#[cfg(test)]");
+            for (n, line) in code.enumerate() {
+                let mut rest = line;
+                while let Some(at) = rest.find("`convoy ") {
+                    let after = &rest[at + "`convoy ".len()..];
+                    let Some(end) = after.find('`') else { break };
+                    let hint = &after[..end];
+                    checked += 1;
+                    if hint.contains("{kind}") {
+                        wrong.push(format!(
+                            "{}:{}: `convoy {hint}`: the command depends on the kind",
+                            file.display(),
+                            n + 1
+                        ));
+                    } else if let Err(e) = check_hint(hint) {
+                        wrong.push(format!("{}:{}: {e}", file.display(), n + 1));
+                    }
+                    rest = &after[end + 1..];
+                }
+            }
+        }
+        assert!(checked > 30, "found only {checked} hints");
+        assert!(
+            wrong.is_empty(),
+            "hints naming no command:\n{}",
+            wrong.join("\n")
+        );
+    }
+
+    #[test]
+    fn the_hint_check_refuses_commands_and_flags_that_do_not_exist() {
+        assert!(check_hint("cg snapshot list GROUP").is_ok());
+        assert!(check_hint("cg replicate shop --to 2 --mode sync").is_ok());
+        assert!(check_hint("snapshot list").is_err());
+        assert!(check_hint("host list").is_err());
+        assert!(check_hint("replica list").is_err());
+        assert!(check_hint("cg").is_ok());
+        assert!(check_hint("cg replicate shop --into 2").is_err());
+    }
+}

@@ -883,6 +883,7 @@ impl DataPlane {
                 &self.replication_dir(),
                 &legacy,
             )),
+            floor: sequencer::host_sequence_floor(&self.replication_dir()),
         };
         let cfg = SequencerConfig {
             journal_limit: self.cfg.journal_limit,

@@ -142,6 +142,26 @@ pub fn legacy_seq_record_path(replication_dir: &Path, name: &str) -> PathBuf {
     replication_dir.join(format!("{}.seq", name.replace(':', "-")))
 }
 
+/// Above every sequence number any domain of this host reserved (its `*.seq` records):
+/// the least first sequence of a domain that does not continue another host's tenure.
+/// A group deleted and created again over the same disks, or a VM leaving or joining a
+/// group, gets a new domain whose numbers must not repeat the old one's: the guest's
+/// acknowledged-write log and its checker order a VM's writes by them. Unreadable records
+/// are skipped (their domain's own open reports them). Blocking.
+pub fn host_sequence_floor(replication_dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(replication_dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seq"))
+        .filter_map(|p| read_seq_record(&p).ok().flatten())
+        .map(|r| r.reserved_until)
+        .max()
+        .unwrap_or(0)
+}
+
 fn read_seq_record(path: &Path) -> Result<Option<SeqRecord>, WriteError> {
     let meta = |e: String| WriteError::Meta(format!("{}: {e}", path.display()));
     let Some(bytes) = convoy_codec::file::read_bytes(path).map_err(|e| meta(e.to_string()))? else {
@@ -306,6 +326,12 @@ pub struct Sequencer {
     sequencer_epoch: AtomicU64,
     seq_path: PathBuf,
     tenure_start: u64,
+    /// For a domain this host never sequenced before (no record, not a hand-over): the
+    /// number below its first one. Every replica holds all of the domain's writes through
+    /// it (there are none), so new links start acknowledged there and their lag counts
+    /// only this domain's writes. 0 otherwise: what a replica holds is unknown until it
+    /// answers.
+    held_by_all: u64,
     /// Woken after every write, for the senders.
     pub written: Notify,
     /// Woken whenever the journal shrinks or an in-flight write completes.
@@ -364,6 +390,9 @@ pub struct SequencerSpec {
     pub seq_path: PathBuf,
     /// Version 1's record, read once if the current one does not exist yet.
     pub legacy_seq_path: Option<PathBuf>,
+    /// Unless the tenure continues another host's (`seq_start > 0`), the first sequence
+    /// is at least this ([`host_sequence_floor`]).
+    pub floor: u64,
 }
 
 impl Sequencer {
@@ -380,7 +409,13 @@ impl Sequencer {
                 record = read_seq_record(legacy)?;
             }
         }
-        let next_seq = first_sequence(record, spec.seq_start);
+        let brand_new = record.is_none() && spec.seq_start == 0;
+        let mut next_seq = first_sequence(record, spec.seq_start);
+        if spec.seq_start == 0 {
+            // A hand-over's tenure starts exactly where the model says; any other starts
+            // above every number this host gave out in other domains.
+            next_seq = next_seq.max(spec.floor);
+        }
         let reserved_until = next_seq + SEQ_BLOCK;
         let fresh = SeqRecord {
             tenure_start: spec.seq_start,
@@ -426,6 +461,7 @@ impl Sequencer {
             sequencer_epoch: AtomicU64::new(spec.sequencer_epoch),
             seq_path: spec.seq_path,
             tenure_start: spec.seq_start,
+            held_by_all: if brand_new { next_seq - 1 } else { 0 },
             written: Notify::new(),
             hand_over_turn: tokio::sync::Mutex::new(()),
             progress: Notify::new(),
@@ -592,6 +628,7 @@ impl Sequencer {
         for (to, mode, state) in links {
             let link = g.links.entry(*to).or_insert_with(|| {
                 let mut l = LinkRuntime::new(*mode, *state);
+                l.acked = self.held_by_all;
                 if matches!(state, LinkState::Consistent | LinkState::Outdated) {
                     l.retain_from = Some(first);
                 }
@@ -1204,6 +1241,7 @@ mod tests {
             seq_start,
             seq_path: dir.join("cg-1.seq"),
             legacy_seq_path: None,
+            floor: 0,
         };
         let cfg = SequencerConfig {
             journal_limit,
@@ -1238,6 +1276,47 @@ mod tests {
         assert_eq!(first_sequence(Some(r2), 77), 77 + SEQ_BLOCK);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_domain_numbers_above_every_other_domain_of_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, _) = open(dir.path(), 0, 1 << 20);
+        let last_old = old.write(1, 0, data(512), false, 1).await.unwrap();
+        old.close();
+        drop(old);
+        let floor = host_sequence_floor(dir.path());
+        assert!(floor > last_old);
+        let cfg = SequencerConfig {
+            journal_limit: 1 << 20,
+            sync_timeout: Duration::from_secs(1),
+        };
+        let spec = |domain: DomainId, seq_start| SequencerSpec {
+            domain,
+            name: "shop".into(),
+            disks: vec![(
+                1,
+                Arc::new(DiskImage::create(dir.path(), &domain.key(), 1 << 20).unwrap()),
+                1,
+            )],
+            sequencer_epoch: 1,
+            seq_start,
+            seq_path: seq_record_path(dir.path(), domain),
+            legacy_seq_path: None,
+            floor,
+        };
+        let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
+        // A group created again under the old name gets a new id, and new numbers.
+        let new = Sequencer::open(spec(DomainId::Cg(2), 0), cfg.clone(), rec.clone()).unwrap();
+        assert!(new.next_seq() >= floor);
+        // Its replica lacks none of its writes yet: no lag from the numbers it skipped.
+        new.set_links(&[(2, ReplicationMode::Async, LinkState::Syncing)]);
+        let l = new.link_status()[&2];
+        assert_eq!((l.acked, l.lag_seconds), (new.next_seq() - 1, 0.0));
+        new.close();
+        // A hand-over's tenure still starts exactly where the model says.
+        let taken = Sequencer::open(spec(DomainId::Cg(3), 77), cfg, rec).unwrap();
+        assert_eq!(taken.next_seq(), 77);
+    }
+
     #[test]
     fn a_schema_1_reservation_record_is_upgraded() {
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1/shop.seq");
@@ -1262,6 +1341,7 @@ mod tests {
             seq_start: 0,
             seq_path: seq_record_path(dir.path(), DomainId::Cg(1)),
             legacy_seq_path: Some(legacy.clone()),
+            floor: 0,
         };
         let cfg = SequencerConfig {
             journal_limit: 1 << 20,

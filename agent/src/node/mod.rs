@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use convoy_raft::log_store::LogStats;
+use convoy_raft::state_machine::ModelReader;
 use convoy_raft::{LogStore, NodeAddr, Raft, StateMachineStore};
 use convoy_transport::pki::{self, PeerIdentity, TlsIdentity};
-use convoy_transport::{Endpoint, TransportConfig};
+use convoy_transport::{Endpoint, Inbound, TransportConfig};
 use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
 
@@ -26,7 +28,13 @@ use convoy_raft::Command;
 use convoy_raft::model::{LinkState, NodeId};
 use service::Cluster;
 
-/// Runs the agent until SIGTERM or SIGINT.
+/// How long an exiting agent waits for the Raft log's database to close.
+const LOG_CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs the agent until SIGTERM or SIGINT. On every way out (a startup error included)
+/// the data plane, Raft and the endpoint stop in order and the Raft log's RocksDB is
+/// closed before this returns: a database still closing on another thread while the
+/// process exits crashes it (SIGSEGV, or SIGABRT from C++ static destructors).
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let identity = TlsIdentity::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
         .context("cannot load the agent's TLS files (keys `tls.ca`, `tls.cert`, `tls.key`)")?;
@@ -48,6 +56,23 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             cfg.data_dir.display()
         )
     })?;
+    let log_closed = log_store.closed();
+    let outcome = run_with_log(&cfg, &identity, log_store).await;
+    let closed = tokio::task::spawn_blocking(move || log_closed.wait(LOG_CLOSE_WAIT))
+        .await
+        .unwrap_or(false);
+    if !closed {
+        tracing::warn!("the Raft log database did not close within {LOG_CLOSE_WAIT:?}");
+    }
+    outcome
+}
+
+/// The agent once its Raft log is open.
+async fn run_with_log(
+    cfg: &AgentConfig,
+    identity: &TlsIdentity,
+    log_store: LogStore,
+) -> Result<()> {
     let log_stats = log_store.stats();
     let state_machine = StateMachineStore::open(&cfg.data_dir.join("raft-sm"))
         .context("cannot open the state machine")?;
@@ -56,7 +81,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let (endpoint, inbound) = Endpoint::bind(
         cfg.listen.raft,
         cfg.node_id,
-        &identity,
+        identity,
         TransportConfig::default(),
     )
     .with_context(|| {
@@ -90,6 +115,35 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     .await
     .context("cannot start Raft")?;
 
+    // From here on Raft runs: whatever `serve` returns, stop in order.
+    let mut plane = None;
+    let outcome = serve(
+        cfg, identity, &raft, &endpoint, inbound, model, log_stats, &mut plane,
+    )
+    .await;
+    tracing::info!("shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    if let Some(plane) = plane {
+        let _ = tokio::task::spawn_blocking(move || plane.shutdown()).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), raft.shutdown()).await;
+    endpoint.close().await;
+    outcome
+}
+
+/// Starts the data plane, the admin API and the background loops, then serves until a
+/// signal or a server error. The data plane is left in `plane` for the caller to stop.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    cfg: &AgentConfig,
+    identity: &TlsIdentity,
+    raft: &Raft,
+    endpoint: &Endpoint,
+    inbound: Inbound,
+    model: ModelReader,
+    log_stats: Arc<LogStats>,
+    plane_slot: &mut Option<Arc<DataPlane>>,
+) -> Result<()> {
     let addr = NodeAddr {
         raft_addr: cfg.advertised_raft().to_string(),
         admin_addr: cfg.advertised_admin().to_string(),
@@ -114,7 +168,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         data_dir: cfg.data_dir.clone(),
         socket_dir: cfg.nbd.socket_dir.clone(),
         nbd_tcp: cfg.nbd.tcp,
-        nbd_tcp_server: nbd_tcp_server(&cfg, &identity)?,
+        nbd_tcp_server: nbd_tcp_server(cfg, identity)?,
         nbd_limits: cfg.nbd.export_limits(),
         nbd_socket_group: cfg
             .nbd
@@ -131,6 +185,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let plane = DataPlane::start(cfg.node_id, data_cfg, endpoint.clone(), writer)
         .await
         .context("cannot start the data plane")?;
+    *plane_slot = Some(Arc::clone(&plane));
     let _ = cluster.data.set(Arc::clone(&plane));
     tokio::spawn(reconcile_loop(Arc::clone(&cluster), Arc::clone(&plane)));
     tokio::spawn(gc_loop(Arc::clone(&cluster), Arc::clone(&plane)));
@@ -140,14 +195,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     ));
 
     let metrics = crate::metrics::install()?;
-    note_cert_expiry(&cfg, &identity);
+    note_cert_expiry(cfg, identity);
     crate::metrics::spawn_sampler(Arc::clone(&cluster), metrics.clone());
     let state = ApiState {
         cluster: Arc::clone(&cluster),
         metrics,
     };
 
-    let tls = pki::server_config(&identity, &[b"http/1.1"])
+    let tls = pki::server_config(identity, &[b"http/1.1"])
         .context("cannot build the admin TLS config")?;
     let admin = TcpListener::bind(cfg.listen.admin)
         .await
@@ -174,7 +229,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .context("cannot install the SIGTERM handler")?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP handler")?;
-    let outcome = loop {
+    loop {
         tokio::select! {
             _ = term.recv() => break Ok(()),
             r = tokio::signal::ctrl_c() => break r.context("cannot wait for SIGINT"),
@@ -183,15 +238,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 Ok(Err(e)) => Err(e),
                 Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
             },
-            _ = hup.recv() => reload_certificate(&cfg, &identity),
+            _ = hup.recv() => reload_certificate(cfg, identity),
         }
-    };
-    tracing::info!("shutting down");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    let _ = tokio::task::spawn_blocking(move || plane.shutdown()).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), raft.shutdown()).await;
-    endpoint.close().await;
-    outcome
+    }
 }
 
 /// The NBD TCP listener's settings: TLS with NBD client certificates from the cluster CA,

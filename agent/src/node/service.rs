@@ -725,9 +725,18 @@ impl Cluster {
         let members: BTreeMap<NodeId, NodeAddr> =
             membership.nodes().map(|(i, n)| (*i, n.clone())).collect();
         let reach = self.probe_members(&members).await;
+        // A leader is only real while a majority of voters can be reached: openraft keeps
+        // `current_leader` on a leader that lost its quorum (and on its followers), and
+        // nothing can be committed then.
+        let reachable_voters = voters
+            .iter()
+            .filter(|v| reach.get(*v).copied().unwrap_or(false))
+            .count();
+        let quorum = reachable_voters * 2 > voters.len();
+        let stale_leader = m.current_leader.filter(|_| !quorum);
         let leader = m
             .current_leader
-            .filter(|l| reach.get(l).copied().unwrap_or(false));
+            .filter(|l| quorum && reach.get(l).copied().unwrap_or(false));
         let (matched, commit_index) = match leader {
             Some(l) if l == self.id => match self.progress_local().await {
                 ForwardResponse::Progress {
@@ -777,9 +786,13 @@ impl Cluster {
         let warning = if !initialized {
             Some("not initialized: run `convoy cluster init` on one node".to_string())
         } else if leader.is_none() {
+            let was = stale_leader
+                .map(|l| format!(" (node {l} led before; it cannot commit without a majority)"))
+                .unwrap_or_default();
             Some(format!(
-                "no leader: {reachable} of {} nodes reachable",
-                members.len()
+                "no leader: {reachable} of {} nodes reachable, {reachable_voters} of {} voters{was}",
+                members.len(),
+                voters.len()
             ))
         } else if reachable < members.len() {
             Some(format!(
