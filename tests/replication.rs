@@ -785,3 +785,156 @@ fn a_group_recreated_under_its_old_name_replicates_as_a_new_group() {
     }
     dev.assert_no_panics();
 }
+
+/// `cg replicate --wait` returns only once Raft records the new copy consistent, and the
+/// group's status then tells how much its first sync covered.
+#[test]
+fn replicate_wait_returns_once_the_copy_is_consistent_with_its_sync_progress() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    assert!(
+        dev.cli(&["vm", "create", "web", "--host", "1", "--disk", "64MiB"])
+            .ok
+    );
+    assert!(dev.cli(&["cg", "create", "shop", "--vm", "web"]).ok);
+    let uri = vm_uri(&dev, "web", 0);
+    qemu_io(&uri, &["write -P 9 0 24M".to_string()]);
+
+    // --timeout belongs to --wait.
+    let bad = dev.cli(&[
+        "cg",
+        "replicate",
+        "shop",
+        "--to",
+        "2",
+        "--mode",
+        "async",
+        "--timeout",
+        "5",
+    ]);
+    assert!(!bad.ok && bad.stderr.contains("--wait"), "{bad:?}");
+
+    let r = dev.cli(&[
+        "cg",
+        "replicate",
+        "shop",
+        "--to",
+        "2",
+        "--mode",
+        "async",
+        "--wait",
+        "--timeout",
+        "60",
+        "-o",
+        "json",
+    ]);
+    let v = r.json();
+    let replica = &v["replicas"][0];
+    assert_eq!(replica["state"], "consistent", "{replica}");
+    let total = replica["resync_bytes_total"].as_u64().unwrap();
+    let done = replica["resync_bytes_done"].as_u64().unwrap();
+    assert!(
+        total >= 24 * MIB,
+        "first sync covered {total} bytes: {replica}"
+    );
+    assert_eq!(done, total, "{replica}");
+    dev.assert_no_panics();
+}
+
+/// While `cg sync` copies, `cg show` reports how far it got (the CLI's progress bar reads
+/// it); the entry goes away when the copy ends.
+#[test]
+fn cg_show_reports_a_running_sync_and_forgets_it_when_done() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    assert!(
+        dev.cli(&["vm", "create", "db", "--host", "1", "--disk", "1GiB"])
+            .ok
+    );
+    assert!(dev.cli(&["cg", "create", "crm", "--vm", "db"]).ok);
+    let uri = vm_uri(&dev, "db", 0);
+    qemu_io(&uri, &["write -P 3 0 512M".to_string()]);
+
+    let env = dev.env();
+    let sync = std::thread::spawn(move || {
+        run_convoy(&["cg", "sync", "crm", "--to", "3", "-o", "json"], &env)
+    });
+    let seen = wait_for(
+        "cg show to report the running sync",
+        Duration::from_secs(60),
+        || {
+            let v = cg_show(&dev, "crm");
+            if !v["sync"].is_null() {
+                return Some(Some(v["sync"].clone()));
+            }
+            sync.is_finished().then_some(None)
+        },
+    )
+    .expect("the sync ended before cg show reported it");
+    assert_eq!(seen["compare"], false, "{seen}");
+    assert_eq!(seen["bytes_total"].as_u64(), Some(512 * MIB), "{seen}");
+    assert!(seen["bytes_sent"].as_u64().unwrap() <= 512 * MIB, "{seen}");
+    let done = sync.join().unwrap();
+    let report = done.json();
+    assert_eq!(
+        report["disks"][0]["data_bytes_sent"].as_u64(),
+        Some(512 * MIB)
+    );
+    assert!(cg_show(&dev, "crm")["sync"].is_null());
+    dev.assert_no_panics();
+}
+
+/// `--watch` prints a fresh view every interval (one JSON document per line with
+/// `-o json`) until Ctrl-C, then exits 0.
+#[test]
+fn watch_prints_a_fresh_view_every_interval_until_interrupted() {
+    use std::io::BufRead;
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    setup_group(&dev, "web", "shop", "64MiB", "async");
+    for args in [&["cg", "show", "shop"][..], &["cluster", "status"][..]] {
+        let mut cmd = Command::new(convoy_bin());
+        cmd.args(args)
+            .args(["--watch", "--interval", "0.2", "-o", "json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in dev.env() {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut docs = Vec::new();
+        while docs.len() < 3 && Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                docs.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+            }
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let status = wait_for("the watch to exit", Duration::from_secs(10), || {
+            child.try_wait().unwrap()
+        });
+        assert_eq!(docs.len(), 3, "{args:?} printed {docs:?}");
+        assert!(status.success(), "{args:?} exited {status:?}");
+        if args[0] == "cg" {
+            assert!(docs.iter().all(|d| d["name"] == "shop"), "{docs:?}");
+        } else {
+            assert!(docs.iter().all(|d| d["leader"].is_u64()), "{docs:?}");
+        }
+    }
+    dev.assert_no_panics();
+}

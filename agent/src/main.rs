@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use convoy_agent::cli::{self, Cli, Cmd};
 use convoy_agent::{certs, config, dev, node};
 use tracing_subscriber::EnvFilter;
@@ -49,6 +49,18 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(dev::run(args)))
         }
         Cmd::Cert(cmd) => certs::run(cmd),
+        Cmd::Completions { shell } => {
+            // Generated into memory first: clap_complete panics on a failed write, and a
+            // closed pipe (`| head`) is not an error worth a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "convoy", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(anyhow::Error::from(e).context("writing the completion script"))
+                }
+                _ => Ok(()),
+            }
+        }
         remote => {
             init_logging("warn");
             let global = cli.global;
@@ -64,7 +76,10 @@ fn main() -> ExitCode {
                             Cmd::Cg(c) => cli::cg(&global, c).await,
                             Cmd::Disk(c) => cli::disk(&global, c).await,
                             Cmd::Migrate(c) => cli::migrate::run(&global, c).await,
-                            Cmd::Agent { .. } | Cmd::Dev(_) | Cmd::Cert(_) => Ok(()),
+                            Cmd::Agent { .. }
+                            | Cmd::Dev(_)
+                            | Cmd::Cert(_)
+                            | Cmd::Completions { .. } => Ok(()),
                         }
                     })
                 })

@@ -1,9 +1,11 @@
 //! Tuning knobs of a delta session.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::DeltaError;
 use crate::proto::{MAX_DATA_STREAMS, MAX_HASHES_PER_MESSAGE};
+use crate::stats::DeltaProgress;
 
 /// Largest data payload a destination accepts in one frame (the transport's default
 /// frame limit is 64 MiB; this stays well below it).
@@ -30,6 +32,8 @@ pub struct DeltaConfig {
     /// How long a responder waits for a session's first frame and for all its data
     /// streams to arrive. Default 10 s.
     pub attach_timeout: Duration,
+    /// Where a source counts what it sent as it goes, if anywhere. Default none.
+    pub progress: Option<Arc<DeltaProgress>>,
 }
 
 impl Default for DeltaConfig {
@@ -40,6 +44,7 @@ impl Default for DeltaConfig {
             hashes_per_request: 8192,
             requests_in_flight: 8,
             attach_timeout: Duration::from_secs(10),
+            progress: None,
         }
     }
 }

@@ -83,4 +83,4 @@ pub use proto::{
     Binding, Expect, MAX_DATA_STREAMS, MAX_HASHES_PER_MESSAGE, Mode, Refusal, RefusalCode, Role,
 };
 pub use server::{DeltaServer, Offer, Resolver, Served, SessionReport};
-pub use stats::{DeltaStats, ServerStats};
+pub use stats::{DeltaProgress, DeltaStats, ServerStats};

@@ -167,10 +167,13 @@ async fn source_inner<B: Backend + 'static>(
             i as u16,
             Sender::new(send, ctx.peer, ctx.counters.clone()),
             batch_rx.clone(),
-            ctx.image.clone(),
-            ctx.binding,
-            ctx.mode == Mode::FullCopy,
-            buffers.clone(),
+            WorkerShared {
+                image: ctx.image.clone(),
+                binding: ctx.binding,
+                omit_zero: ctx.mode == Mode::FullCopy,
+                buffers: buffers.clone(),
+                progress: ctx.config.progress.clone(),
+            },
         ));
     }
     drop(batch_rx);
@@ -309,16 +312,30 @@ async fn compare<B: Backend + 'static>(
     }
 }
 
+/// What every data-stream worker of a source shares.
+struct WorkerShared<B: Backend> {
+    image: Arc<DiskImage<B>>,
+    binding: Binding,
+    /// Full copy to an empty disk: zero chunks are left out.
+    omit_zero: bool,
+    buffers: Arc<local::BufferPool>,
+    progress: Option<Arc<crate::stats::DeltaProgress>>,
+}
+
 /// Reads batches and sends them on one data stream until the queue closes.
 async fn source_worker<B: Backend + 'static>(
     stream: u16,
     mut out: Sender,
     batches: Arc<Mutex<mpsc::Receiver<Batch>>>,
-    image: Arc<DiskImage<B>>,
-    binding: Binding,
-    omit_zero: bool,
-    buffers: Arc<local::BufferPool>,
+    shared: WorkerShared<B>,
 ) -> Result<Totals, DeltaError> {
+    let WorkerShared {
+        image,
+        binding,
+        omit_zero,
+        buffers,
+        progress,
+    } = shared;
     let mut totals = Totals::default();
     loop {
         let batch = batches.lock().await.recv().await;
@@ -345,9 +362,16 @@ async fn source_worker<B: Backend + 'static>(
         };
         totals.frames += 1;
         totals.data_bytes += header.payload_len;
+        let (chunks, bytes) = (
+            header.runs.iter().map(|r| u64::from(r.count)).sum(),
+            header.payload_len,
+        );
         out.msg(&Msg::Chunks(header)).await?;
         if !payload.is_empty() {
             out.payload(payload).await?;
+        }
+        if let Some(p) = &progress {
+            p.sent(chunks, bytes);
         }
     }
     out.msg(&Msg::StreamEnd {

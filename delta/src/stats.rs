@@ -99,3 +99,28 @@ impl ServerCounters {
         }
     }
 }
+
+/// Live progress of a source's sessions, shared with the caller through
+/// [`crate::DeltaConfig::progress`] (for progress bars); several sessions may add to one.
+#[derive(Debug, Default)]
+pub struct DeltaProgress {
+    chunks_sent: AtomicU64,
+    data_bytes_sent: AtomicU64,
+}
+
+impl DeltaProgress {
+    pub(crate) fn sent(&self, chunks: u64, data_bytes: u64) {
+        self.chunks_sent.fetch_add(chunks, Relaxed);
+        self.data_bytes_sent.fetch_add(data_bytes, Relaxed);
+    }
+
+    /// Chunks sent so far, zero markers included.
+    pub fn chunks_sent(&self) -> u64 {
+        self.chunks_sent.load(Relaxed)
+    }
+
+    /// Chunk data bytes sent so far.
+    pub fn data_bytes_sent(&self) -> u64 {
+        self.data_bytes_sent.load(Relaxed)
+    }
+}

@@ -334,6 +334,8 @@ fn cg_view(model: &ClusterModel, cg: &convoy_raft::model::Cg) -> CgView {
                 bytes_sent: None,
                 resyncs: None,
                 resync_bytes_sent: None,
+                resync_bytes_total: None,
+                resync_bytes_done: None,
                 last_error: None,
             })
             .collect(),
@@ -341,6 +343,7 @@ fn cg_view(model: &ClusterModel, cg: &convoy_raft::model::Cg) -> CgView {
         last_seq: None,
         stale_epoch_refused: None,
         throttled: None,
+        sync: None,
     }
 }
 
@@ -491,6 +494,7 @@ async fn show_cg(
         view.last_seq = Some(status.last_seq);
         view.stale_epoch_refused = Some(status.stale_epoch_refused);
         view.throttled = Some(status.throttled);
+        view.sync = status.sync;
         for r in &mut view.replicas {
             if let Some(l) = status.links.get(&r.host) {
                 r.phase = Some(l.phase.clone());
@@ -500,6 +504,8 @@ async fn show_cg(
                 r.bytes_sent = Some(l.bytes_sent);
                 r.resyncs = Some(l.resyncs);
                 r.resync_bytes_sent = Some(l.resync_bytes_sent);
+                r.resync_bytes_total = Some(l.resync_bytes_total);
+                r.resync_bytes_done = Some(l.resync_bytes_done);
                 r.last_error = l.last_error.clone();
             }
         }

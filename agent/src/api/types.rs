@@ -356,6 +356,12 @@ pub struct ReplicaView {
     /// Bytes of chunk data sent by resyncs and seeding.
     #[serde(default)]
     pub resync_bytes_sent: Option<u64>,
+    /// Disk bytes the running (or last) resync has to cover (zero chunks included).
+    #[serde(default)]
+    pub resync_bytes_total: Option<u64>,
+    /// Disk bytes of that resync covered so far.
+    #[serde(default)]
+    pub resync_bytes_done: Option<u64>,
     /// Last error on the link.
     #[serde(default)]
     pub last_error: Option<String>,
@@ -397,6 +403,9 @@ pub struct CgView {
     /// Times writers waited for a lagging replica (backpressure), on the primary.
     #[serde(default)]
     pub throttled: Option<u64>,
+    /// A `convoy cg sync` running from the primary, if any.
+    #[serde(default)]
+    pub sync: Option<crate::data::delta::SyncProgressView>,
 }
 
 /// Query string of read endpoints.

@@ -3,6 +3,7 @@
 //! Local commands (`agent`, `dev`, `cert`) work on this machine; remote commands talk to
 //! any agent through the admin API.
 
+pub mod follow;
 pub mod migrate;
 pub mod output;
 
@@ -88,6 +89,13 @@ pub enum Cmd {
     /// Certificates: cluster CA, node, admin client and NBD client certificates.
     #[command(subcommand)]
     Cert(crate::certs::CertCmd),
+    /// Print a shell completion script, e.g. `convoy completions bash >
+    /// /etc/bash_completion.d/convoy`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,7 +123,10 @@ pub enum ClusterCmd {
         id: u64,
     },
     /// Show members, roles, leader and replication progress.
-    Status,
+    Status {
+        #[command(flatten)]
+        watch: follow::WatchArgs,
+    },
     /// Show the addressed agent's own Raft state.
     Node,
 }
@@ -216,6 +227,8 @@ pub enum CgCmd {
         name: String,
         #[command(flatten)]
         read: ReadArgs,
+        #[command(flatten)]
+        watch: follow::WatchArgs,
     },
     /// Delete a consistency group (its VMs stay).
     Delete {
@@ -232,6 +245,12 @@ pub enum CgCmd {
         /// async, sync, active-active-sync or active-active-async.
         #[arg(long)]
         mode: String,
+        /// Wait until the copy is consistent (its first sync done), with a progress bar.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds (replication goes on); no limit if unset.
+        #[arg(long, value_name = "SECS", requires = "wait", value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: Option<u64>,
     },
     /// Drop the group's copy on a host.
     Unreplicate {
@@ -401,7 +420,17 @@ pub async fn cluster(global: &GlobalArgs, cmd: ClusterCmd) -> Result<()> {
             client.delete(&format!("/v1/cluster/nodes/{id}")).await?;
             out.done(&format!("node {id} removed; its id is retired"))
         }
-        ClusterCmd::Status => {
+        ClusterCmd::Status { watch } if watch.watch => {
+            follow::watch(
+                &watch,
+                &out,
+                "convoy cluster status",
+                || client.get::<ClusterStatus>("/v1/cluster"),
+                |out, s| out.cluster_status(s),
+            )
+            .await
+        }
+        ClusterCmd::Status { .. } => {
             let status: ClusterStatus = client.get("/v1/cluster").await?;
             out.cluster_status(&status)
         }
@@ -503,14 +532,20 @@ pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
             let cgs: Vec<CgView> = client.get(&format!("/v1/cgs{}", read_query(&r))).await?;
             out.cgs(&cgs)
         }
-        CgCmd::Show { name, read } => {
-            let cg: CgView = client
-                .get(&format!(
-                    "/v1/cgs/{}{}",
-                    encode_path(&name),
-                    read_query(&read)
-                ))
-                .await?;
+        CgCmd::Show { name, read, watch } => {
+            let path = format!("/v1/cgs/{}{}", encode_path(&name), read_query(&read));
+            if watch.watch {
+                let title = format!("convoy cg show {name}");
+                return follow::watch(
+                    &watch,
+                    &out,
+                    &title,
+                    || client.get::<CgView>(&path),
+                    |out, cg| out.cg(cg),
+                )
+                .await;
+            }
+            let cg: CgView = client.get(&path).await?;
             out.cg(&cg)
         }
         CgCmd::Delete { name } => {
@@ -519,10 +554,26 @@ pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
                 .await?;
             out.done(&format!("consistency group '{name}' deleted"))
         }
-        CgCmd::Replicate { name, to, mode } => {
+        CgCmd::Replicate {
+            name,
+            to,
+            mode,
+            wait,
+            timeout,
+        } => {
             let req = ReplicateRequest { to, mode };
             let path = format!("/v1/cgs/{}/replicas", encode_path(&name));
-            let cg: CgView = client.post(&path, &req).await?;
+            let mut cg: CgView = client.post(&path, &req).await?;
+            if wait {
+                cg = follow::wait_replica(
+                    &client,
+                    global.output,
+                    &name,
+                    to,
+                    timeout.map(std::time::Duration::from_secs),
+                )
+                .await?;
+            }
             out.cg(&cg)
         }
         CgCmd::Unreplicate { name, from } => {
@@ -538,8 +589,16 @@ pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
         }
         CgCmd::Sync { name, to, compare } => {
             let path = format!("/v1/cgs/{}/sync", encode_path(&name));
-            let report: crate::data::SyncReport =
-                client.post(&path, &SyncRequest { to, compare }).await?;
+            let req = SyncRequest { to, compare };
+            let report: crate::data::SyncReport = follow::with_sync_progress(
+                global.client()?,
+                global.output,
+                &name,
+                to,
+                compare,
+                async { client.post(&path, &req).await },
+            )
+            .await?;
             out.synced(&report)
         }
         CgCmd::Snapshot(cmd) => snapshot(&client, &out, cmd).await,
@@ -773,5 +832,24 @@ mod tests {
         assert!(check_hint("replica list").is_err());
         assert!(check_hint("cg").is_ok());
         assert!(check_hint("cg replicate shop --into 2").is_err());
+    }
+
+    /// `convoy completions SHELL` completes nested subcommands and their flags in each
+    /// shell operators use.
+    #[test]
+    fn completion_scripts_know_nested_commands_and_flags() {
+        use clap::CommandFactory;
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "convoy", &mut script);
+            let script = String::from_utf8(script).expect("a completion script is text");
+            for word in ["switch-primary", "replicate", "interval", "completions"] {
+                assert!(script.contains(word), "{shell} completion lacks {word}");
+            }
+        }
     }
 }

@@ -41,6 +41,48 @@ pub struct DiskSync {
     pub seconds: f64,
 }
 
+/// A `convoy cg sync` in progress on this host.
+pub(crate) struct SyncRun {
+    compare: bool,
+    /// Bytes a full copy may have to send (the disks' data chunks); unknown for
+    /// compare-delta, which learns what differs as it goes.
+    bytes_total: Option<u64>,
+    progress: Arc<convoy_delta::DeltaProgress>,
+}
+
+impl SyncRun {
+    pub(crate) fn view(&self) -> SyncProgressView {
+        SyncProgressView {
+            compare: self.compare,
+            bytes_total: self.bytes_total,
+            bytes_sent: self.progress.data_bytes_sent(),
+            chunks_sent: self.progress.chunks_sent(),
+        }
+    }
+}
+
+/// Progress of a running `convoy cg sync`, for `convoy cg show` and its progress bar.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SyncProgressView {
+    /// Compare-delta (true) or full copy.
+    pub compare: bool,
+    /// Most chunk data bytes a full copy sends; none for compare-delta.
+    pub bytes_total: Option<u64>,
+    /// Chunk data bytes sent so far.
+    pub bytes_sent: u64,
+    /// Chunks sent so far, zero markers included.
+    pub chunks_sent: u64,
+}
+
+/// Removes a sync's progress entry however the sync ends.
+struct SyncEntry<'a>(&'a DataPlane, String);
+
+impl Drop for SyncEntry<'_> {
+    fn drop(&mut self) {
+        super::lock(&self.0.syncs).remove(&self.1);
+    }
+}
+
 impl DataPlane {
     /// What this host offers a delta session from `peer` (the group's sequencer): the
     /// destination of a group's disk it holds no live replica of, or of its replica while
@@ -136,6 +178,45 @@ impl DataPlane {
             compare,
             disks: Vec::new(),
         };
+        let progress = Arc::new(convoy_delta::DeltaProgress::default());
+        let bytes_total = if compare {
+            None
+        } else {
+            let mut total = 0;
+            for d in &disks {
+                if let Some(image) = self
+                    .sequencer_for(d.id)
+                    .and_then(|s| s.image(d.id).cloned())
+                {
+                    let chunk = u64::from(image.geometry().chunk_size());
+                    for range in image.data_chunks(0) {
+                        let range = range?;
+                        total += (range.end - range.start) * chunk;
+                    }
+                }
+            }
+            Some(total)
+        };
+        {
+            let mut syncs = super::lock(&self.syncs);
+            if syncs.contains_key(cg) {
+                anyhow::bail!(
+                    "a sync of '{cg}' is already running from node {}",
+                    self.node
+                );
+            }
+            syncs.insert(
+                cg.to_string(),
+                SyncRun {
+                    compare,
+                    bytes_total,
+                    progress: Arc::clone(&progress),
+                },
+            );
+        }
+        let _entry = SyncEntry(self, cg.to_string());
+        let mut config = convoy_delta::DeltaConfig::default();
+        config.progress = Some(progress);
         for d in disks {
             let seq = self
                 .sequencer_for(d.id)
@@ -149,17 +230,9 @@ impl DataPlane {
                 disk: d.id,
                 epoch,
             };
-            let stats = convoy_delta::push(
-                &self.endpoint,
-                to,
-                addr,
-                session,
-                mode,
-                image,
-                &convoy_delta::DeltaConfig::default(),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("disk {}: {e}", d.id))?;
+            let stats = convoy_delta::push(&self.endpoint, to, addr, session, mode, image, &config)
+                .await
+                .map_err(|e| anyhow::anyhow!("disk {}: {e}", d.id))?;
             report.disks.push(DiskSync {
                 disk: d.id,
                 size: d.size,

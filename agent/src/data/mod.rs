@@ -128,6 +128,8 @@ pub struct GroupStatus {
     pub journal_bytes: u64,
     /// Per replica host.
     pub links: BTreeMap<NodeId, LinkStatusView>,
+    /// A `convoy cg sync` running from this host, if any.
+    pub sync: Option<delta::SyncProgressView>,
 }
 
 /// One link as its sequencer sees it.
@@ -154,6 +156,10 @@ pub struct LinkStatusView {
     pub bytes_sent: u64,
     /// Bytes of chunk data sent by resyncs and seeding.
     pub resync_bytes_sent: u64,
+    /// Disk bytes the running (or last) resync has to cover.
+    pub resync_bytes_total: u64,
+    /// Disk bytes of it covered so far.
+    pub resync_bytes_done: u64,
     /// Last error (the replica's reason when it refused).
     pub last_error: Option<String>,
 }
@@ -220,6 +226,8 @@ pub struct DataPlane {
     /// When each group stopped having a replica here (garbage collection keeps the copy
     /// for [`DataConfig::keep_former_copies`]).
     former_replicas: Mutex<HashMap<u64, std::time::Instant>>,
+    /// `convoy cg sync` runs from this host, by group name, for their progress bars.
+    syncs: Mutex<HashMap<String, delta::SyncRun>>,
 }
 
 /// A writer reporter wrapper, so the sequencer sees only the narrow trait.
@@ -278,6 +286,7 @@ impl DataPlane {
             }))
             .0,
             bulk: Arc::new(AtomicUsize::new(0)),
+            syncs: Mutex::new(HashMap::new()),
             delta: std::sync::OnceLock::new(),
             guests: tokio::sync::Mutex::new(guests::Guests::default()),
             housekeeping: Mutex::new(()),
@@ -628,11 +637,14 @@ impl DataPlane {
                             resync_chunks_left: r.resync_chunks_left,
                             bytes_sent: r.bytes_sent,
                             resync_bytes_sent: r.resync_bytes_sent,
+                            resync_bytes_total: r.resync_bytes_total,
+                            resync_bytes_done: r.resync_bytes_done,
                             last_error: r.last_error,
                         },
                     )
                 })
                 .collect(),
+            sync: lock(&self.syncs).get(cg).map(delta::SyncRun::view),
         })
     }
 

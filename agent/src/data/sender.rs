@@ -56,6 +56,11 @@ pub struct LinkReport {
     /// Bytes of chunk data sent by resyncs and seeding (the part of `bytes_sent` that is
     /// not the journal).
     pub resync_bytes_sent: u64,
+    /// Disk bytes the running (or last) resync has to cover, zero chunks included; grows
+    /// when a second pass is needed. For progress bars.
+    pub resync_bytes_total: u64,
+    /// Disk bytes of it covered so far.
+    pub resync_bytes_done: u64,
     /// Last error, if the link is down; the replica's reason when it refused.
     pub last_error: Option<String>,
 }
@@ -415,6 +420,8 @@ impl LinkSender {
             let mut r = report(&self.report);
             r.phase = phase.into();
             r.resyncs += 1;
+            r.resync_bytes_total = 0;
+            r.resync_bytes_done = 0;
         }
         if !initial && self.link_state() == LinkState::Consistent {
             self.set_state(LinkState::Inconsistent).await?;
@@ -445,7 +452,7 @@ impl LinkSender {
         } else {
             let dirty: Vec<(DiskId, Vec<u64>)> =
                 sets.iter().map(|(d, c, _)| (*d, c.clone())).collect();
-            self.send_chunks(send, &dirty, epoch).await?;
+            self.send_chunks(send, &dirty, epoch, true).await?;
         }
 
         if self.seq.keep_retention(self.to) {
@@ -491,7 +498,7 @@ impl LinkSender {
         }
         let second_chunks: Vec<(DiskId, Vec<u64>)> =
             second.iter().map(|(d, c, _)| (*d, c.clone())).collect();
-        self.send_chunks(send, &second_chunks, epoch).await?;
+        self.send_chunks(send, &second_chunks, epoch, true).await?;
         // Every chunk was read before this sequence was assigned.
         let consistent_at = self.seq.next_seq();
         let end = ToReplica::ResyncEnd {
@@ -532,6 +539,8 @@ impl LinkSender {
             .await
             .map_err(|_| anyhow::anyhow!("replica did not get ready for seeding within 30 s"))?;
         let cg = self.cg_id();
+        report(&self.report).resync_bytes_total =
+            self.seq.images().values().map(|image| image.size()).sum();
         for (disk, image) in self.seq.images() {
             let session = convoy_delta::Session {
                 cg,
@@ -553,6 +562,7 @@ impl LinkSender {
             r.resync_chunks_sent += stats.chunks_sent;
             r.bytes_sent += stats.data_bytes_sent;
             r.resync_bytes_sent += stats.data_bytes_sent;
+            r.resync_bytes_done += image.size();
             tracing::info!(cg = %self.seq.name, replica = self.to, disk, chunks = stats.chunks_sent, compared = stats.chunks_total, "seeded a disk by hashes");
         }
         Ok(())
@@ -560,6 +570,16 @@ impl LinkSender {
 
     /// Sends every chunk of every disk that may hold data (a first sync to an empty copy).
     async fn send_data_chunks(&self, send: &mut FramedSend, epoch: u64) -> anyhow::Result<()> {
+        // Counted first, so that progress has a total (holes are skipped, so this is cheap).
+        let mut total = 0;
+        for image in self.seq.images().values() {
+            let chunk_size = u64::from(image.geometry().chunk_size());
+            for range in image.data_chunks(0) {
+                let range = range?;
+                total += (range.end - range.start) * chunk_size;
+            }
+        }
+        report(&self.report).resync_bytes_total = total;
         for (disk, image) in self.seq.images() {
             let mut from = 0;
             loop {
@@ -570,7 +590,7 @@ impl LinkSender {
                 from = last.end;
                 let chunks: Vec<u64> = ranges.into_iter().flatten().collect();
                 for part in chunks.chunks(4096) {
-                    self.send_chunks(send, &[(*disk, part.to_vec())], epoch)
+                    self.send_chunks(send, &[(*disk, part.to_vec())], epoch, false)
                         .await?;
                 }
             }
@@ -578,14 +598,29 @@ impl LinkSender {
         Ok(())
     }
 
+    /// Sends `sets`; `counts_toward_total` adds their bytes to the progress total (false
+    /// when the caller counted the whole job first).
     async fn send_chunks(
         &self,
         send: &mut FramedSend,
         sets: &[(DiskId, Vec<u64>)],
         epoch: u64,
+        counts_toward_total: bool,
     ) -> anyhow::Result<()> {
         let total: u64 = sets.iter().map(|(_, c)| c.len() as u64).sum();
-        report(&self.report).resync_chunks_left = total;
+        let mut bytes_total = 0;
+        for (disk, chunks) in sets {
+            if let Some(image) = self.seq.image(*disk) {
+                bytes_total += chunks.len() as u64 * u64::from(image.geometry().chunk_size());
+            }
+        }
+        {
+            let mut r = report(&self.report);
+            r.resync_chunks_left = total;
+            if counts_toward_total {
+                r.resync_bytes_total += bytes_total;
+            }
+        }
         for (disk, chunks) in sets {
             let Some(image) = self.seq.image(*disk) else {
                 continue;
@@ -594,9 +629,11 @@ impl LinkSender {
             for group in chunks.chunks(CHUNKS_PER_FRAME) {
                 let mut out = Vec::with_capacity(group.len());
                 let mut bytes = 0;
+                let mut covered = 0;
                 for &c in group {
                     let offset = c * chunk_size;
                     let len = chunk_size.min(image.size() - offset) as usize;
+                    covered += chunk_size;
                     let data = Arc::clone(image).read_async(offset, len).await?;
                     let payload = if convoy_store::is_zero(&data) {
                         Payload::Zeroes(len as u64)
@@ -617,6 +654,7 @@ impl LinkSender {
                 r.resync_chunks_left = r.resync_chunks_left.saturating_sub(n);
                 r.bytes_sent += bytes;
                 r.resync_bytes_sent += bytes;
+                r.resync_bytes_done += covered;
             }
         }
         Ok(())
