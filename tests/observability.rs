@@ -1,0 +1,367 @@
+//! What operators see: the data plane's `/metrics` with a replica down, the Grafana
+//! dashboard against what agents export, the systemd unit (hardening, watchdog) and the
+//! README's CLI tour, run as written against a dev cluster.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::data::*;
+use common::*;
+
+/// `/metrics` of node `id`, through its admin API.
+fn scrape(dev: &Dev, id: u64) -> String {
+    let client = dev.client_at(id);
+    let body = rt()
+        .block_on(client.send(hyper::Method::GET, "/metrics", None))
+        .expect("GET /metrics");
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// The value of the sample `series` (name with its labels exactly as rendered, or a name
+/// and a label subset: every `key="value"` given must be present), summed over matches.
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, v)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
+            *found.get_or_insert(0.0) += v.parse::<f64>().unwrap();
+        }
+    }
+    found
+}
+
+/// Families (`# TYPE` lines) a rendering declares, with their type.
+fn families(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.to_string(), w.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// Every family has a `# HELP` line and no histogram renders as a summary.
+fn assert_well_formed(text: &str) {
+    for (name, kind) in families(text) {
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no # HELP line"
+        );
+        assert_ne!(
+            kind, "summary",
+            "{name} renders as a summary, not a histogram"
+        );
+    }
+}
+
+/// Metric names the Grafana dashboard in deploy/ queries (histogram suffixes removed).
+fn dashboard_metrics() -> BTreeSet<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana-dashboard.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("dashboard JSON");
+    let mut out = BTreeSet::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let e = t["expr"].as_str().unwrap();
+            for w in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if w.starts_with("convoy_") {
+                    let f = ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|s| w.strip_suffix(s))
+                        .unwrap_or(w);
+                    out.insert(f.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One link's figures from one scrape.
+#[derive(Debug)]
+struct Link {
+    last_seq: f64,
+    acked: f64,
+    lag_writes: f64,
+    lag_seconds: f64,
+    streaming: f64,
+    state: String,
+}
+
+fn link(text: &str, cg: &str, replica: &str) -> Option<Link> {
+    let l = [("cg", cg), ("replica", replica)];
+    let state = ["syncing", "consistent", "inconsistent", "outdated"]
+        .into_iter()
+        .find(|s| {
+            value(
+                text,
+                "convoy_replication_link_state",
+                &[l[0], l[1], ("state", s)],
+            ) == Some(1.0)
+        })?
+        .to_string();
+    Some(Link {
+        last_seq: value(text, "convoy_group_last_seq", &[l[0]])?,
+        acked: value(text, "convoy_replication_acked_seq", &l)?,
+        lag_writes: value(text, "convoy_replication_lag_writes", &l)?,
+        lag_seconds: value(text, "convoy_replication_lag_seconds", &l)?,
+        streaming: value(
+            text,
+            "convoy_replication_link_phase",
+            &[l[0], l[1], ("phase", "streaming")],
+        )?,
+        state,
+    })
+}
+
+/// With the replica's agent SIGKILLed while a guest keeps writing, the primary's
+/// `/metrics` says so: the link is no longer streaming, its state is the one `cg show`
+/// reports, lag in writes is last_seq - acked_seq and grows, lag in seconds grows, the
+/// journal holds the replica's writes. NBD requests, bytes and latency are counted per
+/// export, a fenced writer's refusal is counted, refusal counters exist at zero from the
+/// start, every family has # HELP, no histogram is a summary, and every metric the
+/// Grafana dashboard queries is one the agents export.
+#[test]
+fn metrics_show_a_dead_replica_lagging_and_refusals_counted() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    for id in 1..=3 {
+        let text = scrape(&dev, id);
+        assert_well_formed(&text);
+        for place in ["sequencer", "export", "replica"] {
+            assert_eq!(
+                value(
+                    &text,
+                    "convoy_stale_epoch_refused_total",
+                    &[("where", place)]
+                ),
+                Some(0.0),
+                "node {id}: stale epochs at {place} not present at zero"
+            );
+        }
+        for reason in ["stale_epoch", "not_a_replica", "storage", "out_of_order"] {
+            assert_eq!(
+                value(&text, "convoy_replica_refused_total", &[("reason", reason)]),
+                Some(0.0),
+                "node {id}: replica refusals ({reason}) not present at zero"
+            );
+        }
+        assert_eq!(value(&text, "convoy_disk_open_failures", &[]), Some(0.0));
+        let log = std::fs::read_to_string(&dev.node(id).log).unwrap();
+        assert!(
+            log.contains("agent ready") && log.contains("admin API only"),
+            "node {id} did not log where /metrics is served:\n{log}"
+        );
+    }
+
+    for args in [
+        &[
+            "vm",
+            "create",
+            "sim",
+            "--host",
+            "1",
+            "--disk",
+            "32MiB",
+            "--workload",
+            "iops=200,size=4k",
+        ][..],
+        &["vm", "create", "web", "--host", "1", "--disk", "16MiB"],
+        &["cg", "create", "g", "--vm", "sim", "--vm", "web"],
+        &["cg", "replicate", "g", "--to", "2", "--mode", "async"],
+        &["vm", "start", "sim"],
+    ] {
+        let r = dev.cli(args);
+        assert!(r.ok, "{args:?}: {r:?}");
+    }
+
+    // NBD: four 4 KiB writes and one read through web's export.
+    let uri = vm_uri(&dev, "web", 0);
+    let disk = dev.cli(&["vm", "show", "web", "-o", "json"]).json()["disks"][0]["id"]
+        .as_u64()
+        .unwrap();
+    let export = format!("disk-{disk}");
+    qemu_io(
+        &uri,
+        &[
+            "write -P 1 0 4k".into(),
+            "write -P 2 4k 4k".into(),
+            "write -P 3 8k 4k".into(),
+            "write -P 4 12k 4k".into(),
+            "read -P 1 0 4k".into(),
+        ],
+    );
+    let text = scrape(&dev, 1);
+    let e = ("export", export.as_str());
+    assert_eq!(
+        value(&text, "convoy_nbd_requests_total", &[e, ("op", "write")]),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &text,
+            "convoy_nbd_request_seconds_count",
+            &[e, ("op", "write")]
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "convoy_nbd_bytes_total",
+            &[e, ("direction", "write")]
+        ),
+        Some(16384.0)
+    );
+    assert!(value(&text, "convoy_nbd_bytes_total", &[e, ("direction", "read")]).unwrap() >= 4096.0);
+    assert_eq!(
+        value(
+            &text,
+            "convoy_nbd_request_seconds_bucket",
+            &[e, ("op", "write"), ("le", "+Inf")]
+        ),
+        Some(4.0)
+    );
+
+    // A writer that opened the export before a fence is refused, and counted.
+    let mut io = Command::new("qemu-io")
+        .args(["-f", "raw", &uri])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    use std::io::Write;
+    let mut stdin = io.stdin.take().unwrap();
+    writeln!(stdin, "write -P 5 0 4k").unwrap();
+    wait_for("qemu-io's first write", Duration::from_secs(20), || {
+        let t = scrape(&dev, 1);
+        (value(&t, "convoy_nbd_requests_total", &[e, ("op", "write")]) >= Some(5.0)).then_some(())
+    });
+    // `cg fence` returns once the sequencer drained writes of the old epoch.
+    assert!(dev.cli(&["cg", "fence", "g"]).ok);
+    writeln!(stdin, "write -P 6 0 4k").unwrap();
+    writeln!(stdin, "quit").unwrap();
+    drop(stdin);
+    let out = io.wait_with_output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("write failed"),
+        "the fenced write passed: {said}"
+    );
+    let text = scrape(&dev, 1);
+    let stale = value(&text, "convoy_stale_epoch_refused_total", &[]).unwrap();
+    assert!(stale >= 1.0, "stale-epoch refusal not counted:\n{text}");
+    assert!(
+        value(
+            &text,
+            "convoy_nbd_request_errors_total",
+            &[e, ("op", "write")]
+        ) >= Some(1.0),
+        "the refused NBD write is not counted as an error"
+    );
+
+    // Streaming: the link says so.
+    let streaming = wait_for("the link to stream", Duration::from_secs(60), || {
+        let t = scrape(&dev, 1);
+        let l = link(&t, "g", "2")?;
+        (l.streaming == 1.0 && l.state == "consistent" && l.acked > 0.0).then_some(t)
+    });
+    assert!(
+        value(
+            &streaming,
+            "convoy_replication_resyncs_total",
+            &[("cg", "g")]
+        ) >= Some(1.0)
+    );
+    assert!(
+        value(
+            &streaming,
+            "convoy_replication_sent_bytes_total",
+            &[("cg", "g")]
+        ) > Some(0.0)
+    );
+
+    // Every metric the dashboard queries is exported by some agent.
+    let mut exported = BTreeSet::new();
+    for id in 1..=3 {
+        exported.extend(families(&scrape(&dev, id)).into_iter().map(|(n, _)| n));
+    }
+    let missing: Vec<String> = dashboard_metrics().difference(&exported).cloned().collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics no agent exports: {missing:?}"
+    );
+
+    // The replica dies; the guest keeps writing at 200 IOPS. Its sender notices once the
+    // QUIC connection times out (3 s without an answer).
+    dev.kill(2);
+    let (first, text) = wait_for(
+        "the link to stop streaming and the replica to lack writes",
+        Duration::from_secs(30),
+        || {
+            let t = scrape(&dev, 1);
+            let l = link(&t, "g", "2")?;
+            (l.streaming == 0.0 && l.lag_writes > 50.0).then_some((l, t))
+        },
+    );
+    eprintln!("with node 2 down, node 1's /metrics:");
+    for line in text.lines().filter(|l| {
+        l.starts_with("convoy_replication_")
+            || l.starts_with("convoy_journal_bytes")
+            || l.starts_with("convoy_group_last_seq")
+    }) {
+        eprintln!("  {line}");
+    }
+    eprintln!("{}", dev.cli(&["cg", "show", "g"]).stdout);
+    assert_eq!(first.lag_writes, first.last_seq - first.acked, "{first:?}");
+    assert!(first.lag_seconds > 0.0, "{first:?}");
+    assert_eq!(
+        value(
+            &text,
+            "convoy_replication_link_phase",
+            &[("cg", "g"), ("phase", "connecting")]
+        ),
+        Some(1.0),
+        "a dead replica's sender is not reconnecting"
+    );
+    let shown = cg_show(&dev, "g");
+    assert_eq!(
+        shown["replicas"][0]["state"].as_str(),
+        Some(first.state.as_str()),
+        "metrics and cg show disagree on the link state"
+    );
+    assert!(
+        value(&text, "convoy_journal_bytes", &[("cg", "g")]) > Some(0.0),
+        "the journal holds nothing for the dead replica"
+    );
+    let later = wait_for("lag_seconds to grow", Duration::from_secs(15), || {
+        let l = link(&scrape(&dev, 1), "g", "2")?;
+        (l.lag_seconds >= first.lag_seconds + 1.0).then_some(l)
+    });
+    assert!(
+        later.lag_writes > first.lag_writes,
+        "{later:?} vs {first:?}"
+    );
+    assert_eq!(later.lag_writes, later.last_seq - later.acked, "{later:?}");
+    dev.assert_no_panics();
+}
