@@ -365,3 +365,172 @@ fn metrics_show_a_dead_replica_lagging_and_refusals_counted() {
     assert_eq!(later.lag_writes, later.last_seq - later.acked, "{later:?}");
     dev.assert_no_panics();
 }
+
+/// The unit file's `Key=value` lines (comments and sections skipped).
+fn unit_settings(unit: &str) -> Vec<(String, String)> {
+    unit.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Runs `systemd-analyze verify` on `unit` (written to `dir`); returns what it said about
+/// the unit. Panics with a clear message when systemd-analyze is not installed.
+fn systemd_verify(dir: &std::path::Path, unit: &str) -> (bool, String) {
+    let path = dir.join("convoy-agent.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "systemd-analyze is not available ({e}): this test checks deploy/convoy-agent.service with it; install the `systemd` package (scripts/setup-debian does)"
+            )
+        });
+    let said: String = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stdout).lines())
+        .filter(|l| l.contains("convoy-agent.service"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    (out.status.success(), said)
+}
+
+/// deploy/convoy-agent.service is hardened (no new privileges, read-only system but for
+/// the data and socket directories, no home, a private /tmp, a capability bounding set),
+/// has a watchdog, and `systemd-analyze verify` finds nothing wrong with it. A copy with a
+/// misspelt key is reported, so the check can fail.
+#[test]
+fn systemd_unit_is_hardened_has_a_watchdog_and_passes_systemd_analyze_verify() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/convoy-agent.service"
+    );
+    let unit = std::fs::read_to_string(path).unwrap();
+    let settings = unit_settings(&unit);
+    let get = |key: &str| -> Vec<&str> {
+        settings
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    for (key, want) in [
+        ("Type", "notify"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+    ] {
+        assert_eq!(get(key), [want], "{key} in {path}");
+    }
+    let rw = get("ReadWritePaths").join(" ");
+    for dir in ["/var/lib/convoy", "/run/convoy"] {
+        assert!(
+            rw.split_whitespace().any(|d| d == dir),
+            "ReadWritePaths lacks {dir}"
+        );
+    }
+    let caps = get("CapabilityBoundingSet");
+    assert_eq!(caps.len(), 1, "one CapabilityBoundingSet");
+    assert!(!caps[0].contains("CAP_SYS_ADMIN"), "{caps:?}");
+    let watchdog: u64 = get("WatchdogSec")
+        .first()
+        .and_then(|v| v.trim_end_matches('s').parse().ok())
+        .expect("WatchdogSec in seconds");
+    assert!((5..=120).contains(&watchdog), "WatchdogSec={watchdog}");
+
+    // verify checks that ExecStart's binary exists: point it at the one under test.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = convoy_bin();
+    let local = unit.replace("/usr/local/bin/convoy", &bin.display().to_string());
+    assert_ne!(
+        local, unit,
+        "ExecStart no longer names /usr/local/bin/convoy"
+    );
+    let (ok, said) = systemd_verify(dir.path(), &local);
+    assert!(ok && said.is_empty(), "systemd-analyze verify:\n{said}");
+    let broken = local.replace("NoNewPrivileges=yes", "NoNewPrivilege=yes");
+    let (_, said) = systemd_verify(dir.path(), &broken);
+    assert!(
+        said.contains("NoNewPrivilege"),
+        "systemd-analyze did not report a misspelt key: {said:?}"
+    );
+}
+
+/// Datagrams the agent sends to `NOTIFY_SOCKET` within `window`, until `enough` holds.
+fn notifications(
+    sock: &std::os::unix::net::UnixDatagram,
+    window: Duration,
+    mut enough: impl FnMut(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + window;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < deadline && !enough(&got) {
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    got
+}
+
+/// With `WATCHDOG_USEC` set (as systemd sets it for `WatchdogSec`), the agent's main loop
+/// sends `WATCHDOG=1` to `NOTIFY_SOCKET` every half period after `READY=1`; when
+/// `WATCHDOG_PID` names another process it sends none.
+#[test]
+fn agent_pings_the_systemd_watchdog_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let notify = path.display().to_string();
+    {
+        let dev = Dev::start_with_env(
+            1,
+            &[],
+            &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "400000")],
+        );
+        let got = notifications(&sock, Duration::from_secs(20), |g| {
+            g.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 4
+        });
+        let ready = got.iter().position(|m| m.contains("READY=1"));
+        let pings = got.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+        assert!(ready.is_some(), "no READY=1: {got:?}");
+        assert!(
+            pings >= 4,
+            "{pings} watchdog pings in 20 s at 0.2 s: {got:?}"
+        );
+        dev.assert_no_panics();
+    }
+    // Drain what the stopping agent sent.
+    notifications(&sock, Duration::from_millis(300), |_| false);
+    let dev = Dev::start_with_env(
+        1,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", &notify),
+            ("WATCHDOG_USEC", "400000"),
+            ("WATCHDOG_PID", "1"),
+        ],
+    );
+    let got = notifications(&sock, Duration::from_secs(20), |g| {
+        g.iter().any(|m| m.contains("READY=1"))
+    });
+    assert!(
+        got.iter().any(|m| m.contains("READY=1")),
+        "no READY=1: {got:?}"
+    );
+    // Five periods of silence: a ping would have come every 0.2 s.
+    let after = notifications(&sock, Duration::from_secs(1), |_| false);
+    assert!(
+        !got.iter().chain(&after).any(|m| m.contains("WATCHDOG=1")),
+        "pinged a watchdog meant for another process: {got:?} {after:?}"
+    );
+    drop(dev);
+}
