@@ -534,3 +534,101 @@ fn agent_pings_the_systemd_watchdog_only_when_asked() {
     );
     drop(dev);
 }
+
+/// The README's tour: every indented command between its markers, comments removed,
+/// continuation lines joined; `export` lines are returned apart.
+fn readme_tour() -> (Vec<String>, Vec<String>) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+    let readme = std::fs::read_to_string(path).unwrap();
+    let begin = readme
+        .find("<!-- tour:")
+        .expect("README.md has no `<!-- tour: ... -->` marker");
+    let end = readme
+        .find("<!-- tour: end -->")
+        .expect("README.md has no `<!-- tour: end -->` marker");
+    let mut commands = Vec::new();
+    let mut exports = Vec::new();
+    let mut pending = String::new();
+    for line in readme[begin..end].lines() {
+        let Some(code) = line.strip_prefix("    ") else {
+            continue;
+        };
+        // A comment starts at `#` after whitespace (none of the commands holds one).
+        let code = match code.find(" #") {
+            Some(i) => &code[..i],
+            None => code,
+        };
+        let code = code.trim();
+        if code.is_empty() || code.starts_with('#') {
+            continue;
+        }
+        if let Some(head) = code.strip_suffix('\\') {
+            pending.push_str(head);
+            continue;
+        }
+        let full = std::mem::take(&mut pending) + code;
+        if let Some(e) = full.strip_prefix("export ") {
+            exports.push(e.to_string());
+        } else {
+            commands.push(full);
+        }
+    }
+    (exports, commands)
+}
+
+/// The README's CLI tour runs in order, as written, against a fresh `convoy dev`: every
+/// command exits 0. The cluster's directory stands in for `convoy-dev/` and its
+/// addresses for the example ones; the tour's `export` lines name exactly the variables
+/// `convoy dev` gives.
+#[test]
+fn readme_tour_runs_in_order_as_written_against_a_dev_cluster() {
+    let (exports, commands) = readme_tour();
+    assert!(
+        commands.len() >= 30,
+        "the tour lost commands: {commands:#?}"
+    );
+    let mut names: Vec<&str> = exports
+        .iter()
+        .filter_map(|e| e.split_once('=').map(|(k, _)| k))
+        .collect();
+    names.sort_unstable();
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let mut given: Vec<&str> = dev.file.env.keys().map(String::as_str).collect();
+    given.sort_unstable();
+    assert_eq!(
+        names, given,
+        "the tour's exports differ from what `convoy dev` prints"
+    );
+
+    let dir = format!("{}/", dev.dir.path().display());
+    let bin_dir = convoy_bin().parent().unwrap().display().to_string();
+    let path = format!("{bin_dir}:{}", std::env::var("PATH").unwrap_or_default());
+    let started = std::time::Instant::now();
+    for (i, cmd) in commands.iter().enumerate() {
+        let run = cmd.replace("convoy-dev/", &dir);
+        let t = std::time::Instant::now();
+        let out = Command::new("timeout")
+            .args(["-s", "KILL", "120", "bash", "-c", &run])
+            .envs(dev.env())
+            .env("PATH", &path)
+            .env_remove("CONVOY_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("bash");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        eprintln!("[{i}] {cmd}  ({:.1} s)", t.elapsed().as_secs_f64());
+        assert!(
+            out.status.success(),
+            "README tour step {i} failed ({}): {cmd}\n{said}",
+            out.status
+        );
+    }
+    eprintln!(
+        "{} commands in {:.1} s",
+        commands.len(),
+        started.elapsed().as_secs_f64()
+    );
+    dev.assert_no_panics();
+}
