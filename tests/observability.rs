@@ -632,3 +632,52 @@ fn readme_tour_runs_in_order_as_written_against_a_dev_cluster() {
     );
     dev.assert_no_panics();
 }
+
+/// With `listen.metrics` set, the agent logs the plain-HTTP address at start and serves
+/// `/metrics` there without TLS, data-plane families included.
+#[test]
+fn plain_metrics_listener_is_logged_and_serves_the_data_plane_families() {
+    use std::io::{Read, Write};
+    let dev = Dev::start(1, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let addr = std::net::TcpListener::bind((dev.ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    dev.kill(1);
+    let config = &dev.node(1).config;
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(text.contains("[listen]\n"), "{text}");
+    let text = text.replacen(
+        "[listen]\n",
+        &format!("[listen]\nmetrics = \"{addr}\"\n"),
+        1,
+    );
+    std::fs::write(config, text).unwrap();
+    dev.restart(1);
+
+    let log = std::fs::read_to_string(&dev.node(1).log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("over plain HTTP") && l.contains(&addr.to_string())),
+        "the plain metrics listener was not logged with its address:\n{log}"
+    );
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for family in [
+        "# TYPE convoy_replication_lag_writes gauge",
+        "# TYPE convoy_stale_epoch_refused_total counter",
+        "# TYPE convoy_disk_open_failures gauge",
+    ] {
+        assert!(answer.contains(family), "no `{family}` in:\n{answer}");
+    }
+}
