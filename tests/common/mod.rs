@@ -131,6 +131,21 @@ impl Dev {
     /// node's data elsewhere, say, before `convoy dev` creates it).
     #[allow(dead_code)]
     pub fn start_prepared(nodes: u64, extra: &[&str], prepare: impl FnOnce(&Path)) -> Dev {
+        Dev::start_with(nodes, extra, prepare, &[])
+    }
+
+    /// Like [`Dev::start`], with `env` set for `convoy dev` and the agents it starts.
+    #[allow(dead_code)]
+    pub fn start_with_env(nodes: u64, extra: &[&str], env: &[(&str, &str)]) -> Dev {
+        Dev::start_with(nodes, extra, |_| {}, env)
+    }
+
+    fn start_with(
+        nodes: u64,
+        extra: &[&str],
+        prepare: impl FnOnce(&Path),
+        env: &[(&str, &str)],
+    ) -> Dev {
         let turn = ONE_CLUSTER_AT_A_TIME
             .lock()
             .unwrap_or_else(|p| p.into_inner());
@@ -147,6 +162,7 @@ impl Dev {
             .arg("--ip")
             .arg(ip.to_string())
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -177,7 +177,15 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(s): State<ApiState>) -> String {
-    s.metrics.render()
+    let mut text = s.metrics.render();
+    let plane = s
+        .cluster
+        .data
+        .get()
+        .map(|d| d.metrics())
+        .unwrap_or_default();
+    crate::metrics::render_data_plane(&plane, &mut text);
+    text
 }
 
 async fn node_status(State(s): State<ApiState>) -> Json<NodeStatus> {

@@ -9,9 +9,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::time::Instant;
+
 use anyhow::Context;
-use convoy_nbd::{ExportRegistry, Server};
+use bytes::Bytes;
+use convoy_nbd::{BlockDevice, DeviceFuture, ExportRegistry, Server};
 use tokio::sync::watch;
+
+use crate::metrics::{ExportMetrics, NbdOp};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -23,6 +28,84 @@ struct Export {
     stop: watch::Sender<bool>,
     /// Epoch of the writable device (0 for read-only copies).
     epoch: u64,
+    /// Its metric handles, shared by every device it serves.
+    metrics: Arc<ExportMetrics>,
+}
+
+/// A device that records each request's latency, outcome and bytes in its export's
+/// metrics before answering.
+struct Metered {
+    inner: Arc<dyn BlockDevice>,
+    metrics: Arc<ExportMetrics>,
+}
+
+impl Metered {
+    fn wrap(inner: Arc<dyn BlockDevice>, metrics: &Arc<ExportMetrics>) -> Arc<dyn BlockDevice> {
+        Arc::new(Self {
+            inner,
+            metrics: Arc::clone(metrics),
+        })
+    }
+
+    fn timed<'a, T: Send + 'a>(
+        &'a self,
+        op: NbdOp,
+        bytes: u64,
+        request: DeviceFuture<'a, T>,
+    ) -> DeviceFuture<'a, T> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let outcome = request.await;
+            self.metrics
+                .record(op, bytes, started.elapsed(), outcome.is_ok());
+            outcome
+        })
+    }
+}
+
+impl BlockDevice for Metered {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+
+    fn min_block_size(&self) -> u32 {
+        self.inner.min_block_size()
+    }
+
+    fn read(&self, offset: u64, len: u32) -> DeviceFuture<'_, Bytes> {
+        self.timed(NbdOp::Read, u64::from(len), self.inner.read(offset, len))
+    }
+
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceFuture<'_, ()> {
+        let len = data.len() as u64;
+        self.timed(NbdOp::Write, len, self.inner.write(offset, data, fua))
+    }
+
+    fn flush(&self) -> DeviceFuture<'_, ()> {
+        self.timed(NbdOp::Flush, 0, self.inner.flush())
+    }
+
+    fn trim(&self, offset: u64, len: u32) -> DeviceFuture<'_, ()> {
+        self.timed(NbdOp::Trim, u64::from(len), self.inner.trim(offset, len))
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_trim: bool,
+    ) -> DeviceFuture<'_, ()> {
+        self.timed(
+            NbdOp::WriteZeroes,
+            u64::from(len),
+            self.inner.write_zeroes(offset, len, fua, may_trim),
+        )
+    }
 }
 
 /// The exports of one host.
@@ -94,15 +177,17 @@ impl Exports {
         epoch: u64,
     ) -> anyhow::Result<()> {
         if let Some(e) = lock(&self.map).get_mut(name) {
-            self.registry.replace(name, device);
+            self.registry
+                .replace(name, Metered::wrap(device, &e.metrics));
             e.epoch = epoch;
             return Ok(());
         }
         let socket = self.socket_dir.join(format!("{name}.sock"));
         let listener = convoy_nbd::bind_unix(&socket, 0o660, self.socket_group)
             .with_context(|| format!("cannot create NBD socket {}", socket.display()))?;
+        let metrics = Arc::new(ExportMetrics::new(name));
         self.registry
-            .add(name, device, description)
+            .add(name, Metered::wrap(device, &metrics), description)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (stop, mut stopped) = watch::channel(false);
         let server = Server::new(self.registry.clone());
@@ -119,6 +204,7 @@ impl Exports {
                 socket,
                 stop,
                 epoch,
+                metrics,
             },
         );
         Ok(())

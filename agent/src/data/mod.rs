@@ -164,6 +164,67 @@ pub struct LinkStatusView {
     pub last_error: Option<String>,
 }
 
+/// What a link's sender can be doing (`LinkStatusView::phase`).
+pub const LINK_PHASES: [&str; 6] = [
+    "connecting",
+    "initial-sync",
+    "seeding",
+    "resync",
+    "streaming",
+    "stopped",
+];
+
+/// The data plane's state for `/metrics`, read when it is scraped.
+#[derive(Clone, Debug, Default)]
+pub struct DataPlaneMetrics {
+    /// Groups this host sequences.
+    pub groups: Vec<GroupMetrics>,
+    /// Disks whose image this host cannot open.
+    pub disk_open_failures: Vec<DiskId>,
+}
+
+/// One group this host sequences.
+#[derive(Clone, Debug, Default)]
+pub struct GroupMetrics {
+    /// Group name.
+    pub cg: String,
+    /// Last sequence assigned.
+    pub last_seq: u64,
+    /// Writes acknowledged since the sequencer started.
+    pub writes: u64,
+    /// Bytes those writes changed.
+    pub bytes_written: u64,
+    /// Times writers waited for a lagging replica.
+    pub throttled: u64,
+    /// Bytes the journal holds.
+    pub journal_bytes: u64,
+    /// Per replica host.
+    pub links: Vec<LinkMetrics>,
+}
+
+/// One link of a group, as its sequencer sees it.
+#[derive(Clone, Debug, Default)]
+pub struct LinkMetrics {
+    /// The replica's host.
+    pub replica: NodeId,
+    /// Committed state (None while the sequencer has no link runtime for it yet).
+    pub state: Option<convoy_raft::model::LinkState>,
+    /// What the sender is doing (one of [`LINK_PHASES`]).
+    pub phase: String,
+    /// Highest sequence the replica holds durably.
+    pub acked_seq: u64,
+    /// Writes the replica lacks.
+    pub lag_writes: u64,
+    /// Seconds since the replica last held every write.
+    pub lag_seconds: f64,
+    /// Resyncs since the sequencer started.
+    pub resyncs: u64,
+    /// Bytes sent on the link.
+    pub bytes_sent: u64,
+    /// Bytes of chunk data sent by resyncs and seeding.
+    pub resync_bytes_sent: u64,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -646,6 +707,57 @@ impl DataPlane {
                 .collect(),
             sync: lock(&self.syncs).get(cg).map(delta::SyncRun::view),
         })
+    }
+
+    /// The state `/metrics` shows: every group this host sequences with its links, and
+    /// the disks whose image cannot be opened. Takes short locks only (no I/O).
+    pub fn metrics(&self) -> DataPlaneMetrics {
+        let domains = lock(&self.domains);
+        let mut groups: Vec<GroupMetrics> = domains
+            .values()
+            .filter(|d| d.seq.cg_id().is_some())
+            .map(|d| {
+                let stats = &d.seq.stats;
+                let last = d.seq.last_seq();
+                let links = d.seq.link_status();
+                let mut out: Vec<LinkMetrics> = d
+                    .senders
+                    .iter()
+                    .map(|(to, (_, r))| {
+                        let r = lock(r);
+                        let l = links.get(to);
+                        let acked = l.map_or(0, |l| l.acked);
+                        LinkMetrics {
+                            replica: *to,
+                            state: l.map(|l| l.state),
+                            phase: r.phase.clone(),
+                            acked_seq: acked,
+                            lag_writes: last.saturating_sub(acked),
+                            lag_seconds: l.map_or(0.0, |l| l.lag_seconds),
+                            resyncs: r.resyncs,
+                            bytes_sent: r.bytes_sent,
+                            resync_bytes_sent: r.resync_bytes_sent,
+                        }
+                    })
+                    .collect();
+                out.sort_by_key(|l| l.replica);
+                GroupMetrics {
+                    cg: d.seq.name.clone(),
+                    last_seq: last,
+                    writes: stats.writes.load(Ordering::Relaxed),
+                    bytes_written: stats.bytes.load(Ordering::Relaxed),
+                    throttled: stats.throttled.load(Ordering::Relaxed),
+                    journal_bytes: d.seq.journal_bytes(),
+                    links: out,
+                }
+            })
+            .collect();
+        drop(domains);
+        groups.sort_by(|a, b| a.cg.cmp(&b.cg));
+        DataPlaneMetrics {
+            groups,
+            disk_open_failures: self.images.failures().into_keys().collect(),
+        }
     }
 
     /// The volume of a local disk at its planned epoch, for a simulated guest.

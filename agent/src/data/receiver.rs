@@ -89,10 +89,7 @@ fn refuse_metric(r: &Refusal) {
         Refusal::Storage(_) => "storage",
         Refusal::Other(_) => "other",
     };
-    metrics::counter!("convoy_replica_refused_total", "reason" => kind).increment(1);
-    if matches!(r, Refusal::StaleEpoch { .. }) {
-        metrics::counter!("convoy_stale_epoch_refused_total", "where" => "replica").increment(1);
-    }
+    crate::metrics::replica_refused(kind);
 }
 
 /// Serves one inbound replication stream until it ends.
@@ -122,6 +119,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
                 hello.cg,
                 hello.cg_id
             ));
+            crate::metrics::replica_refused("not_a_replica");
             send.send_frame(&convoy_codec::encode(&msg)?).await?;
             return Ok(());
         }
@@ -131,6 +129,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             "node {peer} does not order group '{}' (node {} does)",
             role.cg, role.sequencer
         ));
+        crate::metrics::replica_refused("not_the_sequencer");
         send.send_frame(&convoy_codec::encode(&msg)?).await?;
         return Ok(());
     }
@@ -150,6 +149,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             "disk list {:?} does not match the model's {:?}",
             hello.disks, expected
         ));
+        crate::metrics::replica_refused("disk_mismatch");
         send.send_frame(&convoy_codec::encode(&msg)?).await?;
         return Ok(());
     }
@@ -162,6 +162,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
     {
         Ok(t) => t,
         Err(_) => {
+            crate::metrics::replica_refused("busy");
             send.send_frame(&convoy_codec::encode(&refuse(
                 "another stream for this group is active".into(),
             ))?)

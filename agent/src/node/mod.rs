@@ -181,6 +181,9 @@ async fn serve(
         sync_timeout: Duration::from_millis(cfg.replication.sync_timeout_ms),
         keep_former_copies: Duration::from_secs(cfg.replication.keep_former_copies_secs),
     };
+    // Before the data plane starts: handles taken before the recorder exists record
+    // nothing.
+    let metrics = crate::metrics::install()?;
     let writer = Arc::new(RaftModelWriter(Arc::downgrade(&cluster)));
     let plane = DataPlane::start(cfg.node_id, data_cfg, endpoint.clone(), writer)
         .await
@@ -194,7 +197,6 @@ async fn serve(
         Arc::clone(&cluster.migrations),
     ));
 
-    let metrics = crate::metrics::install()?;
     note_cert_expiry(cfg, identity);
     crate::metrics::spawn_sampler(Arc::clone(&cluster), metrics.clone());
     let state = ApiState {
@@ -214,12 +216,17 @@ async fn serve(
             .await
             .with_context(|| format!("cannot listen on {maddr} (key `listen.metrics`)"))?;
         servers.spawn(api::serve_plain(l, api::metrics_router(state.clone())));
+        tracing::info!(
+            addr = %maddr,
+            "serving /metrics and /healthz over plain HTTP, without TLS or client certificates (key `listen.metrics`)"
+        );
     }
 
     tracing::info!(
         node = cfg.node_id,
         raft = %cfg.listen.raft,
         admin = %cfg.listen.admin,
+        metrics = %cfg.listen.metrics.map_or("admin API only".to_string(), |a| a.to_string()),
         data_dir = %cfg.data_dir.display(),
         "agent ready"
     );
@@ -229,8 +236,17 @@ async fn serve(
         .context("cannot install the SIGTERM handler")?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP handler")?;
+    let watchdog = watchdog_interval();
+    if let Some(every) = watchdog {
+        tracing::info!(every = ?every, "pinging the systemd watchdog (WATCHDOG_USEC)");
+    }
+    // Pinged from this loop: a runtime too wedged to run it lets systemd restart the agent.
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     loop {
         tokio::select! {
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
             _ = term.recv() => break Ok(()),
             r = tokio::signal::ctrl_c() => break r.context("cannot wait for SIGINT"),
             Some(r) = servers.join_next() => break match r {
@@ -241,6 +257,19 @@ async fn serve(
             _ = hup.recv() => reload_certificate(cfg, identity),
         }
     }
+}
+
+/// How often to ping the systemd watchdog: half of `WATCHDOG_USEC`, as systemd advises;
+/// None when it is unset, zero or unreadable, or when `WATCHDOG_PID` names another process
+/// (libsystemd's `sd_watchdog_enabled` rules).
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec) / 2)
 }
 
 /// The NBD TCP listener's settings: TLS with NBD client certificates from the cluster CA,
