@@ -938,3 +938,128 @@ fn watch_prints_a_fresh_view_every_interval_until_interrupted() {
     }
     dev.assert_no_panics();
 }
+
+/// Issue 13 item 2: a replica that refuses the stream (here: its copy's image path is
+/// taken, so it cannot open the copy) sends its reason, and that reason, not the reset
+/// that ends the stream, is the link's error in `cg show` and in the CLI's error for a
+/// command that needs the copy.
+#[test]
+fn a_replicas_refusal_reason_reaches_cg_show_and_the_cli_error() {
+    let dev = Dev::start(2, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let vm = dev
+        .cli(&[
+            "vm", "create", "web", "--host", "1", "--disk", "16MiB", "-o", "json",
+        ])
+        .json();
+    let disk = vm["disks"][0]["id"].as_u64().unwrap();
+    std::fs::create_dir_all(
+        dev.node(2)
+            .data_dir
+            .join("disks")
+            .join(format!("disk-{disk}.img")),
+    )
+    .unwrap();
+    assert!(dev.cli(&["cg", "create", "shop", "--vm", "web"]).ok);
+    let r = dev.cli(&["cg", "replicate", "shop", "--to", "2", "--mode", "async"]);
+    assert!(r.ok, "{r:?}");
+    let refused = |v: &serde_json::Value| {
+        let e = v["replicas"][0]["last_error"].as_str().unwrap_or_default();
+        e.contains("replica refused: local storage on the replica") && e.contains("Is a directory")
+    };
+    wait_for("the refusal in cg show", Duration::from_secs(20), || {
+        refused(&cg_show(&dev, "shop")).then_some(())
+    });
+    // Every retry is refused the same way: the reason stays, whatever ends each stream.
+    for _ in 0..10 {
+        let v = cg_show(&dev, "shop");
+        assert!(refused(&v), "{}", v["replicas"][0]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let table = dev.cli(&["cg", "show", "shop"]);
+    assert!(table.stdout.contains("replica refused"), "{}", table.stdout);
+    // A command that needs the copy says why it is not there.
+    let r = dev.cli(&["cg", "switch-primary", "shop", "--to", "2"]);
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("replica refused: local storage on the replica"),
+        "{}",
+        r.stderr
+    );
+    dev.assert_no_panics();
+}
+
+/// Issue 13 item 5: VMs whose simulated guests are already writing join a group, the
+/// group gains a replica, leaves and is formed again: the group's sequence numbers
+/// continue above every number the VMs' writes got before, so the checkers (latest on the
+/// primary, prefix on both copies) pass, strict as ever.
+#[test]
+fn running_vms_joining_a_group_keep_one_numbering_and_verify_clean() {
+    let dev = Dev::start(2, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let vms = ["web", "db"];
+    for vm in vms {
+        let r = dev.cli(&[
+            "vm",
+            "create",
+            vm,
+            "--host",
+            "1",
+            "--disk",
+            "16MiB",
+            "--workload",
+            "iops=150,size=4k",
+        ]);
+        assert!(r.ok, "{r:?}");
+        assert!(dev.cli(&["vm", "start", vm]).ok);
+    }
+    let acked = |vm: &str| {
+        dev.cli(&["vm", "show", vm, "-o", "json"]).json()["guest_stats"]["writes_acked"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let more_writes = |n: u64| {
+        let from: Vec<u64> = vms.iter().map(|v| acked(v)).collect();
+        wait_for("the guests to write", Duration::from_secs(30), || {
+            vms.iter()
+                .zip(&from)
+                .all(|(v, f)| acked(v) >= f + n)
+                .then_some(())
+        });
+    };
+    more_writes(50);
+    let verify = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let r = dev.cli(&all);
+        assert!(r.ok, "{args:?}: {r:?}");
+        let v = r.json();
+        assert_eq!(v["ok"], true, "{args:?}: {}", v["text"]);
+    };
+    for round in 0..2 {
+        let r = dev.cli(&["cg", "create", "shop", "--vm", "web", "--vm", "db"]);
+        assert!(r.ok, "round {round}: {r:?}");
+        more_writes(50);
+        let r = dev.cli(&["cg", "replicate", "shop", "--to", "2", "--mode", "async"]);
+        assert!(r.ok, "round {round}: {r:?}");
+        wait_for("the replica to stream", Duration::from_secs(60), || {
+            let v = cg_show(&dev, "shop");
+            let r = &v["replicas"][0];
+            (r["state"] == "consistent" && r["phase"] == "streaming").then_some(())
+        });
+        more_writes(50);
+        for vm in vms {
+            verify(&["vm", "verify", vm]);
+        }
+        verify(&["cg", "verify", "shop", "--prefix"]);
+        verify(&["cg", "verify", "shop", "--on", "2", "--prefix"]);
+        // The VMs leave the group and keep writing on their own, then join again.
+        assert!(dev.cli(&["cg", "delete", "shop"]).ok);
+        more_writes(50);
+        for vm in vms {
+            verify(&["vm", "verify", vm]);
+        }
+    }
+    dev.assert_no_panics();
+}

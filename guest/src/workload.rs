@@ -153,6 +153,29 @@ impl Workload {
         }
         Ok(())
     }
+
+    /// [`Workload::validate`], and that every disk of `disk_sizes` holds at least one
+    /// write in the region the guest writes: what [`crate::Guest::start`] needs of a VM's
+    /// disks, so a workload can be refused when the VM is created instead of failing on
+    /// its host later.
+    pub fn validate_for_disks(&self, disk_sizes: &[u64]) -> Result<(), GuestError> {
+        self.validate()?;
+        let size = u64::from(self.size);
+        for (i, &disk) in disk_sizes.iter().enumerate() {
+            let region = self.span.map_or(disk, |s| s.min(disk));
+            if region < size {
+                return Err(err(
+                    "size",
+                    format!(
+                        "{} is larger than disk {i} ({}); use a write size up to the smallest disk",
+                        format_size(size),
+                        format_size(disk)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn parse_u64(key: &str, value: &str, what: &str) -> Result<u64, GuestError> {
@@ -412,6 +435,23 @@ mod tests {
                 other => panic!("{spec}: expected a workload error, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_write_larger_than_a_disk_is_refused_for_that_disk() {
+        let w: Workload = "size=4m".parse().unwrap();
+        assert!(w.validate_for_disks(&[8 << 20, 4 << 20]).is_ok());
+        match w.validate_for_disks(&[8 << 20, 1 << 20]) {
+            Err(GuestError::Workload { key, reason }) => {
+                assert_eq!(key, "size");
+                assert!(reason.contains("disk 1 (1MiB)"), "{reason}");
+            }
+            other => panic!("expected a size error, got {other:?}"),
+        }
+        // The span limits the region on every disk, the disk limits the span.
+        let w: Workload = "size=64k,span=1m".parse().unwrap();
+        assert!(w.validate_for_disks(&[32 << 10]).is_err());
+        assert!(w.validate_for_disks(&[64 << 10]).is_ok());
     }
 
     #[test]

@@ -233,11 +233,15 @@ fn catch_up(timeout_secs: Option<u64>) -> ApiResult<Duration> {
 
 /// Checks a workload spec when the VM is created, not when its guest starts, so its
 /// numbers (rate, size, depth, span) are bounded before they enter the log.
-fn check_workload(spec: &str) -> ApiResult<()> {
+fn check_workload(spec: &str, disk_sizes: &[u64]) -> ApiResult<()> {
     spec.parse::<convoy_guest::Workload>()
-        .and_then(|w| w.validate())
+        .and_then(|w| w.validate_for_disks(disk_sizes))
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("workload: {e}")))
 }
+
+/// How long `vm create` waits for the host to create the disks, and `vm start` for the
+/// guest to start, before answering with what the host reports so far.
+const HOST_SETTLE: Duration = Duration::from_secs(5);
 
 fn parse_request_id(text: Option<&str>) -> ApiResult<Option<u128>> {
     text.map(|t| {
@@ -283,6 +287,7 @@ fn vm_view_with(vm: &convoy_raft::model::Vm, disks: Vec<convoy_raft::model::Disk
         guest_error: None,
         guest_stats: None,
         disk_errors: Vec::new(),
+        state: None,
     }
 }
 
@@ -372,7 +377,17 @@ async fn create_vm(
     let Json(req) = body?;
     let request_id = parse_request_id(req.request_id.as_deref())?;
     if let Some(spec) = &req.workload {
-        check_workload(spec)?;
+        check_workload(spec, &req.disks)?;
+    }
+    // The host's file system has the last word on what it can hold (the model's limit is
+    // the largest any supported file system takes). A host that does not answer cannot
+    // say: the create goes ahead and `vm show` reports what the host does with it.
+    let probe = LocalRequest::ProbeDisks {
+        sizes: req.disks.clone(),
+    };
+    let probed = tokio::time::timeout(HOST_SETTLE, s.cluster.local(req.host, probe)).await;
+    if let Ok(Ok(LocalResponse::Probed(Err(why)))) = probed {
+        return Err(ApiError::new(ErrorCode::BadRequest, why));
     }
     let cmd = Command::CreateVm {
         name: req.name,
@@ -382,8 +397,84 @@ async fn create_vm(
         created_at_ms: s.cluster.now_ms(),
     };
     match s.cluster.write(cmd, request_id).await? {
-        Outcome::Vm(vm, disks) => Ok((StatusCode::CREATED, Json(vm_view_with(&vm, disks)))),
+        Outcome::Vm(vm, disks) => {
+            let mut view = vm_view_with(&vm, disks);
+            // Until the host created every disk or failed to: a failure is not a success.
+            let deadline = tokio::time::Instant::now() + HOST_SETTLE;
+            loop {
+                let asked = tokio::time::timeout_at(deadline, host_disk_state(&s, &mut view));
+                if asked.await.is_err()
+                    || view.state.as_deref() != Some("creating")
+                    || tokio::time::Instant::now() >= deadline
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok((StatusCode::CREATED, Json(view)))
+        }
         other => Err(unexpected(other)),
+    }
+}
+
+/// Fills `view` with what the VM's host reports about its disks: URIs, failures and the
+/// resulting state. Left unknown when the host does not answer.
+async fn host_disk_state(s: &ApiState, view: &mut VmView) {
+    let req = LocalRequest::Uris {
+        disks: view.disks.iter().map(|d| d.id).collect(),
+    };
+    let Ok(LocalResponse::Uris(uris)) = s.cluster.local(view.host, req).await else {
+        return;
+    };
+    for d in &mut view.disks {
+        if let Some((_, u)) = uris.iter().find(|(id, _)| *id == d.id) {
+            d.uris = u.clone();
+        }
+    }
+    let Ok(LocalResponse::HostHealth(failed)) =
+        s.cluster.local(view.host, LocalRequest::HostHealth).await
+    else {
+        return;
+    };
+    view.disk_errors = view
+        .disks
+        .iter()
+        .filter_map(|d| failed.get(&d.id).map(|why| (d.id, why.clone())))
+        .collect();
+    view.state = Some(
+        if !view.disk_errors.is_empty() {
+            "failed"
+        } else if view.disks.iter().all(|d| !d.uris.is_empty()) {
+            "ready"
+        } else {
+            "creating"
+        }
+        .to_string(),
+    );
+}
+
+/// Fills `view` with its simulated guest's state on the VM's host, when it has a
+/// workload and the host answers.
+async fn host_guest_state(s: &ApiState, view: &mut VmView) {
+    if view.workload.is_none() {
+        return;
+    }
+    let req = LocalRequest::GuestStatus {
+        vm: view.name.clone(),
+    };
+    if let Ok(LocalResponse::GuestStatus(g)) = s.cluster.local(view.host, req).await {
+        view.guest = Some(
+            if g.running {
+                "running"
+            } else if g.error.is_some() {
+                "failed"
+            } else {
+                "stopped"
+            }
+            .to_string(),
+        );
+        view.guest_error = g.error;
+        view.guest_stats = g.stats;
     }
 }
 
@@ -408,44 +499,8 @@ async fn show_vm(
         .ok_or_else(|| not_found("vm", &name))?;
     // URIs, guest state and disk health live on the VM's host; without an answer the
     // view is still useful.
-    let req = LocalRequest::Uris {
-        disks: view.disks.iter().map(|d| d.id).collect(),
-    };
-    if let Ok(LocalResponse::Uris(uris)) = s.cluster.local(view.host, req).await {
-        for d in &mut view.disks {
-            if let Some((_, u)) = uris.iter().find(|(id, _)| *id == d.id) {
-                d.uris = u.clone();
-            }
-        }
-    }
-    if let Ok(LocalResponse::HostHealth(failed)) =
-        s.cluster.local(view.host, LocalRequest::HostHealth).await
-    {
-        view.disk_errors = view
-            .disks
-            .iter()
-            .filter_map(|d| failed.get(&d.id).map(|why| (d.id, why.clone())))
-            .collect();
-    }
-    if view.workload.is_some() {
-        let req = LocalRequest::GuestStatus {
-            vm: view.name.clone(),
-        };
-        if let Ok(LocalResponse::GuestStatus(g)) = s.cluster.local(view.host, req).await {
-            view.guest = Some(
-                if g.running {
-                    "running"
-                } else if g.error.is_some() {
-                    "failed"
-                } else {
-                    "stopped"
-                }
-                .to_string(),
-            );
-            view.guest_error = g.error;
-            view.guest_stats = g.stats;
-        }
-    }
+    host_disk_state(&s, &mut view).await;
+    host_guest_state(&s, &mut view).await;
     Ok(Json(view))
 }
 
@@ -634,7 +689,38 @@ async fn set_running(s: &ApiState, name: String, running: bool) -> ApiResult<Jso
 }
 
 async fn start_vm(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<VmView>> {
-    set_running(&s, name, true).await
+    let Json(mut view) = set_running(&s, name, true).await?;
+    if view.workload.is_none() {
+        return Ok(Json(view));
+    }
+    // The guest starts on its host once the host applied the start: wait for it to run or
+    // to fail, so a guest that cannot start is an error here rather than only in a log.
+    let deadline = tokio::time::Instant::now() + HOST_SETTLE;
+    loop {
+        let asked = tokio::time::timeout_at(deadline, host_guest_state(&s, &mut view));
+        if asked.await.is_err() {
+            return Ok(Json(view));
+        }
+        match view.guest.as_deref() {
+            Some("running") => break,
+            Some("failed") => {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "VM '{}' is marked running but its guest cannot start on node {}: {}; fix the cause and start it again, or `convoy vm stop {}`",
+                        view.name,
+                        view.host,
+                        view.guest_error.as_deref().unwrap_or("no reason given"),
+                        view.name
+                    ),
+                ));
+            }
+            _ if tokio::time::Instant::now() >= deadline => break,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    host_disk_state(&s, &mut view).await;
+    Ok(Json(view))
 }
 
 async fn stop_vm(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<VmView>> {
@@ -1081,19 +1167,22 @@ mod tests {
 
     #[test]
     fn workload_numbers_are_checked_when_the_vm_is_created() {
-        assert!(check_workload("iops=200,size=4k,pattern=random").is_ok());
+        let disks = [64 << 20, 1 << 20];
+        assert!(check_workload("iops=200,size=4k,pattern=random", &disks).is_ok());
         for bad in [
             "iops=0",
+            "iops=abc",
             "iops=99999999999",
             "size=3",
             "size=1t",
+            "size=4m",
             "depth=0",
             "depth=4294967296",
             "span=1",
             "nonsense",
         ] {
             assert_eq!(
-                status(check_workload(bad)),
+                status(check_workload(bad, &disks)),
                 Some(StatusCode::BAD_REQUEST),
                 "{bad}"
             );

@@ -252,6 +252,10 @@ pub struct VmView {
     /// Disks whose image cannot be opened on the VM's host, with why.
     #[serde(default)]
     pub disk_errors: Vec<(u64, String)>,
+    /// The VM's disks on its host, when the host answered: `ready` (every disk exported),
+    /// `creating` (not yet), or `failed` (see `disk_errors`).
+    #[serde(default)]
+    pub state: Option<String>,
 }
 
 /// `POST /v1/vms/{name}/move`.

@@ -460,7 +460,22 @@ pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
                 request_id: Some(new_request_id()),
             };
             let vm: VmView = client.post("/v1/vms", &req).await?;
-            out.vm(&vm)
+            out.vm(&vm)?;
+            if vm.state.as_deref() == Some("failed") {
+                let why: Vec<String> = vm
+                    .disk_errors
+                    .iter()
+                    .map(|(d, e)| format!("disk {d}: {e}"))
+                    .collect();
+                anyhow::bail!(
+                    "VM '{}' is in the cluster but node {} could not create its disks ({}); `convoy vm delete {}` and create it again once the host can hold them",
+                    vm.name,
+                    vm.host,
+                    why.join("; "),
+                    vm.name
+                );
+            }
+            Ok(())
         }
         VmCmd::List(r) => {
             let vms: Vec<VmView> = client.get(&format!("/v1/vms{}", read_query(&r))).await?;

@@ -154,12 +154,17 @@ impl Output {
             return self.json(vm);
         }
         println!(
-            "VM {} (id {}) runs on node {}   cg: {}   {}",
+            "VM {} (id {}) runs on node {}   cg: {}   {}{}",
             vm.name,
             vm.id,
             vm.host,
             opt(vm.cg.as_ref()),
-            if vm.running { "running" } else { "stopped" }
+            if vm.running { "running" } else { "stopped" },
+            match vm.state.as_deref() {
+                Some("failed") => "   disks: FAILED on its host".to_string(),
+                Some(s) => format!("   disks: {s}"),
+                None => String::new(),
+            }
         );
         if vm.sequencer != vm.host && vm.sequencer != 0 {
             println!(
@@ -182,6 +187,8 @@ impl Output {
             );
         }
         if let Some(e) = &vm.guest_error {
+            // The guest's own error may already say so.
+            let e = e.strip_prefix("guest cannot start: ").unwrap_or(e);
             println!("guest cannot start: {e}");
         }
         for (disk, why) in &vm.disk_errors {

@@ -417,6 +417,38 @@ impl DataPlane {
             .unwrap_or(0)
     }
 
+    /// Whether this host's image directory can hold sparse images of `sizes` bytes:
+    /// creates a probe file of the largest size and removes it (sparse, so it costs no
+    /// space). Catches the file system's own limit (ext4 with 4 KiB blocks: 16 TiB -
+    /// 4 KiB) before a VM is created, instead of a create that fails later on the host.
+    /// Blocking.
+    pub fn probe_disks(&self, sizes: &[u64]) -> Result<(), String> {
+        let Some(&largest) = sizes.iter().max() else {
+            return Ok(());
+        };
+        let dir = self.images.dir();
+        let path = dir.join(format!(".probe-{}.img", rand::random::<u64>()));
+        let probed = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|f| f.set_len(largest));
+        let _ = std::fs::remove_file(&path);
+        probed.map_err(|e| {
+            let hint = if e.raw_os_error() == Some(rustix::io::Errno::FBIG.raw_os_error()) {
+                " (ext4 with 4 KiB blocks holds at most 16 TiB - 4 KiB; use a smaller disk, or XFS on that host)"
+            } else {
+                ""
+            };
+            format!(
+                "node {} cannot hold a disk of {}: its file system refuses a file of that size in {}: {e}{hint}",
+                self.node,
+                crate::units::format_size(largest),
+                dir.display()
+            )
+        })
+    }
+
     /// Per disk, the bytes its local copy's image takes (0 when there is none). Blocking.
     pub fn copy_sizes(&self, disks: &[DiskId]) -> Vec<(DiskId, u64)> {
         use std::os::unix::fs::MetadataExt;

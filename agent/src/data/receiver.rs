@@ -92,6 +92,17 @@ fn refuse_metric(r: &Refusal) {
     crate::metrics::replica_refused(kind);
 }
 
+/// Sends the hello's refusal and finishes the stream, so the sender reads the reason:
+/// a stream dropped unfinished is reset, and a reset discards what was not read yet.
+async fn end_with_refusal(
+    send: &mut convoy_transport::FramedSend,
+    msg: &HelloReply,
+) -> anyhow::Result<()> {
+    send.send_frame(&convoy_codec::encode(msg)?).await?;
+    send.finish()?;
+    Ok(())
+}
+
 /// Serves one inbound replication stream until it ends.
 pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Result<()> {
     let InboundStream {
@@ -120,8 +131,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
                 hello.cg_id
             ));
             crate::metrics::replica_refused("not_a_replica");
-            send.send_frame(&convoy_codec::encode(&msg)?).await?;
-            return Ok(());
+            return end_with_refusal(&mut send, &msg).await;
         }
     };
     if role.sequencer != peer {
@@ -130,8 +140,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             role.cg, role.sequencer
         ));
         crate::metrics::replica_refused("not_the_sequencer");
-        send.send_frame(&convoy_codec::encode(&msg)?).await?;
-        return Ok(());
+        return end_with_refusal(&mut send, &msg).await;
     }
     if hello.epoch < role.sequencer_epoch {
         let r = Refusal::StaleEpoch {
@@ -139,9 +148,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             have: role.sequencer_epoch,
         };
         refuse_metric(&r);
-        send.send_frame(&convoy_codec::encode(&refuse(r.to_string()))?)
-            .await?;
-        return Ok(());
+        return end_with_refusal(&mut send, &refuse(r.to_string())).await;
     }
     let expected: Vec<(DiskId, u64)> = role.disks.iter().map(|d| (d.id, d.size)).collect();
     if hello.disks != expected {
@@ -150,8 +157,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             hello.disks, expected
         ));
         crate::metrics::replica_refused("disk_mismatch");
-        send.send_frame(&convoy_codec::encode(&msg)?).await?;
-        return Ok(());
+        return end_with_refusal(&mut send, &msg).await;
     }
     // One stream per group at a time; a new sequencer connection replaces a dead one.
     let _turn = match tokio::time::timeout(
@@ -163,11 +169,11 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         Ok(t) => t,
         Err(_) => {
             crate::metrics::replica_refused("busy");
-            send.send_frame(&convoy_codec::encode(&refuse(
-                "another stream for this group is active".into(),
-            ))?)
-            .await?;
-            return Ok(());
+            return end_with_refusal(
+                &mut send,
+                &refuse("another stream for this group is active".into()),
+            )
+            .await;
         }
     };
     let plane2 = Arc::clone(&plane);
@@ -187,9 +193,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         Err(e) => {
             let r = Refusal::Storage(format!("{e:#}"));
             refuse_metric(&r);
-            send.send_frame(&convoy_codec::encode(&refuse(r.to_string()))?)
-                .await?;
-            return Ok(());
+            return end_with_refusal(&mut send, &refuse(r.to_string())).await;
         }
     };
     if hello.epoch < state.epoch {
@@ -198,9 +202,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             have: state.epoch,
         };
         refuse_metric(&r);
-        send.send_frame(&convoy_codec::encode(&refuse(r.to_string()))?)
-            .await?;
-        return Ok(());
+        return end_with_refusal(&mut send, &refuse(r.to_string())).await;
     }
     state.epoch = hello.epoch;
     let resumed_at = resume_point(&state, hello.acked_by_you);
@@ -318,6 +320,13 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
                 };
                 send.send_frame(&convoy_codec::encode(&msg)?).await?;
                 send.finish()?;
+                // Read on until the sender ends its half: dropping ours now would stop the
+                // sender's writes, and that error could end its session before it read the
+                // reason.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Ok(Some(_)) = recv.recv_frame().await {}
+                })
+                .await;
                 break Ok(());
             }
         }

@@ -63,6 +63,10 @@ pub struct LinkReport {
     pub resync_bytes_done: u64,
     /// Last error, if the link is down; the replica's reason when it refused.
     pub last_error: Option<String>,
+    /// The replica's reason for refusing the running session, when it sent one: the
+    /// reset that ends the stream after it must not hide it.
+    #[serde(skip)]
+    pub refusal: Option<String>,
 }
 
 /// One link's sender.
@@ -102,7 +106,11 @@ impl LinkSender {
             if *stop.borrow() {
                 break;
             }
-            report(&self.report).phase = "connecting".into();
+            {
+                let mut r = report(&self.report);
+                r.phase = "connecting".into();
+                r.refusal = None;
+            }
             let outcome = tokio::select! {
                 r = self.session() => r,
                 _ = stop.changed() => break,
@@ -112,7 +120,11 @@ impl LinkSender {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
                     tracing::info!(cg = %self.seq.name, replica = self.to, error = %e, "replication link down; retrying");
-                    report(&self.report).last_error = Some(e.to_string());
+                    let mut r = report(&self.report);
+                    r.last_error = Some(match r.refusal.take() {
+                        Some(reason) => format!("replica refused: {reason}"),
+                        None => e.to_string(),
+                    });
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
@@ -710,7 +722,9 @@ async fn read_acks(
             Ok(FromReplica::SeedReady) => seed_ready.notify_one(),
             Ok(FromReplica::Refused { reason }) => {
                 tracing::warn!(%reason, "replica refused the stream");
-                report(&report_to).last_error = Some(format!("replica refused: {reason}"));
+                let mut r = report(&report_to);
+                r.last_error = Some(format!("replica refused: {reason}"));
+                r.refusal = Some(reason);
                 return;
             }
             Err(e) => {

@@ -54,6 +54,20 @@ impl Cluster {
         }
     }
 
+    /// Why the link of group `cg` from its sequencer `sequencer` to `to` is down, as the
+    /// sequencer last saw it (the replica's reason when it refused the stream); `None`
+    /// when the link has no error or the sequencer does not answer within a second.
+    async fn link_error(&self, cg: &str, sequencer: NodeId, to: NodeId) -> Option<String> {
+        let req = LocalRequest::GroupStatus { cg: cg.to_string() };
+        let asked = tokio::time::timeout(Duration::from_secs(1), self.local(sequencer, req));
+        match asked.await {
+            Ok(Ok(LocalResponse::GroupStatus(Some(status)))) => {
+                status.links.get(&to).and_then(|l| l.last_error.clone())
+            }
+            _ => None,
+        }
+    }
+
     /// Moves VM `name` to host `to`: its simulated guest (if any) is paused and drained on
     /// the old host, `MoveVm` commits (the VM's disk epochs move), the sequencer fences
     /// the old epochs, and the guest resumes on `to`, writing through `to`'s export (to
@@ -86,7 +100,11 @@ impl Cluster {
             ))
         })?;
         if let Some(p) = problem {
-            return Err(ServiceError::BadRequest(p));
+            let why = match (&vm.cg, sequencer) {
+                (Some(cg), Some(seq)) => self.link_error(cg, seq, to).await,
+                _ => None,
+            };
+            return Err(ServiceError::BadRequest(with_link_error(p, why)));
         }
         let from = vm.host;
         let started = Instant::now();
@@ -216,10 +234,12 @@ impl Cluster {
                 )));
             }
             Some(l) if l.state != convoy_raft::model::LinkState::Consistent => {
-                return Err(ServiceError::Conflict(format!(
+                let msg = format!(
                     "node {to}'s copy of '{cg}' is {}: wait until `convoy cg show {cg}` says consistent",
                     l.state.as_str()
-                )));
+                );
+                let why = self.link_error(cg, from, to).await;
+                return Err(ServiceError::Conflict(with_link_error(msg, why)));
             }
             Some(_) => {}
         }
@@ -286,5 +306,14 @@ impl Cluster {
         });
         let fenced = self.fence_on(sequencer, &disks).await;
         Ok((vm, disks, fenced))
+    }
+}
+
+/// `msg`, followed by why the copy's link is down when that is known: an operator told to
+/// wait for a copy that a replica keeps refusing would wait forever.
+fn with_link_error(msg: String, why: Option<String>) -> String {
+    match why {
+        Some(why) => format!("{msg} (its link: {why})"),
+        None => msg,
     }
 }

@@ -177,6 +177,12 @@ pub enum LocalRequest {
         /// Migration id.
         id: u64,
     },
+    /// Whether this node's file system can hold disk images of these sizes (asked before
+    /// a VM is created here).
+    ProbeDisks {
+        /// Disk sizes in bytes.
+        sizes: Vec<u64>,
+    },
 }
 
 /// The answer to a [`LocalRequest`], one variant per request.
@@ -249,6 +255,8 @@ pub enum LocalResponse {
     },
     /// A coordinator's live view of a migration, if it runs one here.
     MigrationLive(Option<super::migration::LiveStatus>),
+    /// `Err` says why this node cannot hold one of the probed disks.
+    Probed(Result<(), String>),
 }
 
 /// The leader's answer.

@@ -1043,6 +1043,13 @@ impl Cluster {
             LocalRequest::MigrationLive { id } => {
                 LocalResponse::MigrationLive(self.migrations.live(id))
             }
+            LocalRequest::ProbeDisks { sizes } => {
+                let p = Arc::clone(&plane);
+                let probed = tokio::task::spawn_blocking(move || p.probe_disks(&sizes))
+                    .await
+                    .map_err(joined)?;
+                LocalResponse::Probed(probed)
+            }
         })
     }
 
