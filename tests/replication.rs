@@ -936,6 +936,25 @@ fn watch_prints_a_fresh_view_every_interval_until_interrupted() {
             assert!(docs.iter().all(|d| d["leader"].is_u64()), "{docs:?}");
         }
     }
+
+    // A reader that goes away (`| head`) ends the CLI quietly, as with any Unix tool.
+    let err = dev.dir.path().join("watch-stderr.txt");
+    let mut sh = Command::new("timeout");
+    sh.args(["-s", "KILL", "30", "sh", "-c"]).arg(format!(
+        "'{}' cg show shop --watch --interval 0.1 -o json 2>'{}' | head -n 2",
+        convoy_bin().display(),
+        err.display()
+    ));
+    for (k, v) in dev.env() {
+        sh.env(k, v);
+    }
+    let out = sh.output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let stderr = std::fs::read_to_string(&err).unwrap();
+    assert!(
+        !stderr.contains("panicked"),
+        "the CLI panicked on a closed pipe: {stderr}"
+    );
     dev.assert_no_panics();
 }
 

@@ -15,8 +15,22 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
+/// Lets a CLI command whose reader went away (`convoy vm list | head -1`) end quietly, as
+/// Unix tools do, instead of panicking in `println!` (Rust ignores SIGPIPE by default).
+/// Not for the agent or `dev`, which must outlive a closed terminal.
+#[allow(unsafe_code)]
+fn die_on_closed_pipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: called first thing in main, before any other thread exists, and it installs
+    // the default disposition, not a handler.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Cmd::Agent { .. } | Cmd::Dev(_)) {
+        die_on_closed_pipe();
+    }
     let result = match cli.command {
         Cmd::Agent { config } => {
             init_logging("info,openraft=warn");
