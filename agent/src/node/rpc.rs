@@ -177,6 +177,17 @@ pub enum LocalRequest {
         /// Migration id.
         id: u64,
     },
+    /// A QEMU guest's state on this node.
+    QemuStatus {
+        /// VM name.
+        vm: String,
+    },
+    /// Whether these files (what, path) can be read on this node, before a QEMU VM that
+    /// names them is created here.
+    QemuPreflight {
+        /// (what, absolute path).
+        paths: Vec<(String, String)>,
+    },
 }
 
 /// The answer to a [`LocalRequest`], one variant per request.
@@ -249,6 +260,10 @@ pub enum LocalResponse {
     },
     /// A coordinator's live view of a migration, if it runs one here.
     MigrationLive(Option<super::migration::LiveStatus>),
+    /// A QEMU guest's state.
+    QemuStatus(crate::qemu::QemuStatus),
+    /// What is wrong (empty: nothing).
+    Problems(Vec<String>),
 }
 
 /// The leader's answer.
