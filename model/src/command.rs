@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Cg, DecisionRecord, Disk, HostRecord, LinkState, Migration, NodeId, Phase, Progress,
-    QemuSpec, ReplicationMode, SequencerBasis, Strategy, Vm,
+    Cg, DecisionRecord, Disk, HostRecord, LinkState, Migration, NodeId, Phase, Progress, QemuSpec,
+    ReplicationMode, SequencerBasis, Strategy, Vm,
 };
 
 /// A change to the cluster model, as committed in the Raft log. Stored entries carry the

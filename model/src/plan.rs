@@ -298,7 +298,7 @@ pub fn host_plan(model: &ClusterModel, host: NodeId) -> HostPlan {
                 QemuPlan {
                     vm: vm.name.clone(),
                     vm_id: vm.id,
-                    spec: spec.clone(),
+                    spec: (**spec).clone(),
                     disks: disks.clone(),
                 },
             );

@@ -1528,7 +1528,7 @@ fn create_qemu_vm(name: &str, host: NodeId, qemu: QemuSpec) -> Command {
 fn a_qemu_vm_keeps_its_config_starts_and_is_planned_on_its_host_only() {
     let mut m = with_hosts(&[1, 2]);
     ok(&mut m, create_qemu_vm("q", 1, qemu_spec()));
-    assert_eq!(m.vms["q"].qemu, Some(qemu_spec()));
+    assert_eq!(m.vms["q"].qemu, Some(Box::new(qemu_spec())));
     assert!(host_plan(&m, 1).qemu.is_empty(), "not running yet");
     ok(
         &mut m,
@@ -1565,7 +1565,13 @@ fn a_qemu_vm_with_no_memory_no_cpus_or_an_initrd_without_kernel_is_refused() {
             },
             "memory",
         ),
-        (QemuSpec { cpus: 0, ..qemu_spec() }, "cpus"),
+        (
+            QemuSpec {
+                cpus: 0,
+                ..qemu_spec()
+            },
+            "cpus",
+        ),
         (
             QemuSpec {
                 kernel: None,

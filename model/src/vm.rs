@@ -46,10 +46,7 @@ impl Accel {
             "auto" => Ok(Accel::Auto),
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
-            other => Err(invalid(
-                "accel",
-                format!("'{other}': use auto, kvm or tcg"),
-            )),
+            other => Err(invalid("accel", format!("'{other}': use auto, kvm or tcg"))),
         }
     }
 }
@@ -134,8 +131,9 @@ pub struct Vm {
     /// A stay's index numbers the guest's write-log segment kept on that host.
     pub stays: Vec<NodeId>,
     /// How QEMU runs the VM, when it is a QEMU guest (schema 4); `running` then means its
-    /// host keeps a QEMU process for it.
-    pub qemu: Option<QemuSpec>,
+    /// host keeps a QEMU process for it. (Boxed: most VMs have none, and a `Vm` travels
+    /// inside every command result.)
+    pub qemu: Option<Box<QemuSpec>>,
 }
 
 impl Vm {
@@ -235,7 +233,7 @@ impl ClusterModel {
             running: false,
             created_at_ms,
             stays: vec![host],
-            qemu,
+            qemu: qemu.map(Box::new),
         };
         self.vms.insert(vm.name.clone(), vm.clone());
         Ok(Outcome::Vm(vm, disks))

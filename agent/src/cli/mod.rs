@@ -285,7 +285,11 @@ impl QemuArgs {
                     .context("cannot read the current directory")?
                     .join(p)
             };
-            Ok(Some(abs.to_str().with_context(|| format!("--{what} {}: not UTF-8", p.display()))?.to_string()))
+            Ok(Some(
+                abs.to_str()
+                    .with_context(|| format!("--{what} {}: not UTF-8", p.display()))?
+                    .to_string(),
+            ))
         };
         Ok(QemuSpecView {
             memory_mib: memory >> 20,
@@ -451,7 +455,12 @@ async fn import_image(image: &std::path::Path, vm: &VmView) -> Result<()> {
         .uris
         .iter()
         .find(|u| u.starts_with("nbd+unix://"))
-        .with_context(|| format!("node {} did not report disk {}'s NBD socket", vm.host, disk.id))?;
+        .with_context(|| {
+            format!(
+                "node {} did not report disk {}'s NBD socket",
+                vm.host, disk.id
+            )
+        })?;
     let info = tokio::process::Command::new("qemu-img")
         .args(["info", "--output", "json"])
         .arg(image)
@@ -469,7 +478,10 @@ async fn import_image(image: &std::path::Path, vm: &VmView) -> Result<()> {
         serde_json::from_slice(&info.stdout).context("qemu-img info gave no JSON")?;
     let format = info["format"].as_str().unwrap_or("raw").to_string();
     if !matches!(format.as_str(), "raw" | "qcow2") {
-        bail!("{} is a {format} image: --image takes raw or qcow2", image.display());
+        bail!(
+            "{} is a {format} image: --image takes raw or qcow2",
+            image.display()
+        );
     }
     let size = info["virtual-size"].as_u64().unwrap_or(0);
     if size > disk.size {
@@ -585,7 +597,9 @@ pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
             let qemu_spec = match driver {
                 Some(Driver::Qemu) => {
                     if workload.is_some() {
-                        bail!("--workload is for simulated guests; a --driver qemu VM runs a real guest");
+                        bail!(
+                            "--workload is for simulated guests; a --driver qemu VM runs a real guest"
+                        );
                     }
                     if let Some(image) = &qemu.image {
                         std::fs::metadata(image)
@@ -597,7 +611,9 @@ pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
                     bail!("--driver sim needs --workload (what the simulated guest writes)")
                 }
                 _ if qemu.any() => {
-                    bail!("--memory, --cpus, --kernel, --initrd, --append, --accel and --image need --driver qemu")
+                    bail!(
+                        "--memory, --cpus, --kernel, --initrd, --append, --accel and --image need --driver qemu"
+                    )
                 }
                 _ => None,
             };

@@ -426,17 +426,14 @@ async fn collect_garbage(cluster: &Arc<Cluster>, plane: &Arc<DataPlane>) {
 /// after a read barrier: a lagging model (an agent that just started) must never stop a
 /// guest that a newer entry started. Its own task, so a barrier waiting out an election
 /// delays no other reconcile.
-async fn qemu_loop(
-    cluster: Arc<Cluster>,
-    plane: Arc<DataPlane>,
-    qemu: Arc<crate::qemu::QemuHost>,
-) {
+async fn qemu_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>, qemu: Arc<crate::qemu::QemuHost>) {
     qemu.adopt_running().await;
     let mut applied = cluster.model.subscribe();
     loop {
         if cluster.read_barrier().await.is_ok() {
-            let plan =
-                cluster.model.read(|m| convoy_raft::model::host_plan(m, cluster.id).qemu);
+            let plan = cluster
+                .model
+                .read(|m| convoy_raft::model::host_plan(m, cluster.id).qemu);
             qemu.apply(&plan, |disk| {
                 plane
                     .disk_uris(disk)

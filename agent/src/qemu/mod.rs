@@ -33,6 +33,9 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the KVM probe may take to reach the firmware's end.
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long QEMU holds a guest's disk requests while the agent serving its export is away
+/// (restarting, upgrading) before it fails them: the guest's I/O stalls, it does not fail.
+const NBD_RECONNECT_DELAY_SECS: u64 = 300;
 /// How long a failed start waits before the next attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
@@ -104,7 +107,8 @@ impl QemuHost {
     /// The QEMU guests under `data_dir`; creates `<data_dir>/qemu/`.
     pub fn new(data_dir: &Path, cfg: QemuConfig) -> anyhow::Result<QemuHost> {
         let dir = data_dir.join("qemu");
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         // QEMU changes to `/` when it daemonizes: every path it gets is absolute.
         let dir = std::fs::canonicalize(&dir)
             .with_context(|| format!("cannot resolve {}", dir.display()))?;
@@ -179,12 +183,16 @@ impl QemuHost {
     }
 
     async fn adopt(&self, vm: &str, pid: u32) {
-        let (monitor, qmp_error) = match Monitor::connect(&self.qmp_socket(vm), QMP_TIMEOUT).await
-        {
+        let (monitor, qmp_error) = match Monitor::connect(&self.qmp_socket(vm), QMP_TIMEOUT).await {
             Ok(m) => (Some(m), None),
             Err(e) => (None, Some(e.to_string())),
         };
-        tracing::info!(vm, pid, qmp = qmp_error.as_deref().unwrap_or("connected"), "re-attached to a running QEMU guest");
+        tracing::info!(
+            vm,
+            pid,
+            qmp = qmp_error.as_deref().unwrap_or("connected"),
+            "re-attached to a running QEMU guest"
+        );
         self.vms.lock().await.insert(
             vm.to_string(),
             Running {
@@ -241,8 +249,7 @@ impl QemuHost {
             if recent_failure {
                 continue;
             }
-            let disks: Option<Vec<DiskExport>> =
-                plan.disks.iter().map(|d| exports(d.id)).collect();
+            let disks: Option<Vec<DiskExport>> = plan.disks.iter().map(|d| exports(d.id)).collect();
             // Every disk's export must be up before QEMU opens it.
             let Some(disks) = disks.filter(|ds| ds.iter().all(|d| d.socket.exists())) else {
                 continue;
@@ -264,7 +271,11 @@ impl QemuHost {
             .kvm
             .get_or_init(|| async {
                 let works = probe_kvm(&self.cfg.binary, &self.dir).await;
-                tracing::info!(kvm = works, "probed KVM: QEMU guests with accel auto use {}", if works { "kvm" } else { "tcg" });
+                tracing::info!(
+                    kvm = works,
+                    "probed KVM: QEMU guests with accel auto use {}",
+                    if works { "kvm" } else { "tcg" }
+                );
                 works
             })
             .await
@@ -280,9 +291,8 @@ impl QemuHost {
         };
         for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
             if let Some(p) = path {
-                std::fs::metadata(p).with_context(|| {
-                    format!("the {what} {p} cannot be read on this host")
-                })?;
+                std::fs::metadata(p)
+                    .with_context(|| format!("the {what} {p} cannot be read on this host"))?;
             }
         }
         let vm = &plan.vm;
@@ -324,6 +334,7 @@ impl QemuHost {
                     "cache": { "direct": true },
                     "server": { "type": "unix", "path": d.socket.display().to_string() },
                     "export": d.export,
+                    "reconnect-delay": NBD_RECONNECT_DELAY_SECS,
                 },
             });
             cmd.arg("-blockdev")
@@ -366,7 +377,10 @@ impl QemuHost {
             bail!("QEMU failed to start ({status}): {}", text.trim());
         }
         let pid = self.live_pid(vm).with_context(|| {
-            format!("QEMU started but {} names no running QEMU", pidfile.display())
+            format!(
+                "QEMU started but {} names no running QEMU",
+                pidfile.display()
+            )
         })?;
         let (monitor, qmp_error) = match Monitor::connect(&qmp, QMP_TIMEOUT).await {
             Ok(m) => (Some(m), None),
@@ -399,7 +413,9 @@ impl QemuHost {
         };
         let monitor = match monitor {
             Some(m) if m.state().connected => Some(m),
-            _ => Monitor::connect(&self.qmp_socket(vm), QMP_TIMEOUT).await.ok(),
+            _ => Monitor::connect(&self.qmp_socket(vm), QMP_TIMEOUT)
+                .await
+                .ok(),
         };
         let mut how = "quit";
         if let Some(m) = &monitor {
@@ -415,7 +431,11 @@ impl QemuHost {
                         if m.state().shut_down {
                             how = "ACPI power-down";
                         } else {
-                            tracing::info!(vm, ?timeout, "the guest ignored the ACPI power-down; quitting QEMU");
+                            tracing::info!(
+                                vm,
+                                ?timeout,
+                                "the guest ignored the ACPI power-down; quitting QEMU"
+                            );
                         }
                     }
                     Err(e) => tracing::warn!(vm, error = %e, "system_powerdown failed"),
@@ -485,10 +505,7 @@ impl QemuHost {
             status.qmp = if s.connected {
                 "connected".into()
             } else {
-                format!(
-                    "disconnected: {}",
-                    s.closed_because.unwrap_or_default()
-                )
+                format!("disconnected: {}", s.closed_because.unwrap_or_default())
             };
             if s.connected {
                 if let Ok(info) = m.query_status(QMP_TIMEOUT).await {
@@ -568,8 +585,8 @@ mod tests {
 
     #[test]
     fn a_unix_export_uri_splits_into_export_and_socket() {
-        let d = unix_export("nbd+unix:///disk-3?socket=/run/convoy/disk-3.sock")
-            .expect("a unix URI");
+        let d =
+            unix_export("nbd+unix:///disk-3?socket=/run/convoy/disk-3.sock").expect("a unix URI");
         assert_eq!(d.export, "disk-3");
         assert_eq!(d.socket, PathBuf::from("/run/convoy/disk-3.sock"));
         assert!(unix_export("nbds://127.0.0.1:1/disk-3").is_none());

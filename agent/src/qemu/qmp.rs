@@ -79,7 +79,12 @@ pub enum QmpEvent {
 
 impl QmpEvent {
     fn parse(name: &str, data: &Value) -> QmpEvent {
-        let text = |k: &str| data.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let text = |k: &str| {
+            data.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
         match name {
             "STOP" => QmpEvent::Stop,
             "RESUME" => QmpEvent::Resume,
@@ -100,7 +105,10 @@ impl QmpEvent {
             QmpEvent::Stop => "STOP".into(),
             QmpEvent::Resume => "RESUME".into(),
             QmpEvent::Shutdown { guest, reason } => {
-                format!("SHUTDOWN ({reason}{})", if *guest { ", by the guest" } else { "" })
+                format!(
+                    "SHUTDOWN ({reason}{})",
+                    if *guest { ", by the guest" } else { "" }
+                )
             }
             QmpEvent::Migration { status } => format!("MIGRATION ({status})"),
             QmpEvent::Other(name) => name.clone(),
@@ -246,7 +254,9 @@ impl Monitor {
 
     /// `system_powerdown`: an ACPI power button press (the guest may ignore it).
     pub async fn system_powerdown(&self, timeout: Duration) -> Result<(), QmpError> {
-        self.execute("system_powerdown", None, timeout).await.map(drop)
+        self.execute("system_powerdown", None, timeout)
+            .await
+            .map(drop)
     }
 
     /// `quit`: QEMU exits at once.
