@@ -5,7 +5,8 @@
 //! (its QMP socket), `<vm>.serial.log` (the guest's serial console) and `<vm>.log`
 //! (QEMU's own messages while it starts). QEMU is started with `-daemonize`: it calls
 //! `setsid` and is re-parented away from the agent, so an agent restart, crash or upgrade
-//! never stops a guest. An agent that starts finds its VMs through their pidfiles and QMP
+//! never stops a guest (where systemd runs, QEMU also gets a transient scope, so stopping
+//! the agent's unit does not kill it with the unit's cgroup). An agent that starts finds its VMs through their pidfiles and QMP
 //! sockets and re-attaches (libvirt's model); a VM whose QEMU runs is never started twice.
 //!
 //! Guests run with `-no-shutdown`: a guest that powers itself off leaves QEMU in the
@@ -304,7 +305,17 @@ impl QemuHost {
         );
         let _ = std::fs::remove_file(&qmp);
         let _ = std::fs::remove_file(&pidfile);
-        let mut cmd = tokio::process::Command::new(&self.cfg.binary);
+        // Where systemd runs, a restart of the agent's unit kills every process in its
+        // cgroup, session or not: QEMU gets a transient scope of its own there.
+        let mut cmd = if Path::new("/run/systemd/system").is_dir() {
+            let mut c = tokio::process::Command::new("systemd-run");
+            c.args(["--scope", "--quiet", "--collect"])
+                .arg(format!("--unit=convoy-qemu-{vm}"))
+                .arg(&self.cfg.binary);
+            c
+        } else {
+            tokio::process::Command::new(&self.cfg.binary)
+        };
         cmd.arg("-name")
             .arg(format!("{vm},debug-threads=on"))
             .args(["-machine", "pc", "-accel", accel])
@@ -582,6 +593,85 @@ async fn probe_kvm(binary: &str, dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qmp::QmpEvent;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// A fake QEMU monitor: greets, accepts capabilities, answers `query-status` after
+    /// sending a `STOP` event, refuses `bogus`, then sends `SHUTDOWN` and `MIGRATION`
+    /// events and closes on `quit`.
+    async fn fake_qemu(listener: tokio::net::UnixListener) {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write
+            .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .await
+            .expect("greet");
+        while let Ok(Some(line)) = lines.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+            let reply = match v["execute"].as_str() {
+                Some("qmp_capabilities") => "{\"return\": {}}\n".to_string(),
+                Some("query-status") => "{\"event\": \"STOP\", \"data\": {}}\n{\"return\": {\"running\": false, \"status\": \"paused\"}}\n".to_string(),
+                Some("system_powerdown") => "{\"return\": {}}\n{\"event\": \"SHUTDOWN\", \"data\": {\"guest\": true, \"reason\": \"guest-shutdown\"}}\n{\"event\": \"MIGRATION\", \"data\": {\"status\": \"pre-switchover\"}}\n".to_string(),
+                Some("quit") => {
+                    let _ = write.write_all(b"{\"return\": {}}\n").await;
+                    return;
+                }
+                _ => "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command bogus has not been found\"}}\n".to_string(),
+            };
+            write.write_all(reply.as_bytes()).await.expect("reply");
+        }
+    }
+
+    #[tokio::test]
+    async fn qmp_answers_come_in_order_and_events_update_the_monitor_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vm.qmp");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        tokio::spawn(fake_qemu(listener));
+        let t = Duration::from_secs(5);
+        let m = Monitor::connect(&path, t).await.expect("connect");
+        let status = m.query_status(t).await.expect("query-status");
+        assert!(!status.running);
+        assert_eq!(status.status, "paused");
+        assert!(m.state().stopped, "the STOP event was seen");
+        match m.execute("bogus", None, t).await {
+            Err(qmp::QmpError::Refused { command, class, .. }) => {
+                assert_eq!(
+                    (command.as_str(), class.as_str()),
+                    ("bogus", "CommandNotFound")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        m.system_powerdown(t).await.expect("powerdown");
+        let deadline = Instant::now() + t;
+        while m.state().migration.is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let state = m.state();
+        assert!(state.shut_down);
+        assert_eq!(state.migration.as_deref(), Some("pre-switchover"));
+        assert_eq!(
+            state.events.iter().cloned().collect::<Vec<_>>(),
+            vec![
+                QmpEvent::Stop,
+                QmpEvent::Shutdown {
+                    guest: true,
+                    reason: "guest-shutdown".into()
+                },
+                QmpEvent::Migration {
+                    status: "pre-switchover".into()
+                },
+            ]
+        );
+        m.quit(t).await.expect("quit");
+        assert!(m.wait_closed(t).await, "the connection closes after quit");
+        assert!(matches!(
+            m.query_status(t).await,
+            Err(qmp::QmpError::Closed)
+        ));
+    }
 
     #[test]
     fn a_unix_export_uri_splits_into_export_and_socket() {
