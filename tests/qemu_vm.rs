@@ -273,3 +273,79 @@ fn qemu_vm_create_refuses_bad_input_with_clear_errors() {
     assert!(r.ok, "{}", r.stderr);
     dev.assert_no_panics();
 }
+
+#[test]
+fn qemu_vm_image_is_imported_into_its_first_disk() {
+    if guest::skip() {
+        eprintln!("SKIPPED: CONVOY_SKIP_QEMU=1");
+        return;
+    }
+    let dev = Dev::start(1, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let image = dev.dir.path().join("image.qcow2");
+    let image_str = image.to_str().unwrap();
+    let made = common::data::tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", image_str, "8M"],
+    );
+    assert!(made.status.success(), "qemu-img create: {made:?}");
+    let wrote = common::data::tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 1M 1M", image_str],
+    );
+    assert!(wrote.status.success(), "qemu-io write: {wrote:?}");
+
+    let r = dev.cli(&[
+        "vm", "create", "imported", "--host", "1", "--disk", "64MiB", "--disk", "16MiB",
+        "--driver", "qemu", "--image", image_str, "-o", "json",
+    ]);
+    assert!(r.ok, "vm create --image: {}{}", r.stdout, r.stderr);
+    let uri = r.json()["disks"][0]["uris"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|u| u.starts_with("nbd+unix://"))
+        .expect("the first disk's unix URI")
+        .to_string();
+    for (pattern, at) in [("0x5a", "1M"), ("0", "0"), ("0", "2M")] {
+        let read = common::data::tool(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                &format!("read -P {pattern} {at} 1M"),
+                &uri,
+            ],
+        );
+        let out = String::from_utf8_lossy(&read.stdout);
+        assert!(
+            read.status.success() && !out.contains("Pattern verification failed"),
+            "byte pattern {pattern} at {at} of the first disk: {out}"
+        );
+    }
+
+    // An image larger than the first disk is refused, saying so.
+    let big = dev.dir.path().join("big.raw");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let r = dev.cli(&[
+        "vm",
+        "create",
+        "toobig",
+        "--host",
+        "1",
+        "--disk",
+        "64MiB",
+        "--driver",
+        "qemu",
+        "--image",
+        big.to_str().unwrap(),
+    ]);
+    assert!(!r.ok);
+    assert!(r.stderr.contains("larger first --disk"), "{}", r.stderr);
+    dev.assert_no_panics();
+}

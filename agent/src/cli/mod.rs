@@ -628,8 +628,20 @@ pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
             };
             let mut vm: VmView = client.post("/v1/vms", &req).await?;
             if let Some(image) = image {
+                // The host exports the new disks once it applied the creation.
                 let path = format!("/v1/vms/{}", encode_path(&name));
-                vm = client.get(&path).await?;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                loop {
+                    vm = client.get(&path).await?;
+                    let exported = vm
+                        .disks
+                        .first()
+                        .is_some_and(|d| d.uris.iter().any(|u| u.starts_with("nbd+unix://")));
+                    if exported || std::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
                 import_image(&image, &vm).await.with_context(|| {
                     format!(
                         "VM '{name}' was created but the image was not imported; fix the problem and \
