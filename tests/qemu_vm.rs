@@ -200,6 +200,11 @@ fn qemu_vm_outlives_a_killed_agent_and_the_restarted_agent_reattaches() {
         "exactly the one QEMU runs for the VM"
     );
 
+    // A running QEMU guest is not moved cold under itself (live migration is not built).
+    let r = dev.cli(&["vm", "move", "real", "--to", "2"]);
+    assert!(!r.ok, "vm move of a running QEMU guest was accepted");
+    assert!(r.stderr.contains("running QEMU guest"), "{}", r.stderr);
+
     // vm stop: the guest ignores the ACPI power-down, so QEMU is made to quit.
     let r = dev.cli(&["vm", "stop", "real"]);
     assert!(r.ok, "vm stop: {}", r.stderr);
