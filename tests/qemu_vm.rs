@@ -278,6 +278,27 @@ fn qemu_vm_create_refuses_bad_input_with_clear_errors() {
         kernel,
     ]);
     assert!(r.ok, "{}", r.stderr);
+
+    // A group with a running QEMU guest is not migrated (live migration of QEMU guests is
+    // not built): its QEMU would otherwise start on the destination beside the source's.
+    // (The kernel is not one, so QEMU never really runs; the model says running.)
+    assert!(dev.cli(&["vm", "start", "good"]).ok);
+    assert!(dev.cli(&["cg", "create", "g", "--vm", "good"]).ok);
+    let r = dev.cli(&[
+        "migrate",
+        "start",
+        "g",
+        "--to",
+        "2",
+        "--strategy",
+        "sync-switch",
+    ]);
+    assert!(!r.ok, "a group with a running QEMU guest was migrated");
+    assert!(
+        r.stderr.contains("running QEMU guests (good)"),
+        "{}",
+        r.stderr
+    );
     dev.assert_no_panics();
 }
 
