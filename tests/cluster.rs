@@ -215,6 +215,7 @@ fn restarted_node_catches_up_after_log_compaction() {
                 host: leader,
                 disks: vec![1 << 20],
                 workload: None,
+                qemu: None,
                 request_id: Some(format!("{:x}", 0x00c0_ffee_0000_u64 + i)),
             };
             let _: VmView = client.post("/v1/vms", &req).await.unwrap();

@@ -53,6 +53,7 @@ fn create(name: String, host: u64) -> CreateVmRequest {
         host,
         disks: vec![1 << 20],
         workload: None,
+        qemu: None,
         request_id: Some(format!("{:032x}", rand::random::<u128>())),
     }
 }

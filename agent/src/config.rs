@@ -36,6 +36,29 @@ pub struct AgentConfig {
     /// Replication tuning.
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// How QEMU guests are run on this host.
+    #[serde(default)]
+    pub qemu: QemuConfig,
+}
+
+/// How this host runs QEMU guests (their files live in `<data_dir>/qemu/`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    /// The QEMU system emulator to run.
+    pub binary: String,
+    /// How long `vm stop` waits for the guest to power off after an ACPI power-down
+    /// before it makes QEMU quit.
+    pub powerdown_timeout_ms: u64,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: "qemu-system-x86_64".into(),
+            powerdown_timeout_ms: 30_000,
+        }
+    }
 }
 
 /// Where disks are exported over NBD, and who may open them.

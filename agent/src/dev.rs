@@ -49,6 +49,10 @@ pub struct DevArgs {
     /// at once).
     #[arg(long)]
     pub keep_former_copies_secs: Option<u64>,
+    /// Milliseconds a QEMU guest gets to power off after an ACPI power-down before QEMU
+    /// is made to quit (`vm stop`).
+    #[arg(long)]
+    pub qemu_powerdown_timeout_ms: Option<u64>,
 }
 
 /// One agent in `cluster.json`.
@@ -151,6 +155,12 @@ fn node_config(dir: &Path, pki: &Path, id: u64, args: &DevArgs) -> Result<(PathB
             keep_former_copies_secs: args
                 .keep_former_copies_secs
                 .unwrap_or(crate::config::ReplicationConfig::default().keep_former_copies_secs),
+            ..Default::default()
+        },
+        qemu: crate::config::QemuConfig {
+            powerdown_timeout_ms: args
+                .qemu_powerdown_timeout_ms
+                .unwrap_or(crate::config::QemuConfig::default().powerdown_timeout_ms),
             ..Default::default()
         },
     };

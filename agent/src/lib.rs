@@ -11,4 +11,5 @@ pub mod data;
 pub mod dev;
 pub mod metrics;
 pub mod node;
+pub mod qemu;
 pub mod units;

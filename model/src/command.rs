@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Cg, DecisionRecord, Disk, HostRecord, LinkState, Migration, NodeId, Phase, Progress,
+    Cg, DecisionRecord, Disk, HostRecord, LinkState, Migration, NodeId, Phase, Progress, QemuSpec,
     ReplicationMode, SequencerBasis, Strategy, Vm,
 };
 
@@ -275,6 +275,19 @@ pub enum Command {
         /// Applied only if the link is in this state now (compare-and-set).
         expect: Option<LinkState>,
     },
+    /// Create a VM with its disks on `host` that runs as a QEMU guest (schema 4).
+    CreateQemuVm {
+        /// Unique name.
+        name: String,
+        /// Host to create it on.
+        host: NodeId,
+        /// Size of each disk in bytes.
+        disk_sizes: Vec<u64>,
+        /// How QEMU runs it.
+        qemu: QemuSpec,
+        /// Proposer's clock, ms since the epoch (informational).
+        created_at_ms: u64,
+    },
 }
 
 impl Command {
@@ -306,6 +319,7 @@ impl Command {
             Command::MigrationStep { .. } => "migration_step",
             Command::MigrationSequencer { .. } => "migration_sequencer",
             Command::ReportLinkState { .. } => "report_link_state",
+            Command::CreateQemuVm { .. } => "create_qemu_vm",
         }
     }
 }

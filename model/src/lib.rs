@@ -27,6 +27,7 @@ mod host;
 mod migration;
 pub mod plan;
 pub mod v1;
+pub mod v3;
 mod vm;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -42,18 +43,24 @@ pub use migration::{
     MigrationStats, Phase, Progress, SequencerBasis, Strategy, TimelineEntry,
 };
 pub use plan::{
-    DiskPlan, DomainId, ExportKind, ExportPlan, GuestPlan, HostPlan, ReplicaPlan, SequencerPlan,
-    host_plan,
+    DiskPlan, DomainId, ExportKind, ExportPlan, GuestPlan, HostPlan, QemuPlan, ReplicaPlan,
+    SequencerPlan, host_plan,
 };
-pub use vm::{DISK_SIZE_ALIGN, Disk, MAX_DISK_SIZE, MAX_DISKS_PER_VM, MIN_DISK_SIZE, Vm};
+pub use vm::{
+    Accel, DISK_SIZE_ALIGN, Disk, MAX_CPUS, MAX_DISK_SIZE, MAX_DISKS_PER_VM, MAX_MEMORY_MIB,
+    MIN_DISK_SIZE, QemuSpec, Vm,
+};
 
 use error::invalid;
 
 /// The schema version this build writes. Version 1 is the format before schema versions
 /// existed (see [`v1`]). Version 3 appended [`Command::ReportLinkState`]; every version 2
 /// record decodes unchanged as version 3 (bincode numbers enum variants in order), and the
-/// bump makes an older build refuse a version 3 log instead of misreading it.
-pub const SCHEMA_VERSION: u8 = 3;
+/// bump makes an older build refuse a version 3 log instead of misreading it. Version 4
+/// gave [`Vm`] its QEMU configuration ([`Vm::qemu`]) and appended
+/// [`Command::CreateQemuVm`]: version 3 log entries decode unchanged, version 3 snapshots
+/// (whose VMs lack the field) are upgraded through [`v3`].
+pub const SCHEMA_VERSION: u8 = 4;
 
 /// A host's Raft node id. Ids are never reused, even after a node is removed.
 pub type NodeId = u64;
@@ -158,7 +165,28 @@ impl ClusterModel {
                 disk_sizes,
                 workload,
                 created_at_ms,
-            } => self.create_vm(name, *host, disk_sizes, workload.clone(), *created_at_ms),
+            } => self.create_vm(
+                name,
+                *host,
+                disk_sizes,
+                workload.clone(),
+                None,
+                *created_at_ms,
+            ),
+            Command::CreateQemuVm {
+                name,
+                host,
+                disk_sizes,
+                qemu,
+                created_at_ms,
+            } => self.create_vm(
+                name,
+                *host,
+                disk_sizes,
+                None,
+                Some(qemu.clone()),
+                *created_at_ms,
+            ),
             Command::DeleteVm { name } => self.delete_vm(name),
             Command::CreateCg { name, vms } => self.create_cg(name, vms),
             Command::DeleteCg { name } => self.delete_cg(name),

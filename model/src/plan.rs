@@ -134,6 +134,19 @@ pub struct GuestPlan {
     pub disks: Vec<DiskPlan>,
 }
 
+/// A QEMU guest to run on this host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuPlan {
+    /// VM name.
+    pub vm: String,
+    /// VM id.
+    pub vm_id: u64,
+    /// How QEMU runs it.
+    pub spec: crate::QemuSpec,
+    /// The VM's disks, in order (each has a writable export in the plan).
+    pub disks: Vec<DiskPlan>,
+}
+
 /// Everything one host must run.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostPlan {
@@ -147,6 +160,8 @@ pub struct HostPlan {
     pub exports: BTreeMap<DiskId, ExportPlan>,
     /// Simulated guests, by VM name.
     pub guests: BTreeMap<String, GuestPlan>,
+    /// QEMU guests, by VM name.
+    pub qemu: BTreeMap<String, QemuPlan>,
 }
 
 impl HostPlan {
@@ -274,6 +289,17 @@ pub fn host_plan(model: &ClusterModel, host: NodeId) -> HostPlan {
                     seq_start: 0,
                     disks: disks.clone(),
                     links: Vec::new(),
+                },
+            );
+        }
+        if let (true, Some(spec)) = (vm.running, &vm.qemu) {
+            plan.qemu.insert(
+                vm.name.clone(),
+                QemuPlan {
+                    vm: vm.name.clone(),
+                    vm_id: vm.id,
+                    spec: (**spec).clone(),
+                    disks: disks.clone(),
                 },
             );
         }

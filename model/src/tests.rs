@@ -1502,3 +1502,110 @@ proptest! {
         prop_assert_eq!(disk_count, a.disks.len());
     }
 }
+
+fn qemu_spec() -> QemuSpec {
+    QemuSpec {
+        memory_mib: 256,
+        cpus: 1,
+        kernel: Some("/boot/vmlinuz".into()),
+        initrd: Some("/boot/initrd.gz".into()),
+        append: Some("console=ttyS0".into()),
+        accel: Accel::Tcg,
+    }
+}
+
+fn create_qemu_vm(name: &str, host: NodeId, qemu: QemuSpec) -> Command {
+    Command::CreateQemuVm {
+        name: name.into(),
+        host,
+        disk_sizes: vec![64 * MIB],
+        qemu,
+        created_at_ms: 0,
+    }
+}
+
+#[test]
+fn a_qemu_vm_keeps_its_config_starts_and_is_planned_on_its_host_only() {
+    let mut m = with_hosts(&[1, 2]);
+    ok(&mut m, create_qemu_vm("q", 1, qemu_spec()));
+    assert_eq!(m.vms["q"].qemu, Some(Box::new(qemu_spec())));
+    assert!(host_plan(&m, 1).qemu.is_empty(), "not running yet");
+    ok(
+        &mut m,
+        Command::SetVmRunning {
+            name: "q".into(),
+            running: true,
+        },
+    );
+    let plan = host_plan(&m, 1);
+    let q = &plan.qemu["q"];
+    assert_eq!(q.spec, qemu_spec());
+    assert_eq!(q.disks.len(), 1);
+    assert!(plan.exports.contains_key(&q.disks[0].id));
+    assert!(plan.guests.is_empty(), "a QEMU VM has no simulated guest");
+    assert!(host_plan(&m, 2).qemu.is_empty());
+    ok(
+        &mut m,
+        Command::SetVmRunning {
+            name: "q".into(),
+            running: false,
+        },
+    );
+    assert!(host_plan(&m, 1).qemu.is_empty());
+}
+
+#[test]
+fn a_qemu_vm_with_no_memory_no_cpus_or_an_initrd_without_kernel_is_refused() {
+    let mut m = with_hosts(&[1]);
+    let cases = [
+        (
+            QemuSpec {
+                memory_mib: 0,
+                ..qemu_spec()
+            },
+            "memory",
+        ),
+        (
+            QemuSpec {
+                cpus: 0,
+                ..qemu_spec()
+            },
+            "cpus",
+        ),
+        (
+            QemuSpec {
+                kernel: None,
+                ..qemu_spec()
+            },
+            "kernel",
+        ),
+        (
+            QemuSpec {
+                kernel: Some("relative/vmlinuz".into()),
+                ..qemu_spec()
+            },
+            "kernel",
+        ),
+    ];
+    for (spec, what) in cases {
+        match m.apply(0, &create_qemu_vm("q", 1, spec.clone())) {
+            Err(ModelError::Invalid { what: w, .. }) => assert_eq!(w, what, "{spec:?}"),
+            other => panic!("{spec:?} gave {other:?}"),
+        }
+    }
+    assert!(m.vms.is_empty());
+}
+
+#[test]
+fn a_vm_with_neither_workload_nor_qemu_still_cannot_start() {
+    let mut m = with_hosts(&[1]);
+    ok(&mut m, create_vm("bare", 1));
+    let r = m.apply(
+        0,
+        &Command::SetVmRunning {
+            name: "bare".into(),
+            running: true,
+        },
+    );
+    assert!(matches!(r, Err(ModelError::Invalid { .. })), "{r:?}");
+}

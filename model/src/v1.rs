@@ -219,6 +219,7 @@ impl From<Vm> for crate::Vm {
             created_at_ms: v.created_at_ms,
             // Version 1 never moved a VM: it stayed where it was created.
             stays: vec![v.host],
+            qemu: None,
         }
     }
 }

@@ -13,6 +13,100 @@ pub const MAX_DISK_SIZE: u64 = 16 << 40;
 pub const DISK_SIZE_ALIGN: u64 = 4096;
 /// Most disks one VM may have.
 pub const MAX_DISKS_PER_VM: usize = 16;
+/// Most guest memory a QEMU VM may have, in MiB (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Most virtual CPUs a QEMU VM may have.
+pub const MAX_CPUS: u32 = 256;
+
+/// Which QEMU accelerator runs a VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Accel {
+    /// KVM where the host's KVM works (probed), TCG otherwise.
+    #[default]
+    Auto,
+    /// KVM only: the VM does not start where KVM does not work.
+    Kvm,
+    /// TCG (software emulation), everywhere.
+    Tcg,
+}
+
+impl Accel {
+    /// The name the CLI and API use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// Parses `auto`, `kvm` or `tcg`.
+    pub fn parse(s: &str) -> Result<Accel, ModelError> {
+        match s {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            other => Err(invalid("accel", format!("'{other}': use auto, kvm or tcg"))),
+        }
+    }
+}
+
+/// How QEMU runs a VM. Part of the model, so whichever host the VM runs on can start it
+/// the same way; paths name files on that host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuSpec {
+    /// Guest memory in MiB (1 ..= [`MAX_MEMORY_MIB`]).
+    pub memory_mib: u64,
+    /// Virtual CPUs (1 ..= [`MAX_CPUS`]).
+    pub cpus: u32,
+    /// Kernel for direct boot (`-kernel`); without it the guest boots from its first disk.
+    pub kernel: Option<String>,
+    /// Initial ramdisk (`-initrd`); only with a kernel.
+    pub initrd: Option<String>,
+    /// Kernel command line (`-append`); only with a kernel.
+    pub append: Option<String>,
+    /// Accelerator.
+    pub accel: Accel,
+}
+
+impl QemuSpec {
+    /// Checks the numbers and that initrd and append come with a kernel. (Whether the
+    /// files exist is checked where they are read: the API node and the VM's host.)
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if !(1..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(invalid(
+                "memory",
+                format!(
+                    "{} MiB: a QEMU VM needs 1 MiB to {MAX_MEMORY_MIB} MiB",
+                    self.memory_mib
+                ),
+            ));
+        }
+        if !(1..=MAX_CPUS).contains(&self.cpus) {
+            return Err(invalid(
+                "cpus",
+                format!("{}: a QEMU VM needs 1 to {MAX_CPUS} CPUs", self.cpus),
+            ));
+        }
+        if self.kernel.is_none() && (self.initrd.is_some() || self.append.is_some()) {
+            return Err(invalid(
+                "kernel",
+                "--initrd and --append need --kernel (they are passed to a directly booted kernel)",
+            ));
+        }
+        for (what, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+            if let Some(p) = path {
+                if !p.starts_with('/') {
+                    return Err(invalid(
+                        what,
+                        format!("'{p}' must be an absolute path (the VM's host opens it)"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 /// A virtual machine. It runs on exactly one host at a time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +130,10 @@ pub struct Vm {
     /// Every host the VM has run on, one entry per stay, in order; the last is `host`.
     /// A stay's index numbers the guest's write-log segment kept on that host.
     pub stays: Vec<NodeId>,
+    /// How QEMU runs the VM, when it is a QEMU guest (schema 4); `running` then means its
+    /// host keeps a QEMU process for it. (Boxed: most VMs have none, and a `Vm` travels
+    /// inside every command result.)
+    pub qemu: Option<Box<QemuSpec>>,
 }
 
 impl Vm {
@@ -81,9 +179,13 @@ impl ClusterModel {
         host: NodeId,
         disk_sizes: &[u64],
         workload: Option<String>,
+        qemu: Option<QemuSpec>,
         created_at_ms: u64,
     ) -> Result<Outcome, ModelError> {
         validate_name("VM name", name)?;
+        if let Some(spec) = &qemu {
+            spec.validate()?;
+        }
         if self.vms.contains_key(name) {
             return Err(ModelError::Exists {
                 kind: "vm".into(),
@@ -131,6 +233,7 @@ impl ClusterModel {
             running: false,
             created_at_ms,
             stays: vec![host],
+            qemu: qemu.map(Box::new),
         };
         self.vms.insert(vm.name.clone(), vm.clone());
         Ok(Outcome::Vm(vm, disks))
@@ -160,11 +263,11 @@ impl ClusterModel {
             .vms
             .get_mut(name)
             .ok_or_else(|| not_found("vm", name))?;
-        if running && vm.workload.is_none() {
+        if running && vm.workload.is_none() && vm.qemu.is_none() {
             return Err(invalid(
                 "vm start",
                 format!(
-                    "VM '{name}' has no --workload; only simulated guests are started by Convoy"
+                    "VM '{name}' has neither --workload nor --driver qemu; Convoy starts only simulated and QEMU guests"
                 ),
             ));
         }

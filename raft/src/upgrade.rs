@@ -4,7 +4,7 @@
 //! model's [`convoy_model::v1`] conversions.
 
 use convoy_codec::CodecError;
-use convoy_model::{SCHEMA_VERSION, v1};
+use convoy_model::{SCHEMA_VERSION, v1, v3};
 use openraft::{EntryPayload, LogId, Membership, StoredMembership};
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +49,14 @@ struct V1SmState {
     model: v1::ClusterModel,
 }
 
+/// Version 3 of [`SmState`] (versions 2 and 3 wrote the same shapes).
+#[derive(Serialize, Deserialize)]
+struct V3SmState {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, NodeAddr>,
+    model: v3::ClusterModel,
+}
+
 fn unsupported(found: u8) -> CodecError {
     CodecError::UnsupportedVersion {
         found,
@@ -65,8 +73,9 @@ pub fn encode_entry(entry: &Entry) -> Result<Vec<u8>, CodecError> {
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, CodecError> {
     let (version, body) = convoy_codec::split_version(bytes)?;
     match version {
-        // Version 3 only appended a command variant: version 2 bodies decode as they are.
-        SCHEMA_VERSION | 2 => convoy_codec::decode_body(body),
+        // Versions 3 and 4 only appended command variants: version 2 and 3 entries decode
+        // as they are.
+        SCHEMA_VERSION | 3 | 2 => convoy_codec::decode_body(body),
         1 => {
             let old: V1Entry = convoy_codec::decode_body(body)?;
             let payload = match old.payload {
@@ -101,8 +110,17 @@ pub fn encode_state(state: &SmState) -> Result<Vec<u8>, CodecError> {
 pub fn decode_state(bytes: &[u8]) -> Result<SmState, CodecError> {
     let (version, body) = convoy_codec::split_version(bytes)?;
     match version {
-        // Version 3 only appended a command variant: version 2 bodies decode as they are.
-        SCHEMA_VERSION | 2 => convoy_codec::decode_body(body),
+        SCHEMA_VERSION => convoy_codec::decode_body(body),
+        // Version 3 only appended a command variant to version 2: both snapshots hold
+        // VMs without the QEMU configuration version 4 added.
+        3 | 2 => {
+            let old: V3SmState = convoy_codec::decode_body(body)?;
+            Ok(SmState {
+                last_applied: old.last_applied,
+                last_membership: old.last_membership,
+                model: old.model.upgrade(),
+            })
+        }
         1 => {
             let old: V1SmState = convoy_codec::decode_body(body)?;
             Ok(SmState {

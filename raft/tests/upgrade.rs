@@ -1,6 +1,7 @@
 //! Old stored formats still decode and upgrade: the Raft log entries and the state-machine
 //! snapshot written by schema version 1 (fixtures in tests/fixtures/v1, written by that
-//! version's code) read back as current commands and models; so do schema 2's (tests/fixtures/v2).
+//! version's code) read back as current commands and models; so do schema 2's and 3's
+//! (tests/fixtures/v2, v3).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -198,4 +199,71 @@ async fn schema_2_log_and_snapshot_read_back_unchanged() {
         from_snapshot.reader().read(|m| m.clone()),
         replay.reader().read(|m| m.clone())
     );
+}
+
+/// Schema 4 gave VMs their QEMU configuration: schema 3's log entries (written by schema 3
+/// code) decode unchanged, and its snapshot file, whose VMs and remembered answers lack the
+/// field, upgrades to the model its log gives, with no VM a QEMU guest.
+#[tokio::test]
+async fn schema_3_snapshot_upgrades_and_its_log_decodes_unchanged() {
+    let bytes = fixture_of(3, "log-entries.bin");
+    let mut entries = Vec::new();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        let (entry, tail) = rest[4..].split_at(len);
+        assert_eq!(entry[0], 3, "fixture entries carry version 3");
+        entries.push(decode_entry(entry).expect("a v3 entry decodes"));
+        rest = tail;
+    }
+    assert_eq!(format!("{entries:?}"), format!("{:?}", v1_entries()));
+    for e in &entries {
+        let encoded = encode_entry(e).unwrap();
+        assert_eq!(encoded[0], 4);
+        assert_eq!(
+            format!("{:?}", decode_entry(&encoded).unwrap()),
+            format!("{e:?}")
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("current.snap"),
+        fixture_of(3, "current.snap"),
+    )
+    .unwrap();
+    let from_snapshot = StateMachineStore::open(dir.path()).expect("a v3 snapshot opens");
+    let snap_model = from_snapshot.reader().read(|m| m.clone());
+    let replay_dir = tempfile::tempdir().unwrap();
+    let mut replay = StateMachineStore::open(replay_dir.path()).unwrap();
+    replay.apply(entries).await.unwrap();
+    assert_eq!(snap_model, replay.reader().read(|m| m.clone()));
+    assert!(!snap_model.vms.is_empty());
+    assert!(snap_model.vms.values().all(|v| v.qemu.is_none()));
+    assert_eq!(snap_model.vms["web"].stays, vec![1]);
+
+    // A retried schema-3 request gets its remembered answer, upgraded.
+    let mut m = snap_model.clone();
+    let again = m.apply(
+        1004,
+        &Command::CreateVm {
+            name: "web".into(),
+            host: 1,
+            disk_sizes: vec![64 << 20, 4 << 30],
+            workload: None,
+            created_at_ms: 1_764_000_000_000,
+        },
+    );
+    assert!(
+        matches!(&again, Ok(convoy_raft::Outcome::Vm(v, _)) if v.id == 1 && v.qemu.is_none()),
+        "{again:?}"
+    );
+
+    // Written back at version 4, it reads back equal.
+    let mut builder = from_snapshot_builder(dir.path()).await;
+    let snapshot = builder.build_snapshot().await.unwrap();
+    let data = snapshot.snapshot.into_inner();
+    assert_eq!(data[0], 4);
+    let state = decode_state(&data).unwrap();
+    assert_eq!(state.model, snap_model);
 }

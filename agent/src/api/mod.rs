@@ -288,6 +288,25 @@ fn vm_view_with(vm: &convoy_raft::model::Vm, disks: Vec<convoy_raft::model::Disk
         guest_stats: None,
         disk_errors: Vec::new(),
         state: None,
+        driver: if vm.qemu.is_some() {
+            "qemu"
+        } else if vm.workload.is_some() {
+            "sim"
+        } else {
+            "none"
+        }
+        .to_string(),
+        qemu: vm.qemu.as_ref().map(|q| QemuView {
+            spec: QemuSpecView {
+                memory_mib: q.memory_mib,
+                cpus: q.cpus,
+                kernel: q.kernel.clone(),
+                initrd: q.initrd.clone(),
+                append: q.append.clone(),
+                accel: q.accel.as_str().to_string(),
+            },
+            status: None,
+        }),
     }
 }
 
@@ -389,12 +408,41 @@ async fn create_vm(
     if let Ok(Ok(LocalResponse::Probed(Err(why)))) = probed {
         return Err(ApiError::new(ErrorCode::BadRequest, why));
     }
-    let cmd = Command::CreateVm {
-        name: req.name,
-        host: req.host,
-        disk_sizes: req.disks,
-        workload: req.workload,
-        created_at_ms: s.cluster.now_ms(),
+    let cmd = match req.qemu {
+        Some(q) => {
+            if req.workload.is_some() {
+                return Err(ApiError::new(
+                    ErrorCode::BadRequest,
+                    "a VM runs either a simulated guest (--workload) or QEMU (--driver qemu), not both",
+                ));
+            }
+            let spec = convoy_raft::model::QemuSpec {
+                memory_mib: q.memory_mib,
+                cpus: q.cpus,
+                kernel: q.kernel,
+                initrd: q.initrd,
+                append: q.append,
+                accel: convoy_raft::model::Accel::parse(&q.accel)
+                    .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?,
+            };
+            spec.validate()
+                .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+            qemu_preflight(&s, req.host, &spec).await?;
+            Command::CreateQemuVm {
+                name: req.name,
+                host: req.host,
+                disk_sizes: req.disks,
+                qemu: spec,
+                created_at_ms: s.cluster.now_ms(),
+            }
+        }
+        None => Command::CreateVm {
+            name: req.name,
+            host: req.host,
+            disk_sizes: req.disks,
+            workload: req.workload,
+            created_at_ms: s.cluster.now_ms(),
+        },
     };
     match s.cluster.write(cmd, request_id).await? {
         Outcome::Vm(vm, disks) => {
@@ -478,6 +526,32 @@ async fn host_guest_state(s: &ApiState, view: &mut VmView) {
     }
 }
 
+/// Refuses a QEMU VM whose kernel or initrd its host cannot read (a host that does not
+/// answer is not asked: the VM then reports the problem when it starts).
+async fn qemu_preflight(
+    s: &ApiState,
+    host: u64,
+    spec: &convoy_raft::model::QemuSpec,
+) -> ApiResult<()> {
+    let paths: Vec<(String, String)> = [("kernel", &spec.kernel), ("initrd", &spec.initrd)]
+        .into_iter()
+        .filter_map(|(what, p)| p.clone().map(|p| (what.to_string(), p)))
+        .collect();
+    if paths.is_empty() {
+        return Ok(());
+    }
+    if let Ok(LocalResponse::Problems(problems)) = s
+        .cluster
+        .local(host, LocalRequest::QemuPreflight { paths })
+        .await
+    {
+        if !problems.is_empty() {
+            return Err(ApiError::new(ErrorCode::BadRequest, problems.join("; ")));
+        }
+    }
+    Ok(())
+}
+
 async fn list_vms(
     State(s): State<ApiState>,
     Query(q): Query<ReadQuery>,
@@ -501,6 +575,14 @@ async fn show_vm(
     // view is still useful.
     host_disk_state(&s, &mut view).await;
     host_guest_state(&s, &mut view).await;
+    if let Some(q) = &mut view.qemu {
+        let req = LocalRequest::QemuStatus {
+            vm: view.name.clone(),
+        };
+        if let Ok(LocalResponse::QemuStatus(st)) = s.cluster.local(view.host, req).await {
+            q.status = Some(st);
+        }
+    }
     Ok(Json(view))
 }
 

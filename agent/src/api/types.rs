@@ -138,9 +138,43 @@ pub struct CreateVmRequest {
     /// Synthetic workload spec.
     #[serde(default)]
     pub workload: Option<String>,
+    /// Run it as a QEMU guest with this configuration.
+    #[serde(default)]
+    pub qemu: Option<QemuSpecView>,
     /// Client request id (hex, up to 32 digits) so a retried request applies once.
     #[serde(default)]
     pub request_id: Option<String>,
+}
+
+/// How QEMU runs a VM, in API input and output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QemuSpecView {
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Kernel for direct boot (absolute path on the VM's host).
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// Initial ramdisk (absolute path on the VM's host).
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub append: Option<String>,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: String,
+}
+
+/// A QEMU VM in API output: its configuration and, when its host answered, its state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QemuView {
+    /// Its configuration.
+    #[serde(flatten)]
+    pub spec: QemuSpecView,
+    /// Its QEMU on its host (pid, run state, QMP status).
+    #[serde(default)]
+    pub status: Option<crate::qemu::QemuStatus>,
 }
 
 /// A disk in API output.
@@ -256,6 +290,12 @@ pub struct VmView {
     /// `creating` (not yet), or `failed` (see `disk_errors`).
     #[serde(default)]
     pub state: Option<String>,
+    /// What runs the guest: `qemu`, `sim` (a simulated guest) or `none`.
+    #[serde(default)]
+    pub driver: String,
+    /// The QEMU configuration and state, for a QEMU VM.
+    #[serde(default)]
+    pub qemu: Option<QemuView>,
 }
 
 /// `POST /v1/vms/{name}/move`.

@@ -10,7 +10,7 @@ pub mod output;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::api::types::*;
@@ -146,6 +146,12 @@ pub enum VmCmd {
         /// Synthetic guest workload, e.g. 'iops=200,size=4k,pattern=random'.
         #[arg(long)]
         workload: Option<String>,
+        /// What runs the guest: `qemu` (a real QEMU guest on the disks' exports) or `sim`
+        /// (a simulated guest; needs --workload). Default: sim with --workload, else none.
+        #[arg(long, value_enum)]
+        driver: Option<Driver>,
+        #[command(flatten)]
+        qemu: QemuArgs,
     },
     /// List VMs.
     List(ReadArgs),
@@ -161,12 +167,13 @@ pub enum VmCmd {
         /// VM name.
         name: String,
     },
-    /// Start the VM's simulated guest (VMs created with --workload).
+    /// Start the VM's guest: its simulated guest (--workload) or its QEMU (--driver qemu).
     Start {
         /// VM name.
         name: String,
     },
-    /// Stop the VM's simulated guest.
+    /// Stop the VM's guest (QEMU: ACPI power-down, then quit after the host's
+    /// `qemu.powerdown_timeout_ms`).
     Stop {
         /// VM name.
         name: String,
@@ -207,6 +214,108 @@ pub struct VerifyArgs {
     /// replicas) instead of holding every acknowledged write.
     #[arg(long)]
     pub prefix: bool,
+}
+
+/// What runs a VM's guest.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    /// A real QEMU guest.
+    Qemu,
+    /// A simulated guest (--workload).
+    Sim,
+}
+
+/// QEMU's accelerator.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccelArg {
+    /// KVM where it works on the VM's host, TCG otherwise.
+    Auto,
+    /// KVM only.
+    Kvm,
+    /// TCG (emulation) only.
+    Tcg,
+}
+
+/// `vm create` options of a QEMU VM (`--driver qemu`).
+#[derive(Args, Debug, Default)]
+pub struct QemuArgs {
+    /// Guest memory, e.g. 256MiB or 2GiB (QEMU VMs; default 256MiB).
+    #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+    pub memory: Option<u64>,
+    /// Virtual CPUs (QEMU VMs; default 1).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Kernel to boot directly (a file on the VM's host; relative paths are made absolute
+    /// here).
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, value_name = "CMDLINE")]
+    pub append: Option<String>,
+    /// Accelerator.
+    #[arg(long, value_enum)]
+    pub accel: Option<AccelArg>,
+    /// Raw or qcow2 image to copy into the first disk (through its NBD export, with
+    /// `qemu-img convert`; run this on the VM's host).
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+}
+
+impl QemuArgs {
+    fn any(&self) -> bool {
+        self.memory.is_some()
+            || self.cpus.is_some()
+            || self.kernel.is_some()
+            || self.initrd.is_some()
+            || self.append.is_some()
+            || self.accel.is_some()
+            || self.image.is_some()
+    }
+
+    /// The API's QEMU configuration, with paths made absolute and checked here.
+    fn spec(&self) -> Result<QemuSpecView> {
+        let memory = self.memory.unwrap_or(256 << 20);
+        if memory == 0 || memory % (1 << 20) != 0 {
+            bail!(
+                "--memory {memory} bytes: give a whole number of MiB, at least 1MiB (e.g. 256MiB)"
+            );
+        }
+        let cpus = self.cpus.unwrap_or(1);
+        if cpus == 0 {
+            bail!("--cpus 0: a VM needs at least one CPU");
+        }
+        let absolute = |what: &str, p: &Option<PathBuf>| -> Result<Option<String>> {
+            let Some(p) = p else { return Ok(None) };
+            let abs = if p.is_absolute() {
+                p.clone()
+            } else {
+                std::env::current_dir()
+                    .context("cannot read the current directory")?
+                    .join(p)
+            };
+            Ok(Some(
+                abs.to_str()
+                    .with_context(|| format!("--{what} {}: not UTF-8", p.display()))?
+                    .to_string(),
+            ))
+        };
+        Ok(QemuSpecView {
+            memory_mib: memory >> 20,
+            cpus,
+            kernel: absolute("kernel", &self.kernel)?,
+            initrd: absolute("initrd", &self.initrd)?,
+            append: self.append.clone(),
+            accel: match self.accel.unwrap_or(AccelArg::Auto) {
+                AccelArg::Auto => "auto",
+                AccelArg::Kvm => "kvm",
+                AccelArg::Tcg => "tcg",
+            }
+            .to_string(),
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -358,6 +467,66 @@ pub struct ReadArgs {
     pub local: bool,
 }
 
+/// Copies a raw or qcow2 image into a VM's first disk through its export's Unix socket.
+async fn import_image(image: &std::path::Path, vm: &VmView) -> Result<()> {
+    let disk = vm.disks.first().context("the VM has no disk")?;
+    let uri = disk
+        .uris
+        .iter()
+        .find(|u| u.starts_with("nbd+unix://"))
+        .with_context(|| {
+            format!(
+                "node {} did not report disk {}'s NBD socket",
+                vm.host, disk.id
+            )
+        })?;
+    let info = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output", "json"])
+        .arg(image)
+        .output()
+        .await
+        .context("cannot run qemu-img (Debian: qemu-utils)")?;
+    if !info.status.success() {
+        bail!(
+            "qemu-img info {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&info.stderr).trim()
+        );
+    }
+    let info: serde_json::Value =
+        serde_json::from_slice(&info.stdout).context("qemu-img info gave no JSON")?;
+    let format = info["format"].as_str().unwrap_or("raw").to_string();
+    if !matches!(format.as_str(), "raw" | "qcow2") {
+        bail!(
+            "{} is a {format} image: --image takes raw or qcow2",
+            image.display()
+        );
+    }
+    let size = info["virtual-size"].as_u64().unwrap_or(0);
+    if size > disk.size {
+        bail!(
+            "{} holds {} but the first disk is {}: create the VM with a larger first --disk",
+            image.display(),
+            crate::units::format_size(size),
+            crate::units::format_size(disk.size)
+        );
+    }
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["convert", "-n", "-f", &format, "-O", "raw"])
+        .arg(image)
+        .arg(uri)
+        .output()
+        .await
+        .context("cannot run qemu-img (Debian: qemu-utils)")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img convert into {uri}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     crate::units::parse_size(s)
 }
@@ -451,17 +620,44 @@ pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
             host,
             disks,
             workload,
+            driver,
+            qemu,
         } => {
+            let qemu_spec = match driver {
+                Some(Driver::Qemu) => {
+                    if workload.is_some() {
+                        bail!(
+                            "--workload is for simulated guests; a --driver qemu VM runs a real guest"
+                        );
+                    }
+                    if let Some(image) = &qemu.image {
+                        std::fs::metadata(image)
+                            .with_context(|| format!("--image {}", image.display()))?;
+                    }
+                    Some(qemu.spec()?)
+                }
+                Some(Driver::Sim) if workload.is_none() => {
+                    bail!("--driver sim needs --workload (what the simulated guest writes)")
+                }
+                _ if qemu.any() => {
+                    bail!(
+                        "--memory, --cpus, --kernel, --initrd, --append, --accel and --image need --driver qemu"
+                    )
+                }
+                _ => None,
+            };
+            let image = qemu.image.clone();
             let req = CreateVmRequest {
-                name,
+                name: name.clone(),
                 host,
                 disks,
                 workload,
+                qemu: qemu_spec,
                 request_id: Some(new_request_id()),
             };
-            let vm: VmView = client.post("/v1/vms", &req).await?;
-            out.vm(&vm)?;
+            let mut vm: VmView = client.post("/v1/vms", &req).await?;
             if vm.state.as_deref() == Some("failed") {
+                out.vm(&vm)?;
                 let why: Vec<String> = vm
                     .disk_errors
                     .iter()
@@ -475,7 +671,29 @@ pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
                     vm.name
                 );
             }
-            Ok(())
+            if let Some(image) = image {
+                // The host exports the new disks once it applied the creation.
+                let path = format!("/v1/vms/{}", encode_path(&name));
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                loop {
+                    vm = client.get(&path).await?;
+                    let exported = vm
+                        .disks
+                        .first()
+                        .is_some_and(|d| d.uris.iter().any(|u| u.starts_with("nbd+unix://")));
+                    if exported || std::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                import_image(&image, &vm).await.with_context(|| {
+                    format!(
+                        "VM '{name}' was created but the image was not imported; fix the problem and \
+                         run `qemu-img convert -n -O raw IMAGE URI` on node {host}, or `convoy vm delete {name}`",
+                    )
+                })?;
+            }
+            out.vm(&vm)
         }
         VmCmd::List(r) => {
             let vms: Vec<VmView> = client.get(&format!("/v1/vms{}", read_query(&r))).await?;

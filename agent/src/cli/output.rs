@@ -191,6 +191,43 @@ impl Output {
             let e = e.strip_prefix("guest cannot start: ").unwrap_or(e);
             println!("guest cannot start: {e}");
         }
+        if let Some(q) = &vm.qemu {
+            let s = &q.spec;
+            println!(
+                "driver: qemu   memory: {} MiB   cpus: {}   accel: {}",
+                s.memory_mib, s.cpus, s.accel
+            );
+            if let Some(k) = &s.kernel {
+                println!(
+                    "kernel: {k}   initrd: {}   append: {}",
+                    opt(s.initrd.as_ref()),
+                    opt(s.append.as_ref())
+                );
+            }
+            match &q.status {
+                Some(st) => {
+                    println!(
+                        "qemu: {}   pid: {}   qmp: {}   status: {}{}{}",
+                        st.state,
+                        st.pid.map_or("-".to_string(), |p| p.to_string()),
+                        st.qmp,
+                        st.qmp_status.as_deref().unwrap_or("-"),
+                        st.accel
+                            .as_ref()
+                            .map_or(String::new(), |a| format!("   running with {a}")),
+                        if st.adopted { "   (re-attached)" } else { "" }
+                    );
+                    println!("serial console: {}", st.serial_log);
+                    if let Some(e) = &st.error {
+                        println!("qemu cannot start: {e}");
+                    }
+                    if !st.events.is_empty() {
+                        println!("qmp events: {}", st.events.join(", "));
+                    }
+                }
+                None => println!("qemu: unknown (node {} did not answer)", vm.host),
+            }
+        }
         for (disk, why) in &vm.disk_errors {
             println!("disk {disk} cannot be opened on node {}: {why}", vm.host);
         }

@@ -157,6 +157,7 @@ async fn serve(
         log_stats,
         proposer: proposer::Proposer::spawn(raft.clone()),
         data: std::sync::OnceLock::new(),
+        qemu: std::sync::OnceLock::new(),
         migrations: Arc::new(migration::Migrations::default()),
     });
     // Before any stream is served: a retired node must not get in while the first
@@ -192,6 +193,12 @@ async fn serve(
     let _ = cluster.data.set(Arc::clone(&plane));
     tokio::spawn(reconcile_loop(Arc::clone(&cluster), Arc::clone(&plane)));
     tokio::spawn(gc_loop(Arc::clone(&cluster), Arc::clone(&plane)));
+    let qemu = Arc::new(
+        crate::qemu::QemuHost::new(&cfg.data_dir, cfg.qemu.clone())
+            .context("cannot set up the QEMU driver")?,
+    );
+    let _ = cluster.qemu.set(Arc::clone(&qemu));
+    tokio::spawn(qemu_loop(Arc::clone(&cluster), Arc::clone(&plane), qemu));
     tokio::spawn(migration::run(
         Arc::clone(&cluster),
         Arc::clone(&cluster.migrations),
@@ -439,6 +446,40 @@ async fn collect_garbage(cluster: &Arc<Cluster>, plane: &Arc<DataPlane>) {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "local garbage collection panicked"),
+    }
+}
+
+/// Runs this host's QEMU guests as the model says: first re-attaches to every QEMU that
+/// outlived an earlier agent, then, whenever the model changes (and every second while
+/// something is pending), starts and stops guests. Decisions are taken on a model read
+/// after a read barrier: a lagging model (an agent that just started) must never stop a
+/// guest that a newer entry started. Its own task, so a barrier waiting out an election
+/// delays no other reconcile.
+async fn qemu_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>, qemu: Arc<crate::qemu::QemuHost>) {
+    qemu.adopt_running().await;
+    let mut applied = cluster.model.subscribe();
+    loop {
+        if cluster.read_barrier().await.is_ok() {
+            let plan = cluster
+                .model
+                .read(|m| convoy_raft::model::host_plan(m, cluster.id).qemu);
+            qemu.apply(&plan, |disk| {
+                plane
+                    .disk_uris(disk)
+                    .iter()
+                    .find_map(|u| crate::qemu::unix_export(u))
+            })
+            .await;
+        }
+        tokio::select! {
+            r = applied.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                applied.borrow_and_update();
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

@@ -79,6 +79,12 @@ impl Cluster {
             let problem = vm.as_ref().and_then(|v| {
                 if v.host == to {
                     Some(format!("VM '{name}' already runs on node {to}"))
+                } else if v.qemu.is_some() && v.running {
+                    // Its QEMU would start on `to` while the source's still runs: moving a
+                    // running QEMU guest needs live migration, which is not built yet.
+                    Some(format!(
+                        "VM '{name}' is a running QEMU guest: stop it first (`convoy vm stop {name}`), move it, then start it"
+                    ))
                 } else if !m.is_active_host(to) {
                     Some(format!(
                         "node {to} is not an active host (see `convoy cluster status`)"

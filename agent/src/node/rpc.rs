@@ -183,6 +183,17 @@ pub enum LocalRequest {
         /// Disk sizes in bytes.
         sizes: Vec<u64>,
     },
+    /// A QEMU guest's state on this node.
+    QemuStatus {
+        /// VM name.
+        vm: String,
+    },
+    /// Whether these files (what, path) can be read on this node, before a QEMU VM that
+    /// names them is created here.
+    QemuPreflight {
+        /// (what, absolute path).
+        paths: Vec<(String, String)>,
+    },
 }
 
 /// The answer to a [`LocalRequest`], one variant per request.
@@ -257,6 +268,10 @@ pub enum LocalResponse {
     MigrationLive(Option<super::migration::LiveStatus>),
     /// `Err` says why this node cannot hold one of the probed disks.
     Probed(Result<(), String>),
+    /// A QEMU guest's state.
+    QemuStatus(crate::qemu::QemuStatus),
+    /// What is wrong (empty: nothing).
+    Problems(Vec<String>),
 }
 
 /// The leader's answer.

@@ -124,6 +124,8 @@ pub struct Cluster {
     pub proposer: Proposer,
     /// This host's data plane, set once it started.
     pub data: std::sync::OnceLock<Arc<crate::data::DataPlane>>,
+    /// This host's QEMU guests, set once the data plane started.
+    pub qemu: std::sync::OnceLock<Arc<crate::qemu::QemuHost>>,
     /// The migration coordinators' live view (notes, observed links).
     pub migrations: Arc<super::migration::Migrations>,
 }
@@ -901,6 +903,25 @@ impl Cluster {
                 .map_err(joined)?
                 .map_err(|e| ServiceError::Internal(format!("{e:#}")))?;
                 LocalResponse::GuestLog(records)
+            }
+            LocalRequest::QemuStatus { vm } => {
+                let host = self.qemu.get().cloned().ok_or_else(|| {
+                    ServiceError::Unavailable("this node's QEMU driver is still starting".into())
+                })?;
+                LocalResponse::QemuStatus(host.status(&vm).await)
+            }
+            LocalRequest::QemuPreflight { paths } => {
+                let problems = paths
+                    .into_iter()
+                    .filter_map(|(what, path)| match std::fs::File::open(&path) {
+                        Ok(_) => None,
+                        Err(e) => Some(format!(
+                            "the {what} file {path} cannot be read on node {}: {e}",
+                            self.id
+                        )),
+                    })
+                    .collect();
+                LocalResponse::Problems(problems)
             }
             LocalRequest::GuestStatus { vm } => {
                 let (stats, running, error) = plane.guest_status(&vm).await;

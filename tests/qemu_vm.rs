@@ -1,0 +1,379 @@
+//! QEMU VMs driven by Convoy (`vm create --driver qemu`): a real guest (the tiny test guest
+//! of `common::qemu_guest`, under TCG) runs on its host's Convoy NBD export, outlives a
+//! SIGKILLed agent, is re-attached (not started twice) by the restarted agent, and stops
+//! with `vm stop`. `CONVOY_SKIP_QEMU=1` skips the tests that boot a guest.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::qemu_guest::{self as guest, highest_reported, reported_failure};
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Bound on booting the guest and seeing its first writes (a TCG boot takes ~3 s).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `vm stop` lets the guest react to the ACPI power-down (the test guest ignores
+/// it, so this is the path taken).
+const POWERDOWN_TIMEOUT_MS: &str = "1000";
+
+/// SIGKILLs the VM's QEMU (if it still runs) when the test ends, however it ends: QEMU
+/// outlives the agents by design, so dropping the cluster does not stop it.
+struct QemuReaper {
+    dir: PathBuf,
+    vm: String,
+}
+
+impl QemuReaper {
+    fn pid(&self) -> Option<i32> {
+        qemu_pid(&self.dir, &self.vm)
+    }
+}
+
+impl Drop for QemuReaper {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The pid in `vm`'s pidfile, if that process runs and is that VM's QEMU.
+fn qemu_pid(dir: &Path, vm: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(dir.join(format!("{vm}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let socket = dir.join(format!("{vm}.qmp")).display().to_string();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    (String::from_utf8_lossy(&cmdline).contains(&socket) && !stat.contains(") Z")).then_some(pid)
+}
+
+/// Every QEMU process whose command line names this QMP socket.
+fn qemus_for(socket: &Path) -> Vec<i32> {
+    let needle = socket.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains("qemu-system") && cmd.contains(&needle) && !stat.contains(") Z")
+        })
+        .collect()
+}
+
+fn vm_json(dev: &Dev, vm: &str) -> Value {
+    let r = dev.cli(&["vm", "show", vm, "-o", "json"]);
+    assert!(r.ok, "vm show {vm}: {}", r.stderr);
+    r.json()
+}
+
+/// Waits until the serial console reports at least `n` writes; fails on a guest failure.
+fn wait_writes(serial: &Path, n: u64, timeout: Duration, why: &str) -> u64 {
+    wait_for(why, timeout, || {
+        let log = std::fs::read_to_string(serial).unwrap_or_default();
+        if let Some(f) = reported_failure(&log) {
+            panic!("the guest reported a failure: {f}\n{log}");
+        }
+        highest_reported(&log).filter(|&w| w >= n)
+    })
+}
+
+#[test]
+fn qemu_vm_outlives_a_killed_agent_and_the_restarted_agent_reattaches() {
+    if guest::skip() {
+        eprintln!("SKIPPED: CONVOY_SKIP_QEMU=1");
+        return;
+    }
+    let started = Instant::now();
+    let g = guest::require();
+    let dev = Dev::start(1, &["--qemu-powerdown-timeout-ms", POWERDOWN_TIMEOUT_MS]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let qemu_dir = dev.node(1).data_dir.join("qemu");
+    let _reaper = QemuReaper {
+        dir: qemu_dir.clone(),
+        vm: "real".into(),
+    };
+
+    let (kernel, initrd) = (g.kernel.to_str().unwrap(), g.initrd.to_str().unwrap());
+    let r = dev.cli(&[
+        "vm",
+        "create",
+        "real",
+        "--host",
+        "1",
+        "--driver",
+        "qemu",
+        "--disk",
+        "64MiB",
+        "--memory",
+        "256MiB",
+        "--cpus",
+        "1",
+        "--kernel",
+        kernel,
+        "--initrd",
+        initrd,
+        "--append",
+        "console=ttyS0 panic=-1",
+        "-o",
+        "json",
+    ]);
+    assert!(r.ok, "vm create: {}{}", r.stdout, r.stderr);
+    let created = r.json();
+    assert_eq!(created["driver"], "qemu");
+    assert_eq!(created["qemu"]["memory_mib"], 256);
+    // No --accel: KVM where the host's probe shows it works, TCG otherwise (on machines
+    // where /dev/kvm exists but guests stall, the probe must say TCG).
+    assert_eq!(created["qemu"]["accel"], "auto");
+    let r = dev.cli(&["vm", "start", "real"]);
+    assert!(r.ok, "vm start: {}", r.stderr);
+
+    let serial = qemu_dir.join("real.serial.log");
+    let booted = Instant::now();
+    let first = wait_writes(&serial, 100, BOOT_TIMEOUT, "the guest's first 100 writes");
+    eprintln!(
+        "guest writing after {:?} ({first} writes)",
+        booted.elapsed()
+    );
+    let shown = vm_json(&dev, "real");
+    let status = &shown["qemu"]["status"];
+    assert_eq!(status["state"], "running", "{shown:#}");
+    assert_eq!(status["qmp"], "connected", "{shown:#}");
+    assert_eq!(status["qmp_status"], "running", "{shown:#}");
+    let accel = status["accel"].as_str().unwrap_or("");
+    assert!(accel == "kvm" || accel == "tcg", "{shown:#}");
+    eprintln!("accel auto chose {accel}");
+    let pid = status["pid"].as_i64().expect("vm show gives QEMU's pid") as i32;
+    assert_eq!(Some(pid), qemu_pid(&qemu_dir, "real"));
+    assert_eq!(status["serial_log"], serial.display().to_string());
+    // The human view names the same.
+    let text = dev.cli(&["vm", "show", "real"]).stdout;
+    assert!(text.contains(&format!("pid: {pid}")), "{text}");
+    assert!(text.contains("qmp: connected"), "{text}");
+
+    // SIGKILL the agent: QEMU (its own session, re-parented away) keeps running.
+    let before_kill = highest_reported(&std::fs::read_to_string(&serial).unwrap()).unwrap();
+    dev.kill(1);
+    let killed = Instant::now();
+    wait_for("a second of agent downtime", Duration::from_secs(5), || {
+        (killed.elapsed() >= Duration::from_secs(1)).then_some(())
+    });
+    assert_eq!(
+        qemu_pid(&qemu_dir, "real"),
+        Some(pid),
+        "QEMU died with its agent"
+    );
+    dev.restart(1);
+    // Its writes (stalled while the export was away) go on, with no failure.
+    let after = wait_writes(
+        &serial,
+        before_kill + 100,
+        Duration::from_secs(60),
+        "the guest to write 100 more blocks after the agent restart",
+    );
+    eprintln!("agent down and back: writes {before_kill} -> {after}");
+    let shown = wait_for(
+        "vm show with the re-attached QEMU",
+        Duration::from_secs(20),
+        || {
+            let v = vm_json(&dev, "real");
+            (v["qemu"]["status"]["qmp"] == "connected").then_some(v)
+        },
+    );
+    let status = &shown["qemu"]["status"];
+    assert_eq!(status["pid"].as_i64(), Some(pid as i64), "{shown:#}");
+    assert_eq!(status["state"], "running", "{shown:#}");
+    assert_eq!(status["adopted"], true, "{shown:#}");
+    assert_eq!(
+        qemus_for(&qemu_dir.join("real.qmp")),
+        vec![pid],
+        "exactly the one QEMU runs for the VM"
+    );
+
+    // A running QEMU guest is not moved cold under itself (live migration is not built).
+    let r = dev.cli(&["vm", "move", "real", "--to", "2"]);
+    assert!(!r.ok, "vm move of a running QEMU guest was accepted");
+    assert!(r.stderr.contains("running QEMU guest"), "{}", r.stderr);
+
+    // vm stop: the guest ignores the ACPI power-down, so QEMU is made to quit.
+    let r = dev.cli(&["vm", "stop", "real"]);
+    assert!(r.ok, "vm stop: {}", r.stderr);
+    wait_for(
+        "QEMU to exit after vm stop",
+        Duration::from_secs(30),
+        || {
+            qemus_for(&qemu_dir.join("real.qmp"))
+                .is_empty()
+                .then_some(())
+        },
+    );
+    let shown = wait_for("vm show to say stopped", Duration::from_secs(10), || {
+        let v = vm_json(&dev, "real");
+        (v["qemu"]["status"]["state"] == "stopped").then_some(v)
+    });
+    assert_eq!(shown["running"], false);
+    assert!(shown["qemu"]["status"]["pid"].is_null(), "{shown:#}");
+    let log = std::fs::read_to_string(dev.node(1).log.clone()).unwrap_or_default();
+    assert!(
+        log.contains("ignored the ACPI power-down"),
+        "the stop took the power-down timeout path"
+    );
+    eprintln!("whole test {:?}", started.elapsed());
+    dev.assert_no_panics();
+}
+
+#[test]
+fn qemu_vm_create_refuses_bad_input_with_clear_errors() {
+    let dev = Dev::start(1, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let kernel = dev.dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"not really a kernel").unwrap();
+    let kernel = kernel.to_str().unwrap();
+    let cases: [(&[&str], &[&str]); 6] = [
+        (&["--driver", "bogus"], &["bogus", "qemu"]),
+        (
+            &["--driver", "qemu", "--memory", "0"],
+            &["--memory", "at least 1MiB"],
+        ),
+        (&["--driver", "qemu", "--cpus", "0"], &["--cpus"]),
+        (
+            &["--driver", "qemu", "--kernel", "/nonexistent/vmlinuz"],
+            &["/nonexistent/vmlinuz", "cannot be read"],
+        ),
+        (&["--driver", "qemu", "--initrd", kernel], &["--kernel"]),
+        (
+            &["--memory", "256MiB", "--kernel", kernel],
+            &["--driver qemu"],
+        ),
+    ];
+    for (args, expect) in cases {
+        let mut all = vec!["vm", "create", "bad", "--host", "1", "--disk", "64MiB"];
+        all.extend_from_slice(args);
+        let r = dev.cli(&all);
+        assert!(!r.ok, "{args:?} was accepted: {}", r.stdout);
+        for e in expect {
+            assert!(
+                r.stderr.contains(e),
+                "{args:?}: error lacks {e:?}: {}",
+                r.stderr
+            );
+        }
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    }
+    // Nothing was created; a good one is.
+    let r = dev.cli(&["vm", "list", "-o", "json"]);
+    assert_eq!(r.json().as_array().map(Vec::len), Some(0), "{}", r.stdout);
+    let r = dev.cli(&[
+        "vm", "create", "good", "--host", "1", "--disk", "64MiB", "--driver", "qemu", "--kernel",
+        kernel,
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+
+    // A group with a running QEMU guest is not migrated (live migration of QEMU guests is
+    // not built): its QEMU would otherwise start on the destination beside the source's.
+    // (The kernel is not one, so QEMU never really runs; the model says running.)
+    assert!(dev.cli(&["vm", "start", "good"]).ok);
+    assert!(dev.cli(&["cg", "create", "g", "--vm", "good"]).ok);
+    let r = dev.cli(&[
+        "migrate",
+        "start",
+        "g",
+        "--to",
+        "2",
+        "--strategy",
+        "sync-switch",
+    ]);
+    assert!(!r.ok, "a group with a running QEMU guest was migrated");
+    assert!(
+        r.stderr.contains("running QEMU guests (good)"),
+        "{}",
+        r.stderr
+    );
+    dev.assert_no_panics();
+}
+
+#[test]
+fn qemu_vm_image_is_imported_into_its_first_disk() {
+    if guest::skip() {
+        eprintln!("SKIPPED: CONVOY_SKIP_QEMU=1");
+        return;
+    }
+    let dev = Dev::start(1, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let image = dev.dir.path().join("image.qcow2");
+    let image_str = image.to_str().unwrap();
+    let made = common::data::tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", image_str, "8M"],
+    );
+    assert!(made.status.success(), "qemu-img create: {made:?}");
+    let wrote = common::data::tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 1M 1M", image_str],
+    );
+    assert!(wrote.status.success(), "qemu-io write: {wrote:?}");
+
+    let r = dev.cli(&[
+        "vm", "create", "imported", "--host", "1", "--disk", "64MiB", "--disk", "16MiB",
+        "--driver", "qemu", "--image", image_str, "-o", "json",
+    ]);
+    assert!(r.ok, "vm create --image: {}{}", r.stdout, r.stderr);
+    let uri = r.json()["disks"][0]["uris"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|u| u.starts_with("nbd+unix://"))
+        .expect("the first disk's unix URI")
+        .to_string();
+    for (pattern, at) in [("0x5a", "1M"), ("0", "0"), ("0", "2M")] {
+        let read = common::data::tool(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                &format!("read -P {pattern} {at} 1M"),
+                &uri,
+            ],
+        );
+        let out = String::from_utf8_lossy(&read.stdout);
+        assert!(
+            read.status.success() && !out.contains("Pattern verification failed"),
+            "byte pattern {pattern} at {at} of the first disk: {out}"
+        );
+    }
+
+    // An image larger than the first disk is refused, saying so.
+    let big = dev.dir.path().join("big.raw");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let r = dev.cli(&[
+        "vm",
+        "create",
+        "toobig",
+        "--host",
+        "1",
+        "--disk",
+        "64MiB",
+        "--driver",
+        "qemu",
+        "--image",
+        big.to_str().unwrap(),
+    ]);
+    assert!(!r.ok);
+    assert!(r.stderr.contains("larger first --disk"), "{}", r.stderr);
+    dev.assert_no_panics();
+}
