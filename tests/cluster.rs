@@ -918,8 +918,11 @@ fn sighup_makes_the_agent_present_a_rotated_certificate_without_a_restart() {
     );
     let pid = dev.pid(1);
 
-    let r = run_convoy(
-        &[
+    // The key a running agent uses is not overwritten by accident.
+    let key_path = std::path::Path::new(p).join("node-1.key");
+    let key_before = std::fs::read(&key_path).unwrap();
+    let issue = |force: bool| {
+        let mut args = vec![
             "cert",
             "issue-node",
             "--dir",
@@ -930,9 +933,20 @@ fn sighup_makes_the_agent_present_a_rotated_certificate_without_a_restart() {
             &ip,
             "--days",
             "30",
-        ],
-        &[],
+        ];
+        if force {
+            args.push("--force");
+        }
+        run_convoy(&args, &[])
+    };
+    let refused = issue(false);
+    assert!(
+        !refused.ok && refused.stderr.contains("--force"),
+        "{refused:?}"
     );
+    assert_eq!(std::fs::read(&key_path).unwrap(), key_before);
+
+    let r = issue(true);
     assert!(r.ok && r.stdout.contains("valid until"), "{r:?}");
     kill(Pid::from_raw(pid as i32), Signal::SIGHUP).unwrap();
     wait_for(

@@ -52,6 +52,10 @@ pub enum CertCmd {
         /// Days the certificate stays valid.
         #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u64).range(1..=MAX_DAYS))]
         days: u64,
+        /// Replace an existing node-ID.key/.crt in the output directory (a running agent
+        /// may be using them; rotate with --out into a new directory instead).
+        #[arg(long)]
+        force: bool,
     },
     /// Issue an admin client certificate (client-NAME.crt, client-NAME.key) for the CLI.
     IssueClient {
@@ -223,8 +227,17 @@ pub fn run(cmd: CertCmd) -> Result<()> {
             sans,
             out,
             days: d,
+            force,
         } => {
-            let (c, k) = issue_node(&dir, id, &sans, out.as_deref().unwrap_or(&dir), days(d))?;
+            let out_dir = out.as_deref().unwrap_or(&dir);
+            let key = out_dir.join(format!("node-{id}.key"));
+            if key.exists() && !force {
+                bail!(
+                    "{} exists; pass --force to replace it, or --out DIR to issue into a new directory",
+                    key.display()
+                );
+            }
+            let (c, k) = issue_node(&dir, id, &sans, out_dir, days(d))?;
             println!(
                 "issued node {id}: {} {} ({})",
                 c.display(),

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use convoy_transport::pki::{self, TlsIdentity};
 use http_body_util::{BodyExt, Full};
@@ -188,13 +188,44 @@ impl AdminClient {
 
 /// Parses a comma-separated address list (`CONVOY_ADDR`).
 pub fn parse_addrs(text: &str) -> Result<Vec<SocketAddr>> {
-    text.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<SocketAddr>().map_err(|e| {
-                anyhow!("invalid agent address '{s}': {e} (expected IP:PORT, e.g. 127.0.0.1:7401)")
-            })
-        })
-        .collect()
+    let mut addrs = Vec::new();
+    for s in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            addrs.push(addr);
+            continue;
+        }
+        // A host name: every address it resolves to, in the resolver's order. TLS then
+        // checks the address, which the node's certificate must name (`--san`).
+        let resolved = std::net::ToSocketAddrs::to_socket_addrs(s).map_err(|e| {
+            anyhow!(
+                "invalid agent address '{s}': {e} (expected IP:PORT or NAME:PORT, e.g. 127.0.0.1:7401)"
+            )
+        })?;
+        let before = addrs.len();
+        addrs.extend(resolved);
+        if addrs.len() == before {
+            bail!("agent address '{s}' resolves to no address");
+        }
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_addrs;
+
+    #[test]
+    fn agent_addresses_may_be_host_names() {
+        let addrs = parse_addrs("127.0.0.1:7401, localhost:7402").expect("parse");
+        assert_eq!(addrs[0].to_string(), "127.0.0.1:7401");
+        assert!(
+            addrs[1..]
+                .iter()
+                .all(|a| a.port() == 7402 && a.ip().is_loopback())
+        );
+        assert!(addrs.len() >= 2, "{addrs:?}");
+        let bad = parse_addrs("no-such-host.invalid:7401").expect_err("unresolvable");
+        assert!(bad.to_string().contains("no-such-host.invalid"), "{bad}");
+        assert!(parse_addrs("127.0.0.1").is_err(), "a port is required");
+    }
 }

@@ -27,15 +27,17 @@ pub struct Cli {
     pub command: Cmd,
 }
 
-/// Flags every remote command understands.
+/// Flags every remote command understands, listed under their own heading in help.
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
-    /// Agent admin address(es), comma-separated; the CLI tries them in order.
+    /// Agent admin address(es), comma-separated IP:PORT or NAME:PORT; the CLI tries them
+    /// in order.
     #[arg(
         long,
         env = "CONVOY_ADDR",
         global = true,
-        value_name = "IP:PORT[,IP:PORT...]"
+        value_name = "HOST:PORT[,HOST:PORT...]"
     )]
     pub addr: Option<String>,
     /// Cluster CA certificate (PEM).
@@ -143,8 +145,15 @@ pub enum VmCmd {
         /// Disk size, e.g. 64MiB or 4GiB; repeat for more disks.
         #[arg(long = "disk", required = true, value_parser = parse_size_arg, value_name = "SIZE")]
         disks: Vec<u64>,
-        /// Synthetic guest workload, e.g. 'iops=200,size=4k,pattern=random'.
-        #[arg(long)]
+        /// Simulated guest workload: comma-separated KEY=VALUE, e.g.
+        /// 'iops=200,size=4k,pattern=random'. Keys (default): iops=N|max writes per second
+        /// (100); size=SIZE per write, a multiple of 512 up to 32M (4k);
+        /// pattern=random|sequential|hot (random); depth=N writes in flight (1);
+        /// span=SIZE written at the start of each disk (whole disk); flush_every=N
+        /// flush after N writes, 0 = never (0); seed=N placement seed (random);
+        /// fill=SIZE first write every disk once in SIZE requests, as an install would
+        /// (no fill). Sizes take K, M, G, T (binary: 1k = 1024).
+        #[arg(long, verbatim_doc_comment)]
         workload: Option<String>,
         /// What runs the guest: `qemu` (a real QEMU guest on the disks' exports) or `sim`
         /// (a simulated guest; needs --workload). Default: sim with --workload, else none.
@@ -1083,6 +1092,41 @@ mod tests {
             for word in ["switch-primary", "replicate", "interval", "completions"] {
                 assert!(script.contains(word), "{shell} completion lacks {word}");
             }
+        }
+    }
+
+    /// `--help` shows the global options under their own heading, and `vm create --help`
+    /// documents every workload key the parser accepts.
+    #[test]
+    fn help_lists_global_options_apart_and_documents_every_workload_key() {
+        use clap::CommandFactory;
+        let mut root = Cli::command();
+        root.build();
+        let create = root
+            .find_subcommand_mut("vm")
+            .and_then(|vm| vm.find_subcommand_mut("create"))
+            .expect("vm create exists");
+        let help = create.render_long_help().to_string();
+        assert!(help.contains("Global options:"), "{help}");
+        let (own, global) = help.split_once("Global options:").expect("heading");
+        assert!(
+            global.contains("--addr") && !own.contains("--addr"),
+            "{help}"
+        );
+        let parsed: convoy_guest::Workload =
+            "iops=5,size=8k,pattern=hot,depth=2,span=1m,flush_every=3,seed=4,fill=1m"
+                .parse()
+                .expect("every key parses");
+        for key in parsed
+            .to_string()
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+        {
+            assert!(
+                own.contains(&format!("{}=", key.0)),
+                "workload key {} undocumented",
+                key.0
+            );
         }
     }
 }
