@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::data::*;
-use common::qemu_guest::{self as guest, BLOCK, BLOCKS, highest_reported};
+use common::qemu_guest::{self as guest, highest_reported, missing_writes};
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -91,32 +91,6 @@ impl Drop for Qemu {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// Checks that every write `1..=acked` is in `image`: block `i % BLOCKS` starts with
-/// `seq{k:08}` for some `k >= i` with `k ≡ i (mod BLOCKS)` (the block's last write; while
-/// `acked < BLOCKS`, writes after `acked` land on other blocks, so `k == i`). Returns the
-/// failures.
-fn missing_writes(image: &[u8], acked: u64) -> Vec<String> {
-    let mut bad = Vec::new();
-    for i in 1..=acked {
-        let block = i % BLOCKS;
-        let at = (block * BLOCK) as usize;
-        let head = image.get(at..at + 11).unwrap_or(&[]);
-        let held = std::str::from_utf8(head)
-            .ok()
-            .and_then(|s| s.strip_prefix("seq"))
-            .and_then(|n| n.parse::<u64>().ok());
-        let fine =
-            held.is_some_and(|k| k >= i && k % BLOCKS == block && (acked >= BLOCKS || k == i));
-        if !fine {
-            bad.push(format!(
-                "write {i}: block {block} holds {:?}",
-                String::from_utf8_lossy(head)
-            ));
-        }
-    }
-    bad
 }
 
 /// Copies an NBD export into a local file with `program` and returns its bytes.

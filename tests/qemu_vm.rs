@@ -1,7 +1,8 @@
 //! QEMU VMs driven by Convoy (`vm create --driver qemu`): a real guest (the tiny test guest
 //! of `common::qemu_guest`, under TCG) runs on its host's Convoy NBD export, outlives a
 //! SIGKILLed agent, is re-attached (not started twice) by the restarted agent, and stops
-//! with `vm stop`. `CONVOY_SKIP_QEMU=1` skips the tests that boot a guest.
+//! with `vm stop`, and moves live to another host (`vm move`) while it writes.
+//! `CONVOY_SKIP_QEMU=1` skips the tests that boot a guest.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,7 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::qemu_guest::{self as guest, highest_reported, reported_failure};
+use common::data::{expose, vm_uri};
+use common::qemu_guest::{self as guest, highest_reported, missing_writes, reported_failure};
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -200,11 +202,6 @@ fn qemu_vm_outlives_a_killed_agent_and_the_restarted_agent_reattaches() {
         "exactly the one QEMU runs for the VM"
     );
 
-    // A running QEMU guest is not moved cold under itself (live migration is not built).
-    let r = dev.cli(&["vm", "move", "real", "--to", "2"]);
-    assert!(!r.ok, "vm move of a running QEMU guest was accepted");
-    assert!(r.stderr.contains("running QEMU guest"), "{}", r.stderr);
-
     // vm stop: the guest ignores the ACPI power-down, so QEMU is made to quit.
     let r = dev.cli(&["vm", "stop", "real"]);
     assert!(r.ok, "vm stop: {}", r.stderr);
@@ -229,6 +226,154 @@ fn qemu_vm_outlives_a_killed_agent_and_the_restarted_agent_reattaches() {
         "the stop took the power-down timeout path"
     );
     eprintln!("whole test {:?}", started.elapsed());
+    dev.assert_no_panics();
+}
+
+/// Copies an NBD export into `file` with `qemu-img convert` and returns its bytes.
+fn read_export(uri: &str, file: &Path) -> Vec<u8> {
+    let out = common::data::tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "qemu-img convert {uri}: {out:?}");
+    std::fs::read(file).unwrap()
+}
+
+#[test]
+fn a_running_qemu_guest_moves_live_to_another_host_and_keeps_every_write() {
+    if guest::skip() {
+        eprintln!("SKIPPED: CONVOY_SKIP_QEMU=1");
+        return;
+    }
+    let started = Instant::now();
+    let g = guest::require();
+    let dev = Dev::start(2, &["--qemu-powerdown-timeout-ms", POWERDOWN_TIMEOUT_MS]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let (dir1, dir2) = (
+        dev.node(1).data_dir.join("qemu"),
+        dev.node(2).data_dir.join("qemu"),
+    );
+    let _reapers = [dir1.clone(), dir2.clone()].map(|dir| QemuReaper {
+        dir,
+        vm: "live".into(),
+    });
+    let (kernel, initrd) = (g.kernel.to_str().unwrap(), g.initrd.to_str().unwrap());
+    let r = dev.cli(&[
+        "vm",
+        "create",
+        "live",
+        "--host",
+        "1",
+        "--driver",
+        "qemu",
+        "--disk",
+        "64MiB",
+        "--memory",
+        "256MiB",
+        "--accel",
+        "tcg",
+        "--kernel",
+        kernel,
+        "--initrd",
+        initrd,
+        "--append",
+        "console=ttyS0 panic=-1",
+    ]);
+    assert!(r.ok, "vm create: {}{}", r.stdout, r.stderr);
+    assert!(dev.cli(&["cg", "create", "g", "--vm", "live"]).ok);
+    let r = dev.cli(&[
+        "cg",
+        "replicate",
+        "g",
+        "--to",
+        "2",
+        "--mode",
+        "sync",
+        "--wait",
+        "--timeout",
+        "60",
+    ]);
+    assert!(r.ok, "cg replicate: {}", r.stderr);
+    assert!(dev.cli(&["vm", "start", "live"]).ok);
+    let serial1 = dir1.join("live.serial.log");
+    let before = wait_writes(&serial1, 100, BOOT_TIMEOUT, "the guest's first 100 writes");
+
+    let r = dev.cli(&["vm", "move", "live", "--to", "2", "-o", "json"]);
+    assert!(r.ok, "vm move: {}{}", r.stdout, r.stderr);
+    let moved = r.json();
+    assert_eq!(moved["vm"]["host"], 2, "{moved:#}");
+    assert_eq!(moved["fenced"], true, "{moved:#}");
+    let live = &moved["live_migration"];
+    let (downtime, total, ram) = (
+        live["downtime_ms"].as_u64().expect("QEMU's downtime"),
+        live["total_ms"].as_u64().expect("QEMU's total time"),
+        live["ram_bytes"].as_u64().expect("memory sent"),
+    );
+    assert!(total > 0 && ram > 0, "{moved:#}");
+    eprintln!(
+        "moved live after {before}+ writes: downtime {downtime} ms, total {total} ms, {} MiB of memory",
+        ram >> 20
+    );
+
+    // One QEMU runs the guest, on node 2; the source's quit.
+    wait_for("the source's QEMU to quit", Duration::from_secs(10), || {
+        qemus_for(&dir1.join("live.qmp")).is_empty().then_some(())
+    });
+    let pid2 = qemu_pid(&dir2, "live").expect("QEMU runs the guest on node 2");
+    assert_eq!(qemus_for(&dir2.join("live.qmp")), vec![pid2]);
+    // The same guest goes on writing there: its console (now node 2's) counts on.
+    let serial2 = dir2.join("live.serial.log");
+    let after = wait_writes(
+        &serial2,
+        before + 100,
+        Duration::from_secs(60),
+        "the guest to write 100 more blocks on node 2",
+    );
+    let log1 = std::fs::read_to_string(&serial1).unwrap_or_default();
+    assert!(reported_failure(&log1).is_none(), "{log1}");
+    let shown = vm_json(&dev, "live");
+    assert_eq!(shown["host"], 2, "{shown:#}");
+    assert_eq!(shown["qemu"]["status"]["state"], "running", "{shown:#}");
+    assert_eq!(shown["qemu"]["status"]["pid"].as_i64(), Some(pid2 as i64));
+    eprintln!("writes {before} before the move, {after} after it");
+
+    // Stopped, every write it reported is on both copies: node 2's (where it runs) and
+    // node 1's (the group's primary, which ordered its writes after the move).
+    assert!(dev.cli(&["vm", "stop", "live"]).ok);
+    wait_for(
+        "QEMU to exit after vm stop",
+        Duration::from_secs(30),
+        || qemus_for(&dir2.join("live.qmp")).is_empty().then_some(()),
+    );
+    let acked = highest_reported(&std::fs::read_to_string(&serial2).unwrap()).unwrap();
+    let here = read_export(&vm_uri(&dev, "live", 0), &dev.dir.path().join("on2.img"));
+    let lost = missing_writes(&here, acked);
+    assert!(
+        lost.is_empty(),
+        "{} of {acked} writes missing on node 2: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    let primary = read_export(&expose(&dev, "live:0", 1), &dev.dir.path().join("on1.img"));
+    let lost = missing_writes(&primary, acked);
+    assert!(
+        lost.is_empty(),
+        "{} of {acked} writes missing on node 1: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    eprintln!(
+        "{acked} writes on both copies; whole test {:?}",
+        started.elapsed()
+    );
     dev.assert_no_panics();
 }
 

@@ -402,3 +402,29 @@ pub fn reported_failure(log: &str) -> Option<String> {
         .find(|l| l.contains("GUEST:") && (l.contains("failed") || l.contains("no /dev/vda")))
         .map(str::to_string)
 }
+
+/// Checks that every write `1..=acked` is in `image`: block `i % BLOCKS` starts with
+/// `seq{k:08}` for some `k >= i` with `k ≡ i (mod BLOCKS)` (the block's last write; while
+/// `acked < BLOCKS`, writes after `acked` land on other blocks, so `k == i`). Returns the
+/// failures.
+pub fn missing_writes(image: &[u8], acked: u64) -> Vec<String> {
+    let mut bad = Vec::new();
+    for i in 1..=acked {
+        let block = i % BLOCKS;
+        let at = (block * BLOCK) as usize;
+        let head = image.get(at..at + 11).unwrap_or(&[]);
+        let held = std::str::from_utf8(head)
+            .ok()
+            .and_then(|s| s.strip_prefix("seq"))
+            .and_then(|n| n.parse::<u64>().ok());
+        let fine =
+            held.is_some_and(|k| k >= i && k % BLOCKS == block && (acked >= BLOCKS || k == i));
+        if !fine {
+            bad.push(format!(
+                "write {i}: block {block} holds {:?}",
+                String::from_utf8_lossy(head)
+            ));
+        }
+    }
+    bad
+}

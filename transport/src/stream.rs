@@ -37,11 +37,14 @@ pub enum StreamKind {
     Delta = 6,
     /// Mirrored writes: a VM's writes sent to its group's sequencer on another host.
     Mirror = 7,
+    /// A QEMU guest's live-migration stream (memory and device state), piped between the
+    /// source's and the destination's QEMU.
+    QemuMigration = 8,
 }
 
 impl StreamKind {
     /// Every kind, in wire-value order.
-    pub const ALL: [StreamKind; 7] = [
+    pub const ALL: [StreamKind; 8] = [
         StreamKind::RaftAppend,
         StreamKind::RaftVote,
         StreamKind::RaftSnapshot,
@@ -49,6 +52,7 @@ impl StreamKind {
         StreamKind::Data,
         StreamKind::Delta,
         StreamKind::Mirror,
+        StreamKind::QemuMigration,
     ];
 
     /// The wire value of this kind.
@@ -72,6 +76,7 @@ impl fmt::Display for StreamKind {
             StreamKind::Data => "data",
             StreamKind::Delta => "delta",
             StreamKind::Mirror => "mirror",
+            StreamKind::QemuMigration => "qemu-migration",
         })
     }
 }
@@ -458,7 +463,8 @@ mod tests {
         assert_eq!(StreamKind::Data.as_u8(), 5);
         assert_eq!(StreamKind::Delta.as_u8(), 6);
         assert_eq!(StreamKind::Mirror.as_u8(), 7);
-        for b in [0u8, 8, 99, 255] {
+        assert_eq!(StreamKind::QemuMigration.as_u8(), 8);
+        for b in [0u8, 9, 99, 255] {
             assert_eq!(StreamKind::from_u8(b), None);
         }
     }

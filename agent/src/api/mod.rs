@@ -735,6 +735,7 @@ async fn move_vm(
         guest_moved: moved.guest_moved,
         stun_ms: moved.stun.as_secs_f64() * 1000.0,
         fenced: moved.fenced,
+        live_migration: moved.qemu,
     }))
 }
 

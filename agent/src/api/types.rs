@@ -322,6 +322,9 @@ pub struct MoveVmResponse {
     /// Whether the old epoch is fenced on the sequencer (no write with it can still be
     /// acknowledged).
     pub fenced: bool,
+    /// What QEMU reported, when a running QEMU guest moved by live migration.
+    #[serde(default)]
+    pub live_migration: Option<crate::qemu::migrate::QemuMigrationStats>,
 }
 
 /// `POST /v1/cgs/{name}/switch-primary`.

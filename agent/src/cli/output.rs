@@ -389,10 +389,15 @@ impl Output {
             m.vm.name,
             m.from,
             m.to,
-            if m.guest_moved {
-                format!("; its guest was paused {:.1} ms", m.stun_ms)
-            } else {
-                String::new()
+            match (&m.live_migration, m.guest_moved) {
+                (Some(q), _) => format!(
+                    " by live migration: QEMU moved {} of guest memory in {} ms, the guest paused {} ms",
+                    crate::units::format_size(q.ram_bytes),
+                    q.total_ms,
+                    q.downtime_ms
+                ),
+                (None, true) => format!("; its guest was paused {:.1} ms", m.stun_ms),
+                (None, false) => String::new(),
             }
         );
         if !m.fenced {

@@ -4,12 +4,17 @@
 //! A writable export is bound to the disk's epoch when it was made: when the epoch moves,
 //! new connections get a device at the new epoch while connections opened before keep the
 //! old one, whose writes are refused (that is the fence).
+//!
+//! An export can also be *staged* for a VM arriving by live migration ([`Exports::stage`]):
+//! the incoming QEMU opens it before the VM's epoch is here, its requests wait, and the
+//! first [`Exports::put`] at the new epoch becomes the device of those open connections
+//! too, so the guest never reconnects.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -30,6 +35,108 @@ struct Export {
     epoch: u64,
     /// Its metric handles, shared by every device it serves.
     metrics: Arc<ExportMetrics>,
+    /// The device new connections get.
+    device: Arc<dyn BlockDevice>,
+    /// While staged: the waiting device, and what was served before (restored by
+    /// [`Exports::unstage`]; `None` when the export did not exist).
+    staged: Option<Staging>,
+}
+
+/// A staged export's waiting device, and the device and epoch it served before (`None`
+/// when the export did not exist).
+type Staging = (Arc<Staged>, Option<(Arc<dyn BlockDevice>, u64)>);
+
+/// How long a request to a staged export waits for the VM's device before it fails.
+const STAGED_WAIT: Duration = Duration::from_secs(120);
+
+/// The device of a staged export: every request waits until [`Staged::fill`] gives the
+/// real device (then is passed to it), or fails with `ESHUTDOWN` when the staging is
+/// abandoned or [`STAGED_WAIT`] passes. Reads before that are served from `early_reads`
+/// (this host's copy): QEMU reads the first sector while it sets its disks up, before any
+/// migration, and must not block there.
+pub(crate) struct Staged {
+    size: u64,
+    early_reads: Arc<dyn BlockDevice>,
+    device: watch::Sender<Option<Result<Arc<dyn BlockDevice>, ()>>>,
+}
+
+impl Staged {
+    fn new(size: u64, early_reads: Arc<dyn BlockDevice>) -> Self {
+        Self {
+            size,
+            early_reads,
+            device: watch::channel(None).0,
+        }
+    }
+
+    fn filled(&self) -> Option<Arc<dyn BlockDevice>> {
+        match self.device.borrow().as_ref() {
+            Some(Ok(d)) => Some(Arc::clone(d)),
+            _ => None,
+        }
+    }
+
+    fn fill(&self, device: Arc<dyn BlockDevice>) {
+        self.device.send_replace(Some(Ok(device)));
+    }
+
+    fn abandon(&self) {
+        self.device.send_replace(Some(Err(())));
+    }
+
+    async fn device(&self) -> Result<Arc<dyn BlockDevice>, convoy_nbd::DeviceError> {
+        let mut rx = self.device.subscribe();
+        let got = tokio::time::timeout(STAGED_WAIT, rx.wait_for(Option::is_some)).await;
+        match got {
+            Ok(Ok(d)) => match d.as_ref() {
+                Some(Ok(d)) => Ok(Arc::clone(d)),
+                _ => Err(convoy_nbd::DeviceError::ShuttingDown),
+            },
+            _ => Err(convoy_nbd::DeviceError::ShuttingDown),
+        }
+    }
+}
+
+impl BlockDevice for Staged {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, offset: u64, len: u32) -> DeviceFuture<'_, Bytes> {
+        Box::pin(async move {
+            match self.filled() {
+                Some(d) => d.read(offset, len).await,
+                None => self.early_reads.read(offset, len).await,
+            }
+        })
+    }
+
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceFuture<'_, ()> {
+        Box::pin(async move { self.device().await?.write(offset, data, fua).await })
+    }
+
+    fn flush(&self) -> DeviceFuture<'_, ()> {
+        Box::pin(async move { self.device().await?.flush().await })
+    }
+
+    fn trim(&self, offset: u64, len: u32) -> DeviceFuture<'_, ()> {
+        Box::pin(async move { self.device().await?.trim(offset, len).await })
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_trim: bool,
+    ) -> DeviceFuture<'_, ()> {
+        Box::pin(async move {
+            self.device()
+                .await?
+                .write_zeroes(offset, len, fua, may_trim)
+                .await
+        })
+    }
 }
 
 /// A device that records each request's latency, outcome and bytes in its export's
@@ -168,7 +275,8 @@ impl Exports {
     }
 
     /// Serves `device` as `name`, or replaces the device of an existing export (new
-    /// connections get the new one; open ones keep theirs).
+    /// connections get the new one; open ones keep theirs, except that connections to a
+    /// staged export get it too).
     pub fn put(
         &self,
         name: &str,
@@ -177,17 +285,34 @@ impl Exports {
         epoch: u64,
     ) -> anyhow::Result<()> {
         if let Some(e) = lock(&self.map).get_mut(name) {
-            self.registry
-                .replace(name, Metered::wrap(device, &e.metrics));
+            let device = Metered::wrap(device, &e.metrics);
+            self.registry.replace(name, Arc::clone(&device));
+            if let Some((staged, _)) = e.staged.take() {
+                staged.fill(Arc::clone(&device));
+            }
+            e.device = device;
             e.epoch = epoch;
             return Ok(());
         }
+        let metrics = Arc::new(ExportMetrics::new(name));
+        let device = Metered::wrap(device, &metrics);
+        self.serve(name, device, description, epoch, metrics, None)
+    }
+
+    fn serve(
+        &self,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+        description: &str,
+        epoch: u64,
+        metrics: Arc<ExportMetrics>,
+        staged: Option<Staging>,
+    ) -> anyhow::Result<()> {
         let socket = self.socket_dir.join(format!("{name}.sock"));
         let listener = convoy_nbd::bind_unix(&socket, 0o660, self.socket_group)
             .with_context(|| format!("cannot create NBD socket {}", socket.display()))?;
-        let metrics = Arc::new(ExportMetrics::new(name));
         self.registry
-            .add(name, Metered::wrap(device, &metrics), description)
+            .add(name, Arc::clone(&device), description)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (stop, mut stopped) = watch::channel(false);
         let server = Server::new(self.registry.clone());
@@ -205,9 +330,65 @@ impl Exports {
                 stop,
                 epoch,
                 metrics,
+                device,
+                staged,
             },
         );
         Ok(())
+    }
+
+    /// Stages export `name` (a disk of `size` bytes) for a VM arriving here: connections
+    /// opened from now on get a device whose writes wait for the next [`Self::put`] and
+    /// whose reads until then go to `early_reads`. Returns the export's socket. Staging an
+    /// export already staged changes nothing.
+    pub fn stage(
+        &self,
+        name: &str,
+        size: u64,
+        early_reads: Arc<dyn BlockDevice>,
+    ) -> anyhow::Result<PathBuf> {
+        let socket = self.socket_dir.join(format!("{name}.sock"));
+        let staged = Arc::new(Staged::new(size, early_reads));
+        if let Some(e) = lock(&self.map).get_mut(name) {
+            if e.staged.is_none() {
+                // Not metered itself: it passes each request to the metered device.
+                let device: Arc<dyn BlockDevice> = staged.clone();
+                self.registry.replace(name, Arc::clone(&device));
+                let before = std::mem::replace(&mut e.device, device);
+                e.staged = Some((staged, Some((before, e.epoch))));
+                e.epoch = 0;
+            }
+            return Ok(socket);
+        }
+        let metrics = Arc::new(ExportMetrics::new(name));
+        let device: Arc<dyn BlockDevice> = staged.clone();
+        let what = format!("{name} (staged for an arriving VM)");
+        self.serve(name, device, &what, 0, metrics, Some((staged, None)))?;
+        Ok(socket)
+    }
+
+    /// Undoes [`Self::stage`] if no device came: the connections opened meanwhile fail,
+    /// and the export serves what it served before (or goes away).
+    pub fn unstage(&self, name: &str) {
+        let mut map = lock(&self.map);
+        let Some(e) = map.get_mut(name) else {
+            return;
+        };
+        let Some((staged, before)) = e.staged.take() else {
+            return;
+        };
+        staged.abandon();
+        match before {
+            Some((device, epoch)) => {
+                self.registry.replace(name, Arc::clone(&device));
+                e.device = device;
+                e.epoch = epoch;
+            }
+            None => {
+                drop(map);
+                self.remove(name);
+            }
+        }
     }
 
     /// Stops serving `name` and removes its socket.

@@ -405,6 +405,49 @@ impl DataPlane {
         }
     }
 
+    /// Stages the exports of disks (id, size) for a VM arriving here by live migration
+    /// (see [`exports::Exports::stage`]); this host must hold a copy of each. Returns
+    /// what QEMU attaches each disk to.
+    pub fn stage_exports(
+        &self,
+        disks: &[(DiskId, u64)],
+    ) -> anyhow::Result<Vec<crate::qemu::DiskExport>> {
+        let mut out = Vec::new();
+        for (i, (disk, size)) in disks.iter().enumerate() {
+            let Some(image) = self.images.get(*disk) else {
+                self.unstage_exports(&disks[..i]);
+                anyhow::bail!("this host holds no open copy of disk {disk}");
+            };
+            let name = export_name(*disk);
+            let early_reads = Arc::new(ReadOnlyCopy::new(image));
+            match self.exports.stage(&name, *size, early_reads) {
+                Ok(socket) => out.push(crate::qemu::DiskExport {
+                    export: name,
+                    socket,
+                }),
+                Err(e) => {
+                    self.unstage_exports(&disks[..i]);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Undoes [`Self::stage_exports`] for disks no device came for.
+    pub fn unstage_exports(&self, disks: &[(DiskId, u64)]) {
+        for (disk, _) in disks {
+            self.exports.unstage(&export_name(*disk));
+        }
+    }
+
+    /// Whether each disk (id, epoch) is exported here at that epoch.
+    pub fn exported_at(&self, disks: &[(DiskId, u64)]) -> bool {
+        disks
+            .iter()
+            .all(|(d, epoch)| self.exports.epoch(&export_name(*d)) == Some(*epoch))
+    }
+
     /// Disks whose image cannot be opened here, with why.
     pub fn disk_failures(&self) -> BTreeMap<DiskId, String> {
         self.images.failures()

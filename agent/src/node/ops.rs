@@ -27,6 +27,8 @@ pub struct MoveOutcome {
     pub stun: Duration,
     /// Whether the sequencer confirmed no write with the old epochs can be acknowledged.
     pub fenced: bool,
+    /// What QEMU reported, when a running QEMU guest moved live.
+    pub qemu: Option<crate::qemu::migrate::QemuMigrationStats>,
 }
 
 /// How long a moved guest may take to start on its destination.
@@ -79,12 +81,6 @@ impl Cluster {
             let problem = vm.as_ref().and_then(|v| {
                 if v.host == to {
                     Some(format!("VM '{name}' already runs on node {to}"))
-                } else if v.qemu.is_some() && v.running {
-                    // Its QEMU would start on `to` while the source's still runs: moving a
-                    // running QEMU guest needs live migration, which is not built yet.
-                    Some(format!(
-                        "VM '{name}' is a running QEMU guest: stop it first (`convoy vm stop {name}`), move it, then start it"
-                    ))
                 } else if !m.is_active_host(to) {
                     Some(format!(
                         "node {to} is not an active host (see `convoy cluster status`)"
@@ -113,6 +109,9 @@ impl Cluster {
             return Err(ServiceError::BadRequest(with_link_error(p, why)));
         }
         let from = vm.host;
+        if vm.qemu.is_some() && vm.running {
+            return self.move_qemu_vm(&vm, to, sequencer).await;
+        }
         let started = Instant::now();
         let simulated = vm.running && vm.workload.is_some();
         let mut guest_moved = false;
@@ -210,6 +209,150 @@ impl Cluster {
                 Duration::ZERO
             },
             fenced,
+            qemu: None,
+        })
+    }
+
+    /// Moves a running QEMU guest live: QEMU copies its memory to a QEMU waiting on `to`
+    /// and pauses it before the switchover; then the move commits (the disks' epochs
+    /// fence the source), `to`'s exports reach the new epochs, and the switchover lets the
+    /// guest run on `to`. Until the commit, any failure leaves the guest running on its
+    /// source; the guest never runs on two hosts.
+    async fn move_qemu_vm(
+        &self,
+        vm: &Vm,
+        to: NodeId,
+        sequencer: Option<NodeId>,
+    ) -> Result<MoveOutcome, ServiceError> {
+        let (name, from) = (vm.name.clone(), vm.host);
+        let started = Instant::now();
+        let plan = self
+            .model
+            .read(|m| convoy_raft::model::host_plan(m, from).qemu.remove(&name))
+            .ok_or_else(|| {
+                ServiceError::Conflict(format!(
+                    "VM '{name}' has no QEMU plan on node {from} (are its disks exported there?)"
+                ))
+            })?;
+        let staged: Vec<(u64, u64)> = plan.disks.iter().map(|d| (d.id, d.size)).collect();
+        let abort_incoming = || async {
+            let req = LocalRequest::QemuAbortIncoming {
+                vm: name.clone(),
+                disks: staged.clone(),
+            };
+            if let Err(e) = self.local(to, req).await {
+                tracing::warn!(vm = name, to, error = %e, "cannot remove the waiting QEMU");
+            }
+        };
+        let incoming = LocalRequest::QemuIncoming {
+            plan: Box::new(plan),
+            from,
+        };
+        match self.local(to, incoming).await {
+            Ok(LocalResponse::Done) => {}
+            Ok(other) => return Err(unexpected("a QEMU start for a migration", other)),
+            Err(e) => {
+                abort_incoming().await;
+                return Err(e);
+            }
+        }
+        let out = LocalRequest::QemuMigrateOut {
+            vm: name.clone(),
+            to,
+            params: Default::default(),
+        };
+        match self.local(from, out).await {
+            Ok(LocalResponse::Done) => {}
+            Ok(other) => {
+                abort_incoming().await;
+                return Err(unexpected("a live migration", other));
+            }
+            Err(e) => {
+                abort_incoming().await;
+                return Err(e);
+            }
+        }
+        // The guest is paused with its disk requests drained: the storage step.
+        let committed = self
+            .write(
+                Command::MoveVm {
+                    name: name.clone(),
+                    to,
+                    expect_host: Some(from),
+                },
+                None,
+            )
+            .await;
+        let (moved, disks) = match committed {
+            Ok(Outcome::Vm(vm, disks)) => (vm, disks),
+            other => {
+                let _ = self
+                    .local(from, LocalRequest::QemuCancelOut { vm: name.clone() })
+                    .await;
+                abort_incoming().await;
+                return Err(match other {
+                    Err(e) => e,
+                    Ok(o) => ServiceError::Internal(format!("unexpected outcome {o:?}")),
+                });
+            }
+        };
+        let fenced = match sequencer {
+            Some(s) => self.fence_on(s, &disks).await,
+            None => true,
+        };
+        let at_epochs = disks.iter().map(|d| (d.id, d.epoch)).collect();
+        let switched = async {
+            match self
+                .local(to, LocalRequest::QemuExportsReady { disks: at_epochs })
+                .await?
+            {
+                LocalResponse::Done => {}
+                other => return Err(unexpected("an export wait", other)),
+            }
+            let stats = match self
+                .local(from, LocalRequest::QemuSwitchover { vm: name.clone() })
+                .await?
+            {
+                LocalResponse::QemuMigrated(stats) => stats,
+                other => return Err(unexpected("a switchover", other)),
+            };
+            match self
+                .local(to, LocalRequest::QemuFinishIncoming { vm: name.clone() })
+                .await?
+            {
+                LocalResponse::Done => Ok(stats),
+                other => Err(unexpected("a migration's end", other)),
+            }
+        };
+        let stats = match switched.await {
+            Ok(stats) => stats,
+            Err(e) => {
+                // The move is committed and the source fenced (its QEMU quit in the
+                // switchover): the guest's state could not follow, so it starts afresh
+                // on `to` from its disks, as after a host loss.
+                abort_incoming().await;
+                return Err(ServiceError::Conflict(format!(
+                    "VM '{name}' moved to node {to} but its live migration failed at the switchover ({e}); it restarts there from its disks"
+                )));
+            }
+        };
+        tracing::info!(
+            vm = name,
+            from,
+            to,
+            took_ms = started.elapsed().as_millis() as u64,
+            downtime_ms = stats.downtime_ms,
+            total_ms = stats.total_ms,
+            "QEMU guest moved live"
+        );
+        Ok(MoveOutcome {
+            vm: moved,
+            disks,
+            from,
+            guest_moved: true,
+            stun: Duration::from_millis(stats.downtime_ms),
+            fenced,
+            qemu: Some(stats),
         })
     }
 

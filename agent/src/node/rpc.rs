@@ -194,6 +194,52 @@ pub enum LocalRequest {
         /// (what, absolute path).
         paths: Vec<(String, String)>,
     },
+    /// Start a QEMU here that waits for `plan.vm`'s guest from `from` (live migration), on
+    /// staged exports of its disks.
+    QemuIncoming {
+        /// The VM as it runs on the source.
+        plan: Box<convoy_raft::model::QemuPlan>,
+        /// The source host.
+        from: u64,
+    },
+    /// Live-migrate a QEMU guest running here to `to`, up to QEMU's pause before the
+    /// switchover (the guest paused, its disk requests drained).
+    QemuMigrateOut {
+        /// VM name.
+        vm: String,
+        /// The destination.
+        to: u64,
+        /// QEMU's migration parameters.
+        params: crate::qemu::migrate::MigrationParams,
+    },
+    /// Complete a migration paused before its switchover; answers
+    /// [`LocalResponse::QemuMigrated`].
+    QemuSwitchover {
+        /// VM name.
+        vm: String,
+    },
+    /// Cancel a migration before its switchover: the guest resumes here.
+    QemuCancelOut {
+        /// VM name.
+        vm: String,
+    },
+    /// Wait until the disks (id, epoch) are exported here at those epochs.
+    QemuExportsReady {
+        /// (disk, epoch).
+        disks: Vec<(u64, u64)>,
+    },
+    /// Wait until an arrived guest runs here.
+    QemuFinishIncoming {
+        /// VM name.
+        vm: String,
+    },
+    /// Remove a QEMU waiting for a guest that will not come, and its staged exports.
+    QemuAbortIncoming {
+        /// VM name.
+        vm: String,
+        /// (disk, size) of its staged exports.
+        disks: Vec<(u64, u64)>,
+    },
 }
 
 /// The answer to a [`LocalRequest`], one variant per request.
@@ -240,6 +286,8 @@ pub enum LocalResponse {
     },
     /// Done, nothing to report.
     Done,
+    /// What QEMU reported about a completed live migration.
+    QemuMigrated(crate::qemu::migrate::QemuMigrationStats),
     /// What a hand-over did.
     HandedOver(crate::data::handover::HandOverReport),
     /// Roots per disk.
@@ -326,6 +374,18 @@ pub async fn serve_inbound(mut inbound: Inbound, cluster: Arc<Cluster>) {
         if stream.kind == StreamKind::Delta {
             if let Some(plane) = cluster.data() {
                 tokio::spawn(plane.serve_delta(stream));
+            }
+            continue;
+        }
+        if stream.kind == StreamKind::QemuMigration {
+            match cluster.qemu.get().cloned() {
+                Some(qemu) => {
+                    tokio::spawn(async move { qemu.serve_stream(stream).await });
+                }
+                None => tracing::debug!(
+                    peer = stream.peer,
+                    "migration stream before the QEMU driver started"
+                ),
             }
             continue;
         }

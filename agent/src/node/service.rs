@@ -905,10 +905,7 @@ impl Cluster {
                 LocalResponse::GuestLog(records)
             }
             LocalRequest::QemuStatus { vm } => {
-                let host = self.qemu.get().cloned().ok_or_else(|| {
-                    ServiceError::Unavailable("this node's QEMU driver is still starting".into())
-                })?;
-                LocalResponse::QemuStatus(host.status(&vm).await)
+                LocalResponse::QemuStatus(self.qemu_here()?.status(&vm).await)
             }
             LocalRequest::QemuPreflight { paths } => {
                 let problems = paths
@@ -922,6 +919,68 @@ impl Cluster {
                     })
                     .collect();
                 LocalResponse::Problems(problems)
+            }
+            LocalRequest::QemuIncoming { plan, from } => {
+                let qemu = self.qemu_here()?;
+                let disks: Vec<(u64, u64)> = plan.disks.iter().map(|d| (d.id, d.size)).collect();
+                let p = Arc::clone(&plane);
+                let d = disks.clone();
+                let staged = tokio::task::spawn_blocking(move || p.stage_exports(&d))
+                    .await
+                    .map_err(joined)?
+                    .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
+                if let Err(e) = qemu.prepare_incoming(&plan, &staged, from).await {
+                    plane.unstage_exports(&disks);
+                    return Err(ServiceError::Conflict(format!("{e:#}")));
+                }
+                LocalResponse::Done
+            }
+            LocalRequest::QemuMigrateOut { vm, to, params } => {
+                let qemu = self.qemu_here()?;
+                let addr = self
+                    .peer_addr(to)
+                    .ok_or_else(|| ServiceError::NotFound(format!("node {to} is not a member")))?;
+                qemu.migrate_out(&vm, to, &self.endpoint, addr, params)
+                    .await
+                    .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
+                LocalResponse::Done
+            }
+            LocalRequest::QemuSwitchover { vm } => {
+                let stats = self
+                    .qemu_here()?
+                    .switchover(&vm)
+                    .await
+                    .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
+                LocalResponse::QemuMigrated(stats)
+            }
+            LocalRequest::QemuCancelOut { vm } => {
+                self.qemu_here()?.cancel_out(&vm).await;
+                LocalResponse::Done
+            }
+            LocalRequest::QemuExportsReady { disks } => {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while !plane.exported_at(&disks) {
+                    if std::time::Instant::now() > deadline {
+                        return Err(ServiceError::Unavailable(format!(
+                            "node {}'s exports did not reach the disks' new epochs within 10 s",
+                            self.id
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                LocalResponse::Done
+            }
+            LocalRequest::QemuFinishIncoming { vm } => {
+                self.qemu_here()?
+                    .finish_incoming(&vm, Duration::from_secs(30))
+                    .await
+                    .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
+                LocalResponse::Done
+            }
+            LocalRequest::QemuAbortIncoming { vm, disks } => {
+                self.qemu_here()?.abort_incoming(&vm).await;
+                plane.unstage_exports(&disks);
+                LocalResponse::Done
             }
             LocalRequest::GuestStatus { vm } => {
                 let (stats, running, error) = plane.guest_status(&vm).await;
@@ -1071,6 +1130,12 @@ impl Cluster {
                     .map_err(joined)?;
                 LocalResponse::Probed(probed)
             }
+        })
+    }
+
+    fn qemu_here(&self) -> Result<Arc<crate::qemu::QemuHost>, ServiceError> {
+        self.qemu.get().cloned().ok_or_else(|| {
+            ServiceError::Unavailable(format!("node {}'s QEMU driver is still starting", self.id))
         })
     }
 

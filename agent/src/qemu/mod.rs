@@ -14,6 +14,7 @@
 //! operator's back; `vm stop` (the model's `running = false`) sends an ACPI power-down
 //! and, after the configured timeout, `quit`.
 
+pub mod migrate;
 pub mod qmp;
 
 use std::collections::HashMap;
@@ -73,6 +74,9 @@ struct Running {
     accel: Option<String>,
     adopted: bool,
     stopping: bool,
+    /// A live migration this QEMU takes part in: while set, [`QemuHost::apply`] neither
+    /// stops it (it is not, or no longer, planned here) nor starts another.
+    migration: Option<migrate::Role>,
 }
 
 /// The QEMU guests of this host.
@@ -203,6 +207,7 @@ impl QemuHost {
                 accel: None,
                 adopted: true,
                 stopping: false,
+                migration: None,
             },
         );
     }
@@ -226,6 +231,9 @@ impl QemuHost {
             alive || r.stopping
         });
         for (vm, r) in vms.iter_mut() {
+            if r.migration.as_ref().is_some_and(|m| !m.abandoned()) {
+                continue;
+            }
             if !planned.contains_key(vm) && !r.stopping {
                 r.stopping = true;
                 let host = Arc::clone(self);
@@ -255,7 +263,7 @@ impl QemuHost {
             let Some(disks) = disks.filter(|ds| ds.iter().all(|d| d.socket.exists())) else {
                 continue;
             };
-            match self.start(plan, &disks).await {
+            match self.start(plan, &disks, false).await {
                 Ok(running) => {
                     lock(&self.failures).remove(name);
                     vms.insert(name.clone(), running);
@@ -282,7 +290,14 @@ impl QemuHost {
             .await
     }
 
-    async fn start(&self, plan: &QemuPlan, disks: &[DiskExport]) -> anyhow::Result<Running> {
+    /// Starts `plan`'s QEMU on `disks`; with `incoming`, waiting for a live migration
+    /// (`-incoming defer`) instead of booting.
+    async fn start(
+        &self,
+        plan: &QemuPlan,
+        disks: &[DiskExport],
+        incoming: bool,
+    ) -> anyhow::Result<Running> {
         let spec = &plan.spec;
         let accel = match spec.accel {
             Accel::Tcg => "tcg",
@@ -360,6 +375,9 @@ impl QemuHost {
             .arg("-pidfile")
             .arg(&pidfile)
             .arg("-daemonize");
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
         cmd.stdin(std::process::Stdio::null())
@@ -405,6 +423,7 @@ impl QemuHost {
             accel: Some(accel.to_string()),
             adopted: false,
             stopping: false,
+            migration: None,
         })
     }
 

@@ -1,0 +1,516 @@
+//! Live migration of a QEMU guest between two hosts' agents.
+//!
+//! The destination starts QEMU with `-incoming defer` on its staged exports and lets it
+//! listen on a local Unix socket (`migrate-incoming`); the source's QEMU migrates to a
+//! Unix socket of the source agent (`migrate`), and the two agents carry the bytes over a
+//! QUIC stream of their own ([`StreamKind::QemuMigration`]), mutually authenticated like
+//! every Convoy stream: guest memory never crosses the network in plaintext.
+//!
+//! The source runs with QEMU's `pause-before-switchover`: when the memory has converged,
+//! QEMU stops the guest (draining and flushing its disk requests) and waits in
+//! `pre-switchover`. [`QemuHost::migrate_out`] returns there; the caller does the storage
+//! step (the VM's move commits, its epochs fence the source) and then calls
+//! [`QemuHost::switchover`], which sends `migrate-continue`: the device state follows and
+//! the guest resumes on the destination. Before the switchover, [`QemuHost::cancel_out`]
+//! resumes the guest on the source and [`QemuHost::abort_incoming`] removes the waiting
+//! destination QEMU: the guest never runs on two hosts.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use convoy_raft::model::QemuPlan;
+use convoy_transport::{Endpoint, FramedRecv, FramedSend, InboundStream, StreamKind};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::qmp::Monitor;
+use super::{DiskExport, QMP_TIMEOUT, QemuHost};
+
+/// How long an arriving QEMU may wait for its migration before the agent that started it
+/// gives up on it (its coordinator died).
+const INCOMING_ABANDONED_AFTER: Duration = Duration::from_secs(600);
+/// How long the memory copy may take to reach `pre-switchover`.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the switchover (device state, final pages) may take.
+const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes read from QEMU per frame.
+const PIPE_CHUNK: usize = 256 * 1024;
+
+/// A QEMU's part in a live migration.
+#[derive(Clone, Debug)]
+pub enum Role {
+    /// Waiting for a guest from `from` since `since`.
+    Incoming {
+        /// The source host.
+        from: u64,
+        /// When it was started.
+        since: Instant,
+    },
+    /// Sending its guest to `to`.
+    Outgoing {
+        /// The destination host.
+        to: u64,
+    },
+}
+
+impl Role {
+    /// Whether an arriving QEMU waited so long that its migration is surely over.
+    pub fn abandoned(&self) -> bool {
+        matches!(self, Role::Incoming { since, .. } if since.elapsed() > INCOMING_ABANDONED_AFTER)
+    }
+}
+
+/// The first frame of a migration stream: which guest it carries.
+#[derive(Debug, Serialize, Deserialize)]
+struct StreamHeader {
+    vm: String,
+}
+
+/// What QEMU reported about a finished migration (`query-migrate`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuMigrationStats {
+    /// The guest's downtime as QEMU measured it, ms.
+    pub downtime_ms: u64,
+    /// From `migrate` to completion, ms.
+    pub total_ms: u64,
+    /// Guest memory bytes sent.
+    pub ram_bytes: u64,
+}
+
+/// Migration parameters from the migration's settings.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct MigrationParams {
+    /// QEMU's `downtime-limit`, ms.
+    pub downtime_limit_ms: u64,
+    /// QEMU's `max-bandwidth`, bytes/s (0: QEMU's default).
+    pub max_bandwidth: u64,
+    /// QEMU's `auto-converge` capability.
+    pub auto_converge: bool,
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        Self {
+            downtime_limit_ms: 300,
+            max_bandwidth: 0,
+            auto_converge: true,
+        }
+    }
+}
+
+impl QemuHost {
+    fn incoming_socket(&self, vm: &str) -> PathBuf {
+        self.dir.join(format!("{vm}.in.sock"))
+    }
+
+    fn outgoing_socket(&self, vm: &str) -> PathBuf {
+        self.dir.join(format!("{vm}.out.sock"))
+    }
+
+    async fn monitor_of(&self, vm: &str) -> anyhow::Result<Monitor> {
+        let vms = self.vms.lock().await;
+        let r = vms
+            .get(vm)
+            .with_context(|| format!("no QEMU runs VM '{vm}' here"))?;
+        match &r.monitor {
+            Some(m) if m.state().connected => Ok(m.clone()),
+            _ => {
+                drop(vms);
+                Ok(Monitor::connect(&self.qmp_socket(vm), QMP_TIMEOUT).await?)
+            }
+        }
+    }
+
+    async fn set_role(&self, vm: &str, role: Option<Role>) {
+        if let Some(r) = self.vms.lock().await.get_mut(vm) {
+            r.migration = role;
+        }
+    }
+
+    /// Starts `plan`'s QEMU waiting for its guest from `from`, on `disks` (this host's
+    /// staged exports), listening on a local socket for the stream.
+    pub async fn prepare_incoming(
+        &self,
+        plan: &QemuPlan,
+        disks: &[DiskExport],
+        from: u64,
+    ) -> anyhow::Result<()> {
+        let vm = &plan.vm;
+        {
+            let vms = self.vms.lock().await;
+            if let Some(r) = vms.get(vm) {
+                if matches!(r.migration, Some(Role::Incoming { .. })) {
+                    return Ok(());
+                }
+                bail!("a QEMU (pid {}) already runs VM '{vm}' on this host", r.pid);
+            }
+        }
+        if let Some(pid) = self.live_pid(vm) {
+            bail!("a QEMU (pid {pid}) already runs VM '{vm}' on this host");
+        }
+        let mut running = self.start(plan, disks, true).await?;
+        running.migration = Some(Role::Incoming {
+            from,
+            since: Instant::now(),
+        });
+        let monitor = running.monitor.clone();
+        let pid = running.pid;
+        self.vms.lock().await.insert(vm.clone(), running);
+        let socket = self.incoming_socket(vm);
+        let _ = std::fs::remove_file(&socket);
+        let listen = async {
+            let m = monitor.context("the arriving QEMU's QMP socket did not answer")?;
+            m.execute(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("unix:{}", socket.display()) })),
+                QMP_TIMEOUT,
+            )
+            .await?;
+            anyhow::Ok(())
+        };
+        if let Err(e) = listen.await {
+            self.abort_incoming(vm).await;
+            return Err(e.context(format!("QEMU (pid {pid}) cannot wait for VM '{vm}'")));
+        }
+        tracing::info!(vm, pid, from, "QEMU waits for a live migration");
+        Ok(())
+    }
+
+    /// Serves a migration stream another agent opened: pipes it into the arriving QEMU's
+    /// socket (and its return path back).
+    pub async fn serve_stream(&self, mut stream: InboundStream) {
+        let peer = stream.peer;
+        let header = match stream.read_request().await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(peer, error = %e, "migration stream without a header");
+                return;
+            }
+        };
+        let header: StreamHeader = match convoy_codec::decode(&header) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(peer, error = %e, "bad migration stream header");
+                return;
+            }
+        };
+        let expected = self
+            .vms
+            .lock()
+            .await
+            .get(&header.vm)
+            .and_then(|r| match r.migration {
+                Some(Role::Incoming { from, .. }) => Some(from),
+                _ => None,
+            });
+        if expected != Some(peer) {
+            tracing::warn!(
+                peer,
+                vm = header.vm,
+                "refused a migration stream: no QEMU here waits for this VM from that node"
+            );
+            return;
+        }
+        let socket = self.incoming_socket(&header.vm);
+        let unix = match UnixStream::connect(&socket).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(vm = header.vm, error = %e, "cannot reach the arriving QEMU");
+                return;
+            }
+        };
+        let (sent, received) = pipe(unix, stream.send, stream.recv).await;
+        tracing::info!(
+            vm = header.vm,
+            peer,
+            sent,
+            received,
+            "migration stream ended"
+        );
+    }
+
+    /// Migrates `vm`'s guest to `to` (reached through `endpoint` at `addr`) until QEMU
+    /// pauses it before the switchover: the guest is stopped, its disk requests drained
+    /// and flushed. On failure the guest keeps running here.
+    pub async fn migrate_out(
+        self: &Arc<Self>,
+        vm: &str,
+        to: u64,
+        endpoint: &Endpoint,
+        addr: std::net::SocketAddr,
+        params: MigrationParams,
+    ) -> anyhow::Result<()> {
+        let m = self.monitor_of(vm).await?;
+        {
+            let mut vms = self.vms.lock().await;
+            let r = vms
+                .get_mut(vm)
+                .with_context(|| format!("no QEMU runs VM '{vm}' here"))?;
+            if r.stopping {
+                bail!("VM '{vm}' is stopping here");
+            }
+            r.migration = Some(Role::Outgoing { to });
+        }
+        let result = self
+            .start_migration(vm, to, &m, endpoint, addr, params)
+            .await;
+        if let Err(e) = &result {
+            tracing::warn!(vm, to, error = format!("{e:#}"), "live migration failed");
+            self.cancel_out(vm).await;
+        }
+        result
+    }
+
+    async fn start_migration(
+        &self,
+        vm: &str,
+        to: u64,
+        m: &Monitor,
+        endpoint: &Endpoint,
+        addr: std::net::SocketAddr,
+        params: MigrationParams,
+    ) -> anyhow::Result<()> {
+        let capabilities = json!({ "capabilities": [
+            { "capability": "pause-before-switchover", "state": true },
+            { "capability": "events", "state": true },
+            { "capability": "auto-converge", "state": params.auto_converge },
+        ]});
+        m.execute("migrate-set-capabilities", Some(capabilities), QMP_TIMEOUT)
+            .await?;
+        let mut parameters = json!({ "downtime-limit": params.downtime_limit_ms });
+        if params.max_bandwidth > 0 {
+            parameters["max-bandwidth"] = json!(params.max_bandwidth);
+        }
+        m.execute("migrate-set-parameters", Some(parameters), QMP_TIMEOUT)
+            .await?;
+        let socket = self.outgoing_socket(vm);
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)
+            .with_context(|| format!("cannot listen on {}", socket.display()))?;
+        let (send, recv) = endpoint
+            .open_stream(to, addr, StreamKind::QemuMigration)
+            .await
+            .with_context(|| format!("cannot open a migration stream to node {to}"))?;
+        let vm_name = vm.to_string();
+        let path = socket.clone();
+        let carry = tokio::spawn(async move {
+            let accepted = listener.accept().await;
+            let _ = std::fs::remove_file(&path);
+            let (unix, _) = accepted?;
+            let mut send = send;
+            let header = convoy_codec::encode(&StreamHeader {
+                vm: vm_name.clone(),
+            })?;
+            send.send_frame(&header).await?;
+            let (sent, received) = pipe(unix, send, recv).await;
+            tracing::info!(vm = vm_name, to, sent, received, "migration stream ended");
+            anyhow::Ok(())
+        });
+        let started = m
+            .execute(
+                "migrate",
+                Some(json!({ "uri": format!("unix:{}", socket.display()) })),
+                QMP_TIMEOUT,
+            )
+            .await;
+        if let Err(e) = started {
+            carry.abort();
+            let _ = std::fs::remove_file(&socket);
+            return Err(e.into());
+        }
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        loop {
+            let info = m.execute("query-migrate", None, QMP_TIMEOUT).await?;
+            match info["status"].as_str().unwrap_or("") {
+                "pre-switchover" => return Ok(()),
+                s @ ("failed" | "cancelled" | "cancelling") => {
+                    let why = info["error-desc"].as_str().unwrap_or("no reason given");
+                    bail!("QEMU's migration to node {to} {s}: {why}");
+                }
+                "completed" => bail!("QEMU completed the migration without pausing first"),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the guest's memory did not converge within {CONVERGE_TIMEOUT:?} (raise the downtime limit or the bandwidth)"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Undoes [`Self::migrate_out`] before the switchover: cancels QEMU's migration and
+    /// resumes the guest here.
+    pub async fn cancel_out(&self, vm: &str) {
+        if let Ok(m) = self.monitor_of(vm).await {
+            let _ = m.execute("migrate_cancel", None, QMP_TIMEOUT).await;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                match m.execute("query-migrate", None, QMP_TIMEOUT).await {
+                    Ok(info)
+                        if matches!(
+                            info["status"].as_str(),
+                            Some("cancelling" | "active" | "pre-switchover" | "device")
+                        ) => {}
+                    _ => break,
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Ok(s) = m.query_status(QMP_TIMEOUT).await {
+                if !s.running {
+                    if let Err(e) = m.cont(QMP_TIMEOUT).await {
+                        tracing::warn!(vm, error = %e, "cannot resume the guest after a cancelled migration");
+                    }
+                }
+            }
+        }
+        self.set_role(vm, None).await;
+        tracing::info!(vm, "live migration cancelled; the guest runs here");
+    }
+
+    /// Completes a migration paused by [`Self::migrate_out`]: the device state follows,
+    /// the guest resumes on the destination, and this host's QEMU quits.
+    /// If it fails, this host's QEMU quits all the same: its disks are fenced, and a
+    /// guest resumed here could only fail its writes.
+    pub async fn switchover(&self, vm: &str) -> anyhow::Result<QemuMigrationStats> {
+        let result = self.continue_to_completion(vm).await;
+        self.quit_here(vm).await;
+        result
+    }
+
+    async fn continue_to_completion(&self, vm: &str) -> anyhow::Result<QemuMigrationStats> {
+        let m = self.monitor_of(vm).await?;
+        m.execute(
+            "migrate-continue",
+            Some(json!({ "state": "pre-switchover" })),
+            QMP_TIMEOUT,
+        )
+        .await?;
+        let deadline = Instant::now() + SWITCHOVER_TIMEOUT;
+        let info = loop {
+            let info = m.execute("query-migrate", None, QMP_TIMEOUT).await?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => break info,
+                s @ ("failed" | "cancelled") => {
+                    let why = info["error-desc"].as_str().unwrap_or("no reason given");
+                    bail!("QEMU's switchover {s}: {why}");
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                bail!("the switchover did not complete within {SWITCHOVER_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let stats = QemuMigrationStats {
+            downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+            total_ms: info["total-time"].as_u64().unwrap_or(0),
+            ram_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+        };
+        Ok(stats)
+    }
+
+    /// Quits `vm`'s QEMU here at once (its guest runs elsewhere, or is given up).
+    async fn quit_here(&self, vm: &str) {
+        let running = self.vms.lock().await.remove(vm);
+        let pid = running
+            .as_ref()
+            .map(|r| r.pid)
+            .or_else(|| self.live_pid(vm));
+        if let Some(m) = running.and_then(|r| r.monitor) {
+            let _ = m.quit(QMP_TIMEOUT).await;
+        }
+        if let Some(pid) = pid {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.live_pid(vm) == Some(pid) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if self.live_pid(vm) == Some(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let _ = std::fs::remove_file(self.pidfile(vm));
+        let _ = std::fs::remove_file(self.qmp_socket(vm));
+        let _ = std::fs::remove_file(self.incoming_socket(vm));
+    }
+
+    /// Removes a QEMU that waits for a guest that will not come.
+    pub async fn abort_incoming(&self, vm: &str) {
+        let waiting = matches!(
+            self.vms.lock().await.get(vm).map(|r| &r.migration),
+            Some(Some(Role::Incoming { .. }))
+        );
+        if waiting {
+            self.quit_here(vm).await;
+            tracing::info!(vm, "removed the QEMU that waited for a live migration");
+        }
+    }
+
+    /// Waits until the arrived guest runs here, then treats its QEMU as any other.
+    pub async fn finish_incoming(&self, vm: &str, timeout: Duration) -> anyhow::Result<()> {
+        let m = self.monitor_of(vm).await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = m.query_status(QMP_TIMEOUT).await?;
+            if s.running {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the guest did not run here within {timeout:?} after its migration (QEMU says {})",
+                    s.status
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.set_role(vm, None).await;
+        Ok(())
+    }
+}
+
+/// Copies `unix` → `send` (as frames) and `recv` → `unix` until both directions end;
+/// returns the bytes each way.
+async fn pipe(unix: UnixStream, mut send: FramedSend, mut recv: FramedRecv) -> (u64, u64) {
+    let (mut read, mut write) = unix.into_split();
+    let outbound = async {
+        let mut total = 0u64;
+        let mut buf = vec![0u8; PIPE_CHUNK];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if send
+                        .send_frame_bytes(Bytes::copy_from_slice(&buf[..n]))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    total += n as u64;
+                }
+            }
+        }
+        let _ = send.finish();
+        total
+    };
+    let inbound = async {
+        let mut total = 0u64;
+        while let Ok(Some(frame)) = recv.recv_frame().await {
+            if write.write_all(&frame).await.is_err() {
+                break;
+            }
+            total += frame.len() as u64;
+        }
+        let _ = write.shutdown().await;
+        total
+    };
+    tokio::join!(outbound, inbound)
+}
