@@ -136,31 +136,6 @@ pub async fn start(
             Err(bad("--deadline must be 10 s to 7 days"))
         }
     })?;
-    // A running QEMU guest would be started on the destination while the source's still
-    // runs: live migration of QEMU guests is not built yet.
-    let running_qemu: Vec<String> = s.cluster.model.read(|m| {
-        m.cgs
-            .get(&req.cg)
-            .map(|cg| {
-                cg.vms
-                    .iter()
-                    .filter(|v| {
-                        m.vms
-                            .get(*v)
-                            .is_some_and(|vm| vm.qemu.is_some() && vm.running)
-                    })
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default()
-    });
-    if !running_qemu.is_empty() {
-        return Err(bad(format!(
-            "group '{}' has running QEMU guests ({}); live migration of QEMU guests is not built yet: stop them first (`convoy vm stop`)",
-            req.cg,
-            running_qemu.join(", ")
-        )));
-    }
     let started = now_ms();
     let cmd = Command::StartMigration {
         cg: req.cg,

@@ -20,6 +20,7 @@ use convoy_raft::model::{DiskId, DiskRoots, LinkState, NodeId, SequencerBasis};
 use super::rpc::{LocalRequest, LocalResponse};
 use super::service::{Cluster, ServiceError};
 use crate::data::handover::HandOverError;
+use crate::qemu::migrate::Role;
 
 /// How long a resumed guest may take to start on its host.
 const RESUME_WAIT: Duration = Duration::from_secs(15);
@@ -278,6 +279,12 @@ impl Cluster {
             .data()
             .ok_or_else(|| HypervisorError::Failed("the data plane is still starting".into()))?;
         let failed = |e: ServiceError| HypervisorError::Failed(e.to_string());
+        let is_qemu = self
+            .model
+            .read(|m| m.vms.get(op_vm(&op)).is_some_and(|v| v.qemu.is_some()));
+        if is_qemu {
+            return self.run_qemu_op_here(op).await;
+        }
         match op {
             HypervisorOp::PauseAndDrain { vm, guard, .. } => {
                 if !self.guard_holds(&guard).await.map_err(failed)? {
@@ -335,10 +342,196 @@ impl Cluster {
     }
 
     /// How VM `vm` runs on this node.
+    /// A QEMU guest's part of a migration, on this node. The pause is QEMU's live
+    /// migration up to its pause before the switchover (towards the migration's other
+    /// host); the resume on the destination is the switchover, and on the source (the
+    /// move did not happen) cancels the migration.
+    async fn run_qemu_op_here(&self, op: HypervisorOp) -> Result<HypervisorReply, HypervisorError> {
+        let failed = |e: ServiceError| HypervisorError::Failed(e.to_string());
+        let qemu = self.qemu.get().cloned().ok_or_else(|| {
+            HypervisorError::Failed(format!("node {}'s QEMU driver is still starting", self.id))
+        })?;
+        match op {
+            HypervisorOp::PauseAndDrain { vm, guard, .. } => {
+                if !self.guard_holds(&guard).await.map_err(failed)? {
+                    return Err(HypervisorError::Stale(vm));
+                }
+                let (plan, target) = self.model.read(|m| {
+                    let plan = convoy_raft::model::host_plan(m, self.id).qemu.remove(&vm);
+                    let target = m.migrations.get(&guard.migration).map(|mig| {
+                        if mig.from == self.id {
+                            mig.to
+                        } else {
+                            mig.from
+                        }
+                    });
+                    (plan, target)
+                });
+                let (Some(plan), Some(target)) = (plan, target) else {
+                    // Not planned here (stopped, or already moved): nothing to pause.
+                    return Ok(HypervisorReply::Drained);
+                };
+                if !matches!(qemu.run_state(&vm).await, Some((ref s, _)) if s == "running") {
+                    // Its QEMU does not run here (yet): nothing to migrate, the move is cold.
+                    return Ok(HypervisorReply::Drained);
+                }
+                let staged: Vec<(u64, u64)> = plan.disks.iter().map(|d| (d.id, d.size)).collect();
+                let abort_incoming = || async {
+                    let req = LocalRequest::QemuAbortIncoming {
+                        vm: vm.clone(),
+                        disks: staged.clone(),
+                    };
+                    let _ = Box::pin(self.local(target, req)).await;
+                };
+                let incoming = LocalRequest::QemuIncoming {
+                    plan: Box::new(plan),
+                    from: self.id,
+                };
+                if let Err(e) = Box::pin(self.local(target, incoming)).await {
+                    abort_incoming().await;
+                    return Err(HypervisorError::Failed(format!(
+                        "node {target} cannot receive VM {vm}: {e}"
+                    )));
+                }
+                let addr = self.peer_addr(target).ok_or_else(|| {
+                    HypervisorError::Failed(format!("node {target} is not a member"))
+                })?;
+                let params = Default::default();
+                if let Err(e) = qemu
+                    .migrate_out(&vm, target, &self.endpoint, addr, params)
+                    .await
+                {
+                    abort_incoming().await;
+                    return Err(HypervisorError::Failed(format!("{e:#}")));
+                }
+                // The memory copy took a while: a coordinator that lost its claim
+                // meanwhile must not leave the guest paused.
+                if !self.guard_holds(&guard).await.unwrap_or(false) {
+                    qemu.cancel_out(&vm).await;
+                    abort_incoming().await;
+                    return Err(HypervisorError::Stale(vm));
+                }
+                Ok(HypervisorReply::Drained)
+            }
+            HypervisorOp::Resume { vm, host, guard } => {
+                if !self.guard_holds(&guard).await.map_err(failed)? {
+                    return Err(HypervisorError::Stale(vm));
+                }
+                let (there, disks) = self.model.read(|m| {
+                    let there = m.vms.get(&vm).is_some_and(|v| v.host == self.id);
+                    let disks: Vec<(u64, u64)> = m
+                        .vms
+                        .get(&vm)
+                        .map(|v| m.vm_disks(v).iter().map(|d| (d.id, d.epoch)).collect())
+                        .unwrap_or_default();
+                    (there, disks)
+                });
+                if !there {
+                    return Err(HypervisorError::NotThere { vm, host });
+                }
+                let plane = self.data().ok_or_else(|| {
+                    HypervisorError::Failed("the data plane is still starting".into())
+                })?;
+                match qemu.role(&vm).await {
+                    Some(Role::Incoming { from, .. }) => {
+                        let deadline = Instant::now() + Duration::from_secs(10);
+                        while !plane.exported_at(&disks) {
+                            if Instant::now() > deadline {
+                                return Err(HypervisorError::Failed(format!(
+                                    "node {}'s exports did not reach VM {vm}'s new epochs",
+                                    self.id
+                                )));
+                            }
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        let switchover = LocalRequest::QemuSwitchover { vm: vm.clone() };
+                        let stats = match Box::pin(self.local(from, switchover)).await {
+                            Ok(LocalResponse::QemuMigrated(stats)) => stats,
+                            other => {
+                                // The source's QEMU quit (its disks are fenced): the guest
+                                // starts afresh here from its disks, as after a host loss.
+                                qemu.abort_incoming(&vm).await;
+                                return Err(HypervisorError::Failed(format!(
+                                    "VM {vm}'s switchover failed ({other:?}); it restarts on node {} from its disks",
+                                    self.id
+                                )));
+                            }
+                        };
+                        qemu.finish_incoming(&vm, RESUME_WAIT)
+                            .await
+                            .map_err(|e| HypervisorError::Failed(format!("{e:#}")))?;
+                        tracing::info!(
+                            vm,
+                            from,
+                            downtime_ms = stats.downtime_ms,
+                            total_ms = stats.total_ms,
+                            ram_bytes = stats.ram_bytes,
+                            "QEMU guest arrived by live migration"
+                        );
+                        Ok(HypervisorReply::Resumed {
+                            stun_ms: Some(stats.downtime_ms),
+                        })
+                    }
+                    Some(Role::Outgoing { to }) => {
+                        // The move did not happen: the guest goes on here.
+                        qemu.cancel_out(&vm).await;
+                        let req = LocalRequest::QemuAbortIncoming {
+                            vm: vm.clone(),
+                            disks: disks.iter().map(|(d, _)| (*d, 0)).collect(),
+                        };
+                        let _ = Box::pin(self.local(to, req)).await;
+                        Ok(HypervisorReply::Resumed { stun_ms: None })
+                    }
+                    None => {
+                        // Started here from its disks (its old host was lost, or it was
+                        // not running when it moved): wait until QEMU runs it.
+                        let deadline = Instant::now() + RESUME_WAIT;
+                        loop {
+                            match qemu.run_state(&vm).await {
+                                Some((s, _)) if s == "running" => break,
+                                _ if Instant::now() > deadline => {
+                                    return Err(HypervisorError::Failed(format!(
+                                        "QEMU did not start VM {vm} on node {} within {RESUME_WAIT:?}",
+                                        self.id
+                                    )));
+                                }
+                                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                            }
+                        }
+                        Ok(HypervisorReply::Resumed { stun_ms: None })
+                    }
+                }
+            }
+        }
+    }
+
     pub(crate) async fn vm_state_here(&self, vm: &str) -> VmState {
         let Some(plane) = self.data() else {
             return VmState::Unknown;
         };
+        let qemu_vm = self
+            .model
+            .read(|m| m.vms.get(vm).is_some_and(|v| v.qemu.is_some()));
+        if qemu_vm {
+            let (here, running) = self.model.read(|m| {
+                m.vms
+                    .get(vm)
+                    .map_or((false, false), |v| (v.host == self.id, v.running))
+            });
+            let state = match self.qemu.get() {
+                Some(q) => q.run_state(vm).await,
+                None => return VmState::Unknown,
+            };
+            return match state {
+                Some((s, Some(Role::Outgoing { .. }))) if s != "running" => {
+                    VmState::Paused(self.id)
+                }
+                Some((s, _)) if s == "running" => VmState::Running(self.id),
+                // Planned here, not running yet (arriving, starting): waiting for a resume.
+                _ if here && running => VmState::Paused(self.id),
+                _ => VmState::Stopped,
+            };
+        }
         let (here, running, simulated) = self.model.read(|m| {
             m.vms.get(vm).map_or((false, false, false), |v| {
                 (v.host == self.id, v.running, v.workload.is_some())
@@ -356,6 +549,12 @@ impl Cluster {
             return VmState::Paused(self.id);
         }
         VmState::Stopped
+    }
+}
+
+fn op_vm(op: &HypervisorOp) -> &str {
+    match op {
+        HypervisorOp::PauseAndDrain { vm, .. } | HypervisorOp::Resume { vm, .. } => vm,
     }
 }
 
@@ -621,21 +820,28 @@ impl HypervisorDriver for ClusterProvider {
         host: NodeId,
         guard: &Guard,
     ) -> Result<Option<u64>, HypervisorError> {
-        self.hypervisor_on(
-            host,
-            HypervisorOp::Resume {
-                vm: vm.to_string(),
+        let reply = self
+            .hypervisor_on(
                 host,
-                guard: *guard,
-            },
-        )
-        .await?;
+                HypervisorOp::Resume {
+                    vm: vm.to_string(),
+                    host,
+                    guard: *guard,
+                },
+            )
+            .await?;
         let paused = self
             .pauses
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(vm);
-        Ok(paused.map(|at| at.elapsed().as_millis() as u64))
+        // A host that measured the stun itself (QEMU's downtime of a live migration)
+        // knows it better than this coordinator's clock around two requests.
+        let measured = match reply {
+            HypervisorReply::Resumed { stun_ms } => stun_ms,
+            HypervisorReply::Drained => None,
+        };
+        Ok(measured.or(paused.map(|at| at.elapsed().as_millis() as u64)))
     }
 
     async fn state(&self, vm: &str) -> VmState {

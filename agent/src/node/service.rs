@@ -151,7 +151,7 @@ impl Cluster {
             .collect()
     }
 
-    fn peer_addr(&self, id: NodeId) -> Option<SocketAddr> {
+    pub(crate) fn peer_addr(&self, id: NodeId) -> Option<SocketAddr> {
         self.members()
             .get(&id)
             .and_then(|n| n.raft_addr.parse().ok())
@@ -850,9 +850,13 @@ impl Cluster {
             .read(|m| m.hosts.get(&node).map(|h| h.raft_addr.clone()))
             .and_then(|a| a.parse::<SocketAddr>().ok())
             .ok_or_else(|| ServiceError::NotFound(format!("node {node} is not a known host")))?;
-        // Copying disks and checking copies take as long as the disks are large.
+        // Copying disks and checking copies take as long as the disks are large; a live
+        // migration's memory copy as long as the guest's memory is large and busy.
         let timeout = match req {
             LocalRequest::SyncTo { .. }
+            | LocalRequest::QemuIncoming { .. }
+            | LocalRequest::QemuMigrateOut { .. }
+            | LocalRequest::Hypervisor { .. }
             | LocalRequest::Verify { .. }
             | LocalRequest::SnapshotCreate { .. }
             | LocalRequest::SnapshotRestore { .. }

@@ -454,6 +454,33 @@ impl QemuHost {
         }
     }
 
+    /// `vm`'s QEMU run state here (QMP's `query-status`, or `unknown`) and its migration
+    /// role, if a QEMU of it is known here.
+    pub async fn run_state(&self, vm: &str) -> Option<(String, Option<Role>)> {
+        let (monitor, role) = {
+            let vms = self.vms.lock().await;
+            let r = vms.get(vm)?;
+            (r.monitor.clone(), r.migration.clone())
+        };
+        let status = match monitor {
+            Some(m) => match m.query_status(QMP_TIMEOUT).await {
+                Ok(s) => s.status,
+                Err(_) => "unknown".to_string(),
+            },
+            None => "unknown".to_string(),
+        };
+        Some((status, role))
+    }
+
+    /// `vm`'s migration role here, if any.
+    pub async fn role(&self, vm: &str) -> Option<Role> {
+        self.vms
+            .lock()
+            .await
+            .get(vm)
+            .and_then(|r| r.migration.clone())
+    }
+
     /// Waits until the arrived guest runs here, then treats its QEMU as any other.
     pub async fn finish_incoming(&self, vm: &str, timeout: Duration) -> anyhow::Result<()> {
         let m = self.monitor_of(vm).await?;
