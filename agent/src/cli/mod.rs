@@ -27,6 +27,38 @@ pub struct Cli {
     pub command: Cmd,
 }
 
+/// The commands that run on this machine without the admin API: the admin client's
+/// global options do not apply to them, so their help does not list them.
+pub const LOCAL_COMMANDS: [&str; 4] = ["agent", "dev", "cert", "completions"];
+
+/// The command tree: [`Cli`]'s, with the global options hidden on [`LOCAL_COMMANDS`] and
+/// everything under them. Hidden, not removed: `--addr X` before or after `agent` parsed
+/// before and still does (the flags are a contract); it is only not advertised where it
+/// does nothing.
+pub fn command() -> clap::Command {
+    let root = <Cli as clap::CommandFactory>::command();
+    // A subcommand that has an argument of a global's id keeps it (clap propagates a global
+    // only where its id is missing), and passes its hidden copy on to its own subcommands.
+    let hidden: Vec<clap::Arg> = root
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .map(|a| a.clone().hide(true))
+        .collect();
+    LOCAL_COMMANDS.iter().fold(root, |root, name| {
+        root.mut_subcommand(*name, |sub| {
+            hidden.iter().cloned().fold(sub, |sub, a| sub.arg(a))
+        })
+    })
+}
+
+/// Parses the process's arguments with [`command`] (exits with clap's message and code on
+/// bad input or `--help`).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let mut matches = command().get_matches();
+    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.format(&mut command()).exit())
+}
+
 /// Flags every remote command understands, listed under their own heading in help.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Global options")]
@@ -1095,12 +1127,62 @@ mod tests {
         }
     }
 
+    /// `--help` of the commands that run locally (`agent`, `dev`, `cert ...`,
+    /// `completions`) lists only their own options, not the admin client's; remote
+    /// commands still list those under their heading; and every spelling that parsed
+    /// before still parses, before or after the subcommand.
+    #[test]
+    fn local_commands_list_only_options_that_apply_and_every_flag_still_parses() {
+        use clap::FromArgMatches;
+        let help = |args: &[&str]| -> String {
+            let e = super::command()
+                .try_get_matches_from(["convoy"].iter().chain(args))
+                .expect_err("--help ends parsing");
+            assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{e}");
+            e.render().to_string()
+        };
+        for local in [
+            &["agent", "--help"][..],
+            &["dev", "--help"],
+            &["cert", "--help"],
+            &["cert", "issue-node", "--help"],
+            &["cert", "init-ca", "--help"],
+            &["completions", "--help"],
+        ] {
+            let h = help(local);
+            for global in ["Global options", "--addr", "--ca ", "--key", "--output"] {
+                assert!(!h.contains(global), "`convoy {}` lists {global}:\n{h}", local.join(" "));
+            }
+        }
+        for remote in [&["vm", "create", "--help"][..], &["cluster", "status", "--help"], &["--help"]] {
+            let h = help(remote);
+            let (_, global) = h.split_once("Global options:").unwrap_or_else(|| panic!("{h}"));
+            assert!(global.contains("--addr") && global.contains("--output"), "{h}");
+        }
+        for args in [
+            &["-o", "json", "--addr", "h:1", "vm", "list"][..],
+            &["vm", "list", "-o", "json", "--addr", "h:1"],
+            &["--addr", "h:1", "-o", "json", "agent", "--config", "c.toml"],
+            &["agent", "--config", "c.toml", "--addr", "h:1", "--output", "json"],
+            &["cert", "issue-node", "--dir", "d", "--id", "1", "--addr", "h:1", "-o", "json"],
+            &["dev", "--nodes", "1", "--ca", "ca.crt", "-o", "json"],
+        ] {
+            let m = super::command()
+                .try_get_matches_from(["convoy"].iter().chain(args))
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let cli = Cli::from_arg_matches(&m).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(cli.global.output, super::Format::Json, "{args:?}");
+            if args.contains(&"--addr") {
+                assert_eq!(cli.global.addr.as_deref(), Some("h:1"), "{args:?}");
+            }
+        }
+    }
+
     /// `--help` shows the global options under their own heading, and `vm create --help`
     /// documents every workload key the parser accepts.
     #[test]
     fn help_lists_global_options_apart_and_documents_every_workload_key() {
-        use clap::CommandFactory;
-        let mut root = Cli::command();
+        let mut root = super::command();
         root.build();
         let create = root
             .find_subcommand_mut("vm")
