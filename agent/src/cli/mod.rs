@@ -174,7 +174,9 @@ pub enum VmCmd {
         /// Node id of the host it runs on.
         #[arg(long)]
         host: u64,
-        /// Disk size, e.g. 64MiB or 4GiB; repeat for more disks.
+        /// Disk size: a number with an optional unit K, M, G or T, binary as in qemu-img
+        /// (1K = 1024; KiB, MiB, GiB, TiB too; no unit: bytes), e.g. 64M or 4GiB; repeat for
+        /// more disks. The sizes understood are printed back.
         #[arg(long = "disk", required = true, value_parser = parse_size_arg, value_name = "SIZE")]
         disks: Vec<u64>,
         /// Simulated guest workload: comma-separated KEY=VALUE, e.g.
@@ -280,7 +282,8 @@ pub enum AccelArg {
 /// `vm create` options of a QEMU VM (`--driver qemu`).
 #[derive(Args, Debug, Default)]
 pub struct QemuArgs {
-    /// Guest memory, e.g. 256MiB or 2GiB (QEMU VMs; default 256MiB).
+    /// Guest memory, a whole number of MiB: e.g. 256M or 2GiB (units as for --disk; QEMU
+    /// VMs; default 256MiB).
     #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
     pub memory: Option<u64>,
     /// Virtual CPUs (QEMU VMs; default 1).
@@ -321,7 +324,8 @@ impl QemuArgs {
         let memory = self.memory.unwrap_or(256 << 20);
         if memory == 0 || memory % (1 << 20) != 0 {
             bail!(
-                "--memory {memory} bytes: give a whole number of MiB, at least 1MiB (e.g. 256MiB)"
+                "--memory {}: give a whole number of MiB, at least 1MiB (e.g. 256MiB)",
+                crate::units::format_size(memory)
             );
         }
         let cpus = self.cpus.unwrap_or(1);
@@ -628,7 +632,12 @@ pub async fn cluster(global: &GlobalArgs, cmd: ClusterCmd) -> Result<()> {
         }
         ClusterCmd::RemoveNode { id } => {
             client.delete(&format!("/v1/cluster/nodes/{id}")).await?;
-            out.done(&format!("node {id} removed; its id is retired"))
+            let message = format!("node {id} removed; its id is retired");
+            // The membership it left (a node that just removed itself may not answer).
+            match client.get::<ClusterStatus>("/v1/cluster").await {
+                Ok(status) => out.done_with(&message, "cluster", &status, Output::cluster_status),
+                Err(_) => out.done(&message),
+            }
         }
         ClusterCmd::Status { watch } if watch.watch => {
             follow::watch(
@@ -733,6 +742,22 @@ pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
                          run `qemu-img convert -n -O raw IMAGE URI` on node {host}, or `convoy vm delete {name}`",
                     )
                 })?;
+            }
+            if !out.is_json() {
+                // The sizes as understood (`--disk 10G` is 10 GiB), before the VM's state.
+                let sizes: Vec<String> = vm
+                    .disks
+                    .iter()
+                    .map(|d| crate::units::format_size(d.size))
+                    .collect();
+                println!(
+                    "created VM {} on node {} with {} disk{}: {}",
+                    vm.name,
+                    vm.host,
+                    sizes.len(),
+                    if sizes.len() == 1 { "" } else { "s" },
+                    sizes.join(", ")
+                );
             }
             out.vm(&vm)
         }
@@ -854,7 +879,11 @@ pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
             client
                 .delete(&format!("/v1/cgs/{}/replicas/{from}", encode_path(&name)))
                 .await?;
-            out.done(&format!("copy of '{name}' on node {from} dropped"))
+            let message = format!("copy of '{name}' on node {from} dropped");
+            let cg: CgView = client
+                .get(&format!("/v1/cgs/{}", encode_path(&name)))
+                .await?;
+            out.done_with(&message, "cg", &cg, Output::cg)
         }
         CgCmd::SetMode { name, mode } => {
             let path = format!("/v1/cgs/{}/mode", encode_path(&name));
@@ -974,7 +1003,11 @@ async fn snapshot(client: &AdminClient, out: &Output, cmd: SnapshotCmd) -> Resul
                     encode_path(&name)
                 ))
                 .await?;
-            out.done(&format!("snapshot '{name}' of '{cg}' deleted"))
+            let message = format!("snapshot '{name}' of '{cg}' deleted");
+            let left: Vec<SnapshotView> = client
+                .get(&format!("/v1/cgs/{}/snapshots", encode_path(&cg)))
+                .await?;
+            out.done_with(&message, "snapshots", &left, |out, s| out.snapshots(s))
         }
         SnapshotCmd::Restore { cg, name } => {
             let path = format!(
