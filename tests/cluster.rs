@@ -1369,3 +1369,33 @@ fn mutating_commands_print_what_they_understood_and_the_state_they_leave() {
     );
     dev.assert_no_panics();
 }
+
+/// `cluster remove-node` of a node already removed is an error that says so (exit 1, as
+/// `etcdctl member remove` of a removed member), not a second retirement reported as a
+/// removal; the first removal prints the membership it left.
+#[test]
+fn removing_a_node_twice_says_it_was_already_removed() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let r = dev.cli(&["cluster", "remove-node", "3"]);
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.stdout.contains("node 3 removed") && r.stdout.contains("leader:"),
+        "the membership left: {}",
+        r.stdout
+    );
+    dev.kill(3);
+    let again = dev.cli(&["cluster", "remove-node", "3"]);
+    assert!(!again.ok && again.code == Some(1), "{again:?}");
+    assert!(
+        again.stderr.contains("node 3 was already removed"),
+        "{}",
+        again.stderr
+    );
+    let unknown = dev.cli(&["cluster", "remove-node", "7"]);
+    assert!(
+        !unknown.ok && unknown.stderr.contains("node 7 is not a member"),
+        "{unknown:?}"
+    );
+    dev.assert_no_panics();
+}

@@ -151,7 +151,8 @@ pub enum ClusterCmd {
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=crate::api::MAX_CATCH_UP_SECS))]
         timeout: u64,
     },
-    /// Remove a node from the cluster; its id is retired for good.
+    /// Remove a node from the cluster; its id is retired for good. Removing a node that
+    /// was already removed is an error that says so (exit 1, as `etcdctl member remove`).
     RemoveNode {
         /// The node id.
         id: u64,
