@@ -1301,17 +1301,23 @@ fn mutating_commands_print_what_they_understood_and_the_state_they_leave() {
         "{}",
         r.stdout
     );
-    assert!(r.stdout.contains("VM web (id "), "the VM's state: {}", r.stdout);
+    assert!(
+        r.stdout.contains("VM web (id "),
+        "the VM's state: {}",
+        r.stdout
+    );
     let one = dev.cli(&["vm", "create", "db", "--host", "1", "--disk", "64M"]);
     assert!(
         one.ok && one.stdout.contains("with 1 disk: 64 MiB"),
         "{one:?}"
     );
     // JSON keeps its shape: the VM, sizes in bytes.
-    let json = dev
-        .cli(&["vm", "show", "web", "-o", "json"])
-        .json();
-    assert_eq!(json["disks"][0]["size"].as_u64(), Some(10 << 30), "{json:#}");
+    let json = dev.cli(&["vm", "show", "web", "-o", "json"]).json();
+    assert_eq!(
+        json["disks"][0]["size"].as_u64(),
+        Some(10 << 30),
+        "{json:#}"
+    );
 
     let r = dev.cli(&["cg", "create", "shop", "--vm", "web", "--vm", "db"]);
     assert!(
@@ -1338,8 +1344,12 @@ fn mutating_commands_print_what_they_understood_and_the_state_they_leave() {
         year.contains("-") && year.contains(":") && year.contains(" UTC"),
         "not a UTC time: {year}"
     );
-    let json = dev.cli(&["cg", "snapshot", "list", "shop", "-o", "json"]).json();
-    let ms = json[0]["created_at_ms"].as_u64().expect("raw milliseconds in JSON");
+    let json = dev
+        .cli(&["cg", "snapshot", "list", "shop", "-o", "json"])
+        .json();
+    let ms = json[0]["created_at_ms"]
+        .as_u64()
+        .expect("raw milliseconds in JSON");
     assert!(ms > 1_700_000_000_000, "{json:#}");
 
     let r = dev.cli(&["cg", "snapshot", "delete", "shop", "s1"]);
@@ -1353,7 +1363,10 @@ fn mutating_commands_print_what_they_understood_and_the_state_they_leave() {
         .cli(&["cg", "snapshot", "delete", "shop", "s2", "-o", "json"])
         .json();
     assert_eq!(json["ok"], true, "{json:#}");
-    assert!(json["message"].as_str().unwrap().contains("deleted"), "{json:#}");
+    assert!(
+        json["message"].as_str().unwrap().contains("deleted"),
+        "{json:#}"
+    );
     assert_eq!(json["snapshots"], serde_json::json!([]), "{json:#}");
 
     let r = dev.cli(&["cg", "replicate", "shop", "--to", "2", "--mode", "async"]);

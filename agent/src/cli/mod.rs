@@ -881,10 +881,14 @@ pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
                 .delete(&format!("/v1/cgs/{}/replicas/{from}", encode_path(&name)))
                 .await?;
             let message = format!("copy of '{name}' on node {from} dropped");
-            let cg: CgView = client
-                .get(&format!("/v1/cgs/{}", encode_path(&name)))
-                .await?;
-            out.done_with(&message, "cg", &cg, Output::cg)
+            // The group it left; the drop is done even if that read fails.
+            match client
+                .get::<CgView>(&format!("/v1/cgs/{}", encode_path(&name)))
+                .await
+            {
+                Ok(cg) => out.done_with(&message, "cg", &cg, Output::cg),
+                Err(_) => out.done(&message),
+            }
         }
         CgCmd::SetMode { name, mode } => {
             let path = format!("/v1/cgs/{}/mode", encode_path(&name));
@@ -1005,10 +1009,14 @@ async fn snapshot(client: &AdminClient, out: &Output, cmd: SnapshotCmd) -> Resul
                 ))
                 .await?;
             let message = format!("snapshot '{name}' of '{cg}' deleted");
-            let left: Vec<SnapshotView> = client
-                .get(&format!("/v1/cgs/{}/snapshots", encode_path(&cg)))
-                .await?;
-            out.done_with(&message, "snapshots", &left, |out, s| out.snapshots(s))
+            // The snapshots left; the deletion is done even if that read fails.
+            match client
+                .get::<Vec<SnapshotView>>(&format!("/v1/cgs/{}/snapshots", encode_path(&cg)))
+                .await
+            {
+                Ok(left) => out.done_with(&message, "snapshots", &left, |out, s| out.snapshots(s)),
+                Err(_) => out.done(&message),
+            }
         }
         SnapshotCmd::Restore { cg, name } => {
             let path = format!(
@@ -1185,20 +1193,46 @@ mod tests {
         ] {
             let h = help(local);
             for global in ["Global options", "--addr", "--ca ", "--key", "--output"] {
-                assert!(!h.contains(global), "`convoy {}` lists {global}:\n{h}", local.join(" "));
+                assert!(
+                    !h.contains(global),
+                    "`convoy {}` lists {global}:\n{h}",
+                    local.join(" ")
+                );
             }
         }
-        for remote in [&["vm", "create", "--help"][..], &["cluster", "status", "--help"], &["--help"]] {
+        for remote in [
+            &["vm", "create", "--help"][..],
+            &["cluster", "status", "--help"],
+            &["--help"],
+        ] {
             let h = help(remote);
-            let (_, global) = h.split_once("Global options:").unwrap_or_else(|| panic!("{h}"));
-            assert!(global.contains("--addr") && global.contains("--output"), "{h}");
+            let (_, global) = h
+                .split_once("Global options:")
+                .unwrap_or_else(|| panic!("{h}"));
+            assert!(
+                global.contains("--addr") && global.contains("--output"),
+                "{h}"
+            );
         }
         for args in [
             &["-o", "json", "--addr", "h:1", "vm", "list"][..],
             &["vm", "list", "-o", "json", "--addr", "h:1"],
             &["--addr", "h:1", "-o", "json", "agent", "--config", "c.toml"],
-            &["agent", "--config", "c.toml", "--addr", "h:1", "--output", "json"],
-            &["cert", "issue-node", "--dir", "d", "--id", "1", "--addr", "h:1", "-o", "json"],
+            &[
+                "agent", "--config", "c.toml", "--addr", "h:1", "--output", "json",
+            ],
+            &[
+                "cert",
+                "issue-node",
+                "--dir",
+                "d",
+                "--id",
+                "1",
+                "--addr",
+                "h:1",
+                "-o",
+                "json",
+            ],
             &["dev", "--nodes", "1", "--ca", "ca.crt", "-o", "json"],
         ] {
             let m = super::command()
