@@ -1149,7 +1149,7 @@ fn vm_create_refuses_what_the_host_cannot_hold_and_reports_a_create_that_failed_
             "a 16 TiB disk on this file system was accepted: {big:?}"
         );
         assert!(
-            big.stderr.contains("node 1 cannot hold a disk of 16TiB")
+            big.stderr.contains("node 1 cannot hold a disk of 16 TiB")
                 && big.stderr.contains("File too large"),
             "{}",
             big.stderr
@@ -1278,5 +1278,137 @@ fn vm_create_refuses_bad_workloads_and_vm_start_reports_a_guest_that_cannot_star
     create("h");
     let started = dev.cli(&["vm", "start", "h", "-o", "json"]).json();
     assert_eq!(started["guest"], "running", "{started}");
+    dev.assert_no_panics();
+}
+
+/// Human output says what was understood and what a command left behind: `vm create`
+/// echoes the sizes it read (qemu-img's convention, `10G` is 10 GiB) and prints the VM;
+/// `cg create` prints the group; snapshot times are UTC times in tables and raw
+/// milliseconds in JSON; `cg unreplicate` and `cg snapshot delete` print the group and
+/// the snapshots that remain (JSON: beside `ok` and `message`, whose shape is kept).
+#[test]
+fn mutating_commands_print_what_they_understood_and_the_state_they_leave() {
+    let dev = Dev::start(2, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+
+    let r = dev.cli(&[
+        "vm", "create", "web", "--host", "1", "--disk", "10G", "--disk", "1.5G",
+    ]);
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("created VM web on node 1 with 2 disks: 10 GiB, 1.5 GiB"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("VM web (id "),
+        "the VM's state: {}",
+        r.stdout
+    );
+    let one = dev.cli(&["vm", "create", "db", "--host", "1", "--disk", "64M"]);
+    assert!(
+        one.ok && one.stdout.contains("with 1 disk: 64 MiB"),
+        "{one:?}"
+    );
+    // JSON keeps its shape: the VM, sizes in bytes.
+    let json = dev.cli(&["vm", "show", "web", "-o", "json"]).json();
+    assert_eq!(
+        json["disks"][0]["size"].as_u64(),
+        Some(10 << 30),
+        "{json:#}"
+    );
+
+    let r = dev.cli(&["cg", "create", "shop", "--vm", "web", "--vm", "db"]);
+    assert!(
+        r.ok && r.stdout.contains("consistency group shop (id "),
+        "{r:?}"
+    );
+
+    for snap in ["s1", "s2"] {
+        // Node 1 takes the group's snapshots once it has applied the group's creation.
+        let r = wait_for("node 1 to run the group", Duration::from_secs(10), || {
+            let r = dev.cli(&["cg", "snapshot", "create", "shop", snap]);
+            (!r.stderr.contains("not the primary")).then_some(r)
+        });
+        assert!(r.ok && r.stdout.contains(" UTC"), "{r:?}");
+    }
+    let list = dev.cli(&["cg", "snapshot", "list", "shop"]);
+    assert!(list.ok, "{list:?}");
+    let year = list
+        .stdout
+        .lines()
+        .find(|l| l.contains("s1"))
+        .unwrap_or_else(|| panic!("{}", list.stdout));
+    assert!(
+        year.contains("-") && year.contains(":") && year.contains(" UTC"),
+        "not a UTC time: {year}"
+    );
+    let json = dev
+        .cli(&["cg", "snapshot", "list", "shop", "-o", "json"])
+        .json();
+    let ms = json[0]["created_at_ms"]
+        .as_u64()
+        .expect("raw milliseconds in JSON");
+    assert!(ms > 1_700_000_000_000, "{json:#}");
+
+    let r = dev.cli(&["cg", "snapshot", "delete", "shop", "s1"]);
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.stdout.contains("snapshot 's1' of 'shop' deleted") && r.stdout.contains("s2"),
+        "the snapshots left: {}",
+        r.stdout
+    );
+    let json = dev
+        .cli(&["cg", "snapshot", "delete", "shop", "s2", "-o", "json"])
+        .json();
+    assert_eq!(json["ok"], true, "{json:#}");
+    assert!(
+        json["message"].as_str().unwrap().contains("deleted"),
+        "{json:#}"
+    );
+    assert_eq!(json["snapshots"], serde_json::json!([]), "{json:#}");
+
+    let r = dev.cli(&["cg", "replicate", "shop", "--to", "2", "--mode", "async"]);
+    assert!(r.ok, "{r:?}");
+    let r = dev.cli(&["cg", "unreplicate", "shop", "--from", "2"]);
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.stdout.contains("copy of 'shop' on node 2 dropped")
+            && r.stdout.contains("consistency group shop")
+            && r.stdout.contains("no replicas"),
+        "the group it left: {}",
+        r.stdout
+    );
+    dev.assert_no_panics();
+}
+
+/// `cluster remove-node` of a node already removed is an error that says so (exit 1, as
+/// `etcdctl member remove` of a removed member), not a second retirement reported as a
+/// removal; the first removal prints the membership it left.
+#[test]
+fn removing_a_node_twice_says_it_was_already_removed() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let r = dev.cli(&["cluster", "remove-node", "3"]);
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.stdout.contains("node 3 removed") && r.stdout.contains("leader:"),
+        "the membership left: {}",
+        r.stdout
+    );
+    dev.kill(3);
+    let again = dev.cli(&["cluster", "remove-node", "3"]);
+    assert!(!again.ok && again.code == Some(1), "{again:?}");
+    assert!(
+        again.stderr.contains("node 3 was already removed"),
+        "{}",
+        again.stderr
+    );
+    let unknown = dev.cli(&["cluster", "remove-node", "7"]);
+    assert!(
+        !unknown.ok && unknown.stderr.contains("node 7 is not a member"),
+        "{unknown:?}"
+    );
     dev.assert_no_panics();
 }

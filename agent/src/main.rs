@@ -2,8 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
-use convoy_agent::cli::{self, Cli, Cmd};
+use convoy_agent::cli::{self, Cmd};
 use convoy_agent::{certs, config, dev, node};
 use tracing_subscriber::EnvFilter;
 
@@ -27,7 +26,7 @@ fn die_on_closed_pipe() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = cli::parse();
     if !matches!(cli.command, Cmd::Agent { .. } | Cmd::Dev(_)) {
         die_on_closed_pipe();
     }
@@ -67,7 +66,7 @@ fn main() -> ExitCode {
             // Generated into memory first: clap_complete panics on a failed write, and a
             // closed pipe (`| head`) is not an error worth a panic.
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "convoy", &mut script);
+            clap_complete::generate(shell, &mut cli::command(), "convoy", &mut script);
             match std::io::Write::write_all(&mut std::io::stdout(), &script) {
                 Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
                     Err(anyhow::Error::from(e).context("writing the completion script"))

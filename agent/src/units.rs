@@ -1,14 +1,19 @@
-//! Human sizes: `64MiB`, `4GiB`, `512KiB`, `1T`, plain bytes.
+//! Human sizes and times.
+//!
+//! Sizes follow qemu-img's convention: a number with an optional unit, where K, M, G and T
+//! are binary (1K = 1024); `KiB`, `MiB`, `GiB`, `TiB` (and `KB`, ... read the same way)
+//! are accepted too, and a plain number is bytes. They are printed back in binary units
+//! with a space (`10 GiB`, `1.5 GiB`, `1 byte`), so an operator sees what was understood.
 
 /// Parses a size such as `64MiB`, `4GiB`, `1.5GiB`, `4096` or `10G` (binary multiples:
-/// K/KiB = 1024). Errors say what forms are accepted.
+/// K/KiB = 1024, as qemu-img reads them). Errors say what forms are accepted.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let hint = "use a number with an optional unit: B, KiB, MiB, GiB, TiB (e.g. 64MiB, 4GiB)";
+    let hint = "use a number with an optional unit K, M, G or T, binary as in qemu-img (1K = 1024; KiB, MiB, GiB, TiB too), e.g. 64M or 4GiB";
     if num.is_empty() {
         return Err(format!("invalid size '{text}': {hint}"));
     }
@@ -39,20 +44,52 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// Formats bytes with the largest binary unit that keeps the value exact when possible.
+/// Formats bytes with the largest binary unit, exact when it can be (`64 MiB`, `1.5 GiB`,
+/// `1 byte`, `512 bytes`).
 pub fn format_size(bytes: u64) -> String {
     const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
     for (name, shift) in UNITS {
         let unit = 1u64 << shift;
         if bytes >= unit {
             return if bytes % unit == 0 {
-                format!("{}{name}", bytes / unit)
+                format!("{} {name}", bytes / unit)
             } else {
-                format!("{:.1}{name}", bytes as f64 / unit as f64)
+                format!("{:.1} {name}", bytes as f64 / unit as f64)
             };
         }
     }
-    format!("{bytes}B")
+    if bytes == 1 {
+        "1 byte".to_string()
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// Formats milliseconds since the Unix epoch as a UTC time, `2026-12-07 01:23:45 UTC`.
+pub fn format_utc_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
 }
 
 #[cfg(test)]
@@ -78,9 +115,40 @@ mod tests {
     }
 
     #[test]
-    fn formats_exact_units() {
-        assert_eq!(format_size(64 << 20), "64MiB");
-        assert_eq!(format_size(3 << 29), "1.5GiB");
-        assert_eq!(format_size(100), "100B");
+    fn formats_exact_units_with_a_space_and_one_byte_singular() {
+        assert_eq!(format_size(64 << 20), "64 MiB");
+        assert_eq!(format_size(3 << 29), "1.5 GiB");
+        assert_eq!(format_size(10 << 30), "10 GiB");
+        assert_eq!(format_size(100), "100 bytes");
+        assert_eq!(format_size(1), "1 byte");
+        assert_eq!(format_size(0), "0 bytes");
+    }
+
+    /// qemu-img's convention: K, M, G, T are binary, the IEC spellings mean the same, and
+    /// what is parsed prints back as the operator meant it.
+    #[test]
+    fn single_letter_units_are_binary_as_in_qemu_img_and_echo_back() {
+        for (text, bytes, shown) in [
+            ("10G", 10u64 << 30, "10 GiB"),
+            ("10GiB", 10 << 30, "10 GiB"),
+            ("512K", 512 << 10, "512 KiB"),
+            ("1T", 1 << 40, "1 TiB"),
+            ("1.5M", 3 << 19, "1.5 MiB"),
+            ("1", 1, "1 byte"),
+        ] {
+            assert_eq!(parse_size(text).unwrap(), bytes, "{text}");
+            assert_eq!(format_size(bytes), shown, "{text}");
+        }
+        let e = parse_size("10X").unwrap_err();
+        assert!(e.contains("binary as in qemu-img"), "{e}");
+    }
+
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(format_utc_ms(0), "1970-01-01 00:00:00 UTC");
+        // 2026-12-07 01:23:45.678 UTC
+        assert_eq!(format_utc_ms(1_796_606_625_678), "2026-12-07 01:23:45 UTC");
+        // A leap day.
+        assert_eq!(format_utc_ms(951_782_400_000), "2000-02-29 00:00:00 UTC");
     }
 }

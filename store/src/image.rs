@@ -1218,6 +1218,17 @@ impl<B: Backend> DiskImage<B> {
         }
     }
 
+    /// Bytes in the chunks that may hold data ([`DiskImage::data_chunks`] from chunk 0,
+    /// whole chunks): what a first sync to an empty copy sends, so the total its progress
+    /// is measured against. Cheap on sparse images (holes are skipped, never read).
+    pub fn data_bytes(&self) -> Result<u64> {
+        let chunk_size = u64::from(self.geometry.chunk_size());
+        self.data_chunks(0).try_fold(0, |total, range| {
+            let range = range?;
+            Ok(total + (range.end - range.start) * chunk_size)
+        })
+    }
+
     // ---- dirty trackers -----------------------------------------------------------------
 
     /// Starts tracker `name`: from now on it collects every chunk written. Durable when it

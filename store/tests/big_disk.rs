@@ -172,6 +172,8 @@ fn data_chunks_skip_holes_of_a_sparse_image() {
     let last = img.chunk_count() - 1;
     let listed: Vec<u64> = ranges.iter().flat_map(|r| r.clone()).collect();
     assert_eq!(listed, vec![1, c5, c5 + 1, c5 + 2, c5 + 3, last]);
+    // What a first sync sends: those six whole chunks.
+    assert_eq!(img.data_bytes().unwrap(), 6 * 65536);
     // From the middle on.
     let from: Vec<_> = img.data_chunks(c5 + 2).map(Result::unwrap).collect();
     let listed: Vec<u64> = from.iter().flat_map(|r| r.clone()).collect();

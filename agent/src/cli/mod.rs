@@ -27,6 +27,38 @@ pub struct Cli {
     pub command: Cmd,
 }
 
+/// The commands that run on this machine without the admin API: the admin client's
+/// global options do not apply to them, so their help does not list them.
+pub const LOCAL_COMMANDS: [&str; 4] = ["agent", "dev", "cert", "completions"];
+
+/// The command tree: [`Cli`]'s, with the global options hidden on [`LOCAL_COMMANDS`] and
+/// everything under them. Hidden, not removed: `--addr X` before or after `agent` parsed
+/// before and still does (the flags are a contract); it is only not advertised where it
+/// does nothing.
+pub fn command() -> clap::Command {
+    let root = <Cli as clap::CommandFactory>::command();
+    // A subcommand that has an argument of a global's id keeps it (clap propagates a global
+    // only where its id is missing), and passes its hidden copy on to its own subcommands.
+    let hidden: Vec<clap::Arg> = root
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .map(|a| a.clone().hide(true))
+        .collect();
+    LOCAL_COMMANDS.iter().fold(root, |root, name| {
+        root.mut_subcommand(*name, |sub| {
+            hidden.iter().cloned().fold(sub, |sub, a| sub.arg(a))
+        })
+    })
+}
+
+/// Parses the process's arguments with [`command`] (exits with clap's message and code on
+/// bad input or `--help`).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let mut matches = command().get_matches();
+    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.format(&mut command()).exit())
+}
+
 /// Flags every remote command understands, listed under their own heading in help.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Global options")]
@@ -119,7 +151,8 @@ pub enum ClusterCmd {
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=crate::api::MAX_CATCH_UP_SECS))]
         timeout: u64,
     },
-    /// Remove a node from the cluster; its id is retired for good.
+    /// Remove a node from the cluster; its id is retired for good. Removing a node that
+    /// was already removed is an error that says so (exit 1, as `etcdctl member remove`).
     RemoveNode {
         /// The node id.
         id: u64,
@@ -142,7 +175,9 @@ pub enum VmCmd {
         /// Node id of the host it runs on.
         #[arg(long)]
         host: u64,
-        /// Disk size, e.g. 64MiB or 4GiB; repeat for more disks.
+        /// Disk size: a number with an optional unit K, M, G or T, binary as in qemu-img
+        /// (1K = 1024; KiB, MiB, GiB, TiB too; no unit: bytes), e.g. 64M or 4GiB; repeat for
+        /// more disks. The sizes understood are printed back.
         #[arg(long = "disk", required = true, value_parser = parse_size_arg, value_name = "SIZE")]
         disks: Vec<u64>,
         /// Simulated guest workload: comma-separated KEY=VALUE, e.g.
@@ -248,7 +283,8 @@ pub enum AccelArg {
 /// `vm create` options of a QEMU VM (`--driver qemu`).
 #[derive(Args, Debug, Default)]
 pub struct QemuArgs {
-    /// Guest memory, e.g. 256MiB or 2GiB (QEMU VMs; default 256MiB).
+    /// Guest memory, a whole number of MiB: e.g. 256M or 2GiB (units as for --disk; QEMU
+    /// VMs; default 256MiB).
     #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
     pub memory: Option<u64>,
     /// Virtual CPUs (QEMU VMs; default 1).
@@ -289,7 +325,8 @@ impl QemuArgs {
         let memory = self.memory.unwrap_or(256 << 20);
         if memory == 0 || memory % (1 << 20) != 0 {
             bail!(
-                "--memory {memory} bytes: give a whole number of MiB, at least 1MiB (e.g. 256MiB)"
+                "--memory {}: give a whole number of MiB, at least 1MiB (e.g. 256MiB)",
+                crate::units::format_size(memory)
             );
         }
         let cpus = self.cpus.unwrap_or(1);
@@ -596,7 +633,12 @@ pub async fn cluster(global: &GlobalArgs, cmd: ClusterCmd) -> Result<()> {
         }
         ClusterCmd::RemoveNode { id } => {
             client.delete(&format!("/v1/cluster/nodes/{id}")).await?;
-            out.done(&format!("node {id} removed; its id is retired"))
+            let message = format!("node {id} removed; its id is retired");
+            // The membership it left (a node that just removed itself may not answer).
+            match client.get::<ClusterStatus>("/v1/cluster").await {
+                Ok(status) => out.done_with(&message, "cluster", &status, Output::cluster_status),
+                Err(_) => out.done(&message),
+            }
         }
         ClusterCmd::Status { watch } if watch.watch => {
             follow::watch(
@@ -701,6 +743,22 @@ pub async fn vm(global: &GlobalArgs, cmd: VmCmd) -> Result<()> {
                          run `qemu-img convert -n -O raw IMAGE URI` on node {host}, or `convoy vm delete {name}`",
                     )
                 })?;
+            }
+            if !out.is_json() {
+                // The sizes as understood (`--disk 10G` is 10 GiB), before the VM's state.
+                let sizes: Vec<String> = vm
+                    .disks
+                    .iter()
+                    .map(|d| crate::units::format_size(d.size))
+                    .collect();
+                println!(
+                    "created VM {} on node {} with {} disk{}: {}",
+                    vm.name,
+                    vm.host,
+                    sizes.len(),
+                    if sizes.len() == 1 { "" } else { "s" },
+                    sizes.join(", ")
+                );
             }
             out.vm(&vm)
         }
@@ -822,7 +880,15 @@ pub async fn cg(global: &GlobalArgs, cmd: CgCmd) -> Result<()> {
             client
                 .delete(&format!("/v1/cgs/{}/replicas/{from}", encode_path(&name)))
                 .await?;
-            out.done(&format!("copy of '{name}' on node {from} dropped"))
+            let message = format!("copy of '{name}' on node {from} dropped");
+            // The group it left; the drop is done even if that read fails.
+            match client
+                .get::<CgView>(&format!("/v1/cgs/{}", encode_path(&name)))
+                .await
+            {
+                Ok(cg) => out.done_with(&message, "cg", &cg, Output::cg),
+                Err(_) => out.done(&message),
+            }
         }
         CgCmd::SetMode { name, mode } => {
             let path = format!("/v1/cgs/{}/mode", encode_path(&name));
@@ -942,7 +1008,15 @@ async fn snapshot(client: &AdminClient, out: &Output, cmd: SnapshotCmd) -> Resul
                     encode_path(&name)
                 ))
                 .await?;
-            out.done(&format!("snapshot '{name}' of '{cg}' deleted"))
+            let message = format!("snapshot '{name}' of '{cg}' deleted");
+            // The snapshots left; the deletion is done even if that read fails.
+            match client
+                .get::<Vec<SnapshotView>>(&format!("/v1/cgs/{}/snapshots", encode_path(&cg)))
+                .await
+            {
+                Ok(left) => out.done_with(&message, "snapshots", &left, |out, s| out.snapshots(s)),
+                Err(_) => out.done(&message),
+            }
         }
         SnapshotCmd::Restore { cg, name } => {
             let path = format!(
@@ -1095,12 +1169,88 @@ mod tests {
         }
     }
 
+    /// `--help` of the commands that run locally (`agent`, `dev`, `cert ...`,
+    /// `completions`) lists only their own options, not the admin client's; remote
+    /// commands still list those under their heading; and every spelling that parsed
+    /// before still parses, before or after the subcommand.
+    #[test]
+    fn local_commands_list_only_options_that_apply_and_every_flag_still_parses() {
+        use clap::FromArgMatches;
+        let help = |args: &[&str]| -> String {
+            let e = super::command()
+                .try_get_matches_from(["convoy"].iter().chain(args))
+                .expect_err("--help ends parsing");
+            assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{e}");
+            e.render().to_string()
+        };
+        for local in [
+            &["agent", "--help"][..],
+            &["dev", "--help"],
+            &["cert", "--help"],
+            &["cert", "issue-node", "--help"],
+            &["cert", "init-ca", "--help"],
+            &["completions", "--help"],
+        ] {
+            let h = help(local);
+            for global in ["Global options", "--addr", "--ca ", "--key", "--output"] {
+                assert!(
+                    !h.contains(global),
+                    "`convoy {}` lists {global}:\n{h}",
+                    local.join(" ")
+                );
+            }
+        }
+        for remote in [
+            &["vm", "create", "--help"][..],
+            &["cluster", "status", "--help"],
+            &["--help"],
+        ] {
+            let h = help(remote);
+            let (_, global) = h
+                .split_once("Global options:")
+                .unwrap_or_else(|| panic!("{h}"));
+            assert!(
+                global.contains("--addr") && global.contains("--output"),
+                "{h}"
+            );
+        }
+        for args in [
+            &["-o", "json", "--addr", "h:1", "vm", "list"][..],
+            &["vm", "list", "-o", "json", "--addr", "h:1"],
+            &["--addr", "h:1", "-o", "json", "agent", "--config", "c.toml"],
+            &[
+                "agent", "--config", "c.toml", "--addr", "h:1", "--output", "json",
+            ],
+            &[
+                "cert",
+                "issue-node",
+                "--dir",
+                "d",
+                "--id",
+                "1",
+                "--addr",
+                "h:1",
+                "-o",
+                "json",
+            ],
+            &["dev", "--nodes", "1", "--ca", "ca.crt", "-o", "json"],
+        ] {
+            let m = super::command()
+                .try_get_matches_from(["convoy"].iter().chain(args))
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let cli = Cli::from_arg_matches(&m).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(cli.global.output, super::Format::Json, "{args:?}");
+            if args.contains(&"--addr") {
+                assert_eq!(cli.global.addr.as_deref(), Some("h:1"), "{args:?}");
+            }
+        }
+    }
+
     /// `--help` shows the global options under their own heading, and `vm create --help`
     /// documents every workload key the parser accepts.
     #[test]
     fn help_lists_global_options_apart_and_documents_every_workload_key() {
-        use clap::CommandFactory;
-        let mut root = Cli::command();
+        let mut root = super::command();
         root.build();
         let create = root
             .find_subcommand_mut("vm")

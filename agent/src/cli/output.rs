@@ -58,6 +58,29 @@ impl Output {
         }
     }
 
+    /// A confirmation followed by the state the command left: JSON gets the state under
+    /// `key` beside `ok` and `message`; people get the message, then the state as `show`
+    /// prints it.
+    pub fn done_with<T: Serialize + ?Sized>(
+        &self,
+        message: &str,
+        key: &str,
+        state: &T,
+        show: impl FnOnce(&Self, &T) -> Result<()>,
+    ) -> Result<()> {
+        match self.format {
+            Format::Json => {
+                let mut v = serde_json::json!({ "ok": true, "message": message });
+                v[key] = serde_json::to_value(state)?;
+                self.json(&v)
+            }
+            Format::Table => {
+                println!("{message}");
+                show(self, state)
+            }
+        }
+    }
+
     /// `cluster status`.
     pub fn cluster_status(&self, s: &ClusterStatus) -> Result<()> {
         if self.format == Format::Json {
@@ -468,11 +491,15 @@ impl Output {
         if self.format == Format::Json {
             return self.json(snaps);
         }
+        if snaps.is_empty() {
+            println!("no snapshots");
+            return Ok(());
+        }
         let mut t = table(&[
             "GROUP",
             "SNAPSHOT",
             "HOST",
-            "CREATED (ms)",
+            "CREATED",
             "LAST SEQ",
             "RESTORED CHUNKS",
         ]);
@@ -481,7 +508,7 @@ impl Output {
                 s.cg.clone(),
                 s.name.clone(),
                 s.host.to_string(),
-                s.created_at_ms.to_string(),
+                crate::units::format_utc_ms(s.created_at_ms),
                 opt(s.last_seq),
                 opt(s.chunks_restored),
             ]);

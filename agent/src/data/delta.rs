@@ -188,11 +188,7 @@ impl DataPlane {
                     .sequencer_for(d.id)
                     .and_then(|s| s.image(d.id).cloned())
                 {
-                    let chunk = u64::from(image.geometry().chunk_size());
-                    for range in image.data_chunks(0) {
-                        let range = range?;
-                        total += (range.end - range.start) * chunk;
-                    }
+                    total += image.data_bytes()?;
                 }
             }
             Some(total)

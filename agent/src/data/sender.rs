@@ -585,11 +585,7 @@ impl LinkSender {
         // Counted first, so that progress has a total (holes are skipped, so this is cheap).
         let mut total = 0;
         for image in self.seq.images().values() {
-            let chunk_size = u64::from(image.geometry().chunk_size());
-            for range in image.data_chunks(0) {
-                let range = range?;
-                total += (range.end - range.start) * chunk_size;
-            }
+            total += image.data_bytes()?;
         }
         report(&self.report).resync_bytes_total = total;
         for (disk, image) in self.seq.images() {

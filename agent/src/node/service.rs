@@ -571,10 +571,24 @@ impl Cluster {
                     )));
                 }
             }
-        } else if !self.model.read(|m| m.hosts.contains_key(&id)) {
-            return Err(ServiceError::NotFound(format!(
-                "node {id} is not a member: see `convoy cluster status`"
-            )));
+        } else {
+            match self.model.read(|m| m.hosts.get(&id).map(|h| h.retired)) {
+                None => {
+                    return Err(ServiceError::NotFound(format!(
+                        "node {id} is not a member: see `convoy cluster status`"
+                    )));
+                }
+                // Removed before (as `etcdctl member remove` of a removed member, an error
+                // that says so, not a second retirement reported as this one).
+                Some(true) => {
+                    return Err(ServiceError::NotFound(format!(
+                        "node {id} was already removed; its id is retired for good (see `convoy cluster status`)"
+                    )));
+                }
+                // Left the membership but was not retired yet (the removal was cut short):
+                // finish it below.
+                Some(false) => {}
+            }
         }
         // Retiring may run on a new leader if this node just removed itself: go through write().
         match self.write(Command::RetireHost { id }, None).await {
