@@ -566,6 +566,258 @@ fn a_running_qemu_guest_migrates_with_its_group_and_back_under_two_strategies() 
     dev.assert_no_panics();
 }
 
+/// Every QEMU of `vm` under `dir`, and whether each waits for (or came in by) a live
+/// migration (`-incoming` on its command line) rather than having booted the guest.
+fn qemus_of(dir: &Path, vm: &str) -> Vec<(i32, bool)> {
+    qemus_for(&dir.join(format!("{vm}.qmp")))
+        .into_iter()
+        .map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            (pid, String::from_utf8_lossy(&cmd).contains("-incoming"))
+        })
+        .collect()
+}
+
+/// A 3-node cluster whose QEMU migrations are slowed to 8 MiB/s (so the memory copy of
+/// the guest below takes seconds), running QEMU VM `vm` on node 1 in group `g` with an
+/// async copy on node 2, after its first 100 writes. Returns the cluster, the QEMU dirs
+/// of nodes 1 and 2, and the writes seen.
+fn slow_migration_setup(vm: &str) -> (Dev, PathBuf, PathBuf, u64) {
+    let g = guest::require();
+    let dev = Dev::start(
+        3,
+        &[
+            "--qemu-powerdown-timeout-ms",
+            POWERDOWN_TIMEOUT_MS,
+            "--qemu-migrate-bandwidth-mib",
+            "8",
+        ],
+    );
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let (dir1, dir2) = (
+        dev.node(1).data_dir.join("qemu"),
+        dev.node(2).data_dir.join("qemu"),
+    );
+    let (kernel, initrd) = (g.kernel.to_str().unwrap(), g.initrd.to_str().unwrap());
+    let r = dev.cli(&[
+        "vm",
+        "create",
+        vm,
+        "--host",
+        "1",
+        "--driver",
+        "qemu",
+        "--disk",
+        "64MiB",
+        "--memory",
+        "256MiB",
+        "--accel",
+        "tcg",
+        "--kernel",
+        kernel,
+        "--initrd",
+        initrd,
+        "--append",
+        "console=ttyS0 panic=-1",
+    ]);
+    assert!(r.ok, "vm create: {}{}", r.stdout, r.stderr);
+    assert!(dev.cli(&["cg", "create", "g", "--vm", vm]).ok);
+    let r = dev.cli(&[
+        "cg",
+        "replicate",
+        "g",
+        "--to",
+        "2",
+        "--mode",
+        "async",
+        "--wait",
+        "--timeout",
+        "60",
+    ]);
+    assert!(r.ok, "cg replicate: {}", r.stderr);
+    assert!(dev.cli(&["vm", "start", vm]).ok);
+    let before = wait_writes(
+        &dir1.join(format!("{vm}.serial.log")),
+        100,
+        BOOT_TIMEOUT,
+        "the guest's first 100 writes",
+    );
+    (dev, dir1, dir2, before)
+}
+
+/// Starts a reverse-replication migration of `g` to node 2 through node 3 (its
+/// coordinator) and waits until node 2's QEMU waits for the guest (the memory copy runs).
+fn start_slow_migration(dev: &Dev, dir2: &Path, vm: &str) -> String {
+    let r = dev.cli_at(
+        3,
+        &[
+            "migrate",
+            "start",
+            "g",
+            "--to",
+            "2",
+            "--strategy",
+            "reverse-replication",
+            "--deadline",
+            "2m",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(r.ok, "migrate start: {}{}", r.stdout, r.stderr);
+    let id = r.json()["id"].as_u64().unwrap().to_string();
+    wait_for(
+        "node 2's QEMU to wait for the guest",
+        Duration::from_secs(60),
+        || {
+            qemus_of(dir2, vm)
+                .iter()
+                .any(|(_, incoming)| *incoming)
+                .then_some(())
+        },
+    );
+    id
+}
+
+/// Watches both hosts every 10 ms until `done` says stop; fails if a QEMU that booted the
+/// guest afresh ran on node 2 while node 1 still had a QEMU of it (the guest on two hosts).
+fn never_on_two_hosts(dir1: &Path, dir2: &Path, vm: &str, mut done: impl FnMut() -> bool) {
+    while !done() {
+        let on1 = qemus_of(dir1, vm);
+        let booted_on2: Vec<i32> = qemus_of(dir2, vm)
+            .into_iter()
+            .filter(|(_, incoming)| !incoming)
+            .map(|(pid, _)| pid)
+            .collect();
+        assert!(
+            on1.is_empty() || booted_on2.is_empty(),
+            "the guest runs on two hosts: node 1 {on1:?}, node 2 booted it afresh {booted_on2:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Where the guest ends: waits until exactly one QEMU of it runs, on the host the model
+/// says, and the guest writes on there; returns that host.
+fn settles_on_one_host(dev: &Dev, dirs: [&Path; 2], vm: &str) -> u64 {
+    let host = wait_for(
+        "one QEMU of the guest, where the model says",
+        Duration::from_secs(60),
+        || {
+            let host = vm_json(dev, vm)["host"].as_u64()?;
+            let counts = dirs.map(|d| qemus_of(d, vm).len());
+            let expect = if host == 1 { [1, 0] } else { [0, 1] };
+            (counts == expect).then_some(host)
+        },
+    );
+    let dir = dirs[(host - 1) as usize];
+    let serial = dir.join(format!("{vm}.serial.log"));
+    let now = highest_reported(&std::fs::read_to_string(&serial).unwrap_or_default()).unwrap_or(0);
+    wait_writes(
+        &serial,
+        now + 50,
+        Duration::from_secs(60),
+        "the guest to write on where it settled",
+    );
+    host
+}
+
+#[test]
+fn killing_the_coordinator_during_the_memory_copy_ends_in_one_decision_and_one_guest() {
+    if guest::skip() {
+        eprintln!("SKIPPED: CONVOY_SKIP_QEMU=1");
+        return;
+    }
+    let started = Instant::now();
+    let (dev, dir1, dir2, _) = slow_migration_setup("crash");
+    let _reapers = [dir1.clone(), dir2.clone()].map(|dir| QemuReaper {
+        dir,
+        vm: "crash".into(),
+    });
+    let id = start_slow_migration(&dev, &dir2, "crash");
+    dev.kill(3);
+    let killed = Instant::now();
+    let mut decided = None;
+    never_on_two_hosts(&dir1, &dir2, "crash", || {
+        let r = dev.cli_at(1, &["migrate", "show", &id, "-o", "json"]);
+        decided = r.ok.then(|| r.json()).filter(|v| v["decision"].is_string());
+        assert!(
+            killed.elapsed() < Duration::from_secs(150),
+            "no decision after the coordinator died"
+        );
+        decided.is_some()
+    });
+    let m = decided.unwrap();
+    eprintln!(
+        "coordinator SIGKILLed during the memory copy: {} after {:?} ({})",
+        m["decision"],
+        killed.elapsed(),
+        m["decision_reason"]
+    );
+    for node in [1, 2] {
+        let r = dev.cli_at(node, &["migrate", "show", &id, "--local", "-o", "json"]);
+        assert_eq!(
+            r.json()["decision"],
+            m["decision"],
+            "node {node} decided otherwise"
+        );
+    }
+    let host = settles_on_one_host(&dev, [&dir1, &dir2], "crash");
+    let expected = if m["decision"] == "committed" { 2 } else { 1 };
+    assert_eq!(host, expected, "{m:#}");
+    eprintln!(
+        "the guest runs on node {host} only; whole test {:?}",
+        started.elapsed()
+    );
+    dev.restart(3);
+    dev.assert_no_panics();
+}
+
+#[test]
+fn killing_the_source_agent_mid_migration_never_runs_the_guest_on_two_hosts() {
+    if guest::skip() {
+        eprintln!("SKIPPED: CONVOY_SKIP_QEMU=1");
+        return;
+    }
+    let started = Instant::now();
+    let (dev, dir1, dir2, _) = slow_migration_setup("src");
+    let _reapers = [dir1.clone(), dir2.clone()].map(|dir| QemuReaper {
+        dir,
+        vm: "src".into(),
+    });
+    let id = start_slow_migration(&dev, &dir2, "src");
+    // The source's agent dies (its QEMU does not): the stream it carried breaks.
+    dev.kill(1);
+    let killed = Instant::now();
+    never_on_two_hosts(&dir1, &dir2, "src", || {
+        killed.elapsed() > Duration::from_secs(5)
+    });
+    dev.restart(1);
+    let mut decided = None;
+    never_on_two_hosts(&dir1, &dir2, "src", || {
+        let r = dev.cli_at(3, &["migrate", "show", &id, "-o", "json"]);
+        decided = r.ok.then(|| r.json()).filter(|v| v["decision"].is_string());
+        assert!(
+            killed.elapsed() < Duration::from_secs(150),
+            "no decision after the source's agent came back"
+        );
+        decided.is_some()
+    });
+    let m = decided.unwrap();
+    eprintln!(
+        "source agent SIGKILLed mid-migration, back after 5 s: {} after {:?} ({})",
+        m["decision"],
+        killed.elapsed(),
+        m["decision_reason"]
+    );
+    let host = settles_on_one_host(&dev, [&dir1, &dir2], "src");
+    eprintln!(
+        "the guest runs on node {host} only; whole test {:?}",
+        started.elapsed()
+    );
+    dev.assert_no_panics();
+}
+
 #[test]
 fn qemu_vm_create_refuses_bad_input_with_clear_errors() {
     let dev = Dev::start(1, &[]);

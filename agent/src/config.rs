@@ -50,6 +50,15 @@ pub struct QemuConfig {
     /// How long `vm stop` waits for the guest to power off after an ACPI power-down
     /// before it makes QEMU quit.
     pub powerdown_timeout_ms: u64,
+    /// Live migrations of guests leaving this host: QEMU's `downtime-limit` (ms), the
+    /// pause it aims for when it decides the memory has converged.
+    pub migrate_downtime_limit_ms: u64,
+    /// Live migrations of guests leaving this host: QEMU's `max-bandwidth` in MiB/s (0:
+    /// QEMU's default).
+    pub migrate_max_bandwidth_mib: u64,
+    /// Live migrations of guests leaving this host: QEMU's `auto-converge` (throttle a
+    /// guest that dirties memory faster than it can be sent).
+    pub migrate_auto_converge: bool,
 }
 
 impl Default for QemuConfig {
@@ -57,6 +66,20 @@ impl Default for QemuConfig {
         Self {
             binary: "qemu-system-x86_64".into(),
             powerdown_timeout_ms: 30_000,
+            migrate_downtime_limit_ms: 300,
+            migrate_max_bandwidth_mib: 0,
+            migrate_auto_converge: true,
+        }
+    }
+}
+
+impl QemuConfig {
+    /// QEMU's parameters for a migration leaving this host.
+    pub fn migration_params(&self) -> crate::qemu::migrate::MigrationParams {
+        crate::qemu::migrate::MigrationParams {
+            downtime_limit_ms: self.migrate_downtime_limit_ms,
+            max_bandwidth: self.migrate_max_bandwidth_mib << 20,
+            auto_converge: self.migrate_auto_converge,
         }
     }
 }

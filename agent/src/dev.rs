@@ -53,6 +53,9 @@ pub struct DevArgs {
     /// is made to quit (`vm stop`).
     #[arg(long)]
     pub qemu_powerdown_timeout_ms: Option<u64>,
+    /// MiB/s a QEMU guest's live migration may use (0: QEMU's default).
+    #[arg(long)]
+    pub qemu_migrate_bandwidth_mib: Option<u64>,
 }
 
 /// One agent in `cluster.json`.
@@ -161,6 +164,7 @@ fn node_config(dir: &Path, pki: &Path, id: u64, args: &DevArgs) -> Result<(PathB
             powerdown_timeout_ms: args
                 .qemu_powerdown_timeout_ms
                 .unwrap_or(crate::config::QemuConfig::default().powerdown_timeout_ms),
+            migrate_max_bandwidth_mib: args.qemu_migrate_bandwidth_mib.unwrap_or(0),
             ..Default::default()
         },
     };

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use convoy_migrate::{
     ActionKind, ActionResult, Completion, Config, Coordinator, HostHealth, HypervisorDriver,
-    Observations, ProposalResult, StorageProvider, run_hypervisor_op, run_storage_op,
+    Observations, ProposalResult, StorageProvider, VmState, run_hypervisor_op, run_storage_op,
 };
 use convoy_raft::model::NodeId;
 use convoy_transport::StreamKind;
@@ -26,6 +26,11 @@ const TICK: Duration = Duration::from_millis(200);
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// A host that has not answered a probe for this long is reported lost.
 const LOST_AFTER: Duration = Duration::from_millis(1200);
+/// A host running a QEMU guest of the group is reported lost only after this long without
+/// an answer: its QEMU outlives its agent, so a guest whose agent merely restarts must not
+/// be started afresh elsewhere while it still runs there (a host-level lease that kills
+/// such guests sooner is not built).
+const QEMU_HOST_LOST_AFTER: Duration = Duration::from_secs(30);
 /// How long a proposal may take before its outcome is reported unknown.
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -70,6 +75,14 @@ struct Detector {
 }
 
 impl Detector {
+    /// How long `host` has gone without answering a probe (since this detector started,
+    /// if it never answered).
+    fn silent_for(&self, host: NodeId) -> Duration {
+        let last = self.last_ok.lock().unwrap_or_else(|p| p.into_inner());
+        last.get(&host)
+            .map_or(self.started.elapsed(), |at| at.elapsed())
+    }
+
     /// Health as seen by a coordinator watching since `watching_since`: a host is lost
     /// only once it went unanswered for [`LOST_AFTER`] while this coordinator watched, so
     /// a host that just came back (a probe not yet through) does not fail a fresh
@@ -253,7 +266,24 @@ pub async fn run(cluster: Arc<Cluster>, shared: Arc<Migrations>) {
                     .map(|c| c.vms.clone())
                     .unwrap_or_default();
                 for vm in vms {
-                    let state = provider.state(&vm).await;
+                    let mut state = provider.state(&vm).await;
+                    // A QEMU guest on a host that does not answer may still run there:
+                    // within the grace it counts as running (the engine waits to pause it)
+                    // and its host as up.
+                    let qemu_host = model
+                        .vms
+                        .get(&vm)
+                        .filter(|v| v.qemu.is_some() && v.running)
+                        .map(|v| v.host);
+                    if let Some(h) = qemu_host {
+                        let silent = detector.silent_for(h);
+                        if h != cluster.id && silent < QEMU_HOST_LOST_AFTER {
+                            if state == VmState::Unknown {
+                                state = VmState::Running(h);
+                            }
+                            obs.hosts.insert(h, HostHealth::Up);
+                        }
+                    }
                     obs.vms.insert(vm, state);
                 }
             }

@@ -259,7 +259,6 @@ impl Cluster {
         let out = LocalRequest::QemuMigrateOut {
             vm: name.clone(),
             to,
-            params: Default::default(),
         };
         match self.local(from, out).await {
             Ok(LocalResponse::Done) => {}

@@ -396,11 +396,7 @@ impl Cluster {
                 let addr = self.peer_addr(target).ok_or_else(|| {
                     HypervisorError::Failed(format!("node {target} is not a member"))
                 })?;
-                let params = Default::default();
-                if let Err(e) = qemu
-                    .migrate_out(&vm, target, &self.endpoint, addr, params)
-                    .await
-                {
+                if let Err(e) = qemu.migrate_out(&vm, target, &self.endpoint, addr).await {
                     abort_incoming().await;
                     return Err(HypervisorError::Failed(format!("{e:#}")));
                 }

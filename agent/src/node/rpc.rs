@@ -209,8 +209,6 @@ pub enum LocalRequest {
         vm: String,
         /// The destination.
         to: u64,
-        /// QEMU's migration parameters.
-        params: crate::qemu::migrate::MigrationParams,
     },
     /// Complete a migration paused before its switchover; answers
     /// [`LocalResponse::QemuMigrated`].

@@ -953,12 +953,12 @@ impl Cluster {
                 }
                 LocalResponse::Done
             }
-            LocalRequest::QemuMigrateOut { vm, to, params } => {
+            LocalRequest::QemuMigrateOut { vm, to } => {
                 let qemu = self.qemu_here()?;
                 let addr = self
                     .peer_addr(to)
                     .ok_or_else(|| ServiceError::NotFound(format!("node {to} is not a member")))?;
-                qemu.migrate_out(&vm, to, &self.endpoint, addr, params)
+                qemu.migrate_out(&vm, to, &self.endpoint, addr)
                     .await
                     .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
                 LocalResponse::Done

@@ -82,7 +82,7 @@ pub struct QemuMigrationStats {
     pub ram_bytes: u64,
 }
 
-/// Migration parameters from the migration's settings.
+/// QEMU's migration parameters (from the source host's `[qemu]` configuration).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct MigrationParams {
     /// QEMU's `downtime-limit`, ms.
@@ -91,16 +91,6 @@ pub struct MigrationParams {
     pub max_bandwidth: u64,
     /// QEMU's `auto-converge` capability.
     pub auto_converge: bool,
-}
-
-impl Default for MigrationParams {
-    fn default() -> Self {
-        Self {
-            downtime_limit_ms: 300,
-            max_bandwidth: 0,
-            auto_converge: true,
-        }
-    }
 }
 
 impl QemuHost {
@@ -142,12 +132,16 @@ impl QemuHost {
     ) -> anyhow::Result<()> {
         let vm = &plan.vm;
         {
-            let vms = self.vms.lock().await;
+            let mut vms = self.vms.lock().await;
             if let Some(r) = vms.get(vm) {
-                if matches!(r.migration, Some(Role::Incoming { .. })) {
+                if self.live_pid(vm) != Some(r.pid) {
+                    // An earlier attempt's QEMU, gone since (its stream broke).
+                    vms.remove(vm);
+                } else if matches!(r.migration, Some(Role::Incoming { .. })) {
                     return Ok(());
+                } else {
+                    bail!("a QEMU (pid {}) already runs VM '{vm}' on this host", r.pid);
                 }
-                bail!("a QEMU (pid {}) already runs VM '{vm}' on this host", r.pid);
             }
         }
         if let Some(pid) = self.live_pid(vm) {
@@ -243,8 +237,8 @@ impl QemuHost {
         to: u64,
         endpoint: &Endpoint,
         addr: std::net::SocketAddr,
-        params: MigrationParams,
     ) -> anyhow::Result<()> {
+        let params = self.cfg.migration_params();
         let m = self.monitor_of(vm).await?;
         {
             let mut vms = self.vms.lock().await;
