@@ -819,6 +819,41 @@ fn killing_the_source_agent_mid_migration_never_runs_the_guest_on_two_hosts() {
 }
 
 #[test]
+fn aborting_during_the_memory_copy_fails_back_with_the_guest_running_on_its_source() {
+    if guest::skip() {
+        eprintln!("SKIPPED: CONVOY_SKIP_QEMU=1");
+        return;
+    }
+    let started = Instant::now();
+    let (dev, dir1, dir2, before) = slow_migration_setup("back");
+    let _reapers = [dir1.clone(), dir2.clone()].map(|dir| QemuReaper {
+        dir,
+        vm: "back".into(),
+    });
+    let id = start_slow_migration(&dev, &dir2, "back");
+    let r = dev.cli(&["migrate", "abort", &id]);
+    assert!(r.ok, "migrate abort: {}{}", r.stdout, r.stderr);
+    let mut decided = None;
+    never_on_two_hosts(&dir1, &dir2, "back", || {
+        let r = dev.cli(&["migrate", "show", &id, "-o", "json"]);
+        decided = r.ok.then(|| r.json()).filter(|v| v["decision"].is_string());
+        assert!(started.elapsed() < Duration::from_secs(300), "no decision after the abort");
+        decided.is_some()
+    });
+    let m = decided.unwrap();
+    assert_eq!(m["decision"], "failed-back", "{m:#}");
+    // The same guest goes on on node 1 (its console counts on, no reboot), node 2's QEMU
+    // is gone.
+    let host = settles_on_one_host(&dev, [&dir1, &dir2], "back");
+    assert_eq!(host, 1);
+    let log = std::fs::read_to_string(dir1.join("back.serial.log")).unwrap();
+    assert!(reported_failure(&log).is_none(), "{log}");
+    assert!(highest_reported(&log).unwrap() > before + 50, "{log}");
+    eprintln!("aborted during the memory copy: failed back, the guest runs on node 1; whole test {:?}", started.elapsed());
+    dev.assert_no_panics();
+}
+
+#[test]
 fn qemu_vm_create_refuses_bad_input_with_clear_errors() {
     let dev = Dev::start(1, &[]);
     wait_for("a leader", Duration::from_secs(10), || dev.leader());
