@@ -225,6 +225,29 @@ pub struct LinkMetrics {
     pub resync_bytes_sent: u64,
 }
 
+/// Records a sequencer's lag record every [`sequencer::LAG_RECORD_INTERVAL`] (when it
+/// changed) for as long as the sequencer runs, so a restarted agent still knows what its
+/// replicas lack and since when.
+async fn record_lag(seq: std::sync::Weak<Sequencer>) {
+    loop {
+        tokio::time::sleep(sequencer::LAG_RECORD_INTERVAL).await;
+        let Some(s) = seq.upgrade() else {
+            return;
+        };
+        if s.is_closed() {
+            return;
+        }
+        let name = s.name.clone();
+        match tokio::task::spawn_blocking(move || s.record_lag()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(domain = %name, error = %e, "cannot record replication lag")
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -723,7 +746,7 @@ impl DataPlane {
                             phase: r.phase,
                             acked_seq: acked,
                             last_seq: last,
-                            lag_writes: last.saturating_sub(acked),
+                            lag_writes: l.map_or(last.saturating_sub(acked), |l| l.lag_writes),
                             lag_seconds: l.map_or(0.0, |l| l.lag_seconds),
                             resyncs: r.resyncs,
                             resync_chunks_sent: r.resync_chunks_sent,
@@ -764,7 +787,7 @@ impl DataPlane {
                             state: l.map(|l| l.state),
                             phase: r.phase.clone(),
                             acked_seq: acked,
-                            lag_writes: last.saturating_sub(acked),
+                            lag_writes: l.map_or(last.saturating_sub(acked), |l| l.lag_writes),
                             lag_seconds: l.map_or(0.0, |l| l.lag_seconds),
                             resyncs: r.resyncs,
                             bytes_sent: r.bytes_sent,
@@ -1035,6 +1058,10 @@ impl DataPlane {
             sequencer_epoch: sp.sequencer_epoch,
             seq_start: sp.seq_start,
             seq_path: sequencer::seq_record_path(&self.replication_dir(), sp.domain),
+            lag_path: Some(sequencer::lag_record_path(
+                &self.replication_dir(),
+                sp.domain,
+            )),
             legacy_seq_path: Some(sequencer::legacy_seq_record_path(
                 &self.replication_dir(),
                 &legacy,
@@ -1048,6 +1075,7 @@ impl DataPlane {
         let reporter: Arc<dyn LinkReporter> = Arc::new(Reporter(Arc::clone(&self.writer)));
         let seq = Sequencer::open(spec, cfg, reporter)?;
         tracing::info!(domain = %sp.name, first_seq = seq.next_seq(), epoch = sp.sequencer_epoch, "sequencer started");
+        tokio::spawn(record_lag(Arc::downgrade(&seq)));
         lock(&self.domains).insert(
             sp.domain,
             Domain {
