@@ -310,8 +310,8 @@ pub struct DataPlane {
     /// When each group stopped having a replica here (garbage collection keeps the copy
     /// for [`DataConfig::keep_former_copies`]).
     former_replicas: Mutex<HashMap<u64, std::time::Instant>>,
-    /// `convoy cg sync` runs from this host, by group name, for their progress bars.
-    syncs: Mutex<HashMap<String, delta::SyncRun>>,
+    /// `convoy cg sync` runs from this host, by group id, for their progress bars.
+    syncs: Mutex<HashMap<u64, delta::SyncRun>>,
 }
 
 /// A writer reporter wrapper, so the sequencer sees only the narrow trait.
@@ -719,10 +719,11 @@ impl DataPlane {
 
     // ---- status ----
 
-    /// Status of group `cg` if this host sequences it.
-    pub fn group_status(&self, cg: &str) -> Option<GroupStatus> {
+    /// Status of group `cg_id` if this host sequences it (by id: a group created again
+    /// under a deleted one's name is another group, with other links).
+    pub fn group_status(&self, cg_id: u64) -> Option<GroupStatus> {
         let domains = lock(&self.domains);
-        let d = domains.values().find(|d| d.seq.name == cg)?;
+        let d = domains.get(&DomainId::Cg(cg_id))?;
         let stats = &d.seq.stats;
         let last = d.seq.last_seq();
         let links = d.seq.link_status();
@@ -760,7 +761,7 @@ impl DataPlane {
                     )
                 })
                 .collect(),
-            sync: lock(&self.syncs).get(cg).map(delta::SyncRun::view),
+            sync: lock(&self.syncs).get(&cg_id).map(delta::SyncRun::view),
         })
     }
 

@@ -447,7 +447,7 @@ impl StorageProvider for ClusterProvider {
             .cluster
             .local(
                 group.sequencer,
-                LocalRequest::GroupStatus { cg: cg.to_string() },
+                LocalRequest::GroupStatus { cg_id: group.id },
             )
             .await
         {

@@ -893,7 +893,9 @@ impl Cluster {
                     .map_err(|e| ServiceError::NotFound(format!("{e:#}")))?;
                 LocalResponse::Exposed(uris)
             }
-            LocalRequest::GroupStatus { cg } => LocalResponse::GroupStatus(plane.group_status(&cg)),
+            LocalRequest::GroupStatus { cg_id } => {
+                LocalResponse::GroupStatus(plane.group_status(cg_id))
+            }
             LocalRequest::GuestLog { vm, stay } => {
                 let dir = plane.data_dir().to_path_buf();
                 let records = tokio::task::spawn_blocking(move || {
