@@ -1280,3 +1280,52 @@ fn vm_create_refuses_bad_workloads_and_vm_start_reports_a_guest_that_cannot_star
     assert_eq!(started["guest"], "running", "{started}");
     dev.assert_no_panics();
 }
+
+/// `cluster add-node` for an agent that is not running says so, at once, and changes
+/// nothing: no learner is left behind for the leader to retry forever.
+#[test]
+fn add_node_of_an_agent_that_is_not_running_says_so_and_leaves_no_learner() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    // Addresses nothing listens on.
+    let free = |proto_udp: bool| {
+        if proto_udp {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        } else {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        }
+    };
+    let (raft, admin) = (free(true).to_string(), free(false).to_string());
+    let started = Instant::now();
+    let r = dev.cli(&[
+        "cluster",
+        "add-node",
+        "--id",
+        "4",
+        "--raft-addr",
+        &raft,
+        "--admin-addr",
+        &admin,
+        "--timeout",
+        "20",
+    ]);
+    eprintln!("add-node took {:?}: {}", started.elapsed(), r.stderr.trim());
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        r.stderr.contains("does not answer") && r.stderr.contains("is it running"),
+        "{r:?}"
+    );
+    assert!(!r.stderr.contains("no leader"), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{r:?}");
+    let status = dev.cli(&["cluster", "status", "-o", "json"]).json();
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "a node was left behind: {status:#}");
+    assert!(status["warning"].is_null(), "{status:#}");
+    dev.assert_no_panics();
+}
