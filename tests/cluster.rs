@@ -1412,3 +1412,92 @@ fn removing_a_node_twice_says_it_was_already_removed() {
     );
     dev.assert_no_panics();
 }
+
+/// `cluster add-node` for an agent that is not running says so, at once, and changes
+/// nothing: no learner is left behind for the leader to retry forever.
+#[test]
+fn add_node_of_an_agent_that_is_not_running_says_so_and_leaves_no_learner() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    // Addresses nothing listens on.
+    let free = |proto_udp: bool| {
+        if proto_udp {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        } else {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        }
+    };
+    let (raft, admin) = (free(true).to_string(), free(false).to_string());
+    let started = Instant::now();
+    let r = dev.cli(&[
+        "cluster",
+        "add-node",
+        "--id",
+        "4",
+        "--raft-addr",
+        &raft,
+        "--admin-addr",
+        &admin,
+        "--timeout",
+        "20",
+    ]);
+    eprintln!("add-node took {:?}: {}", started.elapsed(), r.stderr.trim());
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        r.stderr.contains("does not answer") && r.stderr.contains("is it running"),
+        "{r:?}"
+    );
+    assert!(!r.stderr.contains("no leader"), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{r:?}");
+    let status = dev.cli(&["cluster", "status", "-o", "json"]).json();
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "a node was left behind: {status:#}");
+    assert!(status["warning"].is_null(), "{status:#}");
+    dev.assert_no_panics();
+}
+
+/// A dead peer is logged, but not on every Raft heartbeat: the leader's log grows by a
+/// few lines about it, not by a flood (openraft retried and logged each failure, about
+/// 850 KB in 25 s).
+#[test]
+fn a_dead_peer_does_not_flood_the_leaders_log() {
+    let dev = Dev::start(3, &[]);
+    let leader = wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let dead = (1..=3).find(|id| *id != leader).unwrap();
+    dev.kill(dead);
+    std::thread::sleep(Duration::from_secs(2));
+    let log = &dev.node(leader).log;
+    let before = std::fs::metadata(log).unwrap().len();
+    std::thread::sleep(Duration::from_secs(10));
+    let text = std::fs::read(log).unwrap();
+    let grown = String::from_utf8_lossy(&text[before as usize..]).to_string();
+    let lines = grown.lines().count();
+    eprintln!(
+        "leader {leader}'s log grew by {} bytes, {lines} lines in 10 s with node {dead} dead; first lines:\n{}",
+        grown.len(),
+        grown.lines().take(8).collect::<Vec<_>>().join("\n")
+    );
+    assert!(
+        grown.len() < 10_000 && lines < 20,
+        "{} bytes, {lines} lines in 10 s",
+        grown.len()
+    );
+    // Still said, at least once since it died.
+    let whole = String::from_utf8_lossy(&text).to_string();
+    assert!(
+        whole
+            .lines()
+            .any(|l| l.contains(&format!("node {dead}")) && l.contains("unreachable")),
+        "the dead peer is never mentioned"
+    );
+    // And it rejoins as before.
+    dev.restart(dead);
+    dev.wait_caught_up(dead, Duration::from_secs(30));
+    dev.assert_no_panics();
+}

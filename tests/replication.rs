@@ -687,6 +687,123 @@ fn lag_of_a_dead_replica_counts_every_write_it_lacks_and_keeps_growing() {
     dev.assert_no_panics();
 }
 
+/// The primary's agent SIGKILLed and restarted while its replica is down: `cg show` still
+/// reports what the replica acknowledged before, the writes it lacks (those from before
+/// the restart and those since, not the sequence numbers the restart skipped) and the
+/// time since it last held every write, which began before the restart.
+#[test]
+fn lag_survives_a_restart_of_the_primary_while_the_replica_is_down() {
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let r = dev.cli(&[
+        "vm",
+        "create",
+        "sim",
+        "--host",
+        "1",
+        "--disk",
+        "32MiB",
+        "--workload",
+        "iops=100,size=4k",
+    ]);
+    assert!(r.ok, "{r:?}");
+    assert!(dev.cli(&["cg", "create", "g", "--vm", "sim"]).ok);
+    let r = dev.cli(&["cg", "replicate", "g", "--to", "2", "--mode", "async"]);
+    assert!(r.ok, "{r:?}");
+    assert!(dev.cli(&["vm", "start", "sim"]).ok);
+    wait_for(
+        "the replica to stream writes",
+        Duration::from_secs(60),
+        || {
+            let v = cg_show(&dev, "g");
+            let r = &v["replicas"][0];
+            (r["phase"] == "streaming" && r["acked_seq"].as_u64() > Some(0)).then_some(())
+        },
+    );
+    dev.kill(2);
+    let lag = |v: &serde_json::Value| {
+        let r = &v["replicas"][0];
+        Some((
+            v["last_seq"].as_u64()?,
+            r["acked_seq"].as_u64()?,
+            r["lag_writes"].as_u64()?,
+            r["lag_seconds"].as_f64()?,
+        ))
+    };
+    let (_, acked, lag_writes, lag_seconds) = wait_for(
+        "the replica to lack writes for 3 s",
+        Duration::from_secs(30),
+        || lag(&cg_show(&dev, "g")).filter(|l| l.2 > 50 && l.3 > 3.0),
+    );
+    // Let the primary record what it knows (it may do so once a second), then kill it.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = wait_for(
+        "the lag before the restart",
+        Duration::from_secs(10),
+        || lag(&cg_show(&dev, "g")),
+    );
+    eprintln!("before the restart: (last_seq, acked_seq, lag_writes, lag_seconds) {before:?}");
+    assert_eq!(
+        before.1, acked,
+        "the dead replica acknowledged nothing more"
+    );
+    assert!(before.2 >= lag_writes && before.3 >= lag_seconds);
+    let killed_at = Instant::now();
+    dev.kill(1);
+    dev.restart(1);
+    let after = wait_for(
+        "the restarted primary's status",
+        Duration::from_secs(60),
+        || {
+            let v = cg_show(&dev, "g");
+            lag(&v).map(|l| (l, v))
+        },
+    );
+    let ((last2, acked2, lag_writes2, lag_seconds2), v) = after;
+    eprintln!(
+        "after the restart: last_seq {last2}, acked_seq {acked2}, lag_writes {lag_writes2}, lag_seconds {lag_seconds2:.2}, state {}",
+        v["replicas"][0]["state"]
+    );
+    assert_eq!(
+        acked2, acked,
+        "what the replica acknowledged is remembered: {v:#}"
+    );
+    assert!(
+        lag_seconds2 >= before.3 + killed_at.elapsed().as_secs_f64() - 1.5,
+        "the replica has lacked writes since before the restart: {lag_seconds2:.2} s after, {:.2} s before: {v:#}",
+        before.3
+    );
+    // The primary records what it knows once a second: the writes of the last second
+    // before the kill (100 a second here) may be missing from the count, no more.
+    assert!(
+        lag_writes2 + 150 >= before.2,
+        "it still lacks every write it lacked before: {lag_writes2} after, {} before: {v:#}",
+        before.2
+    );
+    // Only real writes count: at most the ones before the kill (about a second after the
+    // last look) and 100 a second since.
+    let bound = before.2 + 100 * (killed_at.elapsed().as_secs() + 3);
+    assert!(
+        lag_writes2 <= bound,
+        "lag_writes {lag_writes2} counts sequence numbers no write took (at most {bound}): {v:#}"
+    );
+    // It keeps growing while the replica stays down.
+    let later = wait_for("lag_seconds to grow", Duration::from_secs(10), || {
+        lag(&cg_show(&dev, "g")).filter(|l| l.3 >= lag_seconds2 + 1.0)
+    });
+    assert_eq!(later.1, acked);
+    assert!(later.2 >= lag_writes2);
+    // The replica comes back and catches up: lag goes to zero.
+    dev.restart(2);
+    let caught = wait_caught_up(&dev, "g");
+    assert_eq!(
+        caught["replicas"][0]["lag_seconds"].as_f64(),
+        Some(0.0),
+        "{caught:#}"
+    );
+    dev.assert_no_panics();
+}
+
 /// A group deleted and at once created again under the same name, with the same VMs (so
 /// the same disks), is a new group: replicating it streams to the replica like any new
 /// group, and every acknowledged write reaches the replica's copy. Nothing on the data

@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod data;
 pub mod dev;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod qemu;

@@ -7,10 +7,19 @@ use convoy_agent::{certs, config, dev, node};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(default: &str) {
+    use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_env("CONVOY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    // openraft logs each failed replication RPC to a dead peer (several lines per
+    // heartbeat): each of those call sites logs once per interval; the Raft network says
+    // per peer what fails, with a count.
+    let quiet = convoy_agent::logging::RateLimit::new(convoy_agent::logging::RAFT_LOG_INTERVAL);
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(quiet),
+        )
         .try_init();
 }
 

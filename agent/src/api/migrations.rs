@@ -319,24 +319,14 @@ pub async fn plan(
     let mut lag_bytes = 0;
     if let Ok(LocalResponse::GroupStatus(Some(g))) = s
         .cluster
-        .local(
-            cg.sequencer,
-            LocalRequest::GroupStatus {
-                cg: cg.name.clone(),
-            },
-        )
+        .local(cg.sequencer, LocalRequest::GroupStatus { cg_id: cg.id })
         .await
     {
         let before = g.last_seq;
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Ok(LocalResponse::GroupStatus(Some(g2))) = s
             .cluster
-            .local(
-                cg.sequencer,
-                LocalRequest::GroupStatus {
-                    cg: cg.name.clone(),
-                },
-            )
+            .local(cg.sequencer, LocalRequest::GroupStatus { cg_id: cg.id })
             .await
         {
             dirty = g2.last_seq.saturating_sub(before) as f64 * 2.0;

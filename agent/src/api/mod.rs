@@ -634,7 +634,7 @@ async fn show_cg(
         .await?
         .ok_or_else(|| not_found("cg", &name))?;
     // Live replication status comes from the primary, which runs the pipeline.
-    let req = LocalRequest::GroupStatus { cg: name.clone() };
+    let req = LocalRequest::GroupStatus { cg_id: view.id };
     if let Ok(LocalResponse::GroupStatus(Some(status))) = s.cluster.local(view.primary, req).await {
         view.last_seq = Some(status.last_seq);
         view.stale_epoch_refused = Some(status.stale_epoch_refused);

@@ -75,7 +75,7 @@ pub struct SyncProgressView {
 }
 
 /// Removes a sync's progress entry however the sync ends.
-struct SyncEntry<'a>(&'a DataPlane, String);
+struct SyncEntry<'a>(&'a DataPlane, u64);
 
 impl Drop for SyncEntry<'_> {
     fn drop(&mut self) {
@@ -195,14 +195,14 @@ impl DataPlane {
         };
         {
             let mut syncs = super::lock(&self.syncs);
-            if syncs.contains_key(cg) {
+            if syncs.contains_key(&cg_id) {
                 anyhow::bail!(
                     "a sync of '{cg}' is already running from node {}",
                     self.node
                 );
             }
             syncs.insert(
-                cg.to_string(),
+                cg_id,
                 SyncRun {
                     compare,
                     bytes_total,
@@ -210,7 +210,7 @@ impl DataPlane {
                 },
             );
         }
-        let _entry = SyncEntry(self, cg.to_string());
+        let _entry = SyncEntry(self, cg_id);
         let mut config = convoy_delta::DeltaConfig::default();
         config.progress = Some(progress);
         for d in disks {

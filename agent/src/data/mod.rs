@@ -225,6 +225,29 @@ pub struct LinkMetrics {
     pub resync_bytes_sent: u64,
 }
 
+/// Records a sequencer's lag record every [`sequencer::LAG_RECORD_INTERVAL`] (when it
+/// changed) for as long as the sequencer runs, so a restarted agent still knows what its
+/// replicas lack and since when.
+async fn record_lag(seq: std::sync::Weak<Sequencer>) {
+    loop {
+        tokio::time::sleep(sequencer::LAG_RECORD_INTERVAL).await;
+        let Some(s) = seq.upgrade() else {
+            return;
+        };
+        if s.is_closed() {
+            return;
+        }
+        let name = s.name.clone();
+        match tokio::task::spawn_blocking(move || s.record_lag()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(domain = %name, error = %e, "cannot record replication lag")
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -287,8 +310,8 @@ pub struct DataPlane {
     /// When each group stopped having a replica here (garbage collection keeps the copy
     /// for [`DataConfig::keep_former_copies`]).
     former_replicas: Mutex<HashMap<u64, std::time::Instant>>,
-    /// `convoy cg sync` runs from this host, by group name, for their progress bars.
-    syncs: Mutex<HashMap<String, delta::SyncRun>>,
+    /// `convoy cg sync` runs from this host, by group id, for their progress bars.
+    syncs: Mutex<HashMap<u64, delta::SyncRun>>,
 }
 
 /// A writer reporter wrapper, so the sequencer sees only the narrow trait.
@@ -739,10 +762,11 @@ impl DataPlane {
 
     // ---- status ----
 
-    /// Status of group `cg` if this host sequences it.
-    pub fn group_status(&self, cg: &str) -> Option<GroupStatus> {
+    /// Status of group `cg_id` if this host sequences it (by id: a group created again
+    /// under a deleted one's name is another group, with other links).
+    pub fn group_status(&self, cg_id: u64) -> Option<GroupStatus> {
         let domains = lock(&self.domains);
-        let d = domains.values().find(|d| d.seq.name == cg)?;
+        let d = domains.get(&DomainId::Cg(cg_id))?;
         let stats = &d.seq.stats;
         let last = d.seq.last_seq();
         let links = d.seq.link_status();
@@ -766,7 +790,7 @@ impl DataPlane {
                             phase: r.phase,
                             acked_seq: acked,
                             last_seq: last,
-                            lag_writes: last.saturating_sub(acked),
+                            lag_writes: l.map_or(last.saturating_sub(acked), |l| l.lag_writes),
                             lag_seconds: l.map_or(0.0, |l| l.lag_seconds),
                             resyncs: r.resyncs,
                             resync_chunks_sent: r.resync_chunks_sent,
@@ -780,7 +804,7 @@ impl DataPlane {
                     )
                 })
                 .collect(),
-            sync: lock(&self.syncs).get(cg).map(delta::SyncRun::view),
+            sync: lock(&self.syncs).get(&cg_id).map(delta::SyncRun::view),
         })
     }
 
@@ -807,7 +831,7 @@ impl DataPlane {
                             state: l.map(|l| l.state),
                             phase: r.phase.clone(),
                             acked_seq: acked,
-                            lag_writes: last.saturating_sub(acked),
+                            lag_writes: l.map_or(last.saturating_sub(acked), |l| l.lag_writes),
                             lag_seconds: l.map_or(0.0, |l| l.lag_seconds),
                             resyncs: r.resyncs,
                             bytes_sent: r.bytes_sent,
@@ -1078,6 +1102,10 @@ impl DataPlane {
             sequencer_epoch: sp.sequencer_epoch,
             seq_start: sp.seq_start,
             seq_path: sequencer::seq_record_path(&self.replication_dir(), sp.domain),
+            lag_path: Some(sequencer::lag_record_path(
+                &self.replication_dir(),
+                sp.domain,
+            )),
             legacy_seq_path: Some(sequencer::legacy_seq_record_path(
                 &self.replication_dir(),
                 &legacy,
@@ -1091,6 +1119,7 @@ impl DataPlane {
         let reporter: Arc<dyn LinkReporter> = Arc::new(Reporter(Arc::clone(&self.writer)));
         let seq = Sequencer::open(spec, cfg, reporter)?;
         tracing::info!(domain = %sp.name, first_seq = seq.next_seq(), epoch = sp.sequencer_epoch, "sequencer started");
+        tokio::spawn(record_lag(Arc::downgrade(&seq)));
         lock(&self.domains).insert(
             sp.domain,
             Domain {

@@ -126,6 +126,62 @@ struct SeqRecord {
     reserved_until: u64,
 }
 
+/// Schema version of the lag record.
+const LAG_RECORD_VERSION: u8 = 1;
+/// How often a sequencer records what it knows of its links' lag (when it changed).
+pub const LAG_RECORD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a sequencer last knew of its replicas, kept beside the reservation record so a
+/// restarted sequencer still reports a replica's lag truthfully: what it acknowledged,
+/// since when it lacks writes, and which sequence numbers were really used before the
+/// restart (the restart skips to the end of the reserved block).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct LagRecord {
+    /// The tenure it belongs to (a record of another tenure is ignored).
+    tenure_start: u64,
+    /// Last sequence assigned when it was written.
+    last_seq: u64,
+    /// Per replica host.
+    links: BTreeMap<NodeId, LinkLagRecord>,
+}
+
+/// One link in a [`LagRecord`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct LinkLagRecord {
+    /// Highest sequence the replica acknowledged.
+    acked: u64,
+    /// When it last held every write (milliseconds since the Unix epoch).
+    held_all_unix_ms: u64,
+}
+
+/// Where a domain's lag record lives.
+pub fn lag_record_path(replication_dir: &Path, domain: DomainId) -> PathBuf {
+    replication_dir.join(format!("{}.lag", domain.key()))
+}
+
+fn unix_ms(at: Instant) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.saturating_sub(at.elapsed()).as_millis() as u64
+}
+
+fn instant_of_unix_ms(ms: u64) -> Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ago = now.saturating_sub(Duration::from_millis(ms));
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+}
+
+fn read_lag_record(path: &Path) -> Option<LagRecord> {
+    let bytes = convoy_codec::file::read_bytes(path).ok()??;
+    let (version, body) = convoy_codec::split_version(&bytes).ok()?;
+    (version == LAG_RECORD_VERSION)
+        .then(|| convoy_codec::decode_body(body).ok())
+        .flatten()
+}
+
 /// Version 1 of the reservation record.
 #[derive(Deserialize)]
 struct SeqRecordV1 {
@@ -272,6 +328,8 @@ pub struct LinkStatus {
     pub acked: u64,
     /// Whether the journal retains this link's writes.
     pub retaining: bool,
+    /// Writes the replica lacks (sequence numbers a restart skipped are not writes).
+    pub lag_writes: u64,
     /// Seconds since the replica last held every write (0 while it does).
     pub lag_seconds: f64,
 }
@@ -332,6 +390,16 @@ pub struct Sequencer {
     /// only this domain's writes. 0 otherwise: what a replica holds is unknown until it
     /// answers.
     held_by_all: u64,
+    /// The first sequence this run of the sequencer assigns.
+    run_start: u64,
+    /// The last sequence known to have been used before this run (a restart skips the
+    /// rest of the reserved block: numbers above it and below `run_start` took no write).
+    used_before_run: u64,
+    /// Links as the previous run last recorded them, taken by the first `set_links`.
+    restored: Mutex<Option<BTreeMap<NodeId, LinkLagRecord>>>,
+    /// Where the lag record lives, and what was last written there.
+    lag_path: Option<PathBuf>,
+    lag_written: Mutex<Option<LagRecord>>,
     /// Woken after every write, for the senders.
     pub written: Notify,
     /// Woken whenever the journal shrinks or an in-flight write completes.
@@ -388,6 +456,8 @@ pub struct SequencerSpec {
     pub seq_start: u64,
     /// The reservation record's path.
     pub seq_path: PathBuf,
+    /// The lag record's path ([`lag_record_path`]); none keeps no record.
+    pub lag_path: Option<PathBuf>,
     /// Version 1's record, read once if the current one does not exist yet.
     pub legacy_seq_path: Option<PathBuf>,
     /// Unless the tenure continues another host's (`seq_start > 0`), the first sequence
@@ -410,12 +480,23 @@ impl Sequencer {
             }
         }
         let brand_new = record.is_none() && spec.seq_start == 0;
+        let continues_tenure = record.is_some_and(|r| r.tenure_start == spec.seq_start);
         let mut next_seq = first_sequence(record, spec.seq_start);
         if spec.seq_start == 0 {
             // A hand-over's tenure starts exactly where the model says; any other starts
             // above every number this host gave out in other domains.
             next_seq = next_seq.max(spec.floor);
         }
+        // What the previous run of this tenure knew of its links (nothing after a
+        // hand-over: another host ordered the writes in between).
+        let lag = spec
+            .lag_path
+            .as_deref()
+            .and_then(read_lag_record)
+            .filter(|r| {
+                continues_tenure && r.tenure_start == spec.seq_start && r.last_seq < next_seq
+            });
+        let used_before_run = lag.as_ref().map_or(next_seq - 1, |r| r.last_seq);
         let reserved_until = next_seq + SEQ_BLOCK;
         let fresh = SeqRecord {
             tenure_start: spec.seq_start,
@@ -462,6 +543,11 @@ impl Sequencer {
             seq_path: spec.seq_path,
             tenure_start: spec.seq_start,
             held_by_all: if brand_new { next_seq - 1 } else { 0 },
+            run_start: next_seq,
+            used_before_run,
+            restored: Mutex::new(lag.map(|r| r.links)),
+            lag_path: spec.lag_path,
+            lag_written: Mutex::new(None),
             written: Notify::new(),
             hand_over_turn: tokio::sync::Mutex::new(()),
             progress: Notify::new(),
@@ -596,6 +682,11 @@ impl Sequencer {
         self.set_run(RunState::HandedOver);
     }
 
+    /// Whether the sequencer stopped taking writes for good (closed or handed over).
+    pub fn is_closed(&self) -> bool {
+        matches!(*self.run.borrow(), RunState::Closed | RunState::HandedOver)
+    }
+
     /// Whether the order was handed to another host.
     pub fn handed_over(&self) -> bool {
         *self.run.borrow() == RunState::HandedOver
@@ -621,6 +712,14 @@ impl Sequencer {
     /// the first sequence of this tenure: its replica is expected to resume from the
     /// journal (after a hand-over the old sequencer holds everything before it).
     pub fn set_links(&self, links: &[(NodeId, ReplicationMode, LinkState)]) {
+        // Links the previous run knew keep what it knew of them (once: a link added later
+        // is a new copy). A link syncing from scratch starts over.
+        let restored = self
+            .restored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
         let mut g = lock(&self.inner);
         let first = g.journal.first_seq();
         g.links
@@ -629,6 +728,10 @@ impl Sequencer {
             let link = g.links.entry(*to).or_insert_with(|| {
                 let mut l = LinkRuntime::new(*mode, *state);
                 l.acked = self.held_by_all;
+                if let Some(r) = restored.get(to).filter(|_| *state != LinkState::Syncing) {
+                    l.acked = l.acked.max(r.acked);
+                    l.held_all_at = instant_of_unix_ms(r.held_all_unix_ms);
+                }
                 if matches!(state, LinkState::Consistent | LinkState::Outdated) {
                     l.retain_from = Some(first);
                 }
@@ -650,6 +753,7 @@ impl Sequencer {
         g.links
             .iter()
             .map(|(to, l)| {
+                let lacks = self.lacks(l.acked, last);
                 (
                     *to,
                     LinkStatus {
@@ -657,7 +761,8 @@ impl Sequencer {
                         state: l.state,
                         acked: l.acked,
                         retaining: l.retain_from.is_some(),
-                        lag_seconds: if l.acked >= last {
+                        lag_writes: lacks,
+                        lag_seconds: if lacks == 0 {
                             0.0
                         } else {
                             l.held_all_at.elapsed().as_secs_f64()
@@ -666,6 +771,63 @@ impl Sequencer {
                 )
             })
             .collect()
+    }
+
+    /// Writes a replica that acknowledged `acked` lacks when `last` is the last sequence
+    /// assigned. Numbers a restart skipped (above what the previous run used and below
+    /// this run's first) took no write and are not counted.
+    fn lacks(&self, acked: u64, last: u64) -> u64 {
+        if acked + 1 >= self.run_start {
+            last.saturating_sub(acked)
+        } else {
+            self.used_before_run.saturating_sub(acked) + (last + 1).saturating_sub(self.run_start)
+        }
+    }
+
+    /// Records what this sequencer knows of its links' lag, if it changed since it last
+    /// did, so a restart does not forget it. Blocking (a durable write).
+    pub fn record_lag(&self) -> Result<(), WriteError> {
+        let Some(path) = &self.lag_path else {
+            return Ok(());
+        };
+        let g = lock(&self.inner);
+        let record = LagRecord {
+            tenure_start: self.tenure_start,
+            last_seq: g.next_seq - 1,
+            links: g
+                .links
+                .iter()
+                .map(|(to, l)| {
+                    (
+                        *to,
+                        LinkLagRecord {
+                            acked: l.acked,
+                            held_all_unix_ms: unix_ms(l.held_all_at),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        drop(g);
+        let mut written = self.lag_written.lock().unwrap_or_else(|p| p.into_inner());
+        // Times are recomputed from the monotonic clock: ignore a few ms of jitter.
+        let same = written.as_ref().is_some_and(|w| {
+            w.tenure_start == record.tenure_start
+                && w.last_seq == record.last_seq
+                && w.links.len() == record.links.len()
+                && w.links.iter().zip(&record.links).all(|((a, x), (b, y))| {
+                    a == b
+                        && x.acked == y.acked
+                        && x.held_all_unix_ms.abs_diff(y.held_all_unix_ms) < 50
+                })
+        });
+        if same {
+            return Ok(());
+        }
+        convoy_codec::file::write_record_versioned(path, LAG_RECORD_VERSION, &record)
+            .map_err(|e| WriteError::Meta(e.to_string()))?;
+        *written = Some(record);
+        Ok(())
     }
 
     /// Sequences `payload` for `disk` and applies it locally. Returns its sequence number,
@@ -718,7 +880,7 @@ impl Sequencer {
         g.next_seq += 1;
         let now = Instant::now();
         for l in g.links.values_mut() {
-            if l.acked + 1 >= seq {
+            if self.lacks(l.acked, seq - 1) == 0 {
                 // It held every write until this one.
                 l.held_all_at = now;
             }
@@ -1110,7 +1272,7 @@ impl Sequencer {
             // acknowledges chunk batches without new sequence numbers).
             link.acked_at = Instant::now();
             link.acked = link.acked.max(seq);
-            if link.acked + 1 >= next {
+            if self.lacks(link.acked, next - 1) == 0 {
                 link.held_all_at = Instant::now();
             }
             while link
@@ -1231,7 +1393,10 @@ mod tests {
     }
 
     fn open(dir: &Path, seq_start: u64, journal_limit: u64) -> (Arc<Sequencer>, Arc<Recorder>) {
-        let image = Arc::new(DiskImage::create(dir, "1", 1 << 20).unwrap());
+        let image = match DiskImage::open(dir, "1") {
+            Ok(image) => Arc::new(image),
+            Err(_) => Arc::new(DiskImage::create(dir, "1", 1 << 20).unwrap()),
+        };
         let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
         let spec = SequencerSpec {
             domain: DomainId::Cg(1),
@@ -1241,6 +1406,7 @@ mod tests {
             seq_start,
             seq_path: dir.join("cg-1.seq"),
             legacy_seq_path: None,
+            lag_path: Some(lag_record_path(dir, DomainId::Cg(1))),
             floor: 0,
         };
         let cfg = SequencerConfig {
@@ -1277,6 +1443,63 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_sequencer_remembers_what_its_replicas_lack_and_since_when() {
+        let dir = tempfile::tempdir().unwrap();
+        let links = |state| {
+            [
+                (2, ReplicationMode::Async, state),
+                (3, ReplicationMode::Async, LinkState::Consistent),
+            ]
+        };
+        let (s, _) = open(dir.path(), 0, 1 << 20);
+        s.set_links(&links(LinkState::Consistent));
+        let first = s.write(1, 0, data(512), false, 1).await.unwrap();
+        s.acked(2, first);
+        s.acked(3, first);
+        for _ in 0..4 {
+            s.write(1, 0, data(512), false, 1).await.unwrap();
+        }
+        s.acked(3, s.last_seq());
+        std::thread::sleep(Duration::from_millis(300));
+        let before = s.link_status()[&2];
+        assert_eq!((before.acked, before.lag_writes), (first, 4));
+        assert!(before.lag_seconds >= 0.3);
+        s.record_lag().unwrap();
+        s.close();
+        drop(s);
+
+        // Restarted: numbering skips ahead, yet the replica lacks the same 4 writes, since
+        // the same moment; the caught-up one lacks none.
+        let (s, _) = open(dir.path(), 0, 1 << 20);
+        s.set_links(&links(LinkState::Outdated));
+        let after = s.link_status();
+        assert!(s.last_seq() > first + SEQ_BLOCK / 2);
+        assert_eq!((after[&2].acked, after[&2].lag_writes), (first, 4));
+        assert!(after[&2].lag_seconds >= before.lag_seconds, "{after:?}");
+        assert_eq!((after[&3].lag_writes, after[&3].lag_seconds), (0, 0.0));
+        // Writes of the new run count one each, for both.
+        s.write(1, 0, data(512), false, 1).await.unwrap();
+        let after = s.link_status();
+        assert_eq!((after[&2].lag_writes, after[&3].lag_writes), (5, 1));
+        // Acknowledging the new run's writes (after a resync) means holding every write.
+        s.acked(2, s.last_seq());
+        assert_eq!(
+            (
+                s.link_status()[&2].lag_writes,
+                s.link_status()[&2].lag_seconds
+            ),
+            (0, 0.0)
+        );
+        s.close();
+        drop(s);
+
+        // A link syncing from scratch (removed and added again) starts over.
+        let (s, _) = open(dir.path(), 0, 1 << 20);
+        s.set_links(&links(LinkState::Syncing));
+        assert_eq!(s.link_status()[&2].acked, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_new_domain_numbers_above_every_other_domain_of_the_host() {
         let dir = tempfile::tempdir().unwrap();
         let (old, _) = open(dir.path(), 0, 1 << 20);
@@ -1301,6 +1524,7 @@ mod tests {
             seq_start,
             seq_path: seq_record_path(dir.path(), domain),
             legacy_seq_path: None,
+            lag_path: None,
             floor,
         };
         let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
@@ -1341,6 +1565,7 @@ mod tests {
             seq_start: 0,
             seq_path: seq_record_path(dir.path(), DomainId::Cg(1)),
             legacy_seq_path: Some(legacy.clone()),
+            lag_path: None,
             floor: 0,
         };
         let cfg = SequencerConfig {

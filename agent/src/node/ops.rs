@@ -59,8 +59,8 @@ impl Cluster {
     /// Why the link of group `cg` from its sequencer `sequencer` to `to` is down, as the
     /// sequencer last saw it (the replica's reason when it refused the stream); `None`
     /// when the link has no error or the sequencer does not answer within a second.
-    async fn link_error(&self, cg: &str, sequencer: NodeId, to: NodeId) -> Option<String> {
-        let req = LocalRequest::GroupStatus { cg: cg.to_string() };
+    async fn link_error(&self, cg_id: u64, sequencer: NodeId, to: NodeId) -> Option<String> {
+        let req = LocalRequest::GroupStatus { cg_id };
         let asked = tokio::time::timeout(Duration::from_secs(1), self.local(sequencer, req));
         match asked.await {
             Ok(Ok(LocalResponse::GroupStatus(Some(status)))) => {
@@ -93,7 +93,7 @@ impl Cluster {
                 .as_ref()
                 .and_then(|v| v.cg.as_ref())
                 .and_then(|c| m.cgs.get(c))
-                .map(|c| c.sequencer);
+                .map(|c| (c.id, c.sequencer));
             (vm, problem, sequencer)
         });
         let vm = vm.ok_or_else(|| {
@@ -102,9 +102,9 @@ impl Cluster {
             ))
         })?;
         if let Some(p) = problem {
-            let why = match (&vm.cg, sequencer) {
-                (Some(cg), Some(seq)) => self.link_error(cg, seq, to).await,
-                _ => None,
+            let why = match sequencer {
+                Some((cg_id, seq)) => self.link_error(cg_id, seq, to).await,
+                None => None,
             };
             return Err(ServiceError::BadRequest(with_link_error(p, why)));
         }
@@ -166,7 +166,7 @@ impl Cluster {
             }
         };
         let fenced = match sequencer {
-            Some(s) => self.fence_on(s, &disks).await,
+            Some((_, s)) => self.fence_on(s, &disks).await,
             None => true,
         };
         if guest_moved {
@@ -386,7 +386,7 @@ impl Cluster {
                     "node {to}'s copy of '{cg}' is {}: wait until `convoy cg show {cg}` says consistent",
                     l.state.as_str()
                 );
-                let why = self.link_error(cg, from, to).await;
+                let why = self.link_error(group.id, from, to).await;
                 return Err(ServiceError::Conflict(with_link_error(msg, why)));
             }
             Some(_) => {}

@@ -642,7 +642,7 @@ impl StorageProvider for ClusterProvider {
             .cluster
             .local(
                 group.sequencer,
-                LocalRequest::GroupStatus { cg: cg.to_string() },
+                LocalRequest::GroupStatus { cg_id: group.id },
             )
             .await
         {

@@ -5,9 +5,12 @@
 //! off), anything else on the way is a `NetworkError` (openraft retries at once), and an
 //! error produced by the remote Raft is a `RemoteError`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::logging::FailureLog;
 use convoy_raft::{NodeAddr, NodeId, TypeConfig};
 use convoy_transport::{Endpoint, StreamKind, TransportError};
 use openraft::error::{
@@ -26,6 +29,9 @@ use serde::de::DeserializeOwned;
 pub struct Network {
     endpoint: Endpoint,
     rpc_timeout: Duration,
+    /// Failed appends per peer, shared by every client openraft makes for it (it makes a
+    /// new one after each failure).
+    failures: Arc<Mutex<HashMap<NodeId, FailureLog>>>,
 }
 
 impl Network {
@@ -35,6 +41,7 @@ impl Network {
         Self {
             endpoint,
             rpc_timeout,
+            failures: Arc::default(),
         }
     }
 }
@@ -51,6 +58,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .parse()
                 .map_err(|e| format!("bad raft address '{}': {e}", node.raft_addr)),
             rpc_timeout: self.rpc_timeout,
+            failures: Arc::clone(&self.failures),
         }
     }
 }
@@ -61,6 +69,9 @@ pub struct PeerClient {
     target: NodeId,
     addr: Result<SocketAddr, String>,
     rpc_timeout: Duration,
+    /// Failed appends and heartbeats, logged once per interval (openraft's own lines
+    /// about them are rate-limited, see [`crate::logging`]).
+    failures: Arc<Mutex<HashMap<NodeId, FailureLog>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,14 +147,51 @@ fn error_class(e: &CallError) -> &'static str {
     }
 }
 
+impl PeerClient {
+    fn log_failure(&self, error: &str) {
+        let logged = self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(self.target)
+            .or_default()
+            .failed(crate::logging::RAFT_LOG_INTERVAL);
+        if let Some(suppressed) = logged {
+            tracing::warn!(
+                peer = self.target,
+                error,
+                failed_since_last_report = suppressed,
+                "Raft cannot replicate to node {} (unreachable); retrying, reported once every {} s",
+                self.target,
+                crate::logging::RAFT_LOG_INTERVAL.as_secs()
+            );
+        }
+    }
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
-        self.call(StreamKind::RaftAppend, "append", &rpc, &option)
-            .await
+        let result = self
+            .call(StreamKind::RaftAppend, "append", &rpc, &option)
+            .await;
+        match &result {
+            Err(RPCError::Unreachable(e)) => self.log_failure(&e.to_string()),
+            Err(RPCError::Network(e)) => self.log_failure(&e.to_string()),
+            _ => {
+                let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+                if failures
+                    .remove(&self.target)
+                    .is_some_and(|mut f| f.succeeded())
+                {
+                    tracing::info!(peer = self.target, "Raft peer reachable again");
+                }
+            }
+        }
+        result
     }
 
     async fn install_snapshot(

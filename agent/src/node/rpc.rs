@@ -66,10 +66,11 @@ pub enum LocalRequest {
         /// Its size.
         size: u64,
     },
-    /// Replication status of a group this node sequences.
+    /// Replication status of a group this node sequences. By id: a group deleted and
+    /// created again under its name must not be answered with the old one's links.
     GroupStatus {
-        /// Group name.
-        cg: String,
+        /// Group id.
+        cg_id: u64,
     },
     /// Bring another host's copy of a group (this node sequences it) up to date with
     /// delta sessions.

@@ -12,7 +12,7 @@ use convoy_raft::log_store::LogStats;
 use convoy_raft::model::ModelError;
 use convoy_raft::state_machine::ModelReader;
 use convoy_raft::{Command, NodeAddr, NodeId, Outcome, Raft, Request, Response};
-use convoy_transport::{Endpoint, StreamKind};
+use convoy_transport::{Endpoint, StreamKind, TransportError};
 use openraft::ChangeMembers;
 use openraft::error::{ClientWriteError, RaftError};
 
@@ -30,6 +30,8 @@ const LOCAL_TIMEOUT: Duration = Duration::from_secs(30);
 const LONG_LOCAL_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Timeout of the reachability probes behind `cluster status`.
 const PING_TIMEOUT: Duration = Duration::from_millis(700);
+/// How long add-node waits for a new node's agent to answer before anything changes.
+const NEW_NODE_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a new node may take to catch up as a learner before add-node gives up.
 pub const LEARNER_CATCH_UP: Duration = Duration::from_secs(60);
 
@@ -456,6 +458,21 @@ impl Cluster {
         admin_addr: &str,
         catch_up: Duration,
     ) -> Result<Attempt<()>, ServiceError> {
+        // An agent that is not running is refused before anything changes: a learner
+        // nobody answers for would only make the leader retry (and log) forever.
+        let already_member = self
+            .metrics()
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(n, _)| *n == id);
+        if !already_member {
+            if let Err(e) = self.probe_new_node(id, raft_addr).await {
+                return Err(ServiceError::BadRequest(format!(
+                    "node {id}'s agent does not answer at {raft_addr} ({e}): is it running (`convoy agent --config ...` on that host) and listening there? Nothing was changed; start it, then run add-node again"
+                )));
+            }
+        }
         let register = Command::RegisterHost {
             id,
             raft_addr: raft_addr.to_string(),
@@ -507,8 +524,19 @@ impl Cluster {
             )
             .await;
         if caught_up.is_err() {
+            // Leave no learner behind: the leader would keep replicating to it.
+            let removed = self
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .is_ok();
+            let left = if removed {
+                "it was not added".to_string()
+            } else {
+                format!("it stays a learner until removed (`convoy cluster remove-node {id}`)")
+            };
             return Err(ServiceError::Internal(format!(
-                "node {id} did not catch up within {}s: is its agent running and reachable at {raft_addr}, with a certificate from this cluster's CA? It stays a learner until removed (`convoy cluster remove-node {id}`)",
+                "node {id} did not catch up within {}s: is its agent running and reachable at {raft_addr}, with a certificate from this cluster's CA? {left}",
                 catch_up.as_secs()
             )));
         }
@@ -521,6 +549,31 @@ impl Cluster {
             Err(e) => Err(ServiceError::Internal(format!(
                 "cannot make node {id} a voter: {e}"
             ))),
+        }
+    }
+
+    /// Whether a node about to be added answers at `raft_addr`: `Err` only when nothing
+    /// answers there (unreachable or no answer in time); any other failure (a certificate
+    /// from another CA, say) is left to the learner's catch-up to report.
+    async fn probe_new_node(&self, id: NodeId, raft_addr: &str) -> Result<(), String> {
+        let addr: SocketAddr = raft_addr.parse().map_err(|e| format!("{e}"))?;
+        let payload = convoy_codec::encode(&ForwardRequest::Ping).map_err(|e| e.to_string())?;
+        match self
+            .endpoint
+            .request(
+                id,
+                addr,
+                StreamKind::Forward,
+                &payload,
+                NEW_NODE_PROBE_TIMEOUT,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e @ (TransportError::Unreachable { .. } | TransportError::Timeout { .. })) => {
+                Err(e.to_string())
+            }
+            Err(_) => Ok(()),
         }
     }
 
@@ -911,7 +964,9 @@ impl Cluster {
                     .map_err(|e| ServiceError::NotFound(format!("{e:#}")))?;
                 LocalResponse::Exposed(uris)
             }
-            LocalRequest::GroupStatus { cg } => LocalResponse::GroupStatus(plane.group_status(&cg)),
+            LocalRequest::GroupStatus { cg_id } => {
+                LocalResponse::GroupStatus(plane.group_status(cg_id))
+            }
             LocalRequest::GuestLog { vm, stay } => {
                 let dir = plane.data_dir().to_path_buf();
                 let records = tokio::task::spawn_blocking(move || {
