@@ -837,7 +837,10 @@ fn aborting_during_the_memory_copy_fails_back_with_the_guest_running_on_its_sour
     never_on_two_hosts(&dir1, &dir2, "back", || {
         let r = dev.cli(&["migrate", "show", &id, "-o", "json"]);
         decided = r.ok.then(|| r.json()).filter(|v| v["decision"].is_string());
-        assert!(started.elapsed() < Duration::from_secs(300), "no decision after the abort");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no decision after the abort"
+        );
         decided.is_some()
     });
     let m = decided.unwrap();
@@ -849,7 +852,10 @@ fn aborting_during_the_memory_copy_fails_back_with_the_guest_running_on_its_sour
     let log = std::fs::read_to_string(dir1.join("back.serial.log")).unwrap();
     assert!(reported_failure(&log).is_none(), "{log}");
     assert!(highest_reported(&log).unwrap() > before + 50, "{log}");
-    eprintln!("aborted during the memory copy: failed back, the guest runs on node 1; whole test {:?}", started.elapsed());
+    eprintln!(
+        "aborted during the memory copy: failed back, the guest runs on node 1; whole test {:?}",
+        started.elapsed()
+    );
     dev.assert_no_panics();
 }
 

@@ -25,7 +25,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use comfy_table::{Cell, Table, presets::UTF8_FULL};
 use common::qemu_guest::{self as guest, highest_reported};
@@ -45,6 +45,8 @@ const STRATEGIES: [&str; 4] = [
     "break-consistency",
 ];
 const TARGET_DOWNTIME_EXTRA_MS: f64 = 20.0;
+/// A method's name, its runs (downtime ms, total ms) and why runs are missing.
+type Row = (String, Vec<(f64, f64)>, String);
 const TARGET_TOTAL_RATIO: f64 = 1.5;
 
 /// The cluster directory: every process whose command line names it is ours.
@@ -306,7 +308,7 @@ fn main() {
     assert!(dev.cli(&["vm", "start", "cv"]).ok);
     wait_writes(&dev.node(1).data_dir.join("qemu/cv.serial.log"), 50);
 
-    let mut rows: Vec<(String, Vec<(f64, f64)>, String)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut host = 1;
     let mut moves = Vec::new();
     let mut failures = String::new();

@@ -6,8 +6,8 @@
 //! old one, whose writes are refused (that is the fence).
 //!
 //! An export can also be *staged* for a VM arriving by live migration ([`Exports::stage`]):
-//! the incoming QEMU opens it before the VM's epoch is here, its requests wait, and the
-//! first [`Exports::put`] at the new epoch becomes the device of those open connections
+//! the incoming QEMU opens it before the VM's epoch is here, its writes wait, and each
+//! [`Exports::put`] until [`Exports::seal`] becomes the device of those open connections
 //! too, so the guest never reconnects.
 
 use std::collections::HashMap;
@@ -285,10 +285,20 @@ impl Exports {
         epoch: u64,
     ) -> anyhow::Result<()> {
         if let Some(e) = lock(&self.map).get_mut(name) {
+            // A disk's epoch only grows: a device for an older one comes from a plan
+            // computed before a newer one was applied, and must not replace it.
+            if epoch < e.epoch {
+                return Ok(());
+            }
             let device = Metered::wrap(device, &e.metrics);
-            self.registry.replace(name, Arc::clone(&device));
-            if let Some((staged, _)) = e.staged.take() {
-                staged.fill(Arc::clone(&device));
+            // Until sealed, a staged export keeps serving its staged device, and its
+            // connections follow every new device: the disk may be exported here at an
+            // older epoch (an active-active copy) before the move's epoch arrives.
+            match &e.staged {
+                Some((staged, _)) => staged.fill(Arc::clone(&device)),
+                None => {
+                    self.registry.replace(name, Arc::clone(&device));
+                }
             }
             e.device = device;
             e.epoch = epoch;
@@ -367,8 +377,19 @@ impl Exports {
         Ok(socket)
     }
 
-    /// Undoes [`Self::stage`] if no device came: the connections opened meanwhile fail,
-    /// and the export serves what it served before (or goes away).
+    /// Ends the staging of `name` once its VM runs here: its connections keep the device
+    /// they have, and later epochs fence them like any other.
+    pub fn seal(&self, name: &str) {
+        if let Some(e) = lock(&self.map).get_mut(name) {
+            if e.staged.take().is_some() {
+                // New connections get the device itself from now on.
+                self.registry.replace(name, Arc::clone(&e.device));
+            }
+        }
+    }
+
+    /// Undoes [`Self::stage`]: the connections opened meanwhile fail, and the export
+    /// serves the device that came meanwhile, else what it served before (or goes away).
     pub fn unstage(&self, name: &str) {
         let mut map = lock(&self.map);
         let Some(e) = map.get_mut(name) else {
@@ -378,6 +399,12 @@ impl Exports {
             return;
         };
         staged.abandon();
+        if e.epoch > 0 {
+            // A device came meanwhile (the disk is exported here for another reason):
+            // new connections get it.
+            self.registry.replace(name, Arc::clone(&e.device));
+            return;
+        }
         match before {
             Some((device, epoch)) => {
                 self.registry.replace(name, Arc::clone(&device));

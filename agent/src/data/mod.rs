@@ -457,6 +457,13 @@ impl DataPlane {
         Ok(out)
     }
 
+    /// Ends the staging of these disks' exports: the arrived VM runs here.
+    pub fn seal_exports(&self, disks: &[DiskId]) {
+        for disk in disks {
+            self.exports.seal(&export_name(*disk));
+        }
+    }
+
     /// Undoes [`Self::stage_exports`] for disks no device came for.
     pub fn unstage_exports(&self, disks: &[(DiskId, u64)]) {
         for (disk, _) in disks {

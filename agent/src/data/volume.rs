@@ -156,6 +156,11 @@ impl Volume {
                     {
                         Ok(s) => return Ok(s),
                         Err(e) if e.retry_elsewhere() => Some(VolumeError::from(e)),
+                        // The outcome is unknown (the stream broke: a hand-over stopped
+                        // the sequencer mid-request). The guest was not answered, so no
+                        // later write depends on this one: send it again if the group's
+                        // order moves (the same data at the same place).
+                        Err(e @ MirrorError::Lost { .. }) => Some(VolumeError::from(e)),
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -185,6 +190,12 @@ impl Volume {
                             return Ok(());
                         }
                         Err(e) if e.retry_elsewhere() => {}
+                        Err(e @ MirrorError::Lost { .. }) => {
+                            if !plane.wait_route_change(version, deadline).await {
+                                return Err(e.into());
+                            }
+                            continue;
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -225,6 +236,12 @@ impl Volume {
                     match client.read(self.disk, offset, len).await {
                         Ok(b) => return Ok(b),
                         Err(e) if e.retry_elsewhere() => {}
+                        Err(e @ MirrorError::Lost { .. }) => {
+                            if !plane.wait_route_change(version, deadline).await {
+                                return Err(e.into());
+                            }
+                            continue;
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }

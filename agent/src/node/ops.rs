@@ -110,7 +110,7 @@ impl Cluster {
         }
         let from = vm.host;
         if vm.qemu.is_some() && vm.running {
-            return self.move_qemu_vm(&vm, to, sequencer).await;
+            return self.move_qemu_vm(&vm, to, sequencer.map(|(_, s)| s)).await;
         }
         let started = Instant::now();
         let simulated = vm.running && vm.workload.is_some();

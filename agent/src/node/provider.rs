@@ -371,9 +371,20 @@ impl Cluster {
                     // Not planned here (stopped, or already moved): nothing to pause.
                     return Ok(HypervisorReply::Drained);
                 };
-                if !matches!(qemu.run_state(&vm).await, Some((ref s, _)) if s == "running") {
-                    // Its QEMU does not run here (yet): nothing to migrate, the move is cold.
-                    return Ok(HypervisorReply::Drained);
+                match qemu.run_state(&vm).await {
+                    Some((s, _)) if s == "running" => {}
+                    // Powered off (QEMU waits with -no-shutdown): nothing runs, a cold move.
+                    Some((s, _)) if s == "shutdown" => return Ok(HypervisorReply::Drained),
+                    // No QEMU of it here at all: nothing runs, the move is cold.
+                    None if qemu.live_pid(&vm).is_none() => return Ok(HypervisorReply::Drained),
+                    // A QEMU of it exists but is not (yet) running or not yet re-attached
+                    // (an agent that just restarted): ask again rather than move it cold.
+                    other => {
+                        return Err(HypervisorError::Failed(format!(
+                            "VM {vm}'s QEMU on node {} is not ready to migrate ({other:?}); retrying",
+                            self.id
+                        )));
+                    }
                 }
                 let staged: Vec<(u64, u64)> = plan.disks.iter().map(|d| (d.id, d.size)).collect();
                 let abort_incoming = || async {
@@ -456,6 +467,8 @@ impl Cluster {
                         qemu.finish_incoming(&vm, RESUME_WAIT)
                             .await
                             .map_err(|e| HypervisorError::Failed(format!("{e:#}")))?;
+                        let ids: Vec<u64> = disks.iter().map(|(d, _)| *d).collect();
+                        plane.seal_exports(&ids);
                         tracing::info!(
                             vm,
                             from,

@@ -1048,6 +1048,13 @@ impl Cluster {
                     .finish_incoming(&vm, Duration::from_secs(30))
                     .await
                     .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
+                let disks: Vec<u64> = self.model.read(|m| {
+                    m.vms
+                        .get(&vm)
+                        .map(|v| m.vm_disks(v).iter().map(|d| d.id).collect())
+                        .unwrap_or_default()
+                });
+                plane.seal_exports(&disks);
                 LocalResponse::Done
             }
             LocalRequest::QemuAbortIncoming { vm, disks } => {

@@ -372,6 +372,11 @@ impl QemuHost {
     /// If it fails, this host's QEMU quits all the same: its disks are fenced, and a
     /// guest resumed here could only fail its writes.
     pub async fn switchover(&self, vm: &str) -> anyhow::Result<QemuMigrationStats> {
+        // Only a guest this host is migrating out is handed over (and its QEMU quit): a
+        // request for any other (a stale coordinator's) changes nothing.
+        if !matches!(self.role(vm).await, Some(Role::Outgoing { .. })) {
+            bail!("VM '{vm}' is not being migrated out of this host");
+        }
         let result = self.continue_to_completion(vm).await;
         self.quit_here(vm).await;
         result
@@ -386,10 +391,18 @@ impl QemuHost {
         )
         .await?;
         let deadline = Instant::now() + SWITCHOVER_TIMEOUT;
+        let mut completed_at = None;
         let info = loop {
             let info = m.execute("query-migrate", None, QMP_TIMEOUT).await?;
             match info["status"].as_str().unwrap_or("") {
-                "completed" => break info,
+                // QEMU says `completed` a moment before it has computed the times.
+                "completed" if info["total-time"].as_u64().unwrap_or(0) > 0 => break info,
+                "completed"
+                    if completed_at.get_or_insert_with(Instant::now).elapsed()
+                        > Duration::from_millis(500) =>
+                {
+                    break info;
+                }
                 s @ ("failed" | "cancelled") => {
                     let why = info["error-desc"].as_str().unwrap_or("no reason given");
                     bail!("QEMU's switchover {s}: {why}");
@@ -466,13 +479,18 @@ impl QemuHost {
         Some((status, role))
     }
 
-    /// `vm`'s migration role here, if any.
+    /// `vm`'s migration role here, if its QEMU still runs.
     pub async fn role(&self, vm: &str) -> Option<Role> {
-        self.vms
-            .lock()
-            .await
-            .get(vm)
-            .and_then(|r| r.migration.clone())
+        let mut vms = self.vms.lock().await;
+        let r = vms.get(vm)?;
+        if self.live_pid(vm) != Some(r.pid) {
+            // An arriving QEMU whose stream broke exits: it waits for nothing any more.
+            if matches!(r.migration, Some(Role::Incoming { .. })) {
+                vms.remove(vm);
+            }
+            return None;
+        }
+        r.migration.clone()
     }
 
     /// Waits until the arrived guest runs here, then treats its QEMU as any other.
