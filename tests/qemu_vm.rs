@@ -30,15 +30,26 @@ struct QemuReaper {
     vm: String,
 }
 
-impl QemuReaper {
-    fn pid(&self) -> Option<i32> {
-        qemu_pid(&self.dir, &self.vm)
+/// Reapers for a cluster not started yet: declared before it, they are dropped after it,
+/// when no agent is left to start a planned guest again.
+#[derive(Default)]
+struct Reapers(std::cell::RefCell<Vec<QemuReaper>>);
+
+impl Reapers {
+    fn watch(&self, dirs: &[&Path], vm: &str) {
+        for d in dirs {
+            self.0.borrow_mut().push(QemuReaper {
+                dir: d.to_path_buf(),
+                vm: vm.into(),
+            });
+        }
     }
 }
 
 impl Drop for QemuReaper {
     fn drop(&mut self) {
-        if let Some(pid) = self.pid() {
+        // Every QEMU of the VM here, whatever its pidfile says.
+        for pid in qemus_for(&self.dir.join(format!("{}.qmp", self.vm))) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
@@ -254,6 +265,7 @@ fn a_running_qemu_guest_moves_live_to_another_host_and_keeps_every_write() {
         return;
     }
     let started = Instant::now();
+    let reapers = Reapers::default();
     let g = guest::require();
     let dev = Dev::start(2, &["--qemu-powerdown-timeout-ms", POWERDOWN_TIMEOUT_MS]);
     wait_for("a leader", Duration::from_secs(10), || dev.leader());
@@ -261,10 +273,7 @@ fn a_running_qemu_guest_moves_live_to_another_host_and_keeps_every_write() {
         dev.node(1).data_dir.join("qemu"),
         dev.node(2).data_dir.join("qemu"),
     );
-    let _reapers = [dir1.clone(), dir2.clone()].map(|dir| QemuReaper {
-        dir,
-        vm: "live".into(),
-    });
+    reapers.watch(&[&dir1, &dir2], "live");
     let (kernel, initrd) = (g.kernel.to_str().unwrap(), g.initrd.to_str().unwrap());
     let r = dev.cli(&[
         "vm",
@@ -434,6 +443,7 @@ fn a_running_qemu_guest_migrates_with_its_group_and_back_under_two_strategies() 
         return;
     }
     let started = Instant::now();
+    let reapers = Reapers::default();
     let g = guest::require();
     let dev = Dev::start(2, &["--qemu-powerdown-timeout-ms", POWERDOWN_TIMEOUT_MS]);
     wait_for("a leader", Duration::from_secs(10), || dev.leader());
@@ -441,10 +451,7 @@ fn a_running_qemu_guest_migrates_with_its_group_and_back_under_two_strategies() 
         dev.node(1).data_dir.join("qemu"),
         dev.node(2).data_dir.join("qemu"),
     );
-    let _reapers = [dir1.clone(), dir2.clone()].map(|dir| QemuReaper {
-        dir,
-        vm: "mig".into(),
-    });
+    reapers.watch(&[&dir1, &dir2], "mig");
     let (kernel, initrd) = (g.kernel.to_str().unwrap(), g.initrd.to_str().unwrap());
     let r = dev.cli(&[
         "vm",
@@ -729,11 +736,9 @@ fn killing_the_coordinator_during_the_memory_copy_ends_in_one_decision_and_one_g
         return;
     }
     let started = Instant::now();
+    let reapers = Reapers::default();
     let (dev, dir1, dir2, _) = slow_migration_setup("crash");
-    let _reapers = [dir1.clone(), dir2.clone()].map(|dir| QemuReaper {
-        dir,
-        vm: "crash".into(),
-    });
+    reapers.watch(&[&dir1, &dir2], "crash");
     let id = start_slow_migration(&dev, &dir2, "crash");
     dev.kill(3);
     let killed = Instant::now();
@@ -780,11 +785,9 @@ fn killing_the_source_agent_mid_migration_never_runs_the_guest_on_two_hosts() {
         return;
     }
     let started = Instant::now();
+    let reapers = Reapers::default();
     let (dev, dir1, dir2, _) = slow_migration_setup("src");
-    let _reapers = [dir1.clone(), dir2.clone()].map(|dir| QemuReaper {
-        dir,
-        vm: "src".into(),
-    });
+    reapers.watch(&[&dir1, &dir2], "src");
     let id = start_slow_migration(&dev, &dir2, "src");
     // The source's agent dies (its QEMU does not): the stream it carried breaks.
     dev.kill(1);
@@ -825,11 +828,9 @@ fn aborting_during_the_memory_copy_fails_back_with_the_guest_running_on_its_sour
         return;
     }
     let started = Instant::now();
+    let reapers = Reapers::default();
     let (dev, dir1, dir2, before) = slow_migration_setup("back");
-    let _reapers = [dir1.clone(), dir2.clone()].map(|dir| QemuReaper {
-        dir,
-        vm: "back".into(),
-    });
+    reapers.watch(&[&dir1, &dir2], "back");
     let id = start_slow_migration(&dev, &dir2, "back");
     let r = dev.cli(&["migrate", "abort", &id]);
     assert!(r.ok, "migrate abort: {}{}", r.stdout, r.stderr);

@@ -444,8 +444,15 @@ impl QemuHost {
                 );
             }
         }
-        let _ = std::fs::remove_file(self.pidfile(vm));
-        let _ = std::fs::remove_file(self.qmp_socket(vm));
+        // The files are the VM's, not this QEMU's: another QEMU of the VM (started here
+        // since) may own them now.
+        let named = std::fs::read_to_string(self.pidfile(vm))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if named.is_none() || named == pid {
+            let _ = std::fs::remove_file(self.pidfile(vm));
+            let _ = std::fs::remove_file(self.qmp_socket(vm));
+        }
         let _ = std::fs::remove_file(self.incoming_socket(vm));
     }
 
