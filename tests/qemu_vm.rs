@@ -240,6 +240,52 @@ fn qemu_vm_outlives_a_killed_agent_and_the_restarted_agent_reattaches() {
     dev.assert_no_panics();
 }
 
+/// Creates QEMU VM `vm` (the test guest, 256 MiB, TCG, one 64 MiB disk) on node 1 in
+/// group `g` with a copy on node 2 in `mode`, starts it and waits for its first 100
+/// writes; returns the writes seen.
+fn guest_in_group(dev: &Dev, g: &guest::Guest, vm: &str, mode: &str) -> u64 {
+    let (kernel, initrd) = (g.kernel.to_str().unwrap(), g.initrd.to_str().unwrap());
+    let r = dev.cli(&[
+        "vm",
+        "create",
+        vm,
+        "--host",
+        "1",
+        "--driver",
+        "qemu",
+        "--disk",
+        "64MiB",
+        "--memory",
+        "256MiB",
+        "--accel",
+        "tcg",
+        "--kernel",
+        kernel,
+        "--initrd",
+        initrd,
+        "--append",
+        "console=ttyS0 panic=-1",
+    ]);
+    assert!(r.ok, "vm create: {}{}", r.stdout, r.stderr);
+    assert!(dev.cli(&["cg", "create", "g", "--vm", vm]).ok);
+    let r = dev.cli(&[
+        "cg",
+        "replicate",
+        "g",
+        "--to",
+        "2",
+        "--mode",
+        mode,
+        "--wait",
+        "--timeout",
+        "60",
+    ]);
+    assert!(r.ok, "cg replicate: {}", r.stderr);
+    assert!(dev.cli(&["vm", "start", vm]).ok);
+    let serial = dev.node(1).data_dir.join(format!("qemu/{vm}.serial.log"));
+    wait_writes(&serial, 100, BOOT_TIMEOUT, "the guest's first 100 writes")
+}
+
 /// Copies an NBD export into `file` with `qemu-img convert` and returns its bytes.
 fn read_export(uri: &str, file: &Path) -> Vec<u8> {
     let out = common::data::tool(
@@ -274,46 +320,8 @@ fn a_running_qemu_guest_moves_live_to_another_host_and_keeps_every_write() {
         dev.node(2).data_dir.join("qemu"),
     );
     reapers.watch(&[&dir1, &dir2], "live");
-    let (kernel, initrd) = (g.kernel.to_str().unwrap(), g.initrd.to_str().unwrap());
-    let r = dev.cli(&[
-        "vm",
-        "create",
-        "live",
-        "--host",
-        "1",
-        "--driver",
-        "qemu",
-        "--disk",
-        "64MiB",
-        "--memory",
-        "256MiB",
-        "--accel",
-        "tcg",
-        "--kernel",
-        kernel,
-        "--initrd",
-        initrd,
-        "--append",
-        "console=ttyS0 panic=-1",
-    ]);
-    assert!(r.ok, "vm create: {}{}", r.stdout, r.stderr);
-    assert!(dev.cli(&["cg", "create", "g", "--vm", "live"]).ok);
-    let r = dev.cli(&[
-        "cg",
-        "replicate",
-        "g",
-        "--to",
-        "2",
-        "--mode",
-        "sync",
-        "--wait",
-        "--timeout",
-        "60",
-    ]);
-    assert!(r.ok, "cg replicate: {}", r.stderr);
-    assert!(dev.cli(&["vm", "start", "live"]).ok);
     let serial1 = dir1.join("live.serial.log");
-    let before = wait_writes(&serial1, 100, BOOT_TIMEOUT, "the guest's first 100 writes");
+    let before = guest_in_group(&dev, &g, "live", "sync");
 
     let r = dev.cli(&["vm", "move", "live", "--to", "2", "-o", "json"]);
     assert!(r.ok, "vm move: {}{}", r.stdout, r.stderr);
@@ -452,50 +460,7 @@ fn a_running_qemu_guest_migrates_with_its_group_and_back_under_two_strategies() 
         dev.node(2).data_dir.join("qemu"),
     );
     reapers.watch(&[&dir1, &dir2], "mig");
-    let (kernel, initrd) = (g.kernel.to_str().unwrap(), g.initrd.to_str().unwrap());
-    let r = dev.cli(&[
-        "vm",
-        "create",
-        "mig",
-        "--host",
-        "1",
-        "--driver",
-        "qemu",
-        "--disk",
-        "64MiB",
-        "--memory",
-        "256MiB",
-        "--accel",
-        "tcg",
-        "--kernel",
-        kernel,
-        "--initrd",
-        initrd,
-        "--append",
-        "console=ttyS0 panic=-1",
-    ]);
-    assert!(r.ok, "vm create: {}{}", r.stdout, r.stderr);
-    assert!(dev.cli(&["cg", "create", "g", "--vm", "mig"]).ok);
-    let r = dev.cli(&[
-        "cg",
-        "replicate",
-        "g",
-        "--to",
-        "2",
-        "--mode",
-        "async",
-        "--wait",
-        "--timeout",
-        "60",
-    ]);
-    assert!(r.ok, "cg replicate: {}", r.stderr);
-    assert!(dev.cli(&["vm", "start", "mig"]).ok);
-    let before = wait_writes(
-        &dir1.join("mig.serial.log"),
-        100,
-        BOOT_TIMEOUT,
-        "the guest's first 100 writes",
-    );
+    let before = guest_in_group(&dev, &g, "mig", "async");
 
     // There: VMs move one at a time, their writes mirrored back to the source's order.
     let m = migrate(&dev, "g", 2, "reverse-replication");
@@ -605,50 +570,7 @@ fn slow_migration_setup(vm: &str) -> (Dev, PathBuf, PathBuf, u64) {
         dev.node(1).data_dir.join("qemu"),
         dev.node(2).data_dir.join("qemu"),
     );
-    let (kernel, initrd) = (g.kernel.to_str().unwrap(), g.initrd.to_str().unwrap());
-    let r = dev.cli(&[
-        "vm",
-        "create",
-        vm,
-        "--host",
-        "1",
-        "--driver",
-        "qemu",
-        "--disk",
-        "64MiB",
-        "--memory",
-        "256MiB",
-        "--accel",
-        "tcg",
-        "--kernel",
-        kernel,
-        "--initrd",
-        initrd,
-        "--append",
-        "console=ttyS0 panic=-1",
-    ]);
-    assert!(r.ok, "vm create: {}{}", r.stdout, r.stderr);
-    assert!(dev.cli(&["cg", "create", "g", "--vm", vm]).ok);
-    let r = dev.cli(&[
-        "cg",
-        "replicate",
-        "g",
-        "--to",
-        "2",
-        "--mode",
-        "async",
-        "--wait",
-        "--timeout",
-        "60",
-    ]);
-    assert!(r.ok, "cg replicate: {}", r.stderr);
-    assert!(dev.cli(&["vm", "start", vm]).ok);
-    let before = wait_writes(
-        &dir1.join(format!("{vm}.serial.log")),
-        100,
-        BOOT_TIMEOUT,
-        "the guest's first 100 writes",
-    );
+    let before = guest_in_group(&dev, &g, vm, "async");
     (dev, dir1, dir2, before)
 }
 
