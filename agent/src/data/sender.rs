@@ -39,6 +39,9 @@ const FRAME_BYTES: u64 = 1 << 20;
 const CHUNKS_PER_FRAME: usize = 16;
 /// How long a promotion may wait for the replica to acknowledge what was written before.
 const PROMOTION_WAIT: Duration = Duration::from_secs(5);
+/// A synchronous promotion starts only once at most this many writes are still to be
+/// sent; the stream keeps sending while it waits, so the wait is about one round trip.
+const PROMOTION_BACKLOG: u64 = 256;
 
 /// What the link is doing, for `convoy cg show` and metrics.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
@@ -243,11 +246,12 @@ impl LinkSender {
         Ok(())
     }
 
-    /// Records the link `consistent`. For a synchronous link, writes first start waiting
-    /// for the replica and the replica must hold every write made before that: only then
-    /// is the commit true the moment it lands.
-    async fn promote(&self) -> anyhow::Result<bool> {
-        let now = self.link_state();
+    /// Starts recording the link `consistent`. An asynchronous link is recorded at once.
+    /// For a synchronous one, writes start waiting for the replica now, and the commit
+    /// waits until the replica holds every write made before that (see [`Promotion`]):
+    /// only then is it true the moment it lands.
+    /// `unsent` is how many writes the stream has yet to send.
+    async fn begin_promotion(&self, unsent: u64) -> anyhow::Result<Option<Promotion>> {
         let synchronous = self
             .seq
             .link_status()
@@ -255,12 +259,40 @@ impl LinkSender {
             .is_some_and(|l| l.mode.is_synchronous());
         if !synchronous {
             self.set_state(LinkState::Consistent).await?;
-            return Ok(true);
+            tracing::info!(cg = %self.seq.name, replica = self.to, "replica is consistent");
+            return Ok(None);
         }
-        let target = self.seq.begin_promotion(self.to);
-        if !self.seq.wait_acked(self.to, target, PROMOTION_WAIT).await {
+        if unsent > PROMOTION_BACKLOG {
+            // Not yet: guests' writes would wait behind the whole catch-up.
+            return Ok(None);
+        }
+        Ok(Some(Promotion {
+            from: self.link_state(),
+            target: self.seq.begin_promotion(self.to),
+            deadline: tokio::time::Instant::now() + PROMOTION_WAIT,
+        }))
+    }
+
+    /// Moves a synchronous promotion on: commits `consistent` once the replica holds
+    /// `target` (still a prefix, and no writer gave up on it meanwhile), gives up after
+    /// [`PROMOTION_WAIT`]. Returns the promotion while it still waits.
+    async fn advance_promotion(
+        &self,
+        p: Promotion,
+        acked: u64,
+        consistent: bool,
+    ) -> anyhow::Result<Option<Promotion>> {
+        if !consistent || !self.seq.promoting(self.to) {
             self.seq.end_promotion(self.to, None);
-            return Ok(false);
+            return Ok(None);
+        }
+        if acked < p.target {
+            if tokio::time::Instant::now() >= p.deadline {
+                tracing::info!(cg = %self.seq.name, replica = self.to, acked, target = p.target, "promotion timed out: the replica did not catch up; trying again");
+                self.seq.end_promotion(self.to, None);
+                return Ok(None);
+            }
+            return Ok(Some(p));
         }
         let committed = self
             .seq
@@ -270,13 +302,14 @@ impl LinkSender {
                 self.seq.sequencer_epoch(),
                 self.to,
                 LinkState::Consistent,
-                Some(now),
+                Some(p.from),
             )
             .await;
         match committed {
             Ok(()) => {
                 self.seq.end_promotion(self.to, Some(LinkState::Consistent));
-                Ok(true)
+                tracing::info!(cg = %self.seq.name, replica = self.to, acked, "replica is consistent");
+                Ok(None)
             }
             Err(e) => {
                 self.seq.end_promotion(self.to, None);
@@ -296,6 +329,13 @@ impl LinkSender {
     ) -> anyhow::Result<()> {
         report(&self.report).phase = "streaming".into();
         let mut next_mark = Instant::now();
+        // Writes wait for the replica while a promotion runs; whatever way this returns,
+        // they stop waiting unless it committed.
+        let mut promotion = PromotionGuard {
+            seq: &self.seq,
+            to: self.to,
+            running: None,
+        };
         loop {
             let notified = self.seq.written.notified();
             tokio::pin!(notified);
@@ -319,9 +359,11 @@ impl LinkSender {
                 // The replica says it is not a prefix right now (re-applying after a crash).
                 self.set_state(LinkState::Inconsistent).await?;
             }
-            if promote && self.promote().await? {
-                tracing::info!(cg = %self.seq.name, replica = self.to, acked, "replica is consistent");
-            }
+            promotion.running = match promotion.running.take() {
+                Some(p) => self.advance_promotion(p, acked, consistent).await?,
+                None if promote => self.begin_promotion(last.saturating_sub(*from)).await?,
+                None => None,
+            };
             self.clear_pending(pending, acked, consistent)?;
             // Periodically remember which dirty chunks the replica will hold once it acks
             // the current sequence, so streamed writes stop counting as dirty.
@@ -666,6 +708,32 @@ impl LinkSender {
             }
         }
         Ok(())
+    }
+}
+
+/// A synchronous link's promotion to `consistent` under way.
+#[derive(Clone, Copy, Debug)]
+struct Promotion {
+    /// The committed state it promotes from (compare-and-set in Raft).
+    from: LinkState,
+    /// The last sequence assigned before writes started waiting for the replica.
+    target: u64,
+    deadline: tokio::time::Instant,
+}
+
+/// Ends a promotion still running when the stream stops, so writes stop waiting for a
+/// replica that was never recorded consistent.
+struct PromotionGuard<'a> {
+    seq: &'a Sequencer,
+    to: NodeId,
+    running: Option<Promotion>,
+}
+
+impl Drop for PromotionGuard<'_> {
+    fn drop(&mut self) {
+        if self.running.take().is_some() {
+            self.seq.end_promotion(self.to, None);
+        }
     }
 }
 

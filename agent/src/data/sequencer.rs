@@ -1308,6 +1308,15 @@ impl Sequencer {
         last
     }
 
+    /// Whether the link to `to` is being promoted (a writer that gave up waiting for the
+    /// replica ends the promotion).
+    pub fn promoting(&self, to: NodeId) -> bool {
+        lock(&self.inner)
+            .links
+            .get(&to)
+            .is_some_and(|l| l.promoting)
+    }
+
     /// Ends a promotion: `committed` records the new state; otherwise writes stop waiting
     /// for the replica again (it was never recorded consistent).
     pub fn end_promotion(&self, to: NodeId, committed: Option<LinkState>) {
