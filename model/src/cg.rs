@@ -412,6 +412,27 @@ impl ClusterModel {
         self.set_link_state(cg, to, state, expect)
     }
 
+    /// [`Self::report_link_state`] for the group `cg` that has id `cg_id`: a group
+    /// deleted and created again under its name has a new id, and a report meant for the
+    /// old one is refused.
+    pub(crate) fn report_group_link_state(
+        &mut self,
+        (cg, cg_id): (&str, u64),
+        from: NodeId,
+        sequencer_epoch: u64,
+        to: NodeId,
+        state: LinkState,
+        expect: Option<LinkState>,
+    ) -> Result<Outcome, ModelError> {
+        let id = self.cg_mut(cg)?.id;
+        if id != cg_id {
+            return Err(stale(format!(
+                "group '{cg}' with id {cg_id} was deleted; the group of that name now has id {id}"
+            )));
+        }
+        self.report_link_state(cg, from, sequencer_epoch, to, state, expect)
+    }
+
     pub(crate) fn set_sequencer(
         &mut self,
         cg: &str,

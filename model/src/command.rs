@@ -288,6 +288,25 @@ pub enum Command {
         /// Proposer's clock, ms since the epoch (informational).
         created_at_ms: u64,
     },
+    /// [`Command::ReportLinkState`] bound to the group's id as well (schema 5): refused
+    /// for a group of that name created since (a report from a sender of a deleted group
+    /// must not change the state of a new group that took its name).
+    ReportGroupLinkState {
+        /// The group's name.
+        cg: String,
+        /// The group's id: refused unless the group of that name still has it.
+        cg_id: u64,
+        /// The reporting sequencer's host.
+        from: NodeId,
+        /// The group's sequencer epoch the reporter runs under.
+        sequencer_epoch: u64,
+        /// Host of the copy.
+        to: NodeId,
+        /// New state.
+        state: LinkState,
+        /// Applied only if the link is in this state now (compare-and-set).
+        expect: Option<LinkState>,
+    },
 }
 
 impl Command {
@@ -320,6 +339,7 @@ impl Command {
             Command::MigrationSequencer { .. } => "migration_sequencer",
             Command::ReportLinkState { .. } => "report_link_state",
             Command::CreateQemuVm { .. } => "create_qemu_vm",
+            Command::ReportGroupLinkState { .. } => "report_group_link_state",
         }
     }
 }

@@ -59,8 +59,9 @@ use error::invalid;
 /// bump makes an older build refuse a version 3 log instead of misreading it. Version 4
 /// gave [`Vm`] its QEMU configuration ([`Vm::qemu`]) and appended
 /// [`Command::CreateQemuVm`]: version 3 log entries decode unchanged, version 3 snapshots
-/// (whose VMs lack the field) are upgraded through [`v3`].
-pub const SCHEMA_VERSION: u8 = 4;
+/// (whose VMs lack the field) are upgraded through [`v3`]. Version 5 appended
+/// [`Command::ReportGroupLinkState`]: version 4 log entries and snapshots decode unchanged.
+pub const SCHEMA_VERSION: u8 = 5;
 
 /// A host's Raft node id. Ids are never reused, even after a node is removed.
 pub type NodeId = u64;
@@ -207,6 +208,22 @@ impl ClusterModel {
                 state,
                 expect,
             } => self.report_link_state(cg, *from, *sequencer_epoch, *to, *state, *expect),
+            Command::ReportGroupLinkState {
+                cg,
+                cg_id,
+                from,
+                sequencer_epoch,
+                to,
+                state,
+                expect,
+            } => self.report_group_link_state(
+                (cg, *cg_id),
+                *from,
+                *sequencer_epoch,
+                *to,
+                *state,
+                *expect,
+            ),
             Command::SetVmRunning { name, running } => self.set_vm_running(name, *running),
             Command::CreateSnapshot {
                 cg,

@@ -295,6 +295,42 @@ fn link_state_compare_and_set_refuses_a_stale_view() {
 }
 
 #[test]
+fn a_link_report_for_a_deleted_group_is_refused_by_the_group_that_took_its_name() {
+    let mut m = replicated(ReplicationMode::Sync);
+    let old = m.cgs["g"].clone();
+    ok(&mut m, Command::DeleteCg { name: "g".into() });
+    ok(&mut m, cg("g", &["a", "b"]));
+    ok(&mut m, add("g", 2, ReplicationMode::Sync));
+    let new = m.cgs["g"].clone();
+    assert_ne!(new.id, old.id);
+    // Same name, host and sequencer epoch: only the id tells the groups apart.
+    assert_eq!(
+        (new.sequencer, new.sequencer_epoch),
+        (old.sequencer, old.sequencer_epoch)
+    );
+    assert_eq!(new.replicas[0].state, LinkState::Syncing);
+    let report = |cg_id| Command::ReportGroupLinkState {
+        cg: "g".into(),
+        cg_id,
+        from: old.sequencer,
+        sequencer_epoch: old.sequencer_epoch,
+        to: 2,
+        state: LinkState::Consistent,
+        expect: Some(LinkState::Syncing),
+    };
+    // The old group's sender, a moment late, would promote the new group's copy that
+    // holds nothing yet.
+    assert!(matches!(
+        m.apply(0, &report(old.id)),
+        Err(ModelError::Stale(_))
+    ));
+    assert_eq!(m.cgs["g"].replicas[0].state, LinkState::Syncing);
+    // The new group's own report applies.
+    ok(&mut m, report(new.id));
+    assert_eq!(m.cgs["g"].replicas[0].state, LinkState::Consistent);
+}
+
+#[test]
 fn a_link_report_from_a_sequencer_that_lost_the_order_is_refused() {
     let mut m = replicated(ReplicationMode::Sync);
     ok(&mut m, add("g", 3, ReplicationMode::Sync));

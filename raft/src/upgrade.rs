@@ -73,9 +73,9 @@ pub fn encode_entry(entry: &Entry) -> Result<Vec<u8>, CodecError> {
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, CodecError> {
     let (version, body) = convoy_codec::split_version(bytes)?;
     match version {
-        // Versions 3 and 4 only appended command variants: version 2 and 3 entries decode
-        // as they are.
-        SCHEMA_VERSION | 3 | 2 => convoy_codec::decode_body(body),
+        // Versions 3, 4 and 5 only appended command variants: version 2, 3 and 4 entries
+        // decode as they are.
+        SCHEMA_VERSION | 4 | 3 | 2 => convoy_codec::decode_body(body),
         1 => {
             let old: V1Entry = convoy_codec::decode_body(body)?;
             let payload = match old.payload {
@@ -110,7 +110,8 @@ pub fn encode_state(state: &SmState) -> Result<Vec<u8>, CodecError> {
 pub fn decode_state(bytes: &[u8]) -> Result<SmState, CodecError> {
     let (version, body) = convoy_codec::split_version(bytes)?;
     match version {
-        SCHEMA_VERSION => convoy_codec::decode_body(body),
+        // Version 5 only appended a command variant: version 4 snapshots are current.
+        SCHEMA_VERSION | 4 => convoy_codec::decode_body(body),
         // Version 3 only appended a command variant to version 2: both snapshots hold
         // VMs without the QEMU configuration version 4 added.
         3 | 2 => {

@@ -1,7 +1,7 @@
 //! Old stored formats still decode and upgrade: the Raft log entries and the state-machine
 //! snapshot written by schema version 1 (fixtures in tests/fixtures/v1, written by that
-//! version's code) read back as current commands and models; so do schema 2's and 3's
-//! (tests/fixtures/v2, v3).
+//! version's code) read back as current commands and models; so do schema 2's, 3's and
+//! 4's (tests/fixtures/v2, v3, v4).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -219,7 +219,7 @@ async fn schema_3_snapshot_upgrades_and_its_log_decodes_unchanged() {
     assert_eq!(format!("{entries:?}"), format!("{:?}", v1_entries()));
     for e in &entries {
         let encoded = encode_entry(e).unwrap();
-        assert_eq!(encoded[0], 4);
+        assert_eq!(encoded[0], convoy_raft::model::SCHEMA_VERSION);
         assert_eq!(
             format!("{:?}", decode_entry(&encoded).unwrap()),
             format!("{e:?}")
@@ -259,11 +259,86 @@ async fn schema_3_snapshot_upgrades_and_its_log_decodes_unchanged() {
         "{again:?}"
     );
 
-    // Written back at version 4, it reads back equal.
+    // Written back at the current version, it reads back equal.
     let mut builder = from_snapshot_builder(dir.path()).await;
     let snapshot = builder.build_snapshot().await.unwrap();
     let data = snapshot.snapshot.into_inner();
-    assert_eq!(data[0], 4);
+    assert_eq!(data[0], convoy_raft::model::SCHEMA_VERSION);
     let state = decode_state(&data).unwrap();
     assert_eq!(state.model, snap_model);
+}
+
+/// Schema 5 only appended a command (link reports bound to the group's id): schema 4's log
+/// entries (written by schema 4 code, QEMU VM and tenure-bound link report included)
+/// decode unchanged and re-encode at version 5, and its snapshot file opens as it is, equal
+/// to replaying that log.
+#[tokio::test]
+async fn schema_4_log_and_snapshot_read_back_unchanged() {
+    let bytes = fixture_of(4, "log-entries.bin");
+    let mut entries = Vec::new();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        let (entry, tail) = rest[4..].split_at(len);
+        assert_eq!(entry[0], 4, "fixture entries carry version 4");
+        entries.push(decode_entry(entry).expect("a v4 entry decodes"));
+        rest = tail;
+    }
+    let v1 = v1_entries();
+    assert_eq!(entries.len(), v1.len() + 2);
+    assert_eq!(format!("{:?}", &entries[..v1.len()]), format!("{v1:?}"));
+    let commands: Vec<&Command> = entries[v1.len()..]
+        .iter()
+        .filter_map(|e| match &e.payload {
+            EntryPayload::Normal(p) => p.requests.first().map(|r| &r.command),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(commands[0], Command::CreateQemuVm { name, .. } if name == "guest"),
+        "{commands:?}"
+    );
+    assert_eq!(
+        commands[1],
+        &Command::ReportLinkState {
+            cg: "shop".into(),
+            from: 1,
+            sequencer_epoch: 2,
+            to: 2,
+            state: LinkState::Consistent,
+            expect: Some(LinkState::Outdated),
+        }
+    );
+    for e in &entries {
+        let encoded = encode_entry(e).unwrap();
+        assert_eq!(encoded[0], convoy_raft::model::SCHEMA_VERSION);
+        assert_eq!(
+            format!("{:?}", decode_entry(&encoded).unwrap()),
+            format!("{e:?}")
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("current.snap"),
+        fixture_of(4, "current.snap"),
+    )
+    .unwrap();
+    let from_snapshot = StateMachineStore::open(dir.path()).expect("a v4 snapshot opens");
+    let snap_model = from_snapshot.reader().read(|m| m.clone());
+    let replay_dir = tempfile::tempdir().unwrap();
+    let mut replay = StateMachineStore::open(replay_dir.path()).unwrap();
+    replay.apply(entries).await.unwrap();
+    assert_eq!(snap_model, replay.reader().read(|m| m.clone()));
+    assert!(snap_model.vms["guest"].qemu.is_some());
+    assert_eq!(
+        snap_model.cgs["shop"].replicas[0].state,
+        LinkState::Consistent
+    );
+
+    let mut builder = from_snapshot_builder(dir.path()).await;
+    let snapshot = builder.build_snapshot().await.unwrap();
+    let data = snapshot.snapshot.into_inner();
+    assert_eq!(data[0], convoy_raft::model::SCHEMA_VERSION);
+    assert_eq!(decode_state(&data).unwrap().model, snap_model);
 }

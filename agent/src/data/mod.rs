@@ -321,12 +321,13 @@ impl LinkReporter for Reporter {
     fn report(
         &self,
         cg: String,
+        cg_id: u64,
         sequencer_epoch: u64,
         to: NodeId,
         state: convoy_raft::model::LinkState,
         expect: Option<convoy_raft::model::LinkState>,
     ) -> BoxFuture<'static, Result<(), String>> {
-        self.0.report(cg, sequencer_epoch, to, state, expect)
+        self.0.report(cg, cg_id, sequencer_epoch, to, state, expect)
     }
 }
 

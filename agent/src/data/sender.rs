@@ -235,6 +235,7 @@ impl LinkSender {
             .reporter()
             .report(
                 self.seq.name.clone(),
+                self.cg_id(),
                 self.seq.sequencer_epoch(),
                 self.to,
                 state,
@@ -299,6 +300,7 @@ impl LinkSender {
             .reporter()
             .report(
                 self.seq.name.clone(),
+                self.cg_id(),
                 self.seq.sequencer_epoch(),
                 self.to,
                 LinkState::Consistent,

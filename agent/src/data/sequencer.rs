@@ -103,12 +103,13 @@ impl WriteError {
 
 /// Records link states in Raft (implemented by the agent over its cluster service).
 pub trait LinkReporter: Send + Sync + 'static {
-    /// Commits `state` for the link of group `cg` to `to`, if the link is in `expect` now
-    /// (when given) and this host still orders the group in `sequencer_epoch`; resolves
-    /// once committed.
+    /// Commits `state` for the link of group `cg` (id `cg_id`) to `to`, if the link is in
+    /// `expect` now (when given) and this host still orders the group in
+    /// `sequencer_epoch`; resolves once committed.
     fn report(
         &self,
         cg: String,
+        cg_id: u64,
         sequencer_epoch: u64,
         to: NodeId,
         state: LinkState,
@@ -1088,6 +1089,7 @@ impl Sequencer {
             self.reporter
                 .report(
                     self.name.clone(),
+                    self.cg_id().unwrap_or_default(),
                     self.sequencer_epoch(),
                     to,
                     LinkState::Outdated,
@@ -1388,6 +1390,7 @@ mod tests {
         fn report(
             &self,
             _cg: String,
+            _cg_id: u64,
             _sequencer_epoch: u64,
             to: NodeId,
             state: LinkState,

@@ -367,6 +367,7 @@ impl LinkReporter for RaftModelWriter {
     fn report(
         &self,
         cg: String,
+        cg_id: u64,
         sequencer_epoch: u64,
         to: NodeId,
         state: LinkState,
@@ -375,11 +376,13 @@ impl LinkReporter for RaftModelWriter {
         let Some(from) = self.0.upgrade().map(|c| c.id) else {
             return Box::pin(async { Err("the agent is shutting down".to_string()) });
         };
-        // Bound to this host's tenure: a sequencer that missed a hand-over is refused.
+        // Bound to this host's tenure (a sequencer that missed a hand-over is refused) and
+        // to the group's id (a sender of a deleted group is refused by its namesake).
         let fut = self.propose(
             rand::random(),
-            Command::ReportLinkState {
+            Command::ReportGroupLinkState {
                 cg,
+                cg_id,
                 from,
                 sequencer_epoch,
                 to,
