@@ -285,7 +285,7 @@ async fn schema_4_log_and_snapshot_read_back_unchanged() {
         rest = tail;
     }
     let v1 = v1_entries();
-    assert_eq!(entries.len(), v1.len() + 2);
+    assert_eq!(entries.len(), v1.len() + 4);
     assert_eq!(format!("{:?}", &entries[..v1.len()]), format!("{v1:?}"));
     let commands: Vec<&Command> = entries[v1.len()..]
         .iter()
