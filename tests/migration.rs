@@ -539,3 +539,58 @@ fn sigstop_of_the_source_midway_never_fails_back_to_it_and_ends_in_one_decision(
     assert!(caught > 0, "no migration could be caught midway");
     dev.assert_no_panics();
 }
+
+/// `migrate start`'s QEMU settings are checked where the operator is, kept in the
+/// migration's record and shown in its report; unset ones stay the source host's.
+#[test]
+fn qemu_settings_of_a_migration_are_checked_kept_and_reported() {
+    let dev = Dev::start(2, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    create_group(&dev, "g", &["a"], "16MiB");
+    let base = [
+        "migrate",
+        "start",
+        "g",
+        "--to",
+        "2",
+        "--strategy",
+        "reverse-replication",
+    ];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        dev.cli(&args)
+    };
+    let r = with(&["--downtime-limit-ms", "0"]);
+    assert!(!r.ok && r.stderr.contains("downtime limit"), "{r:?}");
+    let r = with(&["--auto-converge", "maybe"]);
+    assert!(!r.ok && r.stderr.contains("--auto-converge"), "{r:?}");
+    assert!(json(&dev, &["migrate", "list", "-o", "json"]) == serde_json::json!([]));
+
+    let r = with(&[
+        "--downtime-limit-ms",
+        "50",
+        "--max-bandwidth-mib",
+        "64",
+        "-o",
+        "json",
+    ]);
+    assert!(r.ok, "{r:?}");
+    let id = r.json()["id"].as_u64().unwrap();
+    let m = wait_decided(&dev, id);
+    assert_eq!(m["decision"], "committed", "{m:#}");
+    assert_eq!(m["live"]["downtime_limit_ms"], 50, "{m:#}");
+    assert_eq!(m["live"]["max_bandwidth_mib"], 64, "{m:#}");
+    assert!(m["live"]["auto_converge"].is_null(), "{m:#}");
+    // Simulated guests: no QEMU figures.
+    assert_eq!(m["live_moves"], serde_json::json!([]), "{m:#}");
+    let r = dev.cli(&["migrate", "show", &id.to_string()]);
+    assert!(
+        r.stdout.contains(
+            "QEMU settings: downtime limit 50 ms, bandwidth 64 MiB/s, auto-converge host's"
+        ),
+        "{}",
+        r.stdout
+    );
+    dev.assert_no_panics();
+}

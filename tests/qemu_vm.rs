@@ -397,19 +397,27 @@ fn a_running_qemu_guest_moves_live_to_another_host_and_keeps_every_write() {
 /// Starts migrating group `cg` to `to` with `strategy` and waits for the decision;
 /// returns the migration's record.
 fn migrate(dev: &Dev, cg: &str, to: u64, strategy: &str) -> Value {
-    let r = dev.cli(&[
+    migrate_with(dev, cg, to, strategy, &[])
+}
+
+/// [`migrate`] with more `migrate start` flags.
+fn migrate_with(dev: &Dev, cg: &str, to: u64, strategy: &str, extra: &[&str]) -> Value {
+    let to = to.to_string();
+    let mut args = vec![
         "migrate",
         "start",
         cg,
         "--to",
-        &to.to_string(),
+        &to,
         "--strategy",
         strategy,
         "--deadline",
         "2m",
         "-o",
         "json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let r = dev.cli(&args);
     assert!(r.ok, "migrate start ({strategy}): {}{}", r.stdout, r.stderr);
     let id = r.json()["id"].as_u64().unwrap().to_string();
     wait_for(
@@ -421,6 +429,25 @@ fn migrate(dev: &Dev, cg: &str, to: u64, strategy: &str) -> Value {
             v["decision"].is_string().then_some(v)
         },
     )
+}
+
+/// `line` without the terminal colour codes an agent's log may carry.
+fn without_colours(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // An SGR sequence: ESC [ ... m.
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The guest's QEMU runs on `host` only, and its console there counts past `after`.
@@ -477,13 +504,49 @@ fn a_running_qemu_guest_migrates_with_its_group_and_back_under_two_strategies() 
             .is_some_and(|s| s.iter().any(|e| e[0] == "mig")),
         "the guest's stun is in the report: {m:#}"
     );
+    // QEMU's own figures are in the report, taken with the source host's settings.
+    let live_move = |m: &Value| {
+        m["live_moves"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["vm"] == "mig").cloned())
+            .unwrap_or_else(|| panic!("no live move of mig in the report: {m:#}"))
+    };
+    let l = live_move(&m);
+    assert!(
+        l["total_ms"].as_u64().unwrap_or(0) >= l["downtime_ms"].as_u64().unwrap_or(0)
+            && l["total_ms"].as_u64().unwrap_or(0) > 0
+            && l["ram_bytes"].as_u64().unwrap_or(0) > 0,
+        "{l:#}"
+    );
+    assert!(m["live"]["downtime_limit_ms"].is_null(), "{m:#}");
     let there = runs_only_on(&dir2, &dir1, "mig", before);
     let shown = vm_json(&dev, "mig");
     assert_eq!(shown["host"], 2, "{shown:#}");
 
-    // And back: the group switches over at once, synchronously caught up first.
-    let m = migrate(&dev, "g", 1, "sync-switch");
+    // And back: the group switches over at once, synchronously caught up first, with
+    // QEMU parameters of this migration's own.
+    let m = migrate_with(
+        &dev,
+        "g",
+        1,
+        "sync-switch",
+        &["--downtime-limit-ms", "400", "--auto-converge", "false"],
+    );
     assert_eq!(m["decision"], "committed", "{m:#}");
+    assert_eq!(m["live"]["downtime_limit_ms"], 400, "{m:#}");
+    assert_eq!(m["live"]["auto_converge"], false, "{m:#}");
+    assert!(live_move(&m)["total_ms"].as_u64().unwrap_or(0) > 0);
+    // The source (node 2) gave QEMU this migration's parameters, not its own.
+    let log = std::fs::read_to_string(&dev.node(2).log).unwrap_or_default();
+    let set = without_colours(
+        log.lines()
+            .rfind(|l| l.contains("live migration parameters"))
+            .unwrap_or_default(),
+    );
+    assert!(
+        set.contains("downtime_limit_ms=400") && set.contains("auto_converge=false"),
+        "node 2 set: {set:?}"
+    );
     eprintln!(
         "sync-switch: {:.2} s, stun {}, moved {} bytes",
         m["elapsed_secs"].as_f64().unwrap_or(0.0),

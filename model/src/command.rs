@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Cg, DecisionRecord, Disk, HostRecord, LinkState, Migration, NodeId, Phase, Progress, QemuSpec,
-    ReplicationMode, SequencerBasis, Strategy, Vm,
+    Cg, DecisionRecord, Disk, HostRecord, LinkState, LiveMove, LiveSettings, Migration, NodeId,
+    Phase, Progress, QemuSpec, ReplicationMode, SequencerBasis, Strategy, Vm,
 };
 
 /// A change to the cluster model, as committed in the Raft log. Stored entries carry the
@@ -307,6 +307,32 @@ pub enum Command {
         /// Applied only if the link is in this state now (compare-and-set).
         expect: Option<LinkState>,
     },
+    /// [`Command::StartMigration`] with how QEMU live-migrates the group's running guests
+    /// (schema 5).
+    StartMigrationWithSettings {
+        /// The group.
+        cg: String,
+        /// Destination host.
+        to: NodeId,
+        /// Strategy.
+        strategy: Strategy,
+        /// The agent that coordinates first.
+        coordinator: NodeId,
+        /// Proposer's clock, ms since the epoch.
+        started_at_ms: u64,
+        /// Fail back if not decided by then (ms since the epoch).
+        deadline_ms: u64,
+        /// QEMU's migration parameters for this migration.
+        live: LiveSettings,
+    },
+    /// Record a running guest's live migration, as QEMU measured it, in a migration's
+    /// report (schema 5).
+    RecordLiveMove {
+        /// The migration.
+        id: u64,
+        /// What QEMU measured.
+        live: LiveMove,
+    },
 }
 
 impl Command {
@@ -340,6 +366,8 @@ impl Command {
             Command::ReportLinkState { .. } => "report_link_state",
             Command::CreateQemuVm { .. } => "create_qemu_vm",
             Command::ReportGroupLinkState { .. } => "report_group_link_state",
+            Command::StartMigrationWithSettings { .. } => "start_migration",
+            Command::RecordLiveMove { .. } => "record_live_move",
         }
     }
 }

@@ -28,6 +28,7 @@ mod migration;
 pub mod plan;
 pub mod v1;
 pub mod v3;
+pub mod v4;
 mod vm;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -39,8 +40,9 @@ pub use command::{Command, Outcome};
 pub use error::ModelError;
 pub use host::HostRecord;
 pub use migration::{
-    Claim, Decision, DecisionRecord, DiskRoots, FailBackCause, MAX_TIMELINE, Migration,
-    MigrationStats, Phase, Progress, SequencerBasis, Strategy, TimelineEntry,
+    Claim, Decision, DecisionRecord, DiskRoots, FailBackCause, LiveMove, LiveSettings,
+    MAX_DOWNTIME_LIMIT_MS, MAX_TIMELINE, Migration, MigrationStats, Phase, Progress,
+    SequencerBasis, Strategy, TimelineEntry,
 };
 pub use plan::{
     DiskPlan, DomainId, ExportKind, ExportPlan, GuestPlan, HostPlan, QemuPlan, ReplicaPlan,
@@ -60,7 +62,11 @@ use error::invalid;
 /// gave [`Vm`] its QEMU configuration ([`Vm::qemu`]) and appended
 /// [`Command::CreateQemuVm`]: version 3 log entries decode unchanged, version 3 snapshots
 /// (whose VMs lack the field) are upgraded through [`v3`]. Version 5 appended
-/// [`Command::ReportGroupLinkState`]: version 4 log entries and snapshots decode unchanged.
+/// [`Command::ReportGroupLinkState`], [`Command::StartMigrationWithSettings`] and
+/// [`Command::RecordLiveMove`], and gave [`Migration`] its QEMU settings
+/// ([`Migration::live`]) and its stats the guests' live moves: version 4 log entries decode
+/// unchanged, version 4 snapshots (whose migrations lack the fields) are upgraded through
+/// [`v4`].
 pub const SCHEMA_VERSION: u8 = 5;
 
 /// A host's Raft node id. Ids are never reused, even after a node is removed.
@@ -259,7 +265,26 @@ impl ClusterModel {
                 *coordinator,
                 *started_at_ms,
                 *deadline_ms,
+                LiveSettings::default(),
             ),
+            Command::StartMigrationWithSettings {
+                cg,
+                to,
+                strategy,
+                coordinator,
+                started_at_ms,
+                deadline_ms,
+                live,
+            } => self.start_migration(
+                cg,
+                *to,
+                *strategy,
+                *coordinator,
+                *started_at_ms,
+                *deadline_ms,
+                *live,
+            ),
+            Command::RecordLiveMove { id, live } => self.record_live_move(*id, live),
             Command::ClaimMigration {
                 id,
                 node,

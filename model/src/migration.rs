@@ -246,6 +246,59 @@ pub struct MigrationStats {
     /// When the migration escalated to synchronous mirroring because the copy it waited
     /// on did not converge.
     pub escalated_at_ms: Option<u64>,
+    /// Each running QEMU guest's live migration, as QEMU measured it (schema 5).
+    pub live_moves: Vec<LiveMove>,
+}
+
+/// How QEMU live-migrates a migration's running guests (schema 5). A field left `None`
+/// takes the source host's `[qemu]` configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveSettings {
+    /// QEMU's `downtime-limit`, ms.
+    pub downtime_limit_ms: Option<u64>,
+    /// QEMU's `max-bandwidth`, MiB/s (0: QEMU's default).
+    pub max_bandwidth_mib: Option<u64>,
+    /// QEMU's `auto-converge` capability.
+    pub auto_converge: Option<bool>,
+}
+
+/// Largest `downtime-limit` QEMU accepts, ms.
+pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
+
+impl LiveSettings {
+    /// Checks the numbers QEMU would refuse.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if let Some(ms) = self.downtime_limit_ms {
+            if !(1..=MAX_DOWNTIME_LIMIT_MS).contains(&ms) {
+                return Err(invalid(
+                    "downtime limit",
+                    format!("{ms} ms: QEMU takes 1 to {MAX_DOWNTIME_LIMIT_MS} ms"),
+                ));
+            }
+        }
+        if let Some(mib) = self.max_bandwidth_mib {
+            if mib > (u64::MAX >> 20) {
+                return Err(invalid(
+                    "bandwidth",
+                    format!("{mib} MiB/s is more than QEMU can count"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One running QEMU guest's live migration, as QEMU measured it (`query-migrate`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveMove {
+    /// The VM.
+    pub vm: String,
+    /// The guest's downtime, ms.
+    pub downtime_ms: u64,
+    /// From QEMU's `migrate` to completion, ms.
+    pub total_ms: u64,
+    /// Guest memory bytes sent.
+    pub ram_bytes: u64,
 }
 
 /// A migration of a consistency group.
@@ -281,6 +334,8 @@ pub struct Migration {
     pub timeline: Vec<TimelineEntry>,
     /// The decision, once made.
     pub decision: Option<DecisionRecord>,
+    /// How QEMU live-migrates its running guests (schema 5).
+    pub live: LiveSettings,
 }
 
 /// Most timeline entries a migration keeps (the oldest are dropped beyond it).
@@ -431,6 +486,24 @@ impl ClusterModel {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Records a running guest's live migration, as QEMU measured it, in the report of
+    /// migration `id` (once per VM: a retried report changes nothing).
+    pub(crate) fn record_live_move(
+        &mut self,
+        id: u64,
+        live: &LiveMove,
+    ) -> Result<Outcome, ModelError> {
+        let m = self
+            .migrations
+            .get_mut(&id)
+            .ok_or_else(|| not_found("migration", id))?;
+        if !m.stats.live_moves.iter().any(|l| l.vm == live.vm) {
+            m.stats.live_moves.push(live.clone());
+        }
+        Ok(Outcome::Migration(Box::new(m.clone())))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start_migration(
         &mut self,
         cg: &str,
@@ -439,7 +512,9 @@ impl ClusterModel {
         coordinator: NodeId,
         started_at_ms: u64,
         deadline_ms: u64,
+        live: LiveSettings,
     ) -> Result<Outcome, ModelError> {
+        live.validate()?;
         let group = self.cgs.get(cg).ok_or_else(|| not_found("cg", cg))?;
         if !self.is_active_host(to) {
             return Err(not_found("host", to));
@@ -495,6 +570,7 @@ impl ClusterModel {
             stats: MigrationStats::default(),
             timeline: Vec::new(),
             decision: None,
+            live,
         };
         m.note(
             started_at_ms,

@@ -597,6 +597,65 @@ fn migrating(strategy: Strategy) -> ClusterModel {
     m
 }
 
+#[test]
+fn a_migration_keeps_its_qemu_settings_and_each_guests_live_move_once() {
+    let mut m = replicated(ReplicationMode::Async);
+    let start = |live| Command::StartMigrationWithSettings {
+        cg: "g".into(),
+        to: 2,
+        strategy: Strategy::ReverseReplication,
+        coordinator: 3,
+        started_at_ms: 100,
+        deadline_ms: 10_000,
+        live,
+    };
+    let zero = LiveSettings {
+        downtime_limit_ms: Some(0),
+        ..LiveSettings::default()
+    };
+    assert!(matches!(
+        m.apply(0, &start(zero)),
+        Err(ModelError::Invalid { .. })
+    ));
+    assert!(m.migrations.is_empty());
+    let live = LiveSettings {
+        downtime_limit_ms: Some(50),
+        max_bandwidth_mib: Some(100),
+        auto_converge: Some(false),
+    };
+    ok(&mut m, start(live));
+    assert_eq!(m.migrations[&1].live, live);
+    let moved = |ms| Command::RecordLiveMove {
+        id: 1,
+        live: LiveMove {
+            vm: "a".into(),
+            downtime_ms: ms,
+            total_ms: 700,
+            ram_bytes: 1 << 20,
+        },
+    };
+    ok(&mut m, moved(27));
+    // A report sent again (a retried request) does not count the move twice.
+    ok(&mut m, moved(28));
+    assert_eq!(m.migrations[&1].stats.live_moves.len(), 1);
+    assert_eq!(m.migrations[&1].stats.live_moves[0].downtime_ms, 27);
+    assert!(matches!(
+        m.apply(
+            0,
+            &Command::RecordLiveMove {
+                id: 9,
+                live: LiveMove {
+                    vm: "a".into(),
+                    downtime_ms: 1,
+                    total_ms: 1,
+                    ram_bytes: 1,
+                },
+            }
+        ),
+        Err(ModelError::NotFound { .. })
+    ));
+}
+
 fn advance(claim: u64, from: Phase, to: Phase) -> Command {
     Command::AdvanceMigration {
         id: 1,

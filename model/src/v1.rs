@@ -452,6 +452,7 @@ impl ClusterModel {
                         reason: "recorded by schema version 1, which had no migrations".into(),
                         roots: Vec::new(),
                     }),
+                    live: crate::LiveSettings::default(),
                 };
                 (record.id, record)
             })

@@ -1,6 +1,8 @@
 //! Schema version 3: the shapes that version 4 changed, frozen as version 3 wrote them
 //! (2026-12-06). These definitions must never change, since they decode bytes already on
-//! operators' disks. Types version 4 did not change are the current ones.
+//! operators' disks. Types versions 4 and 5 did not change are the current ones; a
+//! migration is version 4's (version 5 changed it), and a version 3 model upgrades
+//! through version 4's.
 //!
 //! What changed in version 4: a VM records how QEMU runs it ([`crate::Vm::qemu`]), so a
 //! snapshot's VMs (in the model and in remembered answers) gained a field. Log entries did
@@ -13,7 +15,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Cg, Disk, HostRecord, Migration, ModelError, NodeId};
+use crate::v4::Migration;
+use crate::{Cg, Disk, HostRecord, ModelError, NodeId};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vm {
@@ -57,7 +60,7 @@ pub struct ClusterModel {
     pub dedup: Dedup,
 }
 
-// ---- upgrades to the current schema ----
+// ---- upgrades to version 4 ----
 
 impl From<Vm> for crate::Vm {
     fn from(v: Vm) -> Self {
@@ -77,28 +80,30 @@ impl From<Vm> for crate::Vm {
     }
 }
 
-impl From<Outcome> for crate::Outcome {
+impl From<Outcome> for crate::v4::Outcome {
     fn from(o: Outcome) -> Self {
         match o {
-            Outcome::Done => crate::Outcome::Done,
-            Outcome::Host(h) => crate::Outcome::Host(h),
-            Outcome::Vm(v, d) => crate::Outcome::Vm(v.into(), d),
-            Outcome::Cg(c) => crate::Outcome::Cg(c),
-            Outcome::Migration(m) => crate::Outcome::Migration(m),
+            Outcome::Done => crate::v4::Outcome::Done,
+            Outcome::Host(h) => crate::v4::Outcome::Host(h),
+            Outcome::Vm(v, d) => crate::v4::Outcome::Vm(v.into(), d),
+            Outcome::Cg(c) => crate::v4::Outcome::Cg(c),
+            Outcome::Migration(m) => crate::v4::Outcome::Migration(m),
         }
     }
 }
 
 impl ClusterModel {
-    /// Upgrades a whole model (a state-machine snapshot) to the current schema.
+    /// Upgrades a whole model (a state-machine snapshot) to the current schema, through
+    /// version 4.
     pub fn upgrade(self) -> crate::ClusterModel {
-        let mut dedup = crate::Dedup::default();
+        let mut dedup = crate::v4::Dedup::default();
         for id in self.dedup.order {
             if let Some(answer) = self.dedup.answers.get(&id) {
-                dedup.remember(id, answer.clone().map(Into::into));
+                dedup.order.push_back(id);
+                dedup.answers.insert(id, answer.clone().map(Into::into));
             }
         }
-        crate::ClusterModel {
+        crate::v4::ClusterModel {
             hosts: self.hosts,
             vms: self.vms.into_iter().map(|(n, v)| (n, v.into())).collect(),
             disks: self.disks,
@@ -110,5 +115,6 @@ impl ClusterModel {
             next_migration_id: self.next_migration_id,
             dedup,
         }
+        .upgrade()
     }
 }

@@ -4,7 +4,7 @@
 //! model's [`convoy_model::v1`] conversions.
 
 use convoy_codec::CodecError;
-use convoy_model::{SCHEMA_VERSION, v1, v3};
+use convoy_model::{SCHEMA_VERSION, v1, v3, v4};
 use openraft::{EntryPayload, LogId, Membership, StoredMembership};
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +47,14 @@ struct V1SmState {
     last_applied: Option<LogId<NodeId>>,
     last_membership: StoredMembership<NodeId, NodeAddr>,
     model: v1::ClusterModel,
+}
+
+/// Version 4 of [`SmState`].
+#[derive(Serialize, Deserialize)]
+struct V4SmState {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, NodeAddr>,
+    model: v4::ClusterModel,
 }
 
 /// Version 3 of [`SmState`] (versions 2 and 3 wrote the same shapes).
@@ -110,8 +118,16 @@ pub fn encode_state(state: &SmState) -> Result<Vec<u8>, CodecError> {
 pub fn decode_state(bytes: &[u8]) -> Result<SmState, CodecError> {
     let (version, body) = convoy_codec::split_version(bytes)?;
     match version {
-        // Version 5 only appended a command variant: version 4 snapshots are current.
-        SCHEMA_VERSION | 4 => convoy_codec::decode_body(body),
+        SCHEMA_VERSION => convoy_codec::decode_body(body),
+        // Version 5 gave migrations their QEMU settings and measurements.
+        4 => {
+            let old: V4SmState = convoy_codec::decode_body(body)?;
+            Ok(SmState {
+                last_applied: old.last_applied,
+                last_membership: old.last_membership,
+                model: old.model.upgrade(),
+            })
+        }
         // Version 3 only appended a command variant to version 2: both snapshots hold
         // VMs without the QEMU configuration version 4 added.
         3 | 2 => {

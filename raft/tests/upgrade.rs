@@ -268,10 +268,11 @@ async fn schema_3_snapshot_upgrades_and_its_log_decodes_unchanged() {
     assert_eq!(state.model, snap_model);
 }
 
-/// Schema 5 only appended a command (link reports bound to the group's id): schema 4's log
-/// entries (written by schema 4 code, QEMU VM and tenure-bound link report included)
-/// decode unchanged and re-encode at version 5, and its snapshot file opens as it is, equal
-/// to replaying that log.
+/// Schema 5 appended commands (link reports bound to the group's id, migrations with QEMU
+/// settings, QEMU's measurements) and gave migrations fields: schema 4's log entries
+/// (written by schema 4 code: a QEMU VM, a tenure-bound link report, a migration started
+/// and advanced) decode unchanged and re-encode at version 5, and its snapshot file, whose
+/// migration lacks the fields, upgrades to the model its log gives.
 #[tokio::test]
 async fn schema_4_log_and_snapshot_read_back_unchanged() {
     let bytes = fixture_of(4, "log-entries.bin");
@@ -334,6 +335,31 @@ async fn schema_4_log_and_snapshot_read_back_unchanged() {
     assert_eq!(
         snap_model.cgs["shop"].replicas[0].state,
         LinkState::Consistent
+    );
+    let migration = &snap_model.migrations[&1];
+    assert_eq!(migration.stats.stun_ms, vec![("web".to_string(), 42)]);
+    assert_eq!(migration.stats.bytes_needed, 4096);
+    assert_eq!(migration.live, convoy_raft::model::LiveSettings::default());
+    assert!(migration.stats.live_moves.is_empty());
+
+    // A retried schema-4 request gets its remembered answer, upgraded.
+    let mut m = snap_model.clone();
+    let again = m.apply(
+        2003,
+        &Command::StartMigration {
+            cg: "shop".into(),
+            to: 2,
+            strategy: convoy_raft::model::Strategy::SyncSwitch {
+                active_active: false,
+            },
+            coordinator: 1,
+            started_at_ms: 1_765_000_100_000,
+            deadline_ms: 1_765_000_700_000,
+        },
+    );
+    assert!(
+        matches!(&again, Ok(convoy_raft::Outcome::Migration(m)) if m.id == 1 && m.timeline.len() == 1),
+        "{again:?}"
     );
 
     let mut builder = from_snapshot_builder(dir.path()).await;

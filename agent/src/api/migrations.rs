@@ -119,6 +119,8 @@ pub fn migration_view(model: &ClusterModel, m: &Migration) -> MigrationView {
             .collect(),
         note: None,
         link_progress: None,
+        live: m.live,
+        live_moves: m.stats.live_moves.clone(),
     }
 }
 
@@ -136,14 +138,16 @@ pub async fn start(
             Err(bad("--deadline must be 10 s to 7 days"))
         }
     })?;
+    req.live.validate().map_err(|e| bad(e.to_string()))?;
     let started = now_ms();
-    let cmd = Command::StartMigration {
+    let cmd = Command::StartMigrationWithSettings {
         cg: req.cg,
         to: req.to,
         strategy,
         coordinator: s.cluster.id,
         started_at_ms: started,
         deadline_ms: started + deadline.as_millis() as u64,
+        live: req.live,
     };
     match s.cluster.write(cmd, None).await? {
         Outcome::Migration(m) => Ok((

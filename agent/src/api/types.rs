@@ -541,6 +541,9 @@ pub struct StartMigrationRequest {
     /// Fail back if not decided within this many seconds (default 600).
     #[serde(default)]
     pub deadline_secs: Option<u64>,
+    /// How QEMU live-migrates running QEMU guests (unset: the source host's `[qemu]`).
+    #[serde(default)]
+    pub live: convoy_raft::model::LiveSettings,
 }
 
 /// `POST /v1/migrations/plan`.
@@ -663,4 +666,10 @@ pub struct MigrationView {
     /// The destination link as the coordinator last saw it: acknowledged and last
     /// sequence (or chunks sent and total while seeding).
     pub link_progress: Option<(u64, u64)>,
+    /// QEMU's migration parameters this migration set (unset: the source host's).
+    #[serde(default)]
+    pub live: convoy_raft::model::LiveSettings,
+    /// Each running QEMU guest's live migration, as QEMU measured it.
+    #[serde(default)]
+    pub live_moves: Vec<convoy_raft::model::LiveMove>,
 }

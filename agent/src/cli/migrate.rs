@@ -11,6 +11,7 @@ use super::{Format, GlobalArgs, ReadArgs, read_query};
 use crate::api::types::*;
 use crate::client::AdminClient;
 use crate::units::format_size;
+use convoy_raft::model::LiveSettings;
 
 #[derive(Subcommand, Debug)]
 pub enum MigrateCmd {
@@ -45,6 +46,18 @@ pub enum MigrateCmd {
         /// Wait for the decision, showing progress (exit 1 unless committed).
         #[arg(long)]
         wait: bool,
+        /// Running QEMU guests: QEMU's downtime limit, ms (default: the source host's
+        /// [qemu] migrate_downtime_limit_ms).
+        #[arg(long, value_name = "MS")]
+        downtime_limit_ms: Option<u64>,
+        /// Running QEMU guests: QEMU's bandwidth cap, MiB/s, 0 for QEMU's default
+        /// (default: the source host's [qemu] migrate_max_bandwidth_mib).
+        #[arg(long, value_name = "MIB")]
+        max_bandwidth_mib: Option<u64>,
+        /// Running QEMU guests: QEMU's auto-converge, true or false (default: the source
+        /// host's [qemu] migrate_auto_converge).
+        #[arg(long, value_name = "BOOL")]
+        auto_converge: Option<bool>,
     },
     /// Phase and progress of a migration; with --watch, live until it is decided.
     Status {
@@ -109,6 +122,9 @@ pub async fn run(global: &GlobalArgs, cmd: MigrateCmd) -> Result<()> {
             sync_mode,
             deadline,
             wait,
+            downtime_limit_ms,
+            max_bandwidth_mib,
+            auto_converge,
         } => {
             let req = StartMigrationRequest {
                 cg,
@@ -116,6 +132,11 @@ pub async fn run(global: &GlobalArgs, cmd: MigrateCmd) -> Result<()> {
                 strategy,
                 sync_mode,
                 deadline_secs: deadline.map(|d| d.as_secs()),
+                live: LiveSettings {
+                    downtime_limit_ms,
+                    max_bandwidth_mib,
+                    auto_converge,
+                },
             };
             let m: MigrationView = client.post("/v1/migrations", &req).await?;
             if wait {
@@ -365,6 +386,32 @@ impl Output {
                 .map(|(vm, ms)| format!("{vm} {ms} ms"))
                 .collect();
             println!("stun: {}", stuns.join(", "));
+        }
+        for l in &m.live_moves {
+            println!(
+                "live migration of {}: downtime {} ms, total {} ms, {} of memory sent",
+                l.vm,
+                l.downtime_ms,
+                l.total_ms,
+                format_size(l.ram_bytes)
+            );
+        }
+        let live = &m.live;
+        if live.downtime_limit_ms.is_some()
+            || live.max_bandwidth_mib.is_some()
+            || live.auto_converge.is_some()
+        {
+            let or_host = |v: Option<String>| v.unwrap_or_else(|| "host's".into());
+            println!(
+                "QEMU settings: downtime limit {}, bandwidth {}, auto-converge {}",
+                or_host(live.downtime_limit_ms.map(|ms| format!("{ms} ms"))),
+                or_host(live.max_bandwidth_mib.map(|b| if b == 0 {
+                    "QEMU's default".to_string()
+                } else {
+                    format!("{b} MiB/s")
+                })),
+                or_host(live.auto_converge.map(|b| b.to_string()))
+            );
         }
         println!(
             "fail-back copy lag (RPO), worst seen: {} writes",

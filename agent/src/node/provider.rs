@@ -15,7 +15,8 @@ use convoy_migrate::{
     HypervisorReply, LinkStatus, RestoreRequest, SequencerReport, StorageError, StorageOp,
     StorageProvider, StorageReply, TakeOverRequest, VmState,
 };
-use convoy_raft::model::{DiskId, DiskRoots, LinkState, NodeId, SequencerBasis};
+use convoy_raft::Command;
+use convoy_raft::model::{DiskId, DiskRoots, LinkState, LiveMove, NodeId, SequencerBasis};
 
 use super::rpc::{LocalRequest, LocalResponse};
 use super::service::{Cluster, ServiceError};
@@ -356,16 +357,17 @@ impl Cluster {
                 if !self.guard_holds(&guard).await.map_err(failed)? {
                     return Err(HypervisorError::Stale(vm));
                 }
-                let (plan, target) = self.model.read(|m| {
+                let (plan, target, live) = self.model.read(|m| {
                     let plan = convoy_raft::model::host_plan(m, self.id).qemu.remove(&vm);
-                    let target = m.migrations.get(&guard.migration).map(|mig| {
+                    let mig = m.migrations.get(&guard.migration);
+                    let target = mig.map(|mig| {
                         if mig.from == self.id {
                             mig.to
                         } else {
                             mig.from
                         }
                     });
-                    (plan, target)
+                    (plan, target, mig.map(|mig| mig.live).unwrap_or_default())
                 });
                 let (Some(plan), Some(target)) = (plan, target) else {
                     // Not planned here (stopped, or already moved): nothing to pause.
@@ -407,7 +409,10 @@ impl Cluster {
                 let addr = self.peer_addr(target).ok_or_else(|| {
                     HypervisorError::Failed(format!("node {target} is not a member"))
                 })?;
-                if let Err(e) = qemu.migrate_out(&vm, target, &self.endpoint, addr).await {
+                if let Err(e) = qemu
+                    .migrate_out(&vm, target, &self.endpoint, addr, &live)
+                    .await
+                {
                     abort_incoming().await;
                     return Err(HypervisorError::Failed(format!("{e:#}")));
                 }
@@ -477,6 +482,20 @@ impl Cluster {
                             ram_bytes = stats.ram_bytes,
                             "QEMU guest arrived by live migration"
                         );
+                        // For the migration's report only: a record that does not land
+                        // changes nothing else.
+                        let record = Command::RecordLiveMove {
+                            id: guard.migration,
+                            live: LiveMove {
+                                vm: vm.clone(),
+                                downtime_ms: stats.downtime_ms,
+                                total_ms: stats.total_ms,
+                                ram_bytes: stats.ram_bytes,
+                            },
+                        };
+                        if let Err(e) = self.write(record, None).await {
+                            tracing::warn!(vm, migration = guard.migration, error = %e, "cannot record the live migration's figures in the report");
+                        }
                         Ok(HypervisorReply::Resumed {
                             stun_ms: Some(stats.downtime_ms),
                         })

@@ -1013,7 +1013,9 @@ impl Cluster {
                 let addr = self
                     .peer_addr(to)
                     .ok_or_else(|| ServiceError::NotFound(format!("node {to} is not a member")))?;
-                qemu.migrate_out(&vm, to, &self.endpoint, addr)
+                // `vm move`: the host's own parameters.
+                let live = convoy_raft::model::LiveSettings::default();
+                qemu.migrate_out(&vm, to, &self.endpoint, addr, &live)
                     .await
                     .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
                 LocalResponse::Done

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use convoy_raft::model::QemuPlan;
+use convoy_raft::model::{LiveSettings, QemuPlan};
 use convoy_transport::{Endpoint, FramedRecv, FramedSend, InboundStream, StreamKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -91,6 +91,19 @@ pub struct MigrationParams {
     pub max_bandwidth: u64,
     /// QEMU's `auto-converge` capability.
     pub auto_converge: bool,
+}
+
+impl MigrationParams {
+    /// These parameters with a migration's own settings in place of the host's.
+    pub fn with(self, live: &LiveSettings) -> Self {
+        MigrationParams {
+            downtime_limit_ms: live.downtime_limit_ms.unwrap_or(self.downtime_limit_ms),
+            max_bandwidth: live
+                .max_bandwidth_mib
+                .map_or(self.max_bandwidth, |mib| mib << 20),
+            auto_converge: live.auto_converge.unwrap_or(self.auto_converge),
+        }
+    }
 }
 
 impl QemuHost {
@@ -237,8 +250,17 @@ impl QemuHost {
         to: u64,
         endpoint: &Endpoint,
         addr: std::net::SocketAddr,
+        live: &LiveSettings,
     ) -> anyhow::Result<()> {
-        let params = self.cfg.migration_params();
+        let params = self.cfg.migration_params().with(live);
+        tracing::info!(
+            vm,
+            to,
+            downtime_limit_ms = params.downtime_limit_ms,
+            max_bandwidth = params.max_bandwidth,
+            auto_converge = params.auto_converge,
+            "live migration parameters"
+        );
         let m = self.monitor_of(vm).await?;
         {
             let mut vms = self.vms.lock().await;
