@@ -519,6 +519,14 @@ fn a_running_qemu_guest_migrates_with_its_group_and_back_under_two_strategies() 
         "{l:#}"
     );
     assert!(m["live"]["downtime_limit_ms"].is_null(), "{m:#}");
+    assert!(
+        m["timeline"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|e| e["note"].as_str().is_some_and(
+                |n| n.starts_with("mig arrived on node 2 by QEMU live migration: downtime")
+            ))),
+        "{m:#}"
+    );
     let there = runs_only_on(&dir2, &dir1, "mig", before);
     let shown = vm_json(&dev, "mig");
     assert_eq!(shown["host"], 2, "{shown:#}");

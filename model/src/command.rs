@@ -332,6 +332,10 @@ pub enum Command {
         id: u64,
         /// What QEMU measured.
         live: LiveMove,
+        /// The host the guest arrived on.
+        node: NodeId,
+        /// Proposer's clock, ms since the epoch.
+        at_ms: u64,
     },
 }
 

@@ -284,7 +284,12 @@ impl ClusterModel {
                 *deadline_ms,
                 *live,
             ),
-            Command::RecordLiveMove { id, live } => self.record_live_move(*id, live),
+            Command::RecordLiveMove {
+                id,
+                live,
+                node,
+                at_ms,
+            } => self.record_live_move(*id, live, *node, *at_ms),
             Command::ClaimMigration {
                 id,
                 node,

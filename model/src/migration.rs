@@ -485,13 +485,14 @@ impl ClusterModel {
         Ok(m)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    /// Records a running guest's live migration, as QEMU measured it, in the report of
-    /// migration `id` (once per VM: a retried report changes nothing).
+    /// Records a running guest's live migration, as QEMU measured it, in the report and
+    /// timeline of migration `id` (once per VM: a retried report changes nothing).
     pub(crate) fn record_live_move(
         &mut self,
         id: u64,
         live: &LiveMove,
+        node: NodeId,
+        at_ms: u64,
     ) -> Result<Outcome, ModelError> {
         let m = self
             .migrations
@@ -499,6 +500,14 @@ impl ClusterModel {
             .ok_or_else(|| not_found("migration", id))?;
         if !m.stats.live_moves.iter().any(|l| l.vm == live.vm) {
             m.stats.live_moves.push(live.clone());
+            m.note(
+                at_ms,
+                node,
+                format!(
+                    "{} arrived on node {node} by QEMU live migration: downtime {} ms, total {} ms, {} bytes of memory sent",
+                    live.vm, live.downtime_ms, live.total_ms, live.ram_bytes
+                ),
+            );
         }
         Ok(Outcome::Migration(Box::new(m.clone())))
     }

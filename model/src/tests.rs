@@ -633,12 +633,27 @@ fn a_migration_keeps_its_qemu_settings_and_each_guests_live_move_once() {
             total_ms: 700,
             ram_bytes: 1 << 20,
         },
+        node: 2,
+        at_ms: 200,
     };
     ok(&mut m, moved(27));
     // A report sent again (a retried request) does not count the move twice.
     ok(&mut m, moved(28));
-    assert_eq!(m.migrations[&1].stats.live_moves.len(), 1);
-    assert_eq!(m.migrations[&1].stats.live_moves[0].downtime_ms, 27);
+    let mig = &m.migrations[&1];
+    assert_eq!(mig.stats.live_moves.len(), 1);
+    assert_eq!(mig.stats.live_moves[0].downtime_ms, 27);
+    let noted: Vec<&str> = mig
+        .timeline
+        .iter()
+        .filter(|t| t.note.contains("live migration"))
+        .map(|t| t.note.as_str())
+        .collect();
+    assert_eq!(
+        noted,
+        [
+            "a arrived on node 2 by QEMU live migration: downtime 27 ms, total 700 ms, 1048576 bytes of memory sent"
+        ]
+    );
     assert!(matches!(
         m.apply(
             0,
@@ -650,6 +665,8 @@ fn a_migration_keeps_its_qemu_settings_and_each_guests_live_move_once() {
                     total_ms: 1,
                     ram_bytes: 1,
                 },
+                node: 2,
+                at_ms: 200,
             }
         ),
         Err(ModelError::NotFound { .. })

@@ -492,6 +492,8 @@ impl Cluster {
                                 total_ms: stats.total_ms,
                                 ram_bytes: stats.ram_bytes,
                             },
+                            node: self.id,
+                            at_ms: self.now_ms(),
                         };
                         if let Err(e) = self.write(record, None).await {
                             tracing::warn!(vm, migration = guard.migration, error = %e, "cannot record the live migration's figures in the report");
