@@ -472,7 +472,7 @@ fn runs_only_on(host_dir: &Path, other_dir: &Path, vm: &str, after: u64) -> u64 
 }
 
 #[test]
-fn a_running_qemu_guest_migrates_with_its_group_and_back_under_two_strategies() {
+fn a_running_qemu_guest_migrates_with_its_group_there_and_back_under_every_strategy() {
     if guest::skip() {
         eprintln!("SKIPPED: CONVOY_SKIP_QEMU=1");
         return;
@@ -562,7 +562,30 @@ fn a_running_qemu_guest_migrates_with_its_group_and_back_under_two_strategies() 
         m["bytes_moved"]
     );
     let back = runs_only_on(&dir1, &dir2, "mig", there);
-    eprintln!("writes: {before} before, {there} after the first move, {back} after the second");
+
+    // The other two strategies, there and back again: the destination's copy compared by
+    // hashes first; then a snapshot as the fail-back point and every VM moved at once.
+    let mut after = back;
+    for (to, strategy) in [(2, "compare-delta"), (1, "break-consistency")] {
+        let m = migrate(&dev, "g", to, strategy);
+        assert_eq!(m["decision"], "committed", "{m:#}");
+        eprintln!(
+            "{strategy}: {:.2} s, stun {}, moved {} bytes",
+            m["elapsed_secs"].as_f64().unwrap_or(0.0),
+            m["stun_ms"],
+            m["bytes_moved"]
+        );
+        assert!(live_move(&m)["total_ms"].as_u64().unwrap_or(0) > 0);
+        let (here, other) = if to == 2 {
+            (&dir2, &dir1)
+        } else {
+            (&dir1, &dir2)
+        };
+        after = runs_only_on(here, other, "mig", after);
+    }
+    eprintln!(
+        "writes: {before} before, {there} after the first move, {back} after the second, {after} after the fourth"
+    );
 
     // Stopped, every write the guest reported is on both copies.
     assert!(dev.cli(&["vm", "stop", "mig"]).ok);
