@@ -400,7 +400,13 @@ impl QemuHost {
             bail!("VM '{vm}' is not being migrated out of this host");
         }
         let result = self.continue_to_completion(vm).await;
-        self.quit_here(vm).await;
+        // Once the guest runs on the destination, this QEMU holds nothing anyone needs
+        // (QEMU flushed and released its disks when the migration completed), so it is
+        // killed rather than asked to quit: a quit closes its disks with a flush, which
+        // hangs on a disk whose export here went away with the move (break-consistency
+        // leaves this host no copy), its NBD client reconnecting until the quit gives up
+        // and kills it 10 s later, while the destination waits for this answer.
+        self.quit_here(vm, result.is_err()).await;
         result
     }
 
@@ -444,18 +450,25 @@ impl QemuHost {
         Ok(stats)
     }
 
-    /// Quits `vm`'s QEMU here at once (its guest runs elsewhere, or is given up).
-    async fn quit_here(&self, vm: &str) {
+    /// Quits `vm`'s QEMU here at once (its guest runs elsewhere, or is given up): with
+    /// `orderly`, by QMP `quit` and then SIGKILL if it has not exited within 5 s; without,
+    /// by SIGKILL at once.
+    async fn quit_here(&self, vm: &str, orderly: bool) {
         let running = self.vms.lock().await.remove(vm);
         let pid = running
             .as_ref()
             .map(|r| r.pid)
             .or_else(|| self.live_pid(vm));
-        if let Some(m) = running.and_then(|r| r.monitor) {
+        if let Some(m) = running.and_then(|r| r.monitor).filter(|_| orderly) {
             let _ = m.quit(QMP_TIMEOUT).await;
         }
         if let Some(pid) = pid {
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let grace = if orderly {
+                Duration::from_secs(5)
+            } else {
+                Duration::ZERO
+            };
+            let deadline = Instant::now() + grace;
             while self.live_pid(vm) == Some(pid) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -485,7 +498,7 @@ impl QemuHost {
             Some(Some(Role::Incoming { .. }))
         );
         if waiting {
-            self.quit_here(vm).await;
+            self.quit_here(vm, true).await;
             tracing::info!(vm, "removed the QEMU that waited for a live migration");
         }
     }
