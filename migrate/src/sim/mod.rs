@@ -193,6 +193,8 @@ pub(crate) struct Summary {
     stale_refused: u64,
     lost_by_contract: u64,
     stale_coordinator_refusals: usize,
+    /// Committed with a stun time in the report for every VM of the group.
+    every_stun_reported: bool,
 }
 
 struct Sim {
@@ -917,6 +919,10 @@ impl Sim {
             ticks: tick,
             escalated: m.stats.escalated_at_ms.is_some(),
             rolled_forward: m.timeline.iter().any(|t| t.phase == Phase::RollingForward),
+            every_stun_reported: d.decision == Decision::Committed
+                && m.moved
+                    .iter()
+                    .all(|vm| m.stats.stun_ms.iter().any(|(v, _)| v == vm)),
             restored,
             claims,
             stale_refused: w.stale_refused,
@@ -988,6 +994,7 @@ mod tests {
         let started = std::time::Instant::now();
         let mut failures = Vec::new();
         let mut by: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        let mut stuns_reported: BTreeMap<&str, u64> = BTreeMap::new();
         let (
             mut escalated,
             mut rolled,
@@ -1007,6 +1014,7 @@ mod tests {
                     claimed += (s.claims > 1) as u64;
                     stale_writes += (s.stale_refused > 0) as u64;
                     stale_coord += (s.stale_coordinator_refusals > 0) as u64;
+                    *stuns_reported.entry(s.strategy).or_default() += s.every_stun_reported as u64;
                     let _ = (s.ticks, s.lost_by_contract);
                 }
                 Err(e) => {
@@ -1035,6 +1043,11 @@ mod tests {
                 assert!(
                     by.get(&(s, "failed-back")).is_some_and(|c| *c > 0),
                     "{s} never failed back"
+                );
+                // A fault may lose a stun from the report, but not every time.
+                assert!(
+                    stuns_reported.get(s).is_some_and(|c| *c > 0),
+                    "{s} never reported every VM's stun: {stuns_reported:?}"
                 );
             }
             for (what, count) in [
