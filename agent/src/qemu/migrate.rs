@@ -144,17 +144,18 @@ impl QemuHost {
         from: u64,
     ) -> anyhow::Result<()> {
         let vm = &plan.vm;
-        {
-            let mut vms = self.vms.lock().await;
-            if let Some(r) = vms.get(vm) {
-                if self.live_pid(vm) != Some(r.pid) {
-                    // An earlier attempt's QEMU, gone since (its stream broke).
-                    vms.remove(vm);
-                } else if matches!(r.migration, Some(Role::Incoming { .. })) {
-                    return Ok(());
-                } else {
-                    bail!("a QEMU (pid {}) already runs VM '{vm}' on this host", r.pid);
-                }
+        // Held until the new QEMU is recorded, as `apply` holds it around its starts: a
+        // second request for the same VM (a retry) or a reconcile must not start another
+        // QEMU meanwhile, and starting one removes the VM's pidfile and QMP socket.
+        let mut vms = self.vms.lock().await;
+        if let Some(r) = vms.get(vm) {
+            if self.live_pid(vm) != Some(r.pid) {
+                // An earlier attempt's QEMU, gone since (its stream broke).
+                vms.remove(vm);
+            } else if matches!(r.migration, Some(Role::Incoming { .. })) {
+                return Ok(());
+            } else {
+                bail!("a QEMU (pid {}) already runs VM '{vm}' on this host", r.pid);
             }
         }
         if let Some(pid) = self.live_pid(vm) {
@@ -167,7 +168,8 @@ impl QemuHost {
         });
         let monitor = running.monitor.clone();
         let pid = running.pid;
-        self.vms.lock().await.insert(vm.clone(), running);
+        vms.insert(vm.clone(), running);
+        drop(vms);
         let socket = self.incoming_socket(vm);
         let _ = std::fs::remove_file(&socket);
         let listen = async {

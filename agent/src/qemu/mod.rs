@@ -494,8 +494,15 @@ impl QemuHost {
                 return;
             }
         }
-        let _ = std::fs::remove_file(self.pidfile(vm));
-        let _ = std::fs::remove_file(self.qmp_socket(vm));
+        // The files are the VM's, not this QEMU's: a QEMU of the VM started here since
+        // (the guest coming back by live migration) owns them now.
+        let named = std::fs::read_to_string(self.pidfile(vm))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if named.is_none() || named == Some(pid) {
+            let _ = std::fs::remove_file(self.pidfile(vm));
+            let _ = std::fs::remove_file(self.qmp_socket(vm));
+        }
         tracing::info!(vm, pid, how, "QEMU guest stopped");
         let mut vms = self.vms.lock().await;
         if vms.get(vm).is_some_and(|r| r.pid == pid) {
