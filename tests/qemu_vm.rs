@@ -312,16 +312,8 @@ fn a_running_qemu_guest_moves_live_to_another_host_and_keeps_every_write() {
     }
     let started = Instant::now();
     let reapers = Reapers::default();
-    let g = guest::require();
-    let dev = Dev::start(2, &["--qemu-powerdown-timeout-ms", POWERDOWN_TIMEOUT_MS]);
-    wait_for("a leader", Duration::from_secs(10), || dev.leader());
-    let (dir1, dir2) = (
-        dev.node(1).data_dir.join("qemu"),
-        dev.node(2).data_dir.join("qemu"),
-    );
-    reapers.watch(&[&dir1, &dir2], "live");
+    let (dev, dir1, dir2, before) = two_host_guest(&reapers, "live", "sync");
     let serial1 = dir1.join("live.serial.log");
-    let before = guest_in_group(&dev, &g, "live", "sync");
 
     let r = dev.cli(&["vm", "move", "live", "--to", "2", "-o", "json"]);
     assert!(r.ok, "vm move: {}{}", r.stdout, r.stderr);
@@ -450,6 +442,23 @@ fn without_colours(line: &str) -> String {
     out
 }
 
+/// A 2-node cluster whose node 1 runs the test guest `vm` in group `g` with a `mode` copy
+/// on node 2, after its first 100 writes, its QEMUs on both nodes watched by `reapers`
+/// (declared by the caller before this, so they outlive the cluster). Returns the
+/// cluster, the QEMU dirs of nodes 1 and 2, and the writes seen.
+fn two_host_guest(reapers: &Reapers, vm: &str, mode: &str) -> (Dev, PathBuf, PathBuf, u64) {
+    let g = guest::require();
+    let dev = Dev::start(2, &["--qemu-powerdown-timeout-ms", POWERDOWN_TIMEOUT_MS]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let (dir1, dir2) = (
+        dev.node(1).data_dir.join("qemu"),
+        dev.node(2).data_dir.join("qemu"),
+    );
+    reapers.watch(&[&dir1, &dir2], vm);
+    let before = guest_in_group(&dev, &g, vm, mode);
+    (dev, dir1, dir2, before)
+}
+
 /// The guest's QEMU runs on `host` only, and its console there counts past `after`.
 fn runs_only_on(host_dir: &Path, other_dir: &Path, vm: &str, after: u64) -> u64 {
     wait_for(
@@ -479,15 +488,7 @@ fn a_running_qemu_guest_migrates_with_its_group_there_and_back_under_every_strat
     }
     let started = Instant::now();
     let reapers = Reapers::default();
-    let g = guest::require();
-    let dev = Dev::start(2, &["--qemu-powerdown-timeout-ms", POWERDOWN_TIMEOUT_MS]);
-    wait_for("a leader", Duration::from_secs(10), || dev.leader());
-    let (dir1, dir2) = (
-        dev.node(1).data_dir.join("qemu"),
-        dev.node(2).data_dir.join("qemu"),
-    );
-    reapers.watch(&[&dir1, &dir2], "mig");
-    let before = guest_in_group(&dev, &g, "mig", "async");
+    let (dev, dir1, dir2, before) = two_host_guest(&reapers, "mig", "async");
 
     // There: VMs move one at a time, their writes mirrored back to the source's order.
     let m = migrate(&dev, "g", 2, "reverse-replication");

@@ -24,18 +24,23 @@ fn fixture_of(version: u8, name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
-fn v1_entries() -> Vec<openraft::Entry<TypeConfig>> {
-    let bytes = fixture("log-entries.bin");
+/// The log entries of schema `version`'s fixture, each checked to carry that version.
+fn entries_of(version: u8) -> Vec<openraft::Entry<TypeConfig>> {
+    let bytes = fixture_of(version, "log-entries.bin");
     let mut out = Vec::new();
     let mut rest = &bytes[..];
     while !rest.is_empty() {
         let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
         let (entry, tail) = rest[4..].split_at(len);
-        assert_eq!(entry[0], 1, "fixture entries carry version 1");
-        out.push(decode_entry(entry).expect("a v1 entry decodes"));
+        assert_eq!(entry[0], version, "fixture entries carry version {version}");
+        out.push(decode_entry(entry).unwrap_or_else(|e| panic!("a v{version} entry decodes: {e}")));
         rest = tail;
     }
     out
+}
+
+fn v1_entries() -> Vec<openraft::Entry<TypeConfig>> {
+    entries_of(1)
 }
 
 #[test]
@@ -164,16 +169,7 @@ async fn an_older_snapshot_never_replaces_a_newer_one() {
 /// schema 2 code) read back as they were, and re-encode at version 3.
 #[tokio::test]
 async fn schema_2_log_and_snapshot_read_back_unchanged() {
-    let bytes = fixture_of(2, "log-entries.bin");
-    let mut entries = Vec::new();
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
-        let (entry, tail) = rest[4..].split_at(len);
-        assert_eq!(entry[0], 2, "fixture entries carry version 2");
-        entries.push(decode_entry(entry).expect("a v2 entry decodes"));
-        rest = tail;
-    }
+    let entries = entries_of(2);
     // The same commands as the v1 fixture gives (the v2 file was made from it).
     let v1 = v1_entries();
     assert_eq!(format!("{entries:?}"), format!("{v1:?}"));
@@ -206,16 +202,7 @@ async fn schema_2_log_and_snapshot_read_back_unchanged() {
 /// field, upgrades to the model its log gives, with no VM a QEMU guest.
 #[tokio::test]
 async fn schema_3_snapshot_upgrades_and_its_log_decodes_unchanged() {
-    let bytes = fixture_of(3, "log-entries.bin");
-    let mut entries = Vec::new();
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
-        let (entry, tail) = rest[4..].split_at(len);
-        assert_eq!(entry[0], 3, "fixture entries carry version 3");
-        entries.push(decode_entry(entry).expect("a v3 entry decodes"));
-        rest = tail;
-    }
+    let entries = entries_of(3);
     assert_eq!(format!("{entries:?}"), format!("{:?}", v1_entries()));
     for e in &entries {
         let encoded = encode_entry(e).unwrap();
@@ -275,16 +262,7 @@ async fn schema_3_snapshot_upgrades_and_its_log_decodes_unchanged() {
 /// migration lacks the fields, upgrades to the model its log gives.
 #[tokio::test]
 async fn schema_4_log_and_snapshot_read_back_unchanged() {
-    let bytes = fixture_of(4, "log-entries.bin");
-    let mut entries = Vec::new();
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
-        let (entry, tail) = rest[4..].split_at(len);
-        assert_eq!(entry[0], 4, "fixture entries carry version 4");
-        entries.push(decode_entry(entry).expect("a v4 entry decodes"));
-        rest = tail;
-    }
+    let entries = entries_of(4);
     let v1 = v1_entries();
     assert_eq!(entries.len(), v1.len() + 4);
     assert_eq!(format!("{:?}", &entries[..v1.len()]), format!("{v1:?}"));
