@@ -60,18 +60,7 @@ fn create_group(dev: &Dev, cg: &str, vms: &[&str], size: &str) {
 
 fn create_group_with(dev: &Dev, cg: &str, vms: &[&str], size: &str, workload: &str) {
     for vm in vms {
-        let r = dev.cli(&[
-            "vm",
-            "create",
-            vm,
-            "--host",
-            "1",
-            "--disk",
-            size,
-            "--workload",
-            workload,
-        ]);
-        assert!(r.ok, "{r:?}");
+        dev.create_writing_vm(vm, size, workload);
     }
     let mut args = vec!["cg", "create", cg];
     for vm in vms {

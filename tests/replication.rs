@@ -210,18 +210,7 @@ fn stale_epoch_writes_are_refused_and_counted() {
 fn mode_changes_under_load_lose_nothing() {
     let dev = Dev::start(3, &[]);
     wait_for("a leader", Duration::from_secs(10), || dev.leader());
-    let r = dev.cli(&[
-        "vm",
-        "create",
-        "g",
-        "--host",
-        "1",
-        "--disk",
-        "32MiB",
-        "--workload",
-        "iops=300,size=4k,pattern=hot",
-    ]);
-    assert!(r.ok, "{r:?}");
+    dev.create_writing_vm("g", "32MiB", "iops=300,size=4k,pattern=hot");
     assert!(dev.cli(&["cg", "create", "mg", "--vm", "g"]).ok);
     assert!(
         dev.cli(&["cg", "replicate", "mg", "--to", "2", "--mode", "async"])
@@ -260,18 +249,7 @@ fn async_replica_is_a_prefix_at_random_cut_points() {
     let dev = Dev::start(3, &[]);
     wait_for("a leader", Duration::from_secs(10), || dev.leader());
     for vm in ["a", "b"] {
-        let r = dev.cli(&[
-            "vm",
-            "create",
-            vm,
-            "--host",
-            "1",
-            "--disk",
-            "16MiB",
-            "--workload",
-            "iops=400,size=4k,pattern=random,depth=4",
-        ]);
-        assert!(r.ok, "{r:?}");
+        dev.create_writing_vm(vm, "16MiB", "iops=400,size=4k,pattern=random,depth=4");
     }
     assert!(
         dev.cli(&["cg", "create", "pair", "--vm", "a", "--vm", "b"])
@@ -618,18 +596,7 @@ fn copies_the_cluster_no_longer_uses_are_deleted_and_others_kept() {
 fn lag_of_a_dead_replica_counts_every_write_it_lacks_and_keeps_growing() {
     let dev = Dev::start(3, &[]);
     wait_for("a leader", Duration::from_secs(10), || dev.leader());
-    let r = dev.cli(&[
-        "vm",
-        "create",
-        "sim",
-        "--host",
-        "1",
-        "--disk",
-        "32MiB",
-        "--workload",
-        "iops=200,size=4k",
-    ]);
-    assert!(r.ok, "{r:?}");
+    dev.create_writing_vm("sim", "32MiB", "iops=200,size=4k");
     assert!(dev.cli(&["cg", "create", "g", "--vm", "sim"]).ok);
     let r = dev.cli(&["cg", "replicate", "g", "--to", "2", "--mode", "async"]);
     assert!(r.ok, "{r:?}");
@@ -695,18 +662,7 @@ fn lag_of_a_dead_replica_counts_every_write_it_lacks_and_keeps_growing() {
 fn lag_survives_a_restart_of_the_primary_while_the_replica_is_down() {
     let dev = Dev::start(3, &[]);
     wait_for("a leader", Duration::from_secs(10), || dev.leader());
-    let r = dev.cli(&[
-        "vm",
-        "create",
-        "sim",
-        "--host",
-        "1",
-        "--disk",
-        "32MiB",
-        "--workload",
-        "iops=100,size=4k",
-    ]);
-    assert!(r.ok, "{r:?}");
+    dev.create_writing_vm("sim", "32MiB", "iops=100,size=4k");
     assert!(dev.cli(&["cg", "create", "g", "--vm", "sim"]).ok);
     let r = dev.cli(&["cg", "replicate", "g", "--to", "2", "--mode", "async"]);
     assert!(r.ok, "{r:?}");
@@ -813,18 +769,7 @@ fn a_group_recreated_under_its_old_name_replicates_as_a_new_group() {
     let dev = Dev::start(3, &[]);
     wait_for("a leader", Duration::from_secs(10), || dev.leader());
     for vm in ["web", "db"] {
-        let r = dev.cli(&[
-            "vm",
-            "create",
-            vm,
-            "--host",
-            "1",
-            "--disk",
-            "32MiB",
-            "--workload",
-            "iops=100,size=4k",
-        ]);
-        assert!(r.ok, "{r:?}");
+        dev.create_writing_vm(vm, "32MiB", "iops=100,size=4k");
     }
     let create = || {
         let r = dev.cli(&["cg", "create", "shop", "--vm", "web", "--vm", "db"]);
@@ -1136,18 +1081,7 @@ fn running_vms_joining_a_group_keep_one_numbering_and_verify_clean() {
     wait_for("a leader", Duration::from_secs(10), || dev.leader());
     let vms = ["web", "db"];
     for vm in vms {
-        let r = dev.cli(&[
-            "vm",
-            "create",
-            vm,
-            "--host",
-            "1",
-            "--disk",
-            "16MiB",
-            "--workload",
-            "iops=150,size=4k",
-        ]);
-        assert!(r.ok, "{r:?}");
+        dev.create_writing_vm(vm, "16MiB", "iops=150,size=4k");
         assert!(dev.cli(&["vm", "start", vm]).ok);
     }
     let acked = |vm: &str| {
@@ -1212,18 +1146,7 @@ fn a_sync_copy_seeded_under_steady_writes_becomes_consistent_and_keeps_up() {
     wait_for("a leader", Duration::from_secs(10), || dev.leader());
     for round in 0..6 {
         let (vm, cg) = (format!("sim{round}"), format!("lab{round}"));
-        let r = dev.cli(&[
-            "vm",
-            "create",
-            &vm,
-            "--host",
-            "1",
-            "--disk",
-            "1GiB",
-            "--workload",
-            "iops=500,size=4k,pattern=random",
-        ]);
-        assert!(r.ok, "{r:?}");
+        dev.create_writing_vm(&vm, "1GiB", "iops=500,size=4k,pattern=random");
         assert!(dev.cli(&["cg", "create", &cg, "--vm", &vm]).ok);
         let r = dev.cli(&[
             "cg",

@@ -226,6 +226,23 @@ impl Dev {
             .expect("node id")
     }
 
+    /// Creates VM `vm` on node 1 with one disk of `disk` and a simulated guest running
+    /// `workload` (not started).
+    pub fn create_writing_vm(&self, vm: &str, disk: &str, workload: &str) {
+        let r = self.cli(&[
+            "vm",
+            "create",
+            vm,
+            "--host",
+            "1",
+            "--disk",
+            disk,
+            "--workload",
+            workload,
+        ]);
+        assert!(r.ok, "vm create {vm}: {r:?}");
+    }
+
     /// Runs the CLI against the whole cluster.
     pub fn cli(&self, args: &[&str]) -> CliRun {
         run_convoy(args, &self.env())
