@@ -244,6 +244,16 @@ fn qemu_vm_outlives_a_killed_agent_and_the_restarted_agent_reattaches() {
 /// group `g` with a copy on node 2 in `mode`, starts it and waits for its first 100
 /// writes; returns the writes seen.
 fn guest_in_group(dev: &Dev, g: &guest::Guest, vm: &str, mode: &str) -> u64 {
+    create_test_guest(dev, g, vm);
+    assert!(dev.cli(&["cg", "create", "g", "--vm", vm]).ok);
+    replicate_to_2(dev, mode);
+    assert!(dev.cli(&["vm", "start", vm]).ok);
+    let serial = dev.node(1).data_dir.join(format!("qemu/{vm}.serial.log"));
+    wait_writes(&serial, 100, BOOT_TIMEOUT, "the guest's first 100 writes")
+}
+
+/// Creates QEMU VM `vm` (the test guest, 256 MiB, TCG, one 64 MiB disk) on node 1.
+fn create_test_guest(dev: &Dev, g: &guest::Guest, vm: &str) {
     let (kernel, initrd) = (g.kernel.to_str().unwrap(), g.initrd.to_str().unwrap());
     let r = dev.cli(&[
         "vm",
@@ -267,7 +277,10 @@ fn guest_in_group(dev: &Dev, g: &guest::Guest, vm: &str, mode: &str) -> u64 {
         "console=ttyS0 panic=-1",
     ]);
     assert!(r.ok, "vm create: {}{}", r.stdout, r.stderr);
-    assert!(dev.cli(&["cg", "create", "g", "--vm", vm]).ok);
+}
+
+/// Gives group `g` a `mode` copy on node 2 and waits until it is consistent.
+fn replicate_to_2(dev: &Dev, mode: &str) {
     let r = dev.cli(&[
         "cg",
         "replicate",
@@ -281,9 +294,6 @@ fn guest_in_group(dev: &Dev, g: &guest::Guest, vm: &str, mode: &str) -> u64 {
         "60",
     ]);
     assert!(r.ok, "cg replicate: {}", r.stderr);
-    assert!(dev.cli(&["vm", "start", vm]).ok);
-    let serial = dev.node(1).data_dir.join(format!("qemu/{vm}.serial.log"));
-    wait_writes(&serial, 100, BOOT_TIMEOUT, "the guest's first 100 writes")
 }
 
 /// Copies an NBD export into `file` with `qemu-img convert` and returns its bytes.
@@ -657,6 +667,14 @@ fn qemus_of(dir: &Path, vm: &str) -> Vec<(i32, bool)> {
 /// of nodes 1 and 2, and the writes seen.
 fn slow_migration_setup(vm: &str) -> (Dev, PathBuf, PathBuf, u64) {
     let g = guest::require();
+    let (dev, dir1, dir2) = slow_cluster();
+    let before = guest_in_group(&dev, &g, vm, "async");
+    (dev, dir1, dir2, before)
+}
+
+/// A 3-node cluster whose QEMU migrations are slowed to 8 MiB/s, with the QEMU dirs of
+/// nodes 1 and 2.
+fn slow_cluster() -> (Dev, PathBuf, PathBuf) {
     let dev = Dev::start(
         3,
         &[
@@ -671,8 +689,7 @@ fn slow_migration_setup(vm: &str) -> (Dev, PathBuf, PathBuf, u64) {
         dev.node(1).data_dir.join("qemu"),
         dev.node(2).data_dir.join("qemu"),
     );
-    let before = guest_in_group(&dev, &g, vm, "async");
-    (dev, dir1, dir2, before)
+    (dev, dir1, dir2)
 }
 
 /// Starts a reverse-replication migration of `g` to node 2 through node 3 (its
@@ -878,6 +895,178 @@ fn aborting_during_the_memory_copy_fails_back_with_the_guest_running_on_its_sour
     assert!(highest_reported(&log).unwrap() > before + 50, "{log}");
     eprintln!(
         "aborted during the memory copy: failed back, the guest runs on node 1; whole test {:?}",
+        started.elapsed()
+    );
+    dev.assert_no_panics();
+}
+
+/// Fail-back after a switchover: of a group's two guests, one has arrived on node 2 by
+/// live migration when the operator aborts. The group fails back, and that guest comes
+/// back to node 1 live (the same guest, writing on), never booted afresh anywhere.
+#[test]
+fn a_guest_that_moved_before_an_abort_comes_back_live_and_its_group_fails_back() {
+    if guest::skip() {
+        eprintln!("SKIPPED: CONVOY_SKIP_QEMU=1");
+        return;
+    }
+    let started = Instant::now();
+    let reapers = Reapers::default();
+    let g = guest::require();
+    let (dev, dir1, dir2) = slow_cluster();
+    const VMS: [&str; 2] = ["a", "b"];
+    for vm in VMS {
+        reapers.watch(&[&dir1, &dir2], vm);
+        create_test_guest(&dev, &g, vm);
+    }
+    assert!(dev.cli(&["cg", "create", "g", "--vm", "a", "--vm", "b"]).ok);
+    replicate_to_2(&dev, "async");
+    for vm in VMS {
+        assert!(dev.cli(&["vm", "start", vm]).ok);
+    }
+    for vm in VMS {
+        let serial = dir1.join(format!("{vm}.serial.log"));
+        wait_writes(&serial, 100, BOOT_TIMEOUT, "each guest's first 100 writes");
+    }
+    let both_never_on_two_hosts = |done: &mut dyn FnMut() -> bool| {
+        never_on_two_hosts(&dir1, &dir2, "a", || {
+            let on1 = qemus_of(&dir1, "b");
+            let booted_on2 = qemus_of(&dir2, "b").iter().any(|(_, incoming)| !incoming);
+            assert!(
+                on1.is_empty() || !booted_on2,
+                "guest b runs on two hosts: node 1 {on1:?}, node 2 {:?}",
+                qemus_of(&dir2, "b")
+            );
+            done()
+        })
+    };
+
+    // Reverse-replication moves the guests one at a time: abort once the first is there.
+    let r = dev.cli_at(
+        3,
+        &[
+            "migrate",
+            "start",
+            "g",
+            "--to",
+            "2",
+            "--strategy",
+            "reverse-replication",
+            "--deadline",
+            "2m",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(r.ok, "migrate start: {}{}", r.stdout, r.stderr);
+    let id = r.json()["id"].as_u64().unwrap().to_string();
+    let mut moved = None;
+    both_never_on_two_hosts(&mut || {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no guest arrived on node 2"
+        );
+        let on2: Vec<&str> = VMS
+            .into_iter()
+            .filter(|vm| vm_json(&dev, vm)["host"] == 2)
+            .collect();
+        assert!(on2.len() < 2, "both guests moved before the abort");
+        moved = on2.first().copied();
+        moved.is_some()
+    });
+    let moved = moved.unwrap();
+    let stayed = VMS.into_iter().find(|vm| *vm != moved).unwrap();
+    let r = dev.cli(&["migrate", "abort", &id]);
+    assert!(r.ok, "migrate abort: {}{}", r.stdout, r.stderr);
+    let on2 = wait_writes(
+        &dir2.join(format!("{moved}.serial.log")),
+        1,
+        Duration::from_secs(30),
+        "the moved guest to write on node 2",
+    );
+    eprintln!("{moved} arrived on node 2 (writing, {on2} so far), {stayed} had not: aborted");
+
+    let mut decided = None;
+    both_never_on_two_hosts(&mut || {
+        let r = dev.cli(&["migrate", "show", &id, "-o", "json"]);
+        decided = r.ok.then(|| r.json()).filter(|v| v["decision"].is_string());
+        assert!(
+            started.elapsed() < Duration::from_secs(400),
+            "no decision after the abort"
+        );
+        decided.is_some()
+    });
+    let m = decided.unwrap();
+    for e in m["timeline"].as_array().into_iter().flatten() {
+        eprintln!("  {}", e["note"].as_str().unwrap_or_default());
+    }
+    assert_eq!(m["decision"], "failed-back", "{m:#}");
+    assert!(
+        m["decision_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("aborted")),
+        "{m:#}"
+    );
+    // The report keeps the move that happened: the guest's QEMU figures of its way there.
+    assert!(
+        m["live_moves"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|l| l["vm"] == moved)),
+        "{m:#}"
+    );
+    // Both guests run on node 1 only; the one that moved came back live: its console
+    // counts on past what it wrote on node 2, without a failure (a fresh boot would
+    // count from 1 again).
+    for vm in VMS {
+        assert_eq!(settles_on_one_host(&dev, [&dir1, &dir2], vm), 1, "{vm}");
+        assert!(
+            qemus_of(&dir1, vm)
+                .iter()
+                .all(|(_, incoming)| *incoming == (vm == moved)),
+            "{vm}: {:?}",
+            qemus_of(&dir1, vm)
+        );
+    }
+    let back = std::fs::read_to_string(dir1.join(format!("{moved}.serial.log"))).unwrap();
+    assert!(reported_failure(&back).is_none(), "{back}");
+    let first_back = back
+        .lines()
+        .find_map(|l| highest_reported(l))
+        .expect("the returned guest writes on node 1");
+    assert!(
+        first_back > on2,
+        "{moved} counted from {first_back} on node 1 after {on2} on node 2: it did not come back live"
+    );
+
+    // Stopped, every write each guest reported is on node 1's copy.
+    for vm in VMS {
+        assert!(dev.cli(&["vm", "stop", vm]).ok);
+    }
+    for vm in VMS {
+        wait_for(
+            "QEMU to exit after vm stop",
+            Duration::from_secs(30),
+            || qemus_of(&dir1, vm).is_empty().then_some(()),
+        );
+        let acked = highest_reported(
+            &std::fs::read_to_string(dir1.join(format!("{vm}.serial.log"))).unwrap(),
+        )
+        .unwrap();
+        let image = read_export(
+            &vm_uri(&dev, vm, 0),
+            &dev.dir.path().join(format!("{vm}.img")),
+        );
+        let lost = missing_writes(&image, acked);
+        assert!(
+            lost.is_empty(),
+            "{} of {acked} writes of {vm} missing on node 1: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(10)]
+        );
+        eprintln!("{vm}: {acked} writes on node 1's copy");
+    }
+    eprintln!(
+        "failed back after a switchover: {}; whole test {:?}",
+        m["decision_reason"],
         started.elapsed()
     );
     dev.assert_no_panics();
