@@ -1030,7 +1030,7 @@ fn a_guest_that_moved_before_an_abort_comes_back_live_and_its_group_fails_back()
     assert!(reported_failure(&back).is_none(), "{back}");
     let first_back = back
         .lines()
-        .find_map(|l| highest_reported(l))
+        .find_map(highest_reported)
         .expect("the returned guest writes on node 1");
     assert!(
         first_back > on2,
