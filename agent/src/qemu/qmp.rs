@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// How many recent events a monitor keeps (for `vm show`).
 const KEPT_EVENTS: usize = 16;
@@ -152,6 +152,22 @@ struct Call {
 pub struct Monitor {
     calls: mpsc::Sender<Call>,
     state: Arc<Mutex<MonitorState>>,
+    /// Counts the events received, so a caller can wait for the next one.
+    events: watch::Receiver<u64>,
+}
+
+/// Wakes its holder on the monitor's next event (see [`Monitor::events`]).
+pub struct EventWatch(watch::Receiver<u64>);
+
+impl EventWatch {
+    /// Waits for an event after this watch was made (or the last wait), at most `timeout`;
+    /// returns whether one came.
+    pub async fn next(&mut self, timeout: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(timeout, self.0.changed()).await,
+            Ok(Ok(()))
+        )
+    }
 }
 
 impl Monitor {
@@ -206,8 +222,20 @@ impl Monitor {
             ..MonitorState::default()
         }));
         let (calls, rx) = mpsc::channel(16);
-        tokio::spawn(run(lines, write, rx, Arc::clone(&state)));
-        Ok(Monitor { calls, state })
+        let (events_tx, events) = watch::channel(0);
+        tokio::spawn(run(lines, write, rx, Arc::clone(&state), events_tx));
+        Ok(Monitor {
+            calls,
+            state,
+            events,
+        })
+    }
+
+    /// A watch that wakes on events that come after this call.
+    pub fn events(&self) -> EventWatch {
+        let mut rx = self.events.clone();
+        rx.mark_unchanged();
+        EventWatch(rx)
     }
 
     /// What events said so far.
@@ -300,6 +328,7 @@ async fn run(
     mut write: tokio::net::unix::OwnedWriteHalf,
     mut calls: mpsc::Receiver<Call>,
     state: Arc<Mutex<MonitorState>>,
+    events: watch::Sender<u64>,
 ) {
     let mut waiting: VecDeque<oneshot::Sender<Result<Value, QmpError>>> = VecDeque::new();
     let why = loop {
@@ -338,6 +367,8 @@ async fn run(
                     while s.events.len() > KEPT_EVENTS {
                         s.events.pop_front();
                     }
+                    drop(s);
+                    events.send_modify(|n| *n += 1);
                     continue;
                 }
                 let answer = if let Some(r) = v.get("return") {
