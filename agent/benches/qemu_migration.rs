@@ -34,7 +34,9 @@ use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-const REPEAT: usize = 3;
+const REPEAT: usize = 5;
+/// Migrations per strategy, alternating direction: even, so the guest ends where it began.
+const MIGRATIONS_PER_STRATEGY: usize = 4;
 /// `vm move`s, there and back: even, so the guest ends on the group's primary (node 1)
 /// and each migration below moves it.
 const MOVES: usize = 4;
@@ -343,56 +345,14 @@ fn main() {
         std::mem::take(&mut failures),
     ));
     for strategy in STRATEGIES {
-        // The guest runs on the group's primary; the other node is the destination.
-        let to = 3 - host;
-        let started = cli_json(
-            &dev,
-            &[
-                "migrate",
-                "start",
-                "g",
-                "--to",
-                &to.to_string(),
-                "--strategy",
-                strategy,
-                "--deadline",
-                "2m",
-                "-o",
-                "json",
-            ],
-        );
         let mut runs = Vec::new();
-        let mut note = String::new();
-        match started {
-            Ok(v) => {
-                let id = v["id"].as_u64().unwrap().to_string();
-                let m = wait_for("the decision", Duration::from_secs(150), || {
-                    let v = cli_json(&dev, &["migrate", "show", &id, "-o", "json"]).ok()?;
-                    v["decision"].is_string().then_some(v)
-                });
-                let stun = m["stun_ms"]
-                    .as_array()
-                    .and_then(|s| s.iter().find(|e| e[0] == "cv"))
-                    .and_then(|e| e[1].as_f64())
-                    .unwrap_or(f64::NAN);
-                let total = m["elapsed_secs"].as_f64().unwrap_or(f64::NAN) * 1000.0;
-                eprintln!(
-                    "convoy migrate {strategy} to {to}: {} stun {stun} ms, total {total:.0} ms, moved {} bytes",
-                    m["decision"], m["bytes_moved"]
-                );
-                if m["decision"] == "committed" {
-                    runs.push((stun, total));
-                    host = to;
-                } else {
-                    note = format!("{}: {}", m["decision"], m["decision_reason"]);
-                }
-            }
-            Err(e) => note = e,
+        let mut notes = Vec::new();
+        for _ in 0..MIGRATIONS_PER_STRATEGY {
+            let (run, note) = migrate_once(&dev, strategy, &mut host);
+            runs.extend(run);
+            notes.extend(note);
         }
-        rows.push((format!("convoy migrate {strategy}"), runs, note));
-        let serial = dev.node(host).data_dir.join("qemu/cv.serial.log");
-        let now = highest_reported(&std::fs::read_to_string(&serial).unwrap_or_default());
-        wait_writes(&serial, now.unwrap_or(0) + 25);
+        rows.push((format!("convoy migrate {strategy}"), runs, notes.join("; ")));
     }
 
     let (bd, bt) = (
@@ -404,6 +364,7 @@ fn main() {
         "method",
         "runs",
         "downtime ms (median)",
+        "downtime ms (min-max)",
         "vs QEMU",
         "total ms (median)",
         "vs QEMU",
@@ -413,6 +374,7 @@ fn main() {
         Cell::new("plain QEMU, shared storage"),
         Cell::new(base.len()),
         Cell::new(format!("{bd:.0}")),
+        Cell::new(range(base.iter().map(|r| r.0))),
         Cell::new("baseline"),
         Cell::new(format!("{bt:.0}")),
         Cell::new("baseline"),
@@ -427,6 +389,7 @@ fn main() {
             Cell::new(name),
             Cell::new(runs.len()),
             Cell::new(format!("{d:.0}")),
+            Cell::new(range(runs.iter().map(|r| r.0))),
             Cell::new(format!(
                 "{extra:+.0} ms ({})",
                 if extra <= TARGET_DOWNTIME_EXTRA_MS {
@@ -452,4 +415,72 @@ fn main() {
         "guest: 256 MiB, TCG, one 64 MiB disk; Convoy's copy on node 2 was caught up, so no disk data had to move beyond what the guest wrote during the move"
     );
     dev.assert_no_panics();
+}
+
+/// One `migrate start` of group `g` with `strategy` from `host` to the other node; waits
+/// for the decision and 25 more guest writes. Returns (downtime ms, total ms) if it
+/// committed (and moves `host`), or why not.
+fn migrate_once(dev: &Dev, strategy: &str, host: &mut u64) -> (Option<(f64, f64)>, Option<String>) {
+    // The guest runs on the group's primary; the other node is the destination.
+    let to = 3 - *host;
+    let started = cli_json(
+        dev,
+        &[
+            "migrate",
+            "start",
+            "g",
+            "--to",
+            &to.to_string(),
+            "--strategy",
+            strategy,
+            "--deadline",
+            "2m",
+            "-o",
+            "json",
+        ],
+    );
+    let mut run = None;
+    let mut note = None;
+    match started {
+        Ok(v) => {
+            let id = v["id"].as_u64().unwrap().to_string();
+            let m = wait_for("the decision", Duration::from_secs(150), || {
+                let v = cli_json(dev, &["migrate", "show", &id, "-o", "json"]).ok()?;
+                v["decision"].is_string().then_some(v)
+            });
+            let stun = m["stun_ms"]
+                .as_array()
+                .and_then(|s| s.iter().find(|e| e[0] == "cv"))
+                .and_then(|e| e[1].as_f64())
+                .unwrap_or(f64::NAN);
+            let total = m["elapsed_secs"].as_f64().unwrap_or(f64::NAN) * 1000.0;
+            eprintln!(
+                "convoy migrate {strategy} to {to}: {} stun {stun} ms, total {total:.0} ms, moved {} bytes",
+                m["decision"], m["bytes_moved"]
+            );
+            if m["decision"] == "committed" {
+                run = Some((stun, total));
+                *host = to;
+            } else {
+                note = Some(format!("{}: {}", m["decision"], m["decision_reason"]));
+            }
+        }
+        Err(e) => note = Some(e),
+    }
+    let serial = dev.node(*host).data_dir.join("qemu/cv.serial.log");
+    let now = highest_reported(&std::fs::read_to_string(&serial).unwrap_or_default());
+    wait_writes(&serial, now.unwrap_or(0) + 25);
+    (run, note)
+}
+
+/// "min-max" of the figures, rounded to whole numbers.
+fn range(figures: impl Iterator<Item = f64>) -> String {
+    let (lo, hi) = figures.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), f| {
+        (lo.min(f), hi.max(f))
+    });
+    if lo.is_finite() {
+        format!("{lo:.0}-{hi:.0}")
+    } else {
+        "-".into()
+    }
 }
