@@ -336,7 +336,17 @@ pub async fn plan(
             dirty = g2.last_seq.saturating_sub(before) as f64 * 2.0;
         }
         if let Some(l) = g.links.get(&req.to) {
-            lag_bytes = l.lag_writes * 4096;
+            let exact = match s
+                .cluster
+                .local(cg.sequencer, LocalRequest::GroupLagBytes { cg_id: cg.id })
+                .await
+            {
+                Ok(LocalResponse::GroupLagBytes(Some(lags))) => {
+                    lags.get(&req.to).copied().flatten()
+                }
+                _ => None,
+            };
+            lag_bytes = exact.unwrap_or(l.lag_writes * 4096);
         }
     }
     let bytes_to_move = match &link {

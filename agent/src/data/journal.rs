@@ -11,6 +11,11 @@ use super::wire::WireWrite;
 #[derive(Debug)]
 pub struct Journal {
     entries: VecDeque<WireWrite>,
+    /// Per entry, the journal cost pushed before it since the journal began: with
+    /// `pushed`, what a replica lacks from any held sequence on is one subtraction.
+    cost_before: VecDeque<u64>,
+    /// Journal cost of every write pushed since the journal began.
+    pushed: u64,
     first_seq: u64,
     next_seq: u64,
     bytes: u64,
@@ -32,6 +37,8 @@ impl Journal {
     pub fn new(next_seq: u64, limit: u64) -> Self {
         Self {
             entries: VecDeque::new(),
+            cost_before: VecDeque::new(),
+            pushed: 0,
             first_seq: next_seq,
             next_seq,
             bytes: 0,
@@ -68,15 +75,33 @@ impl Journal {
             });
         }
         self.next_seq += 1;
-        self.bytes += w.payload.journal_cost();
+        let cost = w.payload.journal_cost();
+        self.bytes += cost;
+        self.cost_before.push_back(self.pushed);
+        self.pushed += cost;
         self.entries.push_back(w);
         Ok(())
+    }
+
+    /// Journal cost of the writes from `seq` on (what a replica that holds everything
+    /// before `seq` lacks, in the bytes that would be sent); `None` if `seq` was trimmed.
+    pub fn cost_from(&self, seq: u64) -> Option<u64> {
+        if seq < self.first_seq {
+            return None;
+        }
+        let index = (seq - self.first_seq) as usize;
+        Some(
+            self.cost_before
+                .get(index)
+                .map_or(0, |before| self.pushed - before),
+        )
     }
 
     /// Skips sequence numbers that need not be retained (nobody streams them): the journal
     /// becomes empty and continues at `next_seq`.
     pub fn reset(&mut self, next_seq: u64) {
         self.entries.clear();
+        self.cost_before.clear();
         self.bytes = 0;
         self.first_seq = next_seq;
         self.next_seq = next_seq;
@@ -90,6 +115,7 @@ impl Journal {
             }
             self.bytes -= front.payload.journal_cost();
             self.entries.pop_front();
+            self.cost_before.pop_front();
         }
         self.first_seq = self
             .first_seq
@@ -165,7 +191,8 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever is read back is consecutive and starts where asked; bytes add up.
+        /// Whatever is read back is consecutive and starts where asked; bytes add up, and so
+        /// does the cost from any held sequence on.
         #[test]
         fn reads_are_consecutive(lens in prop::collection::vec(1usize..50, 1..40), trim in 0u64..45, from in 0u64..45) {
             let mut j = Journal::new(0, 10_000);
@@ -175,6 +202,13 @@ mod tests {
             j.trim_through(trim);
             let held: u64 = lens.iter().enumerate().filter(|(i, _)| *i as u64 > trim).map(|(_, l)| *l as u64 + 48).sum();
             prop_assert_eq!(j.bytes(), held);
+            // What a replica holding everything before `from` lacks: exactly the writes
+            // from `from` on, by their cost.
+            let lacking: u64 = lens.iter().enumerate().filter(|(i, _)| *i as u64 >= from).map(|(_, l)| *l as u64 + 48).sum();
+            match j.cost_from(from) {
+                None => prop_assert!(from < j.first_seq()),
+                Some(c) => prop_assert_eq!(c, lacking),
+            }
             match j.read_from(from, 200) {
                 None => prop_assert!(from < j.first_seq()),
                 Some(ws) => {

@@ -816,6 +816,20 @@ impl DataPlane {
         })
     }
 
+    /// Per replica of group `cg_id` (if this host sequences it), the bytes it lacks, where
+    /// the journal still holds every write it lacks.
+    pub fn group_lag_bytes(&self, cg_id: u64) -> Option<BTreeMap<NodeId, Option<u64>>> {
+        let domains = lock(&self.domains);
+        let d = domains.get(&DomainId::Cg(cg_id))?;
+        Some(
+            d.seq
+                .link_status()
+                .into_iter()
+                .map(|(to, l)| (to, l.lag_bytes))
+                .collect(),
+        )
+    }
+
     /// The state `/metrics` shows: every group this host sequences with its links, and
     /// the disks whose image cannot be opened. Takes short locks only (no I/O).
     pub fn metrics(&self) -> DataPlaneMetrics {

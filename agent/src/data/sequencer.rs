@@ -333,6 +333,9 @@ pub struct LinkStatus {
     pub lag_writes: u64,
     /// Seconds since the replica last held every write (0 while it does).
     pub lag_seconds: f64,
+    /// Bytes the replica lacks, as replication would send them (data, or a descriptor
+    /// for zeroes), if the journal still holds every write it lacks.
+    pub lag_bytes: Option<u64>,
 }
 
 struct Inner {
@@ -768,6 +771,7 @@ impl Sequencer {
                         } else {
                             l.held_all_at.elapsed().as_secs_f64()
                         },
+                        lag_bytes: g.journal.cost_from(l.acked + 1),
                     },
                 )
             })
@@ -1452,6 +1456,45 @@ mod tests {
             reserved_until: 77 + SEQ_BLOCK,
         };
         assert_eq!(first_sequence(Some(r2), 77), 77 + SEQ_BLOCK);
+    }
+
+    /// A migration's "bytes needed" starts from this: after a fill pass of large writes, a
+    /// replica that lacks only small writes lacks their bytes, not their count times the
+    /// group's average write (which the large ones inflate).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lag_in_bytes_counts_exactly_the_writes_a_replica_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = open(dir.path(), 0, 64 << 20);
+        s.set_links(&[
+            (2, ReplicationMode::Async, LinkState::Consistent),
+            (3, ReplicationMode::Async, LinkState::Consistent),
+        ]);
+        assert_eq!(s.link_status()[&2].lag_bytes, Some(0));
+        // The test disk holds 1 MiB.
+        for i in 0..8 {
+            s.write(1, i << 16, data(1 << 16), false, 1).await.unwrap();
+        }
+        s.acked(2, s.last_seq());
+        for i in 0..10 {
+            s.write(1, i * 4096, data(4096), false, 1).await.unwrap();
+        }
+        s.write(1, 0, Payload::Zeroes(1 << 19), false, 1)
+            .await
+            .unwrap();
+        let status = s.link_status();
+        let descriptor = Payload::Zeroes(1 << 19).journal_cost();
+        assert_eq!(status[&2].lag_writes, 11);
+        assert_eq!(
+            status[&2].lag_bytes,
+            Some(10 * data(4096).journal_cost() + descriptor)
+        );
+        assert_eq!(
+            status[&3].lag_bytes,
+            Some(8 * data(1 << 16).journal_cost() + 10 * data(4096).journal_cost() + descriptor)
+        );
+        s.acked(2, s.last_seq());
+        assert_eq!(s.link_status()[&2].lag_bytes, Some(0));
+        s.close();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -687,6 +687,20 @@ impl StorageProvider for ClusterProvider {
             }
             Err(e) => return Err(storage_failed(e)),
         };
+        // Exact where the sequencer's journal still holds what a replica lacks; else (a
+        // sequencer of the previous build, or writes already trimmed) priced at the
+        // average write, which a fill pass of large writes inflates many times over.
+        let lag_bytes = match self
+            .cluster
+            .local(
+                group.sequencer,
+                LocalRequest::GroupLagBytes { cg_id: group.id },
+            )
+            .await
+        {
+            Ok(LocalResponse::GroupLagBytes(Some(lags))) => lags,
+            _ => BTreeMap::new(),
+        };
         let mut out = BTreeMap::new();
         let average_write = status
             .bytes_written
@@ -696,8 +710,13 @@ impl StorageProvider for ClusterProvider {
             let Some(l) = status.links.get(&link.to) else {
                 continue;
             };
-            let lacking_now = l.lag_writes * average_write
-                + l.resync_chunks_left * convoy_store::DEFAULT_CHUNK_SIZE as u64;
+            let lagging = lag_bytes
+                .get(&link.to)
+                .copied()
+                .flatten()
+                .unwrap_or(l.lag_writes * average_write);
+            let lacking_now =
+                lagging + l.resync_chunks_left * convoy_store::DEFAULT_CHUNK_SIZE as u64;
             let base = *self
                 .baselines
                 .lock()

@@ -4,6 +4,7 @@
 //! leader to do on its behalf travels as a [`ForwardRequest`]. All of it goes through
 //! `convoy-codec`, so it carries the format version byte.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -239,6 +240,12 @@ pub enum LocalRequest {
         /// (disk, size) of its staged exports.
         disks: Vec<(u64, u64)>,
     },
+    /// Bytes each replica of a group this node sequences lacks. A request of its own
+    /// (appended), so agents of the previous build still decode every other message.
+    GroupLagBytes {
+        /// Group id.
+        cg_id: u64,
+    },
 }
 
 /// The answer to a [`LocalRequest`], one variant per request.
@@ -319,6 +326,9 @@ pub enum LocalResponse {
     QemuStatus(crate::qemu::QemuStatus),
     /// What is wrong (empty: nothing).
     Problems(Vec<String>),
+    /// Per replica, the bytes it lacks if the sequencer's journal still holds them;
+    /// `None` if this node does not sequence the group.
+    GroupLagBytes(Option<BTreeMap<NodeId, Option<u64>>>),
 }
 
 /// The leader's answer.

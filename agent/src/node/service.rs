@@ -967,6 +967,9 @@ impl Cluster {
             LocalRequest::GroupStatus { cg_id } => {
                 LocalResponse::GroupStatus(plane.group_status(cg_id))
             }
+            LocalRequest::GroupLagBytes { cg_id } => {
+                LocalResponse::GroupLagBytes(plane.group_lag_bytes(cg_id))
+            }
             LocalRequest::GuestLog { vm, stay } => {
                 let dir = plane.data_dir().to_path_buf();
                 let records = tokio::task::spawn_blocking(move || {
