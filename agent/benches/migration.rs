@@ -301,6 +301,16 @@ fn run(dev: &Dev, strategy: &str, cg: &str, kill_coordinator: bool) -> Run {
             v["decision"].is_string().then_some(v)
         },
     );
+    if m["decision"] != "committed" {
+        // Why, for whoever reads the run: the migration's own timeline.
+        for e in m["timeline"].as_array().into_iter().flatten() {
+            eprintln!(
+                "    {} {}",
+                e["at_ms"],
+                e["note"].as_str().unwrap_or_default()
+            );
+        }
+    }
     // Every write of this workload is one 4 KiB block.
     let written_during = group_seq(dev, cg).saturating_sub(seq_before) * WRITE_BYTES;
     if kill_coordinator {

@@ -45,6 +45,10 @@ pub struct DevArgs {
     /// Replication journal limit per group in MiB (small values exercise dirty-chunk resync).
     #[arg(long)]
     pub journal_limit_mib: Option<u64>,
+    /// Milliseconds a write waits for a synchronous replica before the link is marked
+    /// outdated (small values make a slow replica's consequences quick to see).
+    #[arg(long)]
+    pub sync_timeout_ms: Option<u64>,
     /// Seconds a former replica's copy is kept after its link was removed (0: collect it
     /// at once).
     #[arg(long)]
@@ -158,7 +162,9 @@ fn node_config(dir: &Path, pki: &Path, id: u64, args: &DevArgs) -> Result<(PathB
             keep_former_copies_secs: args
                 .keep_former_copies_secs
                 .unwrap_or(crate::config::ReplicationConfig::default().keep_former_copies_secs),
-            ..Default::default()
+            sync_timeout_ms: args
+                .sync_timeout_ms
+                .unwrap_or(crate::config::ReplicationConfig::default().sync_timeout_ms),
         },
         qemu: crate::config::QemuConfig {
             powerdown_timeout_ms: args

@@ -720,17 +720,6 @@ impl Coordinator {
             self.step_cmd(cx, Key::AddReplica(m.to), cmd, out);
             return;
         };
-        if let Strategy::SyncSwitch { active_active } = m.strategy {
-            let want = sync_mode(active_active);
-            if link.mode != want {
-                let cmd = Command::SetMode {
-                    cg: m.cg.clone(),
-                    mode: want,
-                };
-                self.step_cmd(cx, Key::SetMode, cmd, out);
-                return;
-            }
-        }
         let Some(st) = cx.obs.links.get(&m.to).copied() else {
             self.note(format!("no status yet for node {}'s link", m.to), out);
             return;
@@ -738,6 +727,37 @@ impl Coordinator {
         let lag = st.lag();
         self.sample(cx.now, lag);
         let escalated = m.stats.escalated_at_ms.is_some();
+        if let Strategy::SyncSwitch { active_active } = m.strategy {
+            let want = sync_mode(active_active);
+            if link.mode != want {
+                // An asynchronous copy far behind catches up first: switched at once,
+                // every guest write would wait for it to drain its backlog, and past
+                // the sync timeout the link is outdated and the migration fails back.
+                let behind = link.state == LinkState::Consistent
+                    && !link.mode.is_synchronous()
+                    && lag > self.config.converged_lag
+                    && !escalated;
+                if behind && self.not_converging(cx.now, lag) {
+                    self.escalate(cx, lag, out);
+                } else if behind {
+                    self.note(
+                        format!(
+                            "node {} catching up asynchronously before the group goes {}: lag {lag} writes",
+                            m.to,
+                            want.as_str()
+                        ),
+                        out,
+                    );
+                } else {
+                    let cmd = Command::SetMode {
+                        cg: m.cg.clone(),
+                        mode: want,
+                    };
+                    self.step_cmd(cx, Key::SetMode, cmd, out);
+                }
+                return;
+            }
+        }
         let to_sync = Command::SetMode {
             cg: m.cg.clone(),
             mode: ReplicationMode::Sync,

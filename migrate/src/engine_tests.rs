@@ -336,6 +336,44 @@ fn reverse_replication_switches_a_caught_up_copy_to_sync_and_moves_only_once_it_
     );
 }
 
+/// The migration benchmark's sync-switch failed back: its destination had just restarted
+/// thousands of writes behind, the group went sync at once, guests' writes waited for the
+/// backlog and the link was outdated. A copy far behind catches up asynchronously first.
+#[test]
+fn sync_switch_lets_a_copy_far_behind_catch_up_before_the_group_goes_sync() {
+    let mut h = H::new(model(
+        Strategy::SyncSwitch {
+            active_active: true,
+        },
+        Some(ReplicationMode::Async),
+    ));
+    h.advance(Phase::Preparing, Progress::default());
+    let status = |lag: u64| LinkStatus {
+        acked_seq: 10_000 - lag,
+        last_seq: 10_000,
+        ..LinkStatus::default()
+    };
+    h.obs.links.insert(2, status(8_000));
+    let out = h.step();
+    assert!(proposals(&out).is_empty(), "{out:?}");
+    h.obs.links.insert(2, status(2_000));
+    let out = h.step();
+    assert!(proposals(&out).is_empty(), "{out:?}");
+    // Caught up: now the group goes active-active-sync.
+    h.obs.links.insert(2, status(3));
+    let out = h.step();
+    assert_eq!(
+        proposals(&out)
+            .iter()
+            .filter_map(|c| inner(c))
+            .collect::<Vec<_>>(),
+        vec![&Command::SetMode {
+            cg: "g".into(),
+            mode: ReplicationMode::ActiveActiveSync
+        }]
+    );
+}
+
 #[test]
 fn a_copy_whose_lag_does_not_shrink_escalates_to_synchronous_mirroring() {
     let mut h = H::new(model(

@@ -582,6 +582,25 @@ impl Cluster {
     }
 }
 
+/// The (acknowledged, last) pair a migration judges a link's lag by: chunks while the
+/// replica is seeded from them (or waits to be, never having held the group's data),
+/// else writes in the group's order. A copy that held the group's data and is
+/// (re)connecting lacks the writes it has not acknowledged: counting its chunks instead
+/// (none yet) made a destination that had just restarted look caught up, so a migration
+/// switched it to sync while it lacked thousands of writes, guests' writes waited on it
+/// and the link was outdated (the migration benchmark's fail-back, 0.2 s into moving).
+fn observed_position(l: &crate::data::LinkStatusView, state: LinkState) -> (u64, u64) {
+    let chunks = (
+        l.resync_chunks_sent,
+        l.resync_chunks_sent + l.resync_chunks_left,
+    );
+    match l.phase.as_str() {
+        "initial-sync" | "seeding" | "resync" => chunks,
+        _ if state == LinkState::Syncing => chunks,
+        _ => (l.acked_seq, l.last_seq),
+    }
+}
+
 fn op_vm(op: &HypervisorOp) -> &str {
     match op {
         HypervisorOp::PauseAndDrain { vm, .. } | HypervisorOp::Resume { vm, .. } => vm,
@@ -727,22 +746,13 @@ impl StorageProvider for ClusterProvider {
                     written: status.bytes_written,
                     lacking: lacking_now,
                 });
-            let streaming = l.phase == "streaming";
-            let (acked_seq, last_seq) = if streaming {
-                (l.acked_seq, l.last_seq)
-            } else {
-                // Being seeded: the lag counts chunks still to send.
-                (
-                    l.resync_chunks_sent,
-                    l.resync_chunks_sent + l.resync_chunks_left,
-                )
-            };
+            let (acked_seq, last_seq) = observed_position(l, link.state);
             out.insert(
                 link.to,
                 LinkStatus {
                     acked_seq,
                     last_seq,
-                    up_to_date: streaming
+                    up_to_date: l.phase == "streaming"
                         && link.mode.is_synchronous()
                         && link.state == LinkState::Consistent,
                     // Missing when the migration began, plus what guests wrote since.
@@ -905,5 +915,45 @@ impl HypervisorDriver for ClusterProvider {
             Ok(LocalResponse::VmState(s)) => s,
             _ => VmState::Unknown,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::LinkStatusView;
+
+    fn view(phase: &str) -> LinkStatusView {
+        LinkStatusView {
+            phase: phase.into(),
+            acked_seq: 1_000,
+            last_seq: 9_000,
+            resync_chunks_sent: 0,
+            resync_chunks_left: 0,
+            ..LinkStatusView::default()
+        }
+    }
+
+    #[test]
+    fn a_reconnecting_copy_lacks_the_writes_it_has_not_acknowledged() {
+        for phase in ["connecting", "stopped", "streaming"] {
+            for state in [LinkState::Consistent, LinkState::Outdated] {
+                assert_eq!(
+                    observed_position(&view(phase), state),
+                    (1_000, 9_000),
+                    "{phase} {state:?}"
+                );
+            }
+        }
+        // Seeded from chunks: its lag is the chunks still to send.
+        let mut seeding = view("resync");
+        seeding.resync_chunks_sent = 5;
+        seeding.resync_chunks_left = 7;
+        assert_eq!(observed_position(&seeding, LinkState::Outdated), (5, 12));
+        // A copy that never held the group's data waits for its first sync: chunks too.
+        assert_eq!(
+            observed_position(&view("connecting"), LinkState::Syncing),
+            (0, 0)
+        );
     }
 }
