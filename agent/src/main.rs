@@ -69,11 +69,12 @@ fn main() -> ExitCode {
                 .and_then(|cfg| {
                     tokio::runtime::Builder::new_multi_thread()
                         .enable_all()
-                        // The data path writes and fdatasyncs on runtime workers (a hand-off to a
-                        // blocking thread costs more than the I/O), so there are at least two:
-                        // one held by a slow disk leaves another for Raft and the API. More
-                        // workers than cores only add wake-ups: with 4 on 2 cores, QD32 sync
-                        // writes ran at 18-19k IOPS, with 2 at 24k (p50 1.7 -> 1.25 ms).
+                        // The sequencer writes to the page cache on runtime workers (a hand-off
+                        // to a blocking thread costs more than that I/O); every fsync runs on
+                        // the blocking pool, so a slow disk holds no worker. At least two
+                        // workers all the same. More workers than cores only add wake-ups:
+                        // with 4 on 2 cores, QD32 sync writes ran at 18-19k IOPS, with 2 at
+                        // 24k (p50 1.7 -> 1.25 ms).
                         .worker_threads(
                             std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
                         )
