@@ -23,6 +23,27 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
+/// Fault injection for the integration tests, not an operator setting (so not in the
+/// config file or `--help`): `CONVOY_TEST_FSYNC_DELAY_MS=N` makes every fsync/fdatasync of
+/// this agent's disk images (data, chunk hashes, activity log) wait N ms first, as a slow
+/// disk would. Read once, at start.
+fn test_fault_injection() -> anyhow::Result<()> {
+    const VAR: &str = "CONVOY_TEST_FSYNC_DELAY_MS";
+    let Some(value) = std::env::var_os(VAR) else {
+        return Ok(());
+    };
+    let ms: u64 = value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{VAR} must be a number of milliseconds"))?;
+    tracing::warn!(
+        delay_ms = ms,
+        "{VAR} is set: every disk image fsync is delayed (fault injection for tests)"
+    );
+    convoy_store::set_test_sync_delay(std::time::Duration::from_millis(ms));
+    Ok(())
+}
+
 /// Lets a CLI command whose reader went away (`convoy vm list | head -1`) end quietly, as
 /// Unix tools do, instead of panicking in `println!` (Rust ignores SIGPIPE by default).
 /// Not for the agent or `dev`, which must outlive a closed terminal.
@@ -43,22 +64,25 @@ fn main() -> ExitCode {
         Cmd::Agent { config } => {
             init_logging("info,openraft=warn");
             dev::die_with_dev_parent();
-            config::AgentConfig::load(&config).and_then(|cfg| {
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    // The data path writes and fdatasyncs on runtime workers (a hand-off to a
-                    // blocking thread costs more than the I/O), so there are at least two:
-                    // one held by a slow disk leaves another for Raft and the API. More
-                    // workers than cores only add wake-ups: with 4 on 2 cores, QD32 sync
-                    // writes ran at 18-19k IOPS, with 2 at 24k (p50 1.7 -> 1.25 ms).
-                    .worker_threads(
-                        std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
-                    )
-                    .thread_name("convoy-agent")
-                    .build()
-                    .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(node::run(cfg)))
-            })
+            config::AgentConfig::load(&config)
+                .and_then(|cfg| test_fault_injection().map(|()| cfg))
+                .and_then(|cfg| {
+                    tokio::runtime::Builder::new_multi_thread()
+                        .enable_all()
+                        // The sequencer writes to the page cache on runtime workers (a hand-off
+                        // to a blocking thread costs more than that I/O); every fsync runs on
+                        // the blocking pool, so a slow disk holds no worker. At least two
+                        // workers all the same. More workers than cores only add wake-ups:
+                        // with 4 on 2 cores, QD32 sync writes ran at 18-19k IOPS, with 2 at
+                        // 24k (p50 1.7 -> 1.25 ms).
+                        .worker_threads(
+                            std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+                        )
+                        .thread_name("convoy-agent")
+                        .build()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|rt| rt.block_on(node::run(cfg)))
+                })
         }
         Cmd::Dev(args) => {
             init_logging("warn");

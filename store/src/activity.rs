@@ -81,6 +81,27 @@ impl ActivityLog {
         true
     }
 
+    /// Whether every one of `extents` is in the durable log (a write there would be
+    /// admitted without an append).
+    pub fn is_active(&self, extents: Range<u32>) -> bool {
+        extents
+            .into_iter()
+            .all(|e| self.persisted.get(u64::from(e)))
+    }
+
+    /// Like [`ActivityLog::admit`] for a caller that only wants `extents` active ahead of
+    /// its write: `true` if they are; otherwise they are queued for the next batch (so
+    /// that one append covers every caller waiting meanwhile) and it must get them
+    /// appended and ask again. Counts nothing in flight.
+    pub fn request(&mut self, extents: Range<u32>) -> bool {
+        let missing: Vec<u32> = extents
+            .filter(|&e| !self.persisted.get(u64::from(e)))
+            .collect();
+        let active = missing.is_empty();
+        self.pending.extend(missing);
+        active
+    }
+
     /// The extents the caller (holding the right to append to the log) must append now:
     /// everything queued plus whatever of `extents` is not durable. Empty means another
     /// writer's batch already covered `extents`: retry [`ActivityLog::admit`].

@@ -6,8 +6,9 @@ use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::ReadWriteFlags;
@@ -133,6 +134,27 @@ const UNCACHED_IO_MIN: usize = 64 << 10;
 /// `RWF_DONTCACHE` (Linux 6.14+; ext4 and XFS since 6.15): buffered I/O whose pages are
 /// dropped once written back (or once read, if they were not cached before).
 const RWF_DONTCACHE: ReadWriteFlags = ReadWriteFlags::from_bits_retain(0x80);
+
+/// Fault injection for tests only: milliseconds every [`FileBackend`] fsync/fdatasync of
+/// image data, chunk hashes and activity-log appends waits before it syncs (0: none).
+static TEST_SYNC_DELAY_MS: AtomicU64 = AtomicU64::new(0);
+
+/// **Test-only fault injection**: makes every later fsync/fdatasync of every
+/// [`FileBackend`] in this process (image data, chunk hashes, activity-log appends) take
+/// `delay` longer, as on a slow or overloaded disk. Tests use it to check that a slow disk
+/// stalls only the I/O that waits for it; nothing else should call it.
+pub fn set_test_sync_delay(delay: Duration) {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    TEST_SYNC_DELAY_MS.store(ms, Ordering::Relaxed);
+}
+
+/// Waits out the test-only sync delay, if one is set (see [`set_test_sync_delay`]).
+fn test_sync_delay() {
+    let ms = TEST_SYNC_DELAY_MS.load(Ordering::Relaxed);
+    if ms > 0 {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
 
 /// The paths of image `id` in `dir`: data, metadata, activity log. The image has one more
 /// file, its chunk hashes (see [`image_files`]); this keeps its shape for callers that
@@ -417,6 +439,7 @@ impl Backend for FileBackend {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        test_sync_delay();
         self.image.sync_data()
     }
 
@@ -477,6 +500,7 @@ impl Backend for FileBackend {
         let mut handle = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         let res = log_file(&mut handle, &self.log_path).and_then(|f| {
             f.write_all(bytes)?;
+            test_sync_delay();
             f.sync_data()
         });
         match res {
@@ -533,6 +557,7 @@ impl Backend for FileBackend {
     }
 
     fn sync_hashes(&self) -> io::Result<()> {
+        test_sync_delay();
         self.hashes.sync_data()
     }
 

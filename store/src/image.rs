@@ -546,6 +546,84 @@ impl<B: Backend> DiskImage<B> {
         })
     }
 
+    /// Whether a write to `offset..offset + len` would be admitted without an
+    /// activity-log append (and its fsync): its extents are durably active. Cheap.
+    pub fn is_active(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || self.geometry.check_range(offset, len).is_err() {
+            return true;
+        }
+        let extents = self
+            .geometry
+            .extents_of(&self.geometry.chunks_of(offset, len));
+        lock(&self.state).log.is_active(extents)
+    }
+
+    /// Makes the extents of `offset..offset + len` durably active: the activity-log
+    /// append and fsync a first write there would do, done ahead so that a caller holding
+    /// a lock around the write (a group's sequencer) does not hold it through an fsync.
+    /// An extent activated and then not written is harmless (a recovery looks at it for
+    /// nothing); a checkpoint in between may retire it again, and the write then appends
+    /// itself. Blocking.
+    pub fn activate(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.geometry.check_range(offset, len)?;
+        let extents = self
+            .geometry
+            .extents_of(&self.geometry.chunks_of(offset, len));
+        loop {
+            {
+                let mut st = lock(&self.state);
+                if st.closed {
+                    return Err(StoreError::Closed);
+                }
+                if let Some(f) = &st.failed {
+                    return Err(self.failed_error(f.clone()));
+                }
+                if st.log.request(extents.clone()) {
+                    return Ok(());
+                }
+            }
+            self.append_activity(extents.clone())?;
+        }
+    }
+
+    /// Appends the queued extents and whatever of `extents` is not durably active to the
+    /// activity log, as one durable frame (nothing when another writer's batch covered
+    /// them meanwhile).
+    fn append_activity(&self, extents: Range<u32>) -> Result<()> {
+        let _leader = lock(&self.log_leader);
+        let batch = lock(&self.state).log.take_batch(extents);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let frame = encode_frame(&LogEntry::Active {
+            extents: batch.clone(),
+        });
+        // Space first, so that a full file system fails the write cleanly instead of
+        // tearing a frame (and failing the image). Writers whose extents were in this
+        // batch find them still missing and try again themselves.
+        self.backend.reserve_log(frame.len() as u64).map_err(|e| {
+            StoreError::io(
+                format!(
+                    "reserve space in the activity log of {}",
+                    self.backend.describe()
+                ),
+                e,
+            )
+        })?;
+        if let Err(e) = self.backend.append_log(&frame) {
+            // The log may now end in a torn frame; nothing may be appended behind it.
+            return Err(self.fail(
+                format!("append to the activity log of {}", self.backend.describe()),
+                e,
+            ));
+        }
+        lock(&self.state).log.batch_durable(&batch);
+        Ok(())
+    }
+
     /// Waits until `extents` are durably active, then counts the write in flight and
     /// invalidates `chunks`.
     fn admit(&self, extents: Range<u32>, chunks: Range<u64>) -> Result<()> {
@@ -563,34 +641,7 @@ impl<B: Backend> DiskImage<B> {
                     return Ok(());
                 }
             }
-            let _leader = lock(&self.log_leader);
-            let batch = lock(&self.state).log.take_batch(extents.clone());
-            if batch.is_empty() {
-                continue;
-            }
-            let frame = encode_frame(&LogEntry::Active {
-                extents: batch.clone(),
-            });
-            // Space first, so that a full file system fails the write cleanly instead of
-            // tearing a frame (and failing the image). Writers whose extents were in this
-            // batch find them still missing and try again themselves.
-            self.backend.reserve_log(frame.len() as u64).map_err(|e| {
-                StoreError::io(
-                    format!(
-                        "reserve space in the activity log of {}",
-                        self.backend.describe()
-                    ),
-                    e,
-                )
-            })?;
-            if let Err(e) = self.backend.append_log(&frame) {
-                // The log may now end in a torn frame; nothing may be appended behind it.
-                return Err(self.fail(
-                    format!("append to the activity log of {}", self.backend.describe()),
-                    e,
-                ));
-            }
-            lock(&self.state).log.batch_durable(&batch);
+            self.append_activity(extents.clone())?;
         }
     }
 
@@ -1627,6 +1678,11 @@ impl<B: Backend + 'static> DiskImage<B> {
         blocking(move || self.flush()).await
     }
 
+    /// [`DiskImage::activate`] on tokio's blocking pool.
+    pub async fn activate_async(self: Arc<Self>, offset: u64, len: u64) -> Result<()> {
+        blocking(move || self.activate(offset, len)).await
+    }
+
     /// [`DiskImage::chunk_hash`] on tokio's blocking pool.
     pub async fn chunk_hash_async(self: Arc<Self>, chunk: u64) -> Result<ChunkHash> {
         blocking(move || self.chunk_hash(chunk)).await
@@ -1707,5 +1763,30 @@ mod idle_hash_tests {
             known, IDLE_HASH_WINDOW,
             "hashing went on after the host turned busy"
         );
+    }
+}
+
+#[cfg(test)]
+mod activation_tests {
+    use super::*;
+
+    /// An extent activated ahead takes its write without another activity-log append
+    /// (the sequencer activates off its lock, then writes under it without an fsync).
+    #[test]
+    fn a_write_to_an_activated_extent_appends_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = DiskImage::create(dir.path(), "a", 64 << 20).unwrap();
+        let [_, _, log, _] = crate::image_files(dir.path(), "a").unwrap();
+        let log_len = || std::fs::metadata(&log).map_or(0, |m| m.len());
+        assert!(img.is_active(0, 0), "an empty range needs nothing");
+        assert!(!img.is_active(8 << 20, 4096));
+        let before = log_len();
+        img.activate(8 << 20, 4096).unwrap();
+        assert!(img.is_active(8 << 20, 4096));
+        let activated = log_len();
+        assert!(activated > before, "no frame appended");
+        img.write_at(&[7; 4096], (8 << 20) + 4096).unwrap();
+        assert_eq!(log_len(), activated, "the write appended again");
+        assert!(img.activate(64 << 20, 4096).is_err(), "out of range");
     }
 }

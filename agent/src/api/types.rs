@@ -81,6 +81,20 @@ pub struct ClusterStatus {
     pub reachable: usize,
     /// Set when something needs attention, e.g. "no leader: 1 of 3 nodes reachable".
     pub warning: Option<String>,
+    /// Disks that a reachable host should hold but cannot open (or that failed since).
+    #[serde(default)]
+    pub disk_failures: Vec<DiskFailure>,
+}
+
+/// A disk whose image its host cannot use (`cluster status`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskFailure {
+    /// The host.
+    pub node: u64,
+    /// The disk.
+    pub disk: u64,
+    /// Why, as the host reports it.
+    pub reason: String,
 }
 
 /// `GET /v1/node`: this node's own Raft state.

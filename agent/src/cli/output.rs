@@ -118,6 +118,12 @@ impl Output {
         if let Some(w) = &s.warning {
             println!("warning: {w}");
         }
+        for f in &s.disk_failures {
+            println!(
+                "disk {} on node {} cannot be used: {}",
+                f.disk, f.node, f.reason
+            );
+        }
         Ok(())
     }
 

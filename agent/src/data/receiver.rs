@@ -269,30 +269,20 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         let seeding = msgs
             .last()
             .is_some_and(|m| matches!(m, ToReplica::SeedByHashes { .. }));
-        // A resync starts with a copy of the whole group (the before-resync snapshot):
-        // seconds of I/O that must not hold a runtime worker, or two groups resyncing at
-        // once would stall every task of the node, Raft heartbeats included.
-        let copies = msgs
-            .iter()
-            .any(|m| matches!(m, ToReplica::ResyncBegin { .. }));
+        // Applying ends in an fdatasync, and a resync starts with a copy of the whole
+        // group (the before-resync snapshot): both run on the blocking pool. On a runtime
+        // worker, a slow disk (300 ms per fsync in the test) held it for as long, and two
+        // groups held every worker of a two-core host, so Raft's heartbeats went
+        // unanswered and the node started elections (a new term within a second). The
+        // hand-off costs ~0.1 ms of a sync write's latency.
         let plane2 = Arc::clone(&plane);
         let images2 = images.clone();
-        // Applying is a few page-cache writes and one fdatasync (~0.1 ms), done right on
-        // this runtime worker: `block_in_place` or `spawn_blocking` cost 80-100 us of
-        // thread hand-offs per batch, most of a sync write's budget. The agent runs at
-        // least two workers so that a slow disk stalls one worker, not the node.
-        let apply = move || {
+        let (r, s) = tokio::task::spawn_blocking(move || {
             let mut session = session;
             let r = apply_batch(&plane2, &images2, &mut session, msgs);
             (r, session)
-        };
-        let multi = tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread;
-        let (r, s) = if multi && !copies {
-            apply()
-        } else {
-            tokio::task::spawn_blocking(apply).await?
-        };
+        })
+        .await?;
         session = s;
         match r {
             Ok(stored) => {

@@ -1027,6 +1027,17 @@ impl Sequencer {
         fua: bool,
         writer_epoch: u64,
     ) -> Result<u64, WriteError> {
+        // A first write to an extent appends to the image's activity log and fsyncs it:
+        // done here on the blocking pool, not in `sequence_local` on a runtime worker
+        // under the group's lock (a slow disk held both there: every write of the group
+        // waited, and two groups held every worker, Raft's tasks included).
+        if let Some(image) = self.images.get(&disk)
+            && !image.is_active(offset, payload.len())
+        {
+            Arc::clone(image)
+                .activate_async(offset, payload.len())
+                .await?;
+        }
         loop {
             self.admit().await?;
             let len = payload.len();

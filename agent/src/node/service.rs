@@ -18,7 +18,7 @@ use openraft::error::{ClientWriteError, RaftError};
 
 use super::proposer::{Proposed, Proposer};
 use super::rpc::{ForwardFailure, ForwardRequest, ForwardResponse, LocalRequest, LocalResponse};
-use crate::api::types::{ClusterStatus, MemberStatus, NodeStatus};
+use crate::api::types::{ClusterStatus, DiskFailure, MemberStatus, NodeStatus};
 
 /// How long a write or read waits for a leader before giving up.
 pub const LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -872,6 +872,15 @@ impl Cluster {
         } else {
             None
         };
+        let disk_failures = self.disk_failures(&reach).await;
+        let warning = warning.or_else(|| {
+            (!disk_failures.is_empty()).then(|| {
+                format!(
+                    "{} disk(s) cannot be opened on their host (see disk_failures or `convoy vm show`)",
+                    disk_failures.len()
+                )
+            })
+        });
         ClusterStatus {
             answered_by: self.id,
             initialized,
@@ -885,7 +894,36 @@ impl Cluster {
             last_log_index: m.last_log_index.unwrap_or(0),
             reachable,
             warning,
+            disk_failures,
         }
+    }
+
+    /// Disks whose image a reachable host cannot open (or that failed since), asked of
+    /// every such host at once; a host that does not answer in time reports none.
+    async fn disk_failures(&self, reach: &BTreeMap<NodeId, bool>) -> Vec<DiskFailure> {
+        let asks = reach
+            .iter()
+            .filter(|(_, up)| **up)
+            .map(|(id, _)| async move {
+                let asked =
+                    tokio::time::timeout(PING_TIMEOUT, self.local(*id, LocalRequest::HostHealth));
+                match asked.await {
+                    Ok(Ok(LocalResponse::HostHealth(failed))) => failed
+                        .into_iter()
+                        .map(|(disk, reason)| DiskFailure {
+                            node: *id,
+                            disk,
+                            reason,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                }
+            });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// The data plane, once started.
