@@ -295,6 +295,20 @@ impl LinkSender {
             }
             return Ok(Some(p));
         }
+        // Checked and marked at once: a writer that gives up from here on waits for the
+        // commit's outcome instead of being acknowledged while it may land.
+        if !self.seq.commit_promotion(self.to) {
+            self.seq.end_promotion(self.to, None);
+            return Ok(None);
+        }
+        // However the commit ends (this future may be dropped with its session), its
+        // outcome is settled: unknown counts as committed, so a writer that gave up
+        // meanwhile has the link recorded `outdated` before it is acknowledged.
+        let mut unsettled = CommitGuard {
+            seq: &self.seq,
+            to: self.to,
+            armed: true,
+        };
         let committed = self
             .seq
             .reporter()
@@ -307,16 +321,16 @@ impl LinkSender {
                 Some(p.from),
             )
             .await;
+        unsettled.armed = false;
+        self.seq.end_promotion(self.to, Some(LinkState::Consistent));
         match committed {
             Ok(()) => {
-                self.seq.end_promotion(self.to, Some(LinkState::Consistent));
                 tracing::info!(cg = %self.seq.name, replica = self.to, acked, "replica is consistent");
                 Ok(None)
             }
-            Err(e) => {
-                self.seq.end_promotion(self.to, None);
-                Err(anyhow::anyhow!("cannot record link state consistent: {e}"))
-            }
+            // Perhaps committed after all (a timeout), perhaps refused: the next applied
+            // model corrects the state either way.
+            Err(e) => Err(anyhow::anyhow!("cannot record link state consistent: {e}")),
         }
     }
 
@@ -735,6 +749,22 @@ impl Drop for PromotionGuard<'_> {
     fn drop(&mut self) {
         if self.running.take().is_some() {
             self.seq.end_promotion(self.to, None);
+        }
+    }
+}
+
+/// Settles a promotion whose `consistent` commit was dropped in flight (see
+/// [`LinkSender::advance_promotion`]).
+struct CommitGuard<'a> {
+    seq: &'a Sequencer,
+    to: NodeId,
+    armed: bool,
+}
+
+impl Drop for CommitGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.seq.end_promotion(self.to, Some(LinkState::Consistent));
         }
     }
 }
