@@ -19,8 +19,13 @@ fn vm_show(dev: &Dev, vm: &str) -> Value {
 }
 
 /// Writes `vm`'s guest acknowledged (0 while it reports none).
+/// Writes `vm`'s guest had acknowledged; 0 while the cluster cannot answer (an election).
 fn acked(dev: &Dev, vm: &str) -> u64 {
-    vm_show(dev, vm)["guest_stats"]["writes_acked"]
+    let r = dev.cli(&["vm", "show", vm, "-o", "json"]);
+    if !r.ok {
+        return 0;
+    }
+    r.json()["guest_stats"]["writes_acked"]
         .as_u64()
         .unwrap_or(0)
 }
@@ -673,5 +678,199 @@ fn once_a_fence_returns_no_write_of_the_old_epoch_is_acknowledged() {
     wait_caught_up(&dev, "fg");
     verify(&dev, "guest", 1);
     verify(&dev, "guest", 2);
+    dev.assert_no_panics();
+}
+
+/// Stale writes refused by every node's counters (`convoy_stale_epoch_refused_total`,
+/// `convoy_replica_refused_total`), summed; 0 for a node that does not answer.
+fn refusals(dev: &Dev, node: u64) -> u64 {
+    let Ok(body) = rt().block_on(
+        dev.client_at(node)
+            .send(hyper::Method::GET, "/metrics", None),
+    ) else {
+        return 0;
+    };
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| {
+            l.starts_with("convoy_stale_epoch_refused_total")
+                || l.starts_with("convoy_replica_refused_total")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Issue 11: SIGSTOP of the source agent through the cut-over, SIGCONT afterwards. Writes
+/// a client sent to the source's export while it was stopped reach it only when it wakes,
+/// still believing it orders the group: none of them is acknowledged (the replica that
+/// took the group over refuses the stale sequencer, or the woken host's epochs refuse
+/// them), and what refused them is counted.
+#[test]
+fn writes_sent_to_a_stopped_source_are_refused_when_it_wakes_after_the_move() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dev = Dev::start(3, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    assert!(
+        dev.cli(&["vm", "create", "target", "--host", "1", "--disk", "16MiB"])
+            .ok
+    );
+    // Guests move one at a time: six of them keep the migration moving long enough to
+    // be caught there.
+    const GUESTS: [&str; 6] = ["w1", "w2", "w3", "w4", "w5", "w6"];
+    let mut create = vec!["cg", "create", "sg", "--vm", "target"];
+    for vm in GUESTS {
+        dev.create_writing_vm(vm, "8MiB", "iops=100,size=4k,pattern=random,depth=1");
+        create.extend(["--vm", vm]);
+    }
+    assert!(dev.cli(&create).ok);
+    let r = dev.cli(&[
+        "cg",
+        "replicate",
+        "sg",
+        "--to",
+        "2",
+        "--mode",
+        "async",
+        "--wait",
+    ]);
+    assert!(r.ok, "{r:?}");
+    for vm in GUESTS {
+        assert!(dev.cli(&["vm", "start", vm]).ok);
+    }
+    wait_writes(&dev, "w1", 50, Duration::from_secs(30));
+    let (socket, export) = nbd::parse_uri(&vm_uri(&dev, "target", 0));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // A connection to the source's export that works: one write acknowledged.
+    let mut conn = rt.block_on(async {
+        let mut s = nbd::connect(&socket, &export).await.unwrap();
+        s.write_all(&nbd::write_request(0, 0, &[1u8; 4096]))
+            .await
+            .unwrap();
+        let mut reply = [0u8; 16];
+        s.read_exact(&mut reply).await.unwrap();
+        assert_eq!(reply[4..8], [0; 4], "the first write failed");
+        s
+    });
+    let refused_before: u64 = [1, 2, 3].iter().map(|n| refusals(&dev, *n)).sum();
+
+    let r = dev.cli_at(
+        3,
+        &[
+            "migrate",
+            "start",
+            "sg",
+            "--to",
+            "2",
+            "--strategy",
+            "reverse-replication",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(r.ok, "{r:?}");
+    let id = r.json()["id"].as_u64().unwrap().to_string();
+    // Stopped once the group is synchronous on node 2 and VMs move (node 2 can take over).
+    wait_for("the migration to move VMs", Duration::from_secs(60), || {
+        let m = dev
+            .cli_at(3, &["migrate", "show", &id, "-o", "json"])
+            .json();
+        assert!(m["decision"].is_null(), "decided before the stop: {m:#}");
+        (m["phase"] == "moving" || m["phase"] == "cutting-over").then_some(())
+    });
+    let source = Pid::from_raw(dev.pid(1) as i32);
+    kill(source, Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    const WRITES: u64 = 16;
+    rt.block_on(async {
+        for cookie in 1..=WRITES {
+            let offset = cookie * 4096;
+            conn.write_all(&nbd::write_request(cookie, offset, &[7u8; 4096]))
+                .await
+                .unwrap();
+        }
+    });
+    let decided = wait_for(
+        "a decision without the stopped source",
+        Duration::from_secs(60),
+        || {
+            let r = dev.cli_at(3, &["migrate", "show", &id, "-o", "json"]);
+            let m = r.ok.then(|| r.json())?;
+            m["decision"].is_string().then_some(m)
+        },
+    );
+    eprintln!(
+        "source stopped {:?}: {} ({})",
+        stopped.elapsed(),
+        decided["decision"],
+        decided["decision_reason"]
+    );
+    assert_eq!(decided["decision"], "committed", "{decided:#}");
+    kill(source, Signal::SIGCONT).unwrap();
+
+    // Every reply the woken source sends: none may be a success.
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    let ended = rt.block_on(async {
+        for _ in 0..WRITES {
+            let mut reply = [0u8; 16];
+            match tokio::time::timeout(Duration::from_secs(20), conn.read_exact(&mut reply)).await {
+                Ok(Ok(_)) => {
+                    let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap());
+                    if reply[4..8] == [0; 4] {
+                        ok.push(cookie);
+                    } else {
+                        failed.push(cookie);
+                    }
+                }
+                Ok(Err(e)) => return format!("connection closed ({e})"),
+                Err(_) => return "no reply within 20 s".to_string(),
+            }
+        }
+        "every write answered".to_string()
+    });
+    assert!(
+        ok.is_empty(),
+        "the woken source acknowledged writes sent while it was stopped: {ok:?}"
+    );
+    // What refused them counted them (a node just woken may not answer a scrape at once).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let n = [1, 2, 3].iter().map(|n| refusals(&dev, *n)).sum::<u64>() - refused_before;
+        if failed.is_empty() || n > 0 || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "woken source: {} refused, {} acknowledged, then {ended}; {refused} stale writes counted",
+        failed.len(),
+        ok.len()
+    );
+    if !failed.is_empty() {
+        let log = std::fs::read_to_string(&dev.node(1).log).unwrap_or_default();
+        let why: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("operation failed"))
+            .take(3)
+            .collect();
+        assert!(
+            refused > 0,
+            "{} writes were refused but no refusal was counted; node 1 said: {why:#?}",
+            failed.len()
+        );
+    }
+    // The group goes on at node 2 with every acknowledged write of its guests (once the
+    // woken node, perhaps the old leader, let the cluster settle on one).
+    wait_for("a leader", Duration::from_secs(20), || dev.leader());
+    wait_writes(&dev, "w1", 50, Duration::from_secs(30));
+    for vm in GUESTS {
+        assert!(dev.cli(&["vm", "stop", vm]).ok);
+        verify(&dev, vm, 2);
+    }
     dev.assert_no_panics();
 }

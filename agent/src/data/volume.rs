@@ -123,20 +123,7 @@ impl Volume {
         loop {
             let (version, route) = plane.route(self.disk);
             let outcome = match route {
-                None => {
-                    // A fenced writer gets its answer now, not after the route wait.
-                    if let Some(current) = plane.model_epoch(self.disk).filter(|e| *e > self.epoch)
-                    {
-                        metrics::counter!("convoy_stale_epoch_refused_total", "where" => "export")
-                            .increment(1);
-                        return Err(WriteError::StaleEpoch {
-                            writer: self.epoch,
-                            current,
-                        }
-                        .into());
-                    }
-                    None
-                }
+                None => None,
                 Some(Route::Local(seq)) => {
                     match seq
                         .write(self.disk, offset, payload.clone(), fua, self.epoch)
@@ -165,11 +152,33 @@ impl Volume {
                     }
                 }
             };
-            // Not applied: wait for the route to change (a hand-over landing here).
+            // Not applied. A writer the model fenced (its VM moved, or its group's order
+            // was taken over while this host was away) gets its answer now, counted, not
+            // after a route wait: no route takes its epoch any more.
+            if let Some(stale) = self.fenced(&plane) {
+                return Err(stale);
+            }
+            // Otherwise wait for the route to change (a hand-over landing here).
             if !plane.wait_route_change(version, deadline).await {
-                return Err(outcome.unwrap_or(VolumeError::NoRoute(self.disk)));
+                return Err(self
+                    .fenced(&plane)
+                    .or(outcome)
+                    .unwrap_or(VolumeError::NoRoute(self.disk)));
             }
         }
+    }
+
+    /// The refusal for a write of this volume's epoch if the model moved its disk past it.
+    fn fenced(&self, plane: &DataPlane) -> Option<VolumeError> {
+        let current = plane.model_epoch(self.disk).filter(|e| *e > self.epoch)?;
+        metrics::counter!("convoy_stale_epoch_refused_total", "where" => "export").increment(1);
+        Some(
+            WriteError::StaleEpoch {
+                writer: self.epoch,
+                current,
+            }
+            .into(),
+        )
     }
 
     async fn flush_inner(&self) -> Result<(), VolumeError> {
