@@ -707,6 +707,17 @@ fn refusals(dev: &Dev, node: u64) -> u64 {
 /// them), and what refused them is counted.
 #[test]
 fn writes_sent_to_a_stopped_source_are_refused_when_it_wakes_after_the_move() {
+    // Break-consistency is left out: its destination is not synchronous, so with the
+    // source stopped in its cut-over it waits for the source rather than taking over
+    // (`sigstop_of_the_source_midway_never_fails_back_to_it_and_ends_in_one_decision`).
+    for strategy in ["reverse-replication", "sync-switch", "compare-delta"] {
+        stopped_source_refuses_queued_writes(strategy);
+    }
+}
+
+/// [`writes_sent_to_a_stopped_source_are_refused_when_it_wakes_after_the_move`] for one
+/// strategy, on a cluster of its own.
+fn stopped_source_refuses_queued_writes(strategy: &str) {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -768,7 +779,7 @@ fn writes_sent_to_a_stopped_source_are_refused_when_it_wakes_after_the_move() {
             "--to",
             "2",
             "--strategy",
-            "reverse-replication",
+            strategy,
             "-o",
             "json",
         ],
@@ -780,7 +791,10 @@ fn writes_sent_to_a_stopped_source_are_refused_when_it_wakes_after_the_move() {
         let m = dev
             .cli_at(3, &["migrate", "show", &id, "-o", "json"])
             .json();
-        assert!(m["decision"].is_null(), "decided before the stop: {m:#}");
+        assert!(
+            m["decision"].is_null(),
+            "{strategy}: decided before the stop: {m:#}"
+        );
         (m["phase"] == "moving" || m["phase"] == "cutting-over").then_some(())
     });
     let source = Pid::from_raw(dev.pid(1) as i32);
@@ -805,12 +819,12 @@ fn writes_sent_to_a_stopped_source_are_refused_when_it_wakes_after_the_move() {
         },
     );
     eprintln!(
-        "source stopped {:?}: {} ({})",
+        "{strategy}: source stopped {:?}: {} ({})",
         stopped.elapsed(),
         decided["decision"],
         decided["decision_reason"]
     );
-    assert_eq!(decided["decision"], "committed", "{decided:#}");
+    assert_eq!(decided["decision"], "committed", "{strategy}: {decided:#}");
     kill(source, Signal::SIGCONT).unwrap();
 
     // Every reply the woken source sends: none may be a success.
@@ -835,7 +849,7 @@ fn writes_sent_to_a_stopped_source_are_refused_when_it_wakes_after_the_move() {
     });
     assert!(
         ok.is_empty(),
-        "the woken source acknowledged writes sent while it was stopped: {ok:?}"
+        "{strategy}: the woken source acknowledged writes sent while it was stopped: {ok:?}"
     );
     // What refused them counted them (a node just woken may not answer a scrape at once).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -847,7 +861,7 @@ fn writes_sent_to_a_stopped_source_are_refused_when_it_wakes_after_the_move() {
         std::thread::sleep(Duration::from_millis(200));
     };
     eprintln!(
-        "woken source: {} refused, {} acknowledged, then {ended}; {refused} stale writes counted",
+        "{strategy}: woken source: {} refused, {} acknowledged, then {ended}; {refused} stale writes counted",
         failed.len(),
         ok.len()
     );
