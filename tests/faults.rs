@@ -46,15 +46,6 @@ fn verify(dev: &Dev, vm: &str, on: u64) -> Value {
     v
 }
 
-/// `/metrics` of node `id`, through its admin API.
-fn scrape(dev: &Dev, id: u64) -> String {
-    let client = dev.client_at(id);
-    let body = rt()
-        .block_on(client.send(hyper::Method::GET, "/metrics", None))
-        .expect("GET /metrics");
-    String::from_utf8_lossy(&body).into_owned()
-}
-
 /// A VM on node 1 with a disk of `size` and a simulated guest, alone in group `cg`,
 /// replicated to node 2 in `mode`; waits for the first sync, then starts the guest.
 fn writing_group(dev: &Dev, vm: &str, cg: &str, size: &str, mode: &str, workload: &str) {
@@ -132,7 +123,7 @@ fn a_disk_that_cannot_be_opened_is_reported_and_stops_no_other_group() {
         "{}",
         text.stdout
     );
-    let metrics = scrape(&dev, 1);
+    let metrics = dev.metrics(1).expect("GET /metrics");
     assert!(
         metrics.contains(&format!("convoy_disk_open_failed{{disk=\"{disk}\"}} 1")),
         "{metrics}"
@@ -681,25 +672,6 @@ fn once_a_fence_returns_no_write_of_the_old_epoch_is_acknowledged() {
     dev.assert_no_panics();
 }
 
-/// Stale writes refused by every node's counters (`convoy_stale_epoch_refused_total`,
-/// `convoy_replica_refused_total`), summed; 0 for a node that does not answer.
-fn refusals(dev: &Dev, node: u64) -> u64 {
-    let Ok(body) = rt().block_on(
-        dev.client_at(node)
-            .send(hyper::Method::GET, "/metrics", None),
-    ) else {
-        return 0;
-    };
-    String::from_utf8_lossy(&body)
-        .lines()
-        .filter(|l| {
-            l.starts_with("convoy_stale_epoch_refused_total")
-                || l.starts_with("convoy_replica_refused_total")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 /// Issue 11: SIGSTOP of the source agent through the cut-over, SIGCONT afterwards. Writes
 /// a client sent to the source's export while it was stopped reach it only when it wakes,
 /// still believing it orders the group: none of them is acknowledged (the replica that
@@ -768,7 +740,7 @@ fn stopped_source_refuses_queued_writes(strategy: &str) {
         assert_eq!(reply[4..8], [0; 4], "the first write failed");
         s
     });
-    let refused_before: u64 = [1, 2, 3].iter().map(|n| refusals(&dev, *n)).sum();
+    let refused_before: u64 = [1, 2, 3].iter().map(|n| dev.stale_writes_refused(*n)).sum();
 
     let r = dev.cli_at(
         3,
@@ -854,7 +826,11 @@ fn stopped_source_refuses_queued_writes(strategy: &str) {
     // What refused them counted them (a node just woken may not answer a scrape at once).
     let deadline = Instant::now() + Duration::from_secs(10);
     let refused = loop {
-        let n = [1, 2, 3].iter().map(|n| refusals(&dev, *n)).sum::<u64>() - refused_before;
+        let n = [1, 2, 3]
+            .iter()
+            .map(|n| dev.stale_writes_refused(*n))
+            .sum::<u64>()
+            - refused_before;
         if failed.is_empty() || n > 0 || Instant::now() > deadline {
             break n;
         }

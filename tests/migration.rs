@@ -407,27 +407,6 @@ fn sigkill_of_the_coordinator_midway_ends_in_one_decision_everywhere() {
     dev.assert_no_panics();
 }
 
-/// Refusals of stale writers counted by `node` (stale epochs at the export, sequencer or
-/// replica; replica streams and mirrored writes from a host that no longer may send).
-fn refusals(dev: &Dev, node: u64) -> u64 {
-    let rt = rt();
-    let Ok(text) = rt.block_on(
-        dev.client_at(node)
-            .send(hyper::Method::GET, "/metrics", None),
-    ) else {
-        return 0;
-    };
-    String::from_utf8_lossy(&text)
-        .lines()
-        .filter(|l| {
-            l.starts_with("convoy_stale_epoch_refused_total")
-                || l.starts_with("convoy_replica_refused_total")
-                || l.starts_with("convoy_mirror_refused_total")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 /// SIGSTOP of the source's agent (its guests freeze with it) while VMs move or the group
 /// is cut over, held for a while, then SIGCONT. While the source is frozen the migration
 /// either rolls forward, when the destination holds every acknowledged write (a
@@ -451,7 +430,7 @@ fn sigstop_of_the_source_midway_never_fails_back_to_it_and_ends_in_one_decision(
         start_guests(&dev, &vms);
         wait_writes(&dev, vms[0], 50);
         prepare_destination(&dev, &cg, strategy, 2);
-        let refused_before: u64 = [1, 2, 3].iter().map(|n| refusals(&dev, *n)).sum();
+        let refused_before: u64 = [1, 2, 3].iter().map(|n| dev.stale_writes_refused(*n)).sum();
         let id = start(&dev, 3, &cg, 2, strategy);
         let phase = wait_phase(&dev, id, &["moving", "cutting-over"]);
         if phase != "moving" && phase != "cutting-over" {
@@ -521,8 +500,11 @@ fn sigstop_of_the_source_midway_never_fails_back_to_it_and_ends_in_one_decision(
         // Printed, not asserted: whether a woken guest writes before its agent learns of
         // the move is timing; what it may not do is leave an acknowledged write off the
         // copy that now orders its VM, which `verify` above checks from every stay's log.
-        let refused: u64 =
-            [1, 2, 3].iter().map(|n| refusals(&dev, *n)).sum::<u64>() - refused_before;
+        let refused: u64 = [1, 2, 3]
+            .iter()
+            .map(|n| dev.stale_writes_refused(*n))
+            .sum::<u64>()
+            - refused_before;
         eprintln!("{strategy}: {on_source:?} were on the source; {refused} stale writes refused");
     }
     assert!(caught > 0, "no migration could be caught midway");

@@ -12,15 +12,6 @@ use std::time::Duration;
 use common::data::*;
 use common::*;
 
-/// `/metrics` of node `id`, through its admin API.
-fn scrape(dev: &Dev, id: u64) -> String {
-    let client = dev.client_at(id);
-    let body = rt()
-        .block_on(client.send(hyper::Method::GET, "/metrics", None))
-        .expect("GET /metrics");
-    String::from_utf8_lossy(&body).into_owned()
-}
-
 /// The value of the sample `series` (name with its labels exactly as rendered, or a name
 /// and a label subset: every `key="value"` given must be present), summed over matches.
 fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -143,7 +134,7 @@ fn metrics_show_a_dead_replica_lagging_and_refusals_counted() {
     let dev = Dev::start(3, &[]);
     wait_for("a leader", Duration::from_secs(10), || dev.leader());
     for id in 1..=3 {
-        let text = scrape(&dev, id);
+        let text = dev.metrics(id).expect("GET /metrics");
         assert_well_formed(&text);
         for place in ["sequencer", "export", "replica"] {
             assert_eq!(
@@ -208,7 +199,7 @@ fn metrics_show_a_dead_replica_lagging_and_refusals_counted() {
             "read -P 1 0 4k".into(),
         ],
     );
-    let text = scrape(&dev, 1);
+    let text = dev.metrics(1).expect("GET /metrics");
     let e = ("export", export.as_str());
     assert_eq!(
         value(&text, "convoy_nbd_requests_total", &[e, ("op", "write")]),
@@ -253,7 +244,7 @@ fn metrics_show_a_dead_replica_lagging_and_refusals_counted() {
     let mut stdin = io.stdin.take().unwrap();
     writeln!(stdin, "write -P 5 0 4k").unwrap();
     wait_for("qemu-io's first write", Duration::from_secs(20), || {
-        let t = scrape(&dev, 1);
+        let t = dev.metrics(1).expect("GET /metrics");
         (value(&t, "convoy_nbd_requests_total", &[e, ("op", "write")]) >= Some(5.0)).then_some(())
     });
     // `cg fence` returns once the sequencer drained writes of the old epoch.
@@ -268,7 +259,7 @@ fn metrics_show_a_dead_replica_lagging_and_refusals_counted() {
         said.contains("write failed"),
         "the fenced write passed: {said}"
     );
-    let text = scrape(&dev, 1);
+    let text = dev.metrics(1).expect("GET /metrics");
     let stale = value(&text, "convoy_stale_epoch_refused_total", &[]).unwrap();
     assert!(stale >= 1.0, "stale-epoch refusal not counted:\n{text}");
     assert!(
@@ -282,7 +273,7 @@ fn metrics_show_a_dead_replica_lagging_and_refusals_counted() {
 
     // Streaming: the link says so.
     let streaming = wait_for("the link to stream", Duration::from_secs(60), || {
-        let t = scrape(&dev, 1);
+        let t = dev.metrics(1).expect("GET /metrics");
         let l = link(&t, "g", "2")?;
         (l.streaming == 1.0 && l.state == "consistent" && l.acked > 0.0).then_some(t)
     });
@@ -304,7 +295,11 @@ fn metrics_show_a_dead_replica_lagging_and_refusals_counted() {
     // Every metric the dashboard queries is exported by some agent.
     let mut exported = BTreeSet::new();
     for id in 1..=3 {
-        exported.extend(families(&scrape(&dev, id)).into_iter().map(|(n, _)| n));
+        exported.extend(
+            families(&dev.metrics(id).expect("GET /metrics"))
+                .into_iter()
+                .map(|(n, _)| n),
+        );
     }
     let missing: Vec<String> = dashboard_metrics().difference(&exported).cloned().collect();
     assert!(
@@ -319,7 +314,7 @@ fn metrics_show_a_dead_replica_lagging_and_refusals_counted() {
         "the link to stop streaming and the replica to lack writes",
         Duration::from_secs(30),
         || {
-            let t = scrape(&dev, 1);
+            let t = dev.metrics(1).expect("GET /metrics");
             let l = link(&t, "g", "2")?;
             (l.streaming == 0.0 && l.lag_writes > 50.0).then_some((l, t))
         },
@@ -355,7 +350,7 @@ fn metrics_show_a_dead_replica_lagging_and_refusals_counted() {
         "the journal holds nothing for the dead replica"
     );
     let later = wait_for("lag_seconds to grow", Duration::from_secs(15), || {
-        let l = link(&scrape(&dev, 1), "g", "2")?;
+        let l = link(&dev.metrics(1).expect("GET /metrics"), "g", "2")?;
         (l.lag_seconds >= first.lag_seconds + 1.0).then_some(l)
     });
     assert!(

@@ -693,8 +693,8 @@ fn slow_cluster() -> (Dev, PathBuf, PathBuf) {
 }
 
 /// Starts a reverse-replication migration of `g` to node 2 through node 3 (its
-/// coordinator) and waits until node 2's QEMU waits for the guest (the memory copy runs).
-fn start_slow_migration(dev: &Dev, dir2: &Path, vm: &str) -> String {
+/// coordinator first); returns its id.
+fn start_reverse_replication_via_3(dev: &Dev) -> String {
     let r = dev.cli_at(
         3,
         &[
@@ -712,7 +712,13 @@ fn start_slow_migration(dev: &Dev, dir2: &Path, vm: &str) -> String {
         ],
     );
     assert!(r.ok, "migrate start: {}{}", r.stdout, r.stderr);
-    let id = r.json()["id"].as_u64().unwrap().to_string();
+    r.json()["id"].as_u64().unwrap().to_string()
+}
+
+/// [`start_reverse_replication_via_3`], then waits until node 2's QEMU waits for the
+/// guest (the memory copy runs).
+fn start_slow_migration(dev: &Dev, dir2: &Path, vm: &str) -> String {
+    let id = start_reverse_replication_via_3(dev);
     wait_for(
         "node 2's QEMU to wait for the guest",
         Duration::from_secs(60),
@@ -941,24 +947,7 @@ fn a_guest_that_moved_before_an_abort_comes_back_live_and_its_group_fails_back()
     };
 
     // Reverse-replication moves the guests one at a time: abort once the first is there.
-    let r = dev.cli_at(
-        3,
-        &[
-            "migrate",
-            "start",
-            "g",
-            "--to",
-            "2",
-            "--strategy",
-            "reverse-replication",
-            "--deadline",
-            "2m",
-            "-o",
-            "json",
-        ],
-    );
-    assert!(r.ok, "migrate start: {}{}", r.stdout, r.stderr);
-    let id = r.json()["id"].as_u64().unwrap().to_string();
+    let id = start_reverse_replication_via_3(&dev);
     let mut moved = None;
     both_never_on_two_hosts(&mut || {
         assert!(

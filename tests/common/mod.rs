@@ -269,6 +269,33 @@ impl Dev {
         self.client_over(vec![self.node(id).admin_addr.parse().unwrap()])
     }
 
+    /// `/metrics` of node `id`, through its admin API; `None` if it does not answer.
+    pub fn metrics(&self, id: u64) -> Option<String> {
+        let body = rt()
+            .block_on(
+                self.client_at(id)
+                    .send(hyper::Method::GET, "/metrics", None),
+            )
+            .ok()?;
+        Some(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Refusals of stale writers counted by node `id` (stale epochs at the export,
+    /// sequencer or replica; replica streams and mirrored writes from a host that no
+    /// longer may send); 0 if it does not answer.
+    pub fn stale_writes_refused(&self, id: u64) -> u64 {
+        self.metrics(id)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.starts_with("convoy_stale_epoch_refused_total")
+                    || l.starts_with("convoy_replica_refused_total")
+                    || l.starts_with("convoy_mirror_refused_total")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
     fn client_over(&self, addrs: Vec<SocketAddr>) -> AdminClient {
         let e = &self.file.env;
         AdminClient::from_files(
