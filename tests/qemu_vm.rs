@@ -70,16 +70,23 @@ fn qemu_pid(dir: &Path, vm: &str) -> Option<i32> {
 
 /// Every QEMU process whose command line names this QMP socket.
 fn qemus_for(socket: &Path) -> Vec<i32> {
+    qemu_cmdlines(socket).into_iter().map(|(pid, _)| pid).collect()
+}
+
+/// [`qemus_for`] with each one's command line, read once: a QEMU that exits between two
+/// reads shows an empty command line the second time.
+fn qemu_cmdlines(socket: &Path) -> Vec<(i32, String)> {
     let needle = socket.display().to_string();
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-        .filter(|pid| {
+        .filter_map(|pid| {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            cmd.contains("qemu-system") && cmd.contains(&needle) && !stat.contains(") Z")
+            let cmd = String::from_utf8_lossy(&cmd).into_owned();
+            (cmd.contains("qemu-system") && cmd.contains(&needle) && !stat.contains(") Z"))
+                .then_some((pid, cmd))
         })
         .collect()
 }
@@ -652,12 +659,9 @@ fn a_running_qemu_guest_migrates_with_its_group_there_and_back_under_every_strat
 /// Every QEMU of `vm` under `dir`, and whether each waits for (or came in by) a live
 /// migration (`-incoming` on its command line) rather than having booted the guest.
 fn qemus_of(dir: &Path, vm: &str) -> Vec<(i32, bool)> {
-    qemus_for(&dir.join(format!("{vm}.qmp")))
+    qemu_cmdlines(&dir.join(format!("{vm}.qmp")))
         .into_iter()
-        .map(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            (pid, String::from_utf8_lossy(&cmd).contains("-incoming"))
-        })
+        .map(|(pid, cmd)| (pid, cmd.contains("-incoming")))
         .collect()
 }
 
