@@ -70,7 +70,10 @@ fn qemu_pid(dir: &Path, vm: &str) -> Option<i32> {
 
 /// Every QEMU process whose command line names this QMP socket.
 fn qemus_for(socket: &Path) -> Vec<i32> {
-    qemu_cmdlines(socket).into_iter().map(|(pid, _)| pid).collect()
+    qemu_cmdlines(socket)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// [`qemus_for`] with each one's command line, read once: a QEMU that exits between two
