@@ -476,6 +476,22 @@ fn sigstop_of_the_source_midway_never_fails_back_to_it_and_ends_in_one_decision(
             }
         }
         let decision = same_decision_everywhere(&dev, id, &[1, 2, 3]);
+        // Only node 1 was ever stopped: the woken agent, its answers from others all
+        // old, must not take them for lost (it once took node 3's claim, called node 2
+        // lost, and restored break-consistency's snapshot over acknowledged writes).
+        let m = json_at(&dev, 3, &["migrate", "show", &id.to_string(), "-o", "json"]);
+        for e in m["timeline"].as_array().into_iter().flatten() {
+            let note = e["note"].as_str().unwrap_or_default();
+            let took_node_3s_claim = note.contains("claimed coordination")
+                && note.contains("from node 3")
+                && !note.starts_with("node 3 ");
+            assert!(
+                !note.contains("node 2 lost")
+                    && !note.contains("node 2 was lost")
+                    && !took_node_3s_claim,
+                "{strategy}: a live node was judged lost: {note}\n{m:#}"
+            );
+        }
         let g = group(&dev, &cg);
         if decision == "committed" {
             assert_eq!(g["sequencer"], 2, "{strategy}: {g}");

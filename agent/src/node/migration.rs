@@ -69,37 +69,79 @@ impl Migrations {
 }
 
 /// The failure detector: which hosts answered a probe recently.
+///
+/// A host is lost only on fresh evidence: [`LOST_ROUNDS`] probes in a row unanswered, on
+/// top of [`LOST_AFTER`] without an answer. Time alone is not evidence: an agent that was
+/// itself stopped (SIGSTOP, a frozen VM, a starved process) wakes with every answer old,
+/// and judged by the clock it took its peers for lost, claimed their migrations and failed
+/// one back to a snapshot, dropping writes acknowledged since (seen after an 18 s SIGSTOP).
 struct Detector {
-    last_ok: Mutex<HashMap<NodeId, Instant>>,
+    probes: Mutex<HashMap<NodeId, ProbeRecord>>,
     started: Instant,
 }
 
+/// What the probes of one host found.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProbeRecord {
+    last_ok: Option<Instant>,
+    /// Probes unanswered since the last answer.
+    failed_in_row: u32,
+}
+
+/// Unanswered probes in a row before a host can be reported lost (with
+/// [`PROBE_EVERY`] between rounds: at least a second of probing).
+const LOST_ROUNDS: u32 = 4;
+
 impl Detector {
-    /// How long `host` has gone without answering a probe (since this detector started,
-    /// if it never answered).
+    fn new() -> Self {
+        Detector {
+            probes: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+        }
+    }
+
+    fn record(&self, host: NodeId, answered: bool, at: Instant) {
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        let r = probes.entry(host).or_default();
+        if answered {
+            r.last_ok = Some(at);
+            r.failed_in_row = 0;
+        } else {
+            r.failed_in_row = r.failed_in_row.saturating_add(1);
+        }
+    }
+
+    /// How long `host` has gone without answering while probes to it failed (zero while
+    /// its last probe was answered or none has failed since).
     fn silent_for(&self, host: NodeId) -> Duration {
-        let last = self.last_ok.lock().unwrap_or_else(|p| p.into_inner());
-        last.get(&host)
-            .map_or(self.started.elapsed(), |at| at.elapsed())
+        let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        match probes.get(&host) {
+            Some(r) if r.failed_in_row > 0 => r.last_ok.unwrap_or(self.started).elapsed(),
+            Some(_) => Duration::ZERO,
+            None => self.started.elapsed(),
+        }
     }
 
     /// Health as seen by a coordinator watching since `watching_since`: a host is lost
     /// only once it went unanswered for [`LOST_AFTER`] while this coordinator watched, so
     /// a host that just came back (a probe not yet through) does not fail a fresh
-    /// migration at its first step.
+    /// migration at its first step, and only after [`LOST_ROUNDS`] failed probes in a row.
     fn health(
         &self,
         hosts: &[NodeId],
         me: NodeId,
         watching_since: Instant,
     ) -> BTreeMap<NodeId, HostHealth> {
-        let last = self.last_ok.lock().unwrap_or_else(|p| p.into_inner());
+        let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
         let watched = self.started.max(watching_since).elapsed() > LOST_AFTER;
         hosts
             .iter()
             .map(|h| {
-                let lost =
-                    *h != me && watched && last.get(h).is_none_or(|at| at.elapsed() > LOST_AFTER);
+                let r = probes.get(h).copied().unwrap_or_default();
+                let lost = *h != me
+                    && watched
+                    && r.failed_in_row >= LOST_ROUNDS
+                    && r.last_ok.is_none_or(|at| at.elapsed() > LOST_AFTER);
                 (
                     *h,
                     if lost {
@@ -139,13 +181,9 @@ async fn probe_loop(cluster: Arc<Cluster>, detector: Arc<Detector>) {
             }
         });
         let results = futures::future::join_all(probes).await;
-        {
-            let mut last = detector.last_ok.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, ok) in results {
-                if ok {
-                    last.insert(id, Instant::now());
-                }
-            }
+        let at = Instant::now();
+        for (id, ok) in results {
+            detector.record(id, ok, at);
         }
         tokio::time::sleep(PROBE_EVERY).await;
     }
@@ -185,10 +223,7 @@ struct Runner {
 
 /// Runs coordinators for every undecided migration until the agent stops.
 pub async fn run(cluster: Arc<Cluster>, shared: Arc<Migrations>) {
-    let detector = Arc::new(Detector {
-        last_ok: Mutex::new(HashMap::new()),
-        started: Instant::now(),
-    });
+    let detector = Arc::new(Detector::new());
     tokio::spawn(probe_loop(Arc::clone(&cluster), Arc::clone(&detector)));
     let provider = Arc::new(ClusterProvider::new(Arc::clone(&cluster)));
     let incarnation: u32 = rand::random();
@@ -352,5 +387,65 @@ pub async fn run(cluster: Arc<Cluster>, shared: Arc<Migrations>) {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health_of(d: &Detector, host: NodeId) -> HostHealth {
+        let long_ago = Instant::now() - Duration::from_secs(60);
+        d.health(&[1, host], 1, long_ago)[&host]
+    }
+
+    #[test]
+    fn a_host_whose_answers_are_merely_old_is_not_lost() {
+        // As after this agent was stopped for a minute: the last answer is old, and no
+        // probe has failed since.
+        let mut d = Detector::new();
+        d.started = Instant::now() - Duration::from_secs(120);
+        d.record(2, true, Instant::now() - Duration::from_secs(60));
+        assert_eq!(health_of(&d, 2), HostHealth::Up);
+        assert_eq!(d.silent_for(2), Duration::ZERO);
+        // The first probes after waking fail (connections redialled): still not lost.
+        for _ in 0..LOST_ROUNDS - 1 {
+            d.record(2, false, Instant::now());
+        }
+        assert_eq!(health_of(&d, 2), HostHealth::Up);
+        // An answer clears them.
+        d.record(2, true, Instant::now());
+        d.record(2, false, Instant::now());
+        assert_eq!(health_of(&d, 2), HostHealth::Up);
+    }
+
+    #[test]
+    fn a_host_that_fails_probes_in_a_row_for_long_enough_is_lost() {
+        let mut d = Detector::new();
+        d.started = Instant::now() - Duration::from_secs(120);
+        d.record(
+            2,
+            true,
+            Instant::now() - LOST_AFTER - Duration::from_millis(100),
+        );
+        for _ in 0..LOST_ROUNDS {
+            d.record(2, false, Instant::now());
+        }
+        assert_eq!(health_of(&d, 2), HostHealth::Lost);
+        assert!(d.silent_for(2) > LOST_AFTER);
+        // Failed probes within LOST_AFTER of an answer are not yet a loss.
+        d.record(3, true, Instant::now());
+        for _ in 0..LOST_ROUNDS {
+            d.record(3, false, Instant::now());
+        }
+        assert_eq!(health_of(&d, 3), HostHealth::Up);
+        // Nor is a host this coordinator has only just begun to watch.
+        let just_now = d.health(&[1, 2], 1, Instant::now())[&2];
+        assert_eq!(just_now, HostHealth::Up);
+        // A host that never answered is lost once enough probes failed.
+        for _ in 0..LOST_ROUNDS {
+            d.record(4, false, Instant::now());
+        }
+        assert_eq!(health_of(&d, 4), HostHealth::Lost);
     }
 }
