@@ -244,6 +244,14 @@ fn every_strategy_commits_with_every_acknowledged_write_on_both_copies() {
             ],
         );
         assert_eq!(plan["ok"], true, "{strategy}: {plan}");
+        // The estimate comes from the link as measured from node 1 to node 2.
+        let rate = plan["measured_link_bytes_per_sec"].as_u64();
+        assert!(rate.is_some_and(|r| r > 0), "{strategy}: {plan}");
+        let expected = plan["bytes_to_move"].as_f64().unwrap() / rate.unwrap() as f64 + 1.1;
+        assert!(
+            (plan["estimated_secs"].as_f64().unwrap() - expected).abs() < 0.01,
+            "{strategy}: the estimate is not at the measured rate: {plan}"
+        );
         let started = Instant::now();
         let id = start(&dev, 3, &cg, to, strategy);
         let m = wait_decided(&dev, id);

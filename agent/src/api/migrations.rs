@@ -15,8 +15,11 @@ use crate::node::rpc::{LocalRequest, LocalResponse};
 
 /// Default time a migration may take before it fails back.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
-/// The link rate a plan's estimate assumes (the full-copy rate measured on a 2-core host).
+/// The link rate a plan's estimate assumes when it cannot measure one (the full-copy rate
+/// measured on a 2-core host).
 const ASSUMED_LINK_RATE: u64 = 400 << 20;
+/// What a plan sends from the source to the destination to measure their link.
+const LINK_PROBE_BYTES: u64 = 16 << 20;
 
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::BadRequest, message)
@@ -360,8 +363,29 @@ pub async fn plan(
             req.to, destination_free
         ));
     }
-    let estimated_secs =
-        bytes_to_move as f64 / ASSUMED_LINK_RATE as f64 + 0.05 * cg.vms.len() as f64 + 1.0;
+    // The link as the data would travel it: from the source, over the cluster's QUIC.
+    let measured_link = if destination.is_some() && cg.sequencer != req.to {
+        match s
+            .cluster
+            .local(
+                cg.sequencer,
+                LocalRequest::MeasureLink {
+                    to: req.to,
+                    bytes: LINK_PROBE_BYTES,
+                },
+            )
+            .await
+        {
+            Ok(LocalResponse::LinkMeasured { bytes, micros }) => {
+                Some((bytes as u128 * 1_000_000 / micros.max(1) as u128) as u64)
+            }
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let link_rate = measured_link.unwrap_or(ASSUMED_LINK_RATE).max(1);
+    let estimated_secs = bytes_to_move as f64 / link_rate as f64 + 0.05 * cg.vms.len() as f64 + 1.0;
     Ok(Json(MigrationPlanView {
         cg: cg.name.clone(),
         from: cg.sequencer,
@@ -375,5 +399,6 @@ pub async fn plan(
         destination_free_bytes: destination_free,
         estimated_secs,
         assumed_link_bytes_per_sec: ASSUMED_LINK_RATE,
+        measured_link_bytes_per_sec: measured_link,
     }))
 }

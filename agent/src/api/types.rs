@@ -595,10 +595,14 @@ pub struct MigrationPlanView {
     pub dirty_writes_per_sec: f64,
     /// Free bytes on the destination.
     pub destination_free_bytes: u64,
-    /// Estimated seconds, at the assumed link rate.
+    /// Estimated seconds, at the measured link rate (the assumed one if none was).
     pub estimated_secs: f64,
-    /// The link rate the estimate assumes, bytes per second.
+    /// The link rate an estimate assumes when none could be measured, bytes per second.
     pub assumed_link_bytes_per_sec: u64,
+    /// The source-to-destination rate measured for this plan (16 MiB sent over the
+    /// cluster's QUIC), bytes per second; `None` when it could not be measured.
+    #[serde(default)]
+    pub measured_link_bytes_per_sec: Option<u64>,
 }
 
 /// One line of a migration's timeline.

@@ -281,12 +281,18 @@ impl Output {
             p.destination_copy,
             format_size(p.destination_free_bytes)
         );
+        let link = match p.measured_link_bytes_per_sec {
+            Some(rate) => format!("{}/s measured", format_size(rate)),
+            None => format!(
+                "{}/s assumed (the link could not be measured)",
+                format_size(p.assumed_link_bytes_per_sec)
+            ),
+        };
         println!(
-            "to move: about {}   guests write {:.0}/s   estimate: {:.1} s at {}/s",
+            "to move: about {}   guests write {:.0}/s   estimate: {:.1} s at {link}",
             format_size(p.bytes_to_move),
             p.dirty_writes_per_sec,
             p.estimated_secs,
-            format_size(p.assumed_link_bytes_per_sec)
         );
         Ok(())
     }

@@ -246,6 +246,20 @@ pub enum LocalRequest {
         /// Group id.
         cg_id: u64,
     },
+    /// Time sending `bytes` to node `to` over the cluster's QUIC (a `migrate plan`'s
+    /// link rate, measured from the host that would send). Appended, as above.
+    MeasureLink {
+        /// The receiving node.
+        to: NodeId,
+        /// How much to send.
+        bytes: u64,
+    },
+    /// Data sent only to be timed ([`LocalRequest::MeasureLink`]); answered with its
+    /// length. Appended, as above.
+    LinkProbe {
+        /// Bytes to receive and drop.
+        data: bytes::Bytes,
+    },
 }
 
 /// The answer to a [`LocalRequest`], one variant per request.
@@ -329,6 +343,15 @@ pub enum LocalResponse {
     /// Per replica, the bytes it lacks if the sequencer's journal still holds them;
     /// `None` if this node does not sequence the group.
     GroupLagBytes(Option<BTreeMap<NodeId, Option<u64>>>),
+    /// Bytes sent to the probed node and how long until it answered, microseconds.
+    LinkMeasured {
+        /// Bytes sent.
+        bytes: u64,
+        /// Send to answer, microseconds.
+        micros: u64,
+    },
+    /// Bytes a [`LocalRequest::LinkProbe`] carried.
+    LinkProbed(u64),
 }
 
 /// The leader's answer.

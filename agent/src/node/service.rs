@@ -28,6 +28,8 @@ const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 const LOCAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout of node-local requests that copy or read whole disks.
 const LONG_LOCAL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The most a link measurement sends (a frame holds 64 MiB).
+const MAX_LINK_PROBE: u64 = 32 << 20;
 /// Timeout of the reachability probes behind `cluster status`.
 const PING_TIMEOUT: Duration = Duration::from_millis(700);
 /// How long add-node waits for a new node's agent to answer before anything changes.
@@ -1008,6 +1010,33 @@ impl Cluster {
             LocalRequest::GroupLagBytes { cg_id } => {
                 LocalResponse::GroupLagBytes(plane.group_lag_bytes(cg_id))
             }
+            LocalRequest::MeasureLink { to, bytes } => {
+                if to == self.id {
+                    return Err(ServiceError::Conflict(format!(
+                        "node {to} cannot measure its link to itself"
+                    )));
+                }
+                let bytes = bytes.clamp(1, MAX_LINK_PROBE);
+                let probe = |len: u64| async move {
+                    let data = bytes::Bytes::from(vec![0u8; len as usize]);
+                    let started = std::time::Instant::now();
+                    match self
+                        .local_remote(to, LocalRequest::LinkProbe { data })
+                        .await?
+                    {
+                        LocalResponse::LinkProbed(n) if n == len => Ok(started.elapsed()),
+                        other => Err(ServiceError::Internal(format!(
+                            "node {to} answered a link probe with {other:?}"
+                        ))),
+                    }
+                };
+                // The round trip alone first: the rate is what the data added to it.
+                let round_trip = probe(0).await?;
+                let with_data = probe(bytes).await?;
+                let micros = with_data.saturating_sub(round_trip).as_micros().max(1) as u64;
+                LocalResponse::LinkMeasured { bytes, micros }
+            }
+            LocalRequest::LinkProbe { data } => LocalResponse::LinkProbed(data.len() as u64),
             LocalRequest::GuestLog { vm, stay } => {
                 let dir = plane.data_dir().to_path_buf();
                 let records = tokio::task::spawn_blocking(move || {
