@@ -7,12 +7,14 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 use convoy_crashfs::CrashFs;
+use convoy_guest::{CopyReader, VerifyOptions, WriteLog, verify_latest};
 
 /// The crash file system and its directories; declared before the cluster, so it is
 /// dropped (unmounted) after the agents are gone.
@@ -35,13 +37,20 @@ fn crash_disk() -> CrashDisk {
     }
 }
 
-/// A `convoy dev` cluster of `nodes` whose data directories are on `disk`.
-fn cluster_on(disk: &CrashDisk, nodes: u64) -> Dev {
+/// A `convoy dev` cluster of `nodes` whose data directories are on `disk`; with
+/// `guest_logs`, the simulated guests' logs of acknowledged writes are kept there instead
+/// (off the crash disk: a witness of what was acknowledged that the power cut spares).
+fn cluster_on(disk: &CrashDisk, nodes: u64, guest_logs: Option<&Path>) -> Dev {
     let on_disk = disk.fs.path().to_path_buf();
     Dev::start_prepared(nodes, &[], |dir| {
         for n in 1..=nodes {
             let data = on_disk.join(format!("node-{n}"));
             std::fs::create_dir_all(&data).unwrap();
+            if let Some(logs) = guest_logs {
+                let logs = logs.join(format!("node-{n}"));
+                std::fs::create_dir_all(&logs).unwrap();
+                std::os::unix::fs::symlink(&logs, data.join("guests")).unwrap();
+            }
             let node_dir = dir.join(format!("node-{n}"));
             std::fs::create_dir_all(&node_dir).unwrap();
             std::os::unix::fs::symlink(&data, node_dir.join("data")).unwrap();
@@ -63,7 +72,7 @@ fn power_cut(dev: &Dev, disk: &mut CrashDisk, nodes: u64) -> convoy_crashfs::Pow
 #[test]
 fn metadata_acknowledged_before_a_power_cut_survives_it() {
     let mut disk = crash_disk();
-    let dev = cluster_on(&disk, 3);
+    let dev = cluster_on(&disk, 3, None);
     wait_for("a leader", Duration::from_secs(20), || dev.leader());
 
     // Creates VMs one after another until the power goes; the names answered are the
@@ -148,4 +157,102 @@ fn metadata_acknowledged_before_a_power_cut_survives_it() {
     let r = dev.cli(&["vm", "create", "after", "--host", "2", "--disk", "1MiB"]);
     assert!(r.ok, "{r:?}");
     dev.assert_no_panics();
+}
+
+fn acked(dev: &Dev, vm: &str) -> u64 {
+    let r = dev.cli(&["vm", "show", vm, "-o", "json"]);
+    if !r.ok {
+        return 0;
+    }
+    r.json()["guest_stats"]["writes_acked"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// A disk image file as the checker reads copies.
+struct ImageFile(std::fs::File);
+
+impl CopyReader for ImageFile {
+    fn disk_sizes(&self) -> std::io::Result<Vec<u64>> {
+        Ok(vec![self.0.metadata()?.len()])
+    }
+
+    fn read(&self, _disk: u32, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        std::os::unix::fs::FileExt::read_exact_at(&self.0, &mut buf, offset)?;
+        Ok(buf)
+    }
+}
+
+/// The file named `name` somewhere under `dir`.
+fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
+        let path = e.path();
+        if e.file_name() == name {
+            return Some(path);
+        }
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+/// Under `sync` a write is acknowledged only once the replica holds it durably (it
+/// fdatasyncs before it answers): after the whole cluster loses power mid-write, the
+/// replica's image, read straight off the disk before any agent starts again, holds every
+/// write the guest saw acknowledged. (The primary's own copy promises that only for
+/// writes a completed FLUSH covered, as a disk with a volatile cache would.)
+#[test]
+fn writes_acknowledged_under_sync_are_on_the_replicas_disk_after_a_power_cut() {
+    let mut disk = crash_disk();
+    let logs = tempfile::tempdir().unwrap();
+    let dev = cluster_on(&disk, 3, Some(logs.path()));
+    wait_for("a leader", Duration::from_secs(20), || dev.leader());
+    dev.create_writing_vm("a", "32MiB", "iops=300,size=4k,pattern=random,depth=4");
+    assert!(dev.cli(&["cg", "create", "g", "--vm", "a"]).ok);
+    let r = dev.cli(&["cg", "replicate", "g", "--to", "2", "--mode", "sync"]);
+    assert!(r.ok, "{r:?}");
+    common::data::wait_caught_up(&dev, "g");
+    let vm = dev.cli(&["vm", "show", "a", "-o", "json"]).json();
+    let vm_id = vm["id"].as_u64().expect("vm id");
+    let disk_id = vm["disks"][0]["id"].as_u64().expect("disk id");
+    assert!(dev.cli(&["vm", "start", "a"]).ok);
+    wait_for("300 acknowledged writes", Duration::from_secs(60), || {
+        (acked(&dev, "a") >= 300).then_some(())
+    });
+
+    // The power goes while the guest writes.
+    let cut = power_cut(&dev, &mut disk, 3);
+    eprintln!(
+        "power cut: rolled back {} files ({} bytes dropped, {} restored)",
+        cut.files, cut.bytes_dropped, cut.bytes_restored
+    );
+    assert!(
+        cut.files > 0,
+        "the power cut dropped nothing: the test would not tell a missing fsync"
+    );
+    let log = WriteLog::read_all(logs.path().join("node-1").join("a.log")).unwrap();
+    assert!(
+        log.records.len() >= 300,
+        "{} writes logged",
+        log.records.len()
+    );
+    let image = find_file(
+        &disk.fs.path().join("node-2"),
+        &format!("disk-{disk_id}.img"),
+    )
+    .expect("node 2's image of the disk");
+    let reader = ImageFile(std::fs::File::open(&image).unwrap());
+    let report = verify_latest(vm_id, &log.records, &reader, &VerifyOptions::default()).unwrap();
+    assert!(
+        report.ok(),
+        "acknowledged writes missing on the sync replica after the power cut: {report}"
+    );
+    eprintln!(
+        "node 2's disk holds all {} acknowledged writes",
+        log.records.len()
+    );
 }

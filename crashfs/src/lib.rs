@@ -12,7 +12,8 @@
 //!   system that commits it before the data (a file created and written but never
 //!   fsynced comes back empty, as ext4 may leave it).
 //!
-//! Unix sockets and hard links are not supported: keep them elsewhere.
+//! Symlinks are kept (as metadata). Unix sockets and hard links are not supported: keep
+//! them elsewhere.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -512,6 +513,36 @@ impl Filesystem for Fs {
         }
     }
 
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| {
+            let path = self.state.child(parent.0, link_name)?;
+            std::os::unix::fs::symlink(target, &path).map_err(|e| errno(&e))?;
+            self.state.entry(path)
+        })();
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self
+            .state
+            .path(ino.0)
+            .and_then(|p| std::fs::read_link(p).map_err(|e| errno(&e)))
+        {
+            Ok(target) => reply.data(target.as_os_str().as_encoded_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let result = (|| {
             let path = self.state.child(parent.0, name)?;
@@ -697,6 +728,8 @@ impl Filesystem for Fs {
                     let meta = e.metadata().ok()?;
                     let kind = if meta.is_dir() {
                         FileType::Directory
+                    } else if meta.file_type().is_symlink() {
+                        FileType::Symlink
                     } else {
                         FileType::RegularFile
                     };
