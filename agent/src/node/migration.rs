@@ -24,7 +24,7 @@ use super::service::{Cluster, ServiceError};
 const TICK: Duration = Duration::from_millis(200);
 /// How often the failure detector probes each host.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
-/// A host that has not answered a probe for this long is reported lost.
+/// A host whose probes have failed for this long (and [`LOST_ROUNDS`] of them) is lost.
 const LOST_AFTER: Duration = Duration::from_millis(1200);
 /// A host running a QEMU guest of the group is reported lost only after this long without
 /// an answer: its QEMU outlives its agent, so a guest whose agent merely restarts must not
@@ -70,11 +70,14 @@ impl Migrations {
 
 /// The failure detector: which hosts answered a probe recently.
 ///
-/// A host is lost only on fresh evidence: [`LOST_ROUNDS`] probes in a row unanswered, on
-/// top of [`LOST_AFTER`] without an answer. Time alone is not evidence: an agent that was
-/// itself stopped (SIGSTOP, a frozen VM, a starved process) wakes with every answer old,
-/// and judged by the clock it took its peers for lost, claimed their migrations and failed
-/// one back to a snapshot, dropping writes acknowledged since (seen after an 18 s SIGSTOP).
+/// A host is lost only on fresh evidence: [`LOST_ROUNDS`] probes in a row unanswered over
+/// at least [`LOST_AFTER`] (from the first of them), where a probe that took far longer
+/// than its timeout proves nothing (this agent was stalled, not the peer silent). Time
+/// alone is not
+/// evidence: an agent that was itself stopped (SIGSTOP, a frozen VM, a starved process)
+/// wakes with every answer old and its probes in flight timed out; judged by that it took
+/// its peers for lost, claimed their migrations and failed one back to a snapshot,
+/// dropping writes acknowledged since (seen after an 18 s SIGSTOP).
 struct Detector {
     probes: Mutex<HashMap<NodeId, ProbeRecord>>,
     started: Instant,
@@ -83,14 +86,19 @@ struct Detector {
 /// What the probes of one host found.
 #[derive(Clone, Copy, Debug, Default)]
 struct ProbeRecord {
-    last_ok: Option<Instant>,
-    /// Probes unanswered since the last answer.
+    /// Conclusive probes unanswered since the last answer.
     failed_in_row: u32,
+    /// When the first of those was sent.
+    failing_since: Option<Instant>,
 }
 
-/// Unanswered probes in a row before a host can be reported lost (with
-/// [`PROBE_EVERY`] between rounds: at least a second of probing).
-const LOST_ROUNDS: u32 = 4;
+/// Unanswered probes in a row before a host can be reported lost.
+const LOST_ROUNDS: u32 = 2;
+/// How long one probe may wait for its answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// A failed probe that took longer than this ran while this agent was stalled: it proves
+/// nothing about the peer.
+const PROBE_INCONCLUSIVE_AFTER: Duration = Duration::from_millis(1500);
 
 impl Detector {
     fn new() -> Self {
@@ -100,24 +108,25 @@ impl Detector {
         }
     }
 
-    fn record(&self, host: NodeId, answered: bool, at: Instant) {
+    /// Records a probe of `host` sent at `sent` whose outcome came at `at`.
+    fn record(&self, host: NodeId, answered: bool, sent: Instant, at: Instant) {
         let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
         let r = probes.entry(host).or_default();
         if answered {
-            r.last_ok = Some(at);
             r.failed_in_row = 0;
-        } else {
+            r.failing_since = None;
+        } else if at.saturating_duration_since(sent) <= PROBE_INCONCLUSIVE_AFTER {
             r.failed_in_row = r.failed_in_row.saturating_add(1);
+            r.failing_since.get_or_insert(sent);
         }
     }
 
-    /// How long `host` has gone without answering while probes to it failed (zero while
-    /// its last probe was answered or none has failed since).
+    /// How long probes to `host` have been failing (zero while its last conclusive probe
+    /// was answered).
     fn silent_for(&self, host: NodeId) -> Duration {
         let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
         match probes.get(&host) {
-            Some(r) if r.failed_in_row > 0 => r.last_ok.unwrap_or(self.started).elapsed(),
-            Some(_) => Duration::ZERO,
+            Some(r) => r.failing_since.map_or(Duration::ZERO, |t| t.elapsed()),
             None => self.started.elapsed(),
         }
     }
@@ -141,7 +150,7 @@ impl Detector {
                 let lost = *h != me
                     && watched
                     && r.failed_in_row >= LOST_ROUNDS
-                    && r.last_ok.is_none_or(|at| at.elapsed() > LOST_AFTER);
+                    && r.failing_since.is_some_and(|t| t.elapsed() > LOST_AFTER);
                 (
                     *h,
                     if lost {
@@ -163,27 +172,26 @@ async fn probe_loop(cluster: Arc<Cluster>, detector: Arc<Detector>) {
                 .map(|h| (h.id, h.raft_addr.clone()))
                 .collect()
         });
+        let sent = Instant::now();
         let probes = hosts.into_iter().map(|(id, addr)| {
             let cluster = Arc::clone(&cluster);
             async move {
                 let Ok(addr) = addr.parse() else {
-                    return (id, false);
+                    return (id, false, Instant::now());
                 };
                 let Ok(payload) = convoy_codec::encode(&ForwardRequest::Ping) else {
-                    return (id, false);
+                    return (id, false, Instant::now());
                 };
                 let ok = cluster
                     .endpoint
-                    .request(id, addr, StreamKind::Forward, &payload, PROBE_EVERY * 2)
+                    .request(id, addr, StreamKind::Forward, &payload, PROBE_TIMEOUT)
                     .await
                     .is_ok();
-                (id, ok)
+                (id, ok, Instant::now())
             }
         });
-        let results = futures::future::join_all(probes).await;
-        let at = Instant::now();
-        for (id, ok) in results {
-            detector.record(id, ok, at);
+        for (id, ok, at) in futures::future::join_all(probes).await {
+            detector.record(id, ok, sent, at);
         }
         tokio::time::sleep(PROBE_EVERY).await;
     }
@@ -399,23 +407,34 @@ mod tests {
         d.health(&[1, host], 1, long_ago)[&host]
     }
 
+    /// A probe sent `ago` that failed within its timeout.
+    fn failed_probe_sent(d: &Detector, host: NodeId, ago: Duration) {
+        let sent = Instant::now() - ago;
+        d.record(host, false, sent, sent + PROBE_TIMEOUT);
+    }
+
+    /// A probe that failed within its timeout, just now.
+    fn failed_probe(d: &Detector, host: NodeId) {
+        failed_probe_sent(d, host, PROBE_TIMEOUT);
+    }
+
     #[test]
     fn a_host_whose_answers_are_merely_old_is_not_lost() {
-        // As after this agent was stopped for a minute: the last answer is old, and no
-        // probe has failed since.
+        // As after this agent was stopped for a minute: the last answer is old, and the
+        // probe that was in flight across the stop "timed out" a minute after it was sent.
         let mut d = Detector::new();
         d.started = Instant::now() - Duration::from_secs(120);
-        d.record(2, true, Instant::now() - Duration::from_secs(60));
+        let before = Instant::now() - Duration::from_secs(60);
+        d.record(2, true, before, before);
+        d.record(2, false, before, Instant::now());
         assert_eq!(health_of(&d, 2), HostHealth::Up);
         assert_eq!(d.silent_for(2), Duration::ZERO);
-        // The first probes after waking fail (connections redialled): still not lost.
-        for _ in 0..LOST_ROUNDS - 1 {
-            d.record(2, false, Instant::now());
-        }
+        // One fresh failure (a connection redialled) is not enough either.
+        failed_probe(&d, 2);
         assert_eq!(health_of(&d, 2), HostHealth::Up);
-        // An answer clears them.
-        d.record(2, true, Instant::now());
-        d.record(2, false, Instant::now());
+        // An answer clears it.
+        d.record(2, true, Instant::now(), Instant::now());
+        failed_probe(&d, 2);
         assert_eq!(health_of(&d, 2), HostHealth::Up);
     }
 
@@ -423,28 +442,29 @@ mod tests {
     fn a_host_that_fails_probes_in_a_row_for_long_enough_is_lost() {
         let mut d = Detector::new();
         d.started = Instant::now() - Duration::from_secs(120);
-        d.record(
-            2,
-            true,
-            Instant::now() - LOST_AFTER - Duration::from_millis(100),
-        );
-        for _ in 0..LOST_ROUNDS {
-            d.record(2, false, Instant::now());
+        let answered = Instant::now() - LOST_AFTER * 2;
+        d.record(2, true, answered, answered);
+        failed_probe_sent(&d, 2, LOST_AFTER + Duration::from_millis(100));
+        for _ in 1..LOST_ROUNDS {
+            failed_probe(&d, 2);
         }
         assert_eq!(health_of(&d, 2), HostHealth::Lost);
         assert!(d.silent_for(2) > LOST_AFTER);
-        // Failed probes within LOST_AFTER of an answer are not yet a loss.
-        d.record(3, true, Instant::now());
-        for _ in 0..LOST_ROUNDS {
-            d.record(3, false, Instant::now());
+        // Probes failing for less than LOST_AFTER are not yet a loss, however old the
+        // last answer (an agent that just woke and redials).
+        let long_ago = Instant::now() - Duration::from_secs(60);
+        d.record(3, true, long_ago, long_ago);
+        for _ in 0..LOST_ROUNDS + 2 {
+            failed_probe(&d, 3);
         }
         assert_eq!(health_of(&d, 3), HostHealth::Up);
         // Nor is a host this coordinator has only just begun to watch.
         let just_now = d.health(&[1, 2], 1, Instant::now())[&2];
         assert_eq!(just_now, HostHealth::Up);
-        // A host that never answered is lost once enough probes failed.
-        for _ in 0..LOST_ROUNDS {
-            d.record(4, false, Instant::now());
+        // A host that never answered is lost once enough probes failed for long enough.
+        failed_probe_sent(&d, 4, LOST_AFTER * 2);
+        for _ in 1..LOST_ROUNDS {
+            failed_probe(&d, 4);
         }
         assert_eq!(health_of(&d, 4), HostHealth::Lost);
     }
