@@ -71,13 +71,12 @@ impl Migrations {
 /// The failure detector: which hosts answered a probe recently.
 ///
 /// A host is lost only on fresh evidence: [`LOST_ROUNDS`] probes in a row unanswered over
-/// at least [`LOST_AFTER`] (from the first of them), where a probe that took far longer
-/// than its timeout proves nothing (this agent was stalled, not the peer silent). Time
-/// alone is not
-/// evidence: an agent that was itself stopped (SIGSTOP, a frozen VM, a starved process)
-/// wakes with every answer old and its probes in flight timed out; judged by that it took
-/// its peers for lost, claimed their migrations and failed one back to a snapshot,
-/// dropping writes acknowledged since (seen after an 18 s SIGSTOP).
+/// at least [`LOST_AFTER`] (from the first of them). Time alone is not evidence: an agent
+/// that was itself stopped (SIGSTOP, a frozen VM) wakes with every answer old and its
+/// probes in flight timed out; judged by that it took its peers for lost, claimed their
+/// migrations and failed one back to a snapshot, dropping writes acknowledged since (seen
+/// after an 18 s SIGSTOP). So a probe round that spans such a stall, or follows one, wipes
+/// the evidence gathered before it ([`STALL`]).
 struct Detector {
     probes: Mutex<HashMap<NodeId, ProbeRecord>>,
     started: Instant,
@@ -86,7 +85,7 @@ struct Detector {
 /// What the probes of one host found.
 #[derive(Clone, Copy, Debug, Default)]
 struct ProbeRecord {
-    /// Conclusive probes unanswered since the last answer.
+    /// Probes unanswered since the last answer (or this agent's last stall).
     failed_in_row: u32,
     /// When the first of those was sent.
     failing_since: Option<Instant>,
@@ -96,9 +95,10 @@ struct ProbeRecord {
 const LOST_ROUNDS: u32 = 2;
 /// How long one probe may wait for its answer.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-/// A failed probe that took longer than this ran while this agent was stalled: it proves
-/// nothing about the peer.
-const PROBE_INCONCLUSIVE_AFTER: Duration = Duration::from_millis(1500);
+/// A probe round (at most [`PROBE_TIMEOUT`], then [`PROBE_EVERY`] until the next) that
+/// took this much longer ran while this agent was stalled, not while its peers were
+/// silent; CPU starvation on a loaded host stays well below it.
+const STALL: Duration = Duration::from_secs(2);
 
 impl Detector {
     fn new() -> Self {
@@ -108,16 +108,24 @@ impl Detector {
         }
     }
 
-    /// Records a probe of `host` sent at `sent` whose outcome came at `at`.
-    fn record(&self, host: NodeId, answered: bool, sent: Instant, at: Instant) {
+    /// Records a probe of `host` sent at `sent`.
+    fn record(&self, host: NodeId, answered: bool, sent: Instant) {
         let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
         let r = probes.entry(host).or_default();
         if answered {
             r.failed_in_row = 0;
             r.failing_since = None;
-        } else if at.saturating_duration_since(sent) <= PROBE_INCONCLUSIVE_AFTER {
+        } else {
             r.failed_in_row = r.failed_in_row.saturating_add(1);
             r.failing_since.get_or_insert(sent);
+        }
+    }
+
+    /// This agent was stalled: what its probes found before says nothing any more.
+    fn stalled(&self) {
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        for r in probes.values_mut() {
+            *r = ProbeRecord::default();
         }
     }
 
@@ -165,7 +173,12 @@ impl Detector {
 }
 
 async fn probe_loop(cluster: Arc<Cluster>, detector: Arc<Detector>) {
+    let mut last_round = Instant::now();
     loop {
+        if last_round.elapsed() > PROBE_TIMEOUT + PROBE_EVERY + STALL {
+            detector.stalled();
+        }
+        last_round = Instant::now();
         let hosts: Vec<(NodeId, String)> = cluster.model.read(|m| {
             m.active_hosts()
                 .filter(|h| h.id != cluster.id)
@@ -177,21 +190,27 @@ async fn probe_loop(cluster: Arc<Cluster>, detector: Arc<Detector>) {
             let cluster = Arc::clone(&cluster);
             async move {
                 let Ok(addr) = addr.parse() else {
-                    return (id, false, Instant::now());
+                    return (id, false);
                 };
                 let Ok(payload) = convoy_codec::encode(&ForwardRequest::Ping) else {
-                    return (id, false, Instant::now());
+                    return (id, false);
                 };
                 let ok = cluster
                     .endpoint
                     .request(id, addr, StreamKind::Forward, &payload, PROBE_TIMEOUT)
                     .await
                     .is_ok();
-                (id, ok, Instant::now())
+                (id, ok)
             }
         });
-        for (id, ok, at) in futures::future::join_all(probes).await {
-            detector.record(id, ok, sent, at);
+        let results = futures::future::join_all(probes).await;
+        if sent.elapsed() > PROBE_TIMEOUT + STALL {
+            // The round spanned a stall of this agent: its timeouts are its own.
+            detector.stalled();
+        } else {
+            for (id, ok) in results {
+                detector.record(id, ok, sent);
+            }
         }
         tokio::time::sleep(PROBE_EVERY).await;
     }
@@ -407,10 +426,9 @@ mod tests {
         d.health(&[1, host], 1, long_ago)[&host]
     }
 
-    /// A probe sent `ago` that failed within its timeout.
+    /// A probe sent `ago` that failed.
     fn failed_probe_sent(d: &Detector, host: NodeId, ago: Duration) {
-        let sent = Instant::now() - ago;
-        d.record(host, false, sent, sent + PROBE_TIMEOUT);
+        d.record(host, false, Instant::now() - ago);
     }
 
     /// A probe that failed within its timeout, just now.
@@ -421,29 +439,34 @@ mod tests {
     #[test]
     fn a_host_whose_answers_are_merely_old_is_not_lost() {
         // As after this agent was stopped for a minute: the last answer is old, and the
-        // probe that was in flight across the stop "timed out" a minute after it was sent.
+        // round in flight across the stop timed out (a stall: its evidence is wiped).
         let mut d = Detector::new();
         d.started = Instant::now() - Duration::from_secs(120);
         let before = Instant::now() - Duration::from_secs(60);
-        d.record(2, true, before, before);
-        d.record(2, false, before, Instant::now());
+        d.record(2, true, before);
+        failed_probe_sent(&d, 2, Duration::from_secs(60));
+        d.stalled();
         assert_eq!(health_of(&d, 2), HostHealth::Up);
         assert_eq!(d.silent_for(2), Duration::ZERO);
-        // One fresh failure (a connection redialled) is not enough either.
+        // One fresh failure (a connection redialled) is not enough.
         failed_probe(&d, 2);
         assert_eq!(health_of(&d, 2), HostHealth::Up);
         // An answer clears it.
-        d.record(2, true, Instant::now(), Instant::now());
+        d.record(2, true, Instant::now());
         failed_probe(&d, 2);
-        assert_eq!(health_of(&d, 2), HostHealth::Up);
+        failed_probe(&d, 2);
+        assert_eq!(
+            health_of(&d, 2),
+            HostHealth::Up,
+            "failing for under LOST_AFTER"
+        );
     }
 
     #[test]
     fn a_host_that_fails_probes_in_a_row_for_long_enough_is_lost() {
         let mut d = Detector::new();
         d.started = Instant::now() - Duration::from_secs(120);
-        let answered = Instant::now() - LOST_AFTER * 2;
-        d.record(2, true, answered, answered);
+        d.record(2, true, Instant::now() - LOST_AFTER * 2);
         failed_probe_sent(&d, 2, LOST_AFTER + Duration::from_millis(100));
         for _ in 1..LOST_ROUNDS {
             failed_probe(&d, 2);
@@ -452,8 +475,7 @@ mod tests {
         assert!(d.silent_for(2) > LOST_AFTER);
         // Probes failing for less than LOST_AFTER are not yet a loss, however old the
         // last answer (an agent that just woke and redials).
-        let long_ago = Instant::now() - Duration::from_secs(60);
-        d.record(3, true, long_ago, long_ago);
+        d.record(3, true, Instant::now() - Duration::from_secs(60));
         for _ in 0..LOST_ROUNDS + 2 {
             failed_probe(&d, 3);
         }
