@@ -18,26 +18,6 @@ fn vm_show(dev: &Dev, vm: &str) -> Value {
     dev.cli(&["vm", "show", vm, "-o", "json"]).json()
 }
 
-/// Writes `vm`'s guest acknowledged (0 while it reports none).
-/// Writes `vm`'s guest had acknowledged; 0 while the cluster cannot answer (an election).
-fn acked(dev: &Dev, vm: &str) -> u64 {
-    let r = dev.cli(&["vm", "show", vm, "-o", "json"]);
-    if !r.ok {
-        return 0;
-    }
-    r.json()["guest_stats"]["writes_acked"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
-/// Waits until `vm`'s guest acknowledged `more` writes beyond what it had.
-fn wait_writes(dev: &Dev, vm: &str, more: u64, within: Duration) {
-    let start = acked(dev, vm);
-    wait_for(&format!("{more} more writes of {vm}"), within, || {
-        (acked(dev, vm) >= start + more).then_some(())
-    });
-}
-
 /// `vm verify VM --on NODE` must find every acknowledged write.
 fn verify(dev: &Dev, vm: &str, on: u64) -> Value {
     let r = dev.cli(&["vm", "verify", vm, "--on", &on.to_string(), "-o", "json"]);
@@ -68,8 +48,8 @@ fn a_disk_that_cannot_be_opened_is_reported_and_stops_no_other_group() {
     let workload = "iops=200,size=4k,pattern=random,depth=2";
     writing_group(&dev, "bad", "gbad", "16MiB", "async", workload);
     writing_group(&dev, "good", "ggood", "16MiB", "async", workload);
-    wait_writes(&dev, "bad", 50, Duration::from_secs(30));
-    wait_writes(&dev, "good", 50, Duration::from_secs(30));
+    dev.wait_more_writes("bad", 50, Duration::from_secs(30));
+    dev.wait_more_writes("good", 50, Duration::from_secs(30));
     let disk = vm_show(&dev, "bad")["disks"][0]["id"].as_u64().unwrap();
 
     // The host dies, and the image of one disk is left without its metadata record.
@@ -147,11 +127,11 @@ fn a_disk_that_cannot_be_opened_is_reported_and_stops_no_other_group() {
         good["disk_errors"].as_array().unwrap().is_empty(),
         "{good:#}"
     );
-    let resumed = acked(&dev, "good");
-    wait_writes(&dev, "good", 200, Duration::from_secs(30));
+    let resumed = dev.writes_acked("good");
+    dev.wait_more_writes("good", 200, Duration::from_secs(30));
     eprintln!(
         "good's guest after the restart: {resumed} -> {} writes acknowledged",
-        acked(&dev, "good")
+        dev.writes_acked("good")
     );
     let uri = vm_uri(&dev, "good", 0);
     qemu_io(&uri, &["read 0 4k".into()]);
@@ -202,8 +182,8 @@ fn disks_whose_fsync_takes_300ms_cost_the_cluster_no_leader() {
     let workload = "iops=200,size=4k,pattern=random,depth=8,flush_every=16";
     writing_group(&dev, "sa", "ga", "1GiB", "async", workload);
     writing_group(&dev, "sb", "gb", "1GiB", "sync", workload);
-    wait_writes(&dev, "sa", 20, Duration::from_secs(30));
-    wait_writes(&dev, "sb", 20, Duration::from_secs(30));
+    dev.wait_more_writes("sa", 20, Duration::from_secs(30));
+    dev.wait_more_writes("sb", 20, Duration::from_secs(30));
     // The delay is in effect: every agent says so, and a sync write waits for the
     // replica's fdatasync.
     for n in &dev.file.nodes {
@@ -227,7 +207,7 @@ fn disks_whose_fsync_takes_300ms_cost_the_cluster_no_leader() {
             .all(|v| v.1 == Some(term) && v.2 == Some(leader)),
         "nodes disagree before the run: {first:?}"
     );
-    let before = [acked(&dev, "sa"), acked(&dev, "sb")];
+    let before = [dev.writes_acked("sa"), dev.writes_acked("sb")];
     let started = Instant::now();
     let mut polls = 0;
     while started.elapsed() < Duration::from_secs(10) {
@@ -242,7 +222,7 @@ fn disks_whose_fsync_takes_300ms_cost_the_cluster_no_leader() {
             );
         }
     }
-    let after = [acked(&dev, "sa"), acked(&dev, "sb")];
+    let after = [dev.writes_acked("sa"), dev.writes_acked("sb")];
     eprintln!(
         "{polls} polls in {:?}: term {term}, leader {leader}; writes acked {before:?} -> {after:?}",
         started.elapsed()
@@ -550,7 +530,7 @@ fn once_a_fence_returns_no_write_of_the_old_epoch_is_acknowledged() {
     ]);
     assert!(r.ok, "{r:?}");
     assert!(dev.cli(&["vm", "start", "guest"]).ok);
-    wait_writes(&dev, "guest", 50, Duration::from_secs(30));
+    dev.wait_more_writes("guest", 50, Duration::from_secs(30));
     let (socket, export) = nbd::parse_uri(&vm_uri(&dev, "target", 0));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -664,7 +644,7 @@ fn once_a_fence_returns_no_write_of_the_old_epoch_is_acknowledged() {
 
     // The guest was fenced twenty times too: it restarted at each epoch, and every write
     // it was told is done is on both copies.
-    wait_writes(&dev, "guest", 50, Duration::from_secs(30));
+    dev.wait_more_writes("guest", 50, Duration::from_secs(30));
     assert!(dev.cli(&["vm", "stop", "guest"]).ok);
     wait_caught_up(&dev, "fg");
     verify(&dev, "guest", 1);
@@ -723,7 +703,7 @@ fn stopped_source_refuses_queued_writes(strategy: &str) {
     for vm in GUESTS {
         assert!(dev.cli(&["vm", "start", vm]).ok);
     }
-    wait_writes(&dev, "w1", 50, Duration::from_secs(30));
+    dev.wait_more_writes("w1", 50, Duration::from_secs(30));
     let (socket, export) = nbd::parse_uri(&vm_uri(&dev, "target", 0));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -857,7 +837,7 @@ fn stopped_source_refuses_queued_writes(strategy: &str) {
     // The group goes on at node 2 with every acknowledged write of its guests (once the
     // woken node, perhaps the old leader, let the cluster settle on one).
     wait_for("a leader", Duration::from_secs(20), || dev.leader());
-    wait_writes(&dev, "w1", 50, Duration::from_secs(30));
+    dev.wait_more_writes("w1", 50, Duration::from_secs(30));
     for vm in GUESTS {
         assert!(dev.cli(&["vm", "stop", vm]).ok);
         verify(&dev, vm, 2);

@@ -83,19 +83,8 @@ fn stop_guests(dev: &Dev, vms: &[&str]) {
     }
 }
 
-fn acked(dev: &Dev, vm: &str) -> u64 {
-    dev.cli(&["vm", "show", vm, "-o", "json"]).json()["guest_stats"]["writes_acked"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 fn wait_writes(dev: &Dev, vm: &str, more: u64) {
-    let start = acked(dev, vm);
-    wait_for(
-        &format!("{more} more writes of {vm}"),
-        Duration::from_secs(30),
-        || (acked(dev, vm) >= start + more).then_some(()),
-    );
+    dev.wait_more_writes(vm, more, Duration::from_secs(30));
 }
 
 /// Every acknowledged write of `vm` is on `host`'s copy.

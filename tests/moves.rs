@@ -20,26 +20,14 @@ fn vm_show(dev: &Dev, vm: &str) -> Value {
     dev.cli(&["vm", "show", vm, "-o", "json"]).json()
 }
 
-fn acked(dev: &Dev, vm: &str) -> u64 {
-    vm_show(dev, vm)["guest_stats"]["writes_acked"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 fn failed(dev: &Dev, vm: &str) -> u64 {
     vm_show(dev, vm)["guest_stats"]["writes_failed"]
         .as_u64()
         .unwrap_or(0)
 }
 
-/// Waits until `vm`'s guest acknowledged at least `more` writes beyond now.
 fn wait_writes(dev: &Dev, vm: &str, more: u64) {
-    let start = acked(dev, vm);
-    wait_for(
-        &format!("{more} more acknowledged writes of {vm}"),
-        Duration::from_secs(30),
-        || (acked(dev, vm) >= start + more).then_some(()),
-    );
+    dev.wait_more_writes(vm, more, Duration::from_secs(30));
 }
 
 fn create_sim(dev: &Dev, vm: &str, host: u64, size: &str, iops: u32) {

@@ -58,12 +58,42 @@ fn cluster_on(disk: &CrashDisk, nodes: u64, guest_logs: Option<&Path>) -> Dev {
     })
 }
 
-/// Every node SIGKILLed (as fast as signals go), then the disk loses what was not synced.
-fn power_cut(dev: &Dev, disk: &mut CrashDisk, nodes: u64) -> convoy_crashfs::PowerCut {
+/// Every node SIGKILLed (as fast as signals go), then the disk loses what was not synced,
+/// which must be something: a cut that drops nothing could not tell a missing fsync.
+fn power_cut(dev: &Dev, disk: &mut CrashDisk, nodes: u64) {
     for n in 1..=nodes {
         dev.kill(n);
     }
-    disk.fs.power_cut().expect("power cut")
+    let cut = disk.fs.power_cut().expect("power cut");
+    eprintln!(
+        "power cut: rolled back {} files ({} bytes dropped, {} restored)",
+        cut.files, cut.bytes_dropped, cut.bytes_restored
+    );
+    assert!(
+        cut.files > 0,
+        "the power cut dropped nothing: the test would not tell a missing fsync"
+    );
+}
+
+/// Power back on: every node restarted, and a leader.
+fn power_on(dev: &Dev, nodes: u64) {
+    for n in 1..=nodes {
+        dev.restart(n);
+    }
+    wait_for(
+        "a leader after the power cut",
+        Duration::from_secs(60),
+        || dev.leader(),
+    );
+}
+
+/// Node `node`'s image file of disk `disk_id`, on the crash disk.
+fn image_on(disk: &CrashDisk, node: u64, disk_id: u64) -> std::path::PathBuf {
+    find_file(
+        &disk.fs.path().join(format!("node-{node}")),
+        &format!("disk-{disk_id}.img"),
+    )
+    .unwrap_or_else(|| panic!("node {node}'s image of disk {disk_id}"))
 }
 
 /// Raft acknowledges a command only once a majority holds it durably: every VM whose
@@ -104,31 +134,17 @@ fn metadata_acknowledged_before_a_power_cut_survives_it() {
         (r.ok && r.json().as_array().is_some_and(|l| l.len() >= 40)).then_some(())
     });
     // The power goes while creates are in flight.
-    let cut = power_cut(&dev, &mut disk, 3);
+    power_cut(&dev, &mut disk, 3);
     stop.store(true, Ordering::Relaxed);
     let acked = writer.join().unwrap();
     eprintln!(
-        "{} creates acknowledged in {:.1} s; the power cut rolled back {} files ({} bytes dropped, {} restored)",
+        "{} creates acknowledged in {:.1} s",
         acked.len(),
-        started.elapsed().as_secs_f64(),
-        cut.files,
-        cut.bytes_dropped,
-        cut.bytes_restored
+        started.elapsed().as_secs_f64()
     );
     assert!(acked.len() >= 30, "{acked:?}");
-    assert!(
-        cut.files > 0,
-        "the power cut dropped nothing: the test would not tell a missing fsync"
-    );
 
-    for n in 1..=3 {
-        dev.restart(n);
-    }
-    wait_for(
-        "a leader after the power cut",
-        Duration::from_secs(60),
-        || dev.leader(),
-    );
+    power_on(&dev, 3);
     let listed = wait_for(
         "vm list after the power cut",
         Duration::from_secs(30),
@@ -157,16 +173,6 @@ fn metadata_acknowledged_before_a_power_cut_survives_it() {
     let r = dev.cli(&["vm", "create", "after", "--host", "2", "--disk", "1MiB"]);
     assert!(r.ok, "{r:?}");
     dev.assert_no_panics();
-}
-
-fn acked(dev: &Dev, vm: &str) -> u64 {
-    let r = dev.cli(&["vm", "show", vm, "-o", "json"]);
-    if !r.ok {
-        return 0;
-    }
-    r.json()["guest_stats"]["writes_acked"]
-        .as_u64()
-        .unwrap_or(0)
 }
 
 /// A disk image file as the checker reads copies.
@@ -221,31 +227,18 @@ fn writes_acknowledged_under_sync_are_on_the_replicas_disk_after_a_power_cut() {
     let disk_id = vm["disks"][0]["id"].as_u64().expect("disk id");
     assert!(dev.cli(&["vm", "start", "a"]).ok);
     wait_for("300 acknowledged writes", Duration::from_secs(60), || {
-        (acked(&dev, "a") >= 300).then_some(())
+        (dev.writes_acked("a") >= 300).then_some(())
     });
 
     // The power goes while the guest writes.
-    let cut = power_cut(&dev, &mut disk, 3);
-    eprintln!(
-        "power cut: rolled back {} files ({} bytes dropped, {} restored)",
-        cut.files, cut.bytes_dropped, cut.bytes_restored
-    );
-    assert!(
-        cut.files > 0,
-        "the power cut dropped nothing: the test would not tell a missing fsync"
-    );
+    power_cut(&dev, &mut disk, 3);
     let log = WriteLog::read_all(logs.path().join("node-1").join("a.log")).unwrap();
     assert!(
         log.records.len() >= 300,
         "{} writes logged",
         log.records.len()
     );
-    let image = find_file(
-        &disk.fs.path().join("node-2"),
-        &format!("disk-{disk_id}.img"),
-    )
-    .expect("node 2's image of the disk");
-    let reader = ImageFile(std::fs::File::open(&image).unwrap());
+    let reader = ImageFile(std::fs::File::open(image_on(&disk, 2, disk_id)).unwrap());
     let report = verify_latest(vm_id, &log.records, &reader, &VerifyOptions::default()).unwrap();
     assert!(
         report.ok(),
@@ -261,28 +254,14 @@ fn writes_acknowledged_under_sync_are_on_the_replicas_disk_after_a_power_cut() {
     // two copies are identical again. (Node 1's view wins, as DRBD's primary's does: the
     // writes no FLUSH covered are then gone from both copies. Pulling them back from the
     // replica instead is not built.)
-    for n in 1..=3 {
-        dev.restart(n);
-    }
-    wait_for(
-        "a leader after the power cut",
-        Duration::from_secs(60),
-        || dev.leader(),
-    );
+    power_on(&dev, 3);
     wait_for(
         "vm stop after the power cut",
         Duration::from_secs(30),
         || dev.cli(&["vm", "stop", "a"]).ok.then_some(()),
     );
     common::data::wait_caught_up(&dev, "g");
-    let copy = |node: u64| {
-        let image = find_file(
-            &disk.fs.path().join(format!("node-{node}")),
-            &format!("disk-{disk_id}.img"),
-        )
-        .expect("the image");
-        std::fs::read(image).unwrap()
-    };
+    let copy = |node: u64| std::fs::read(image_on(&disk, node, disk_id)).unwrap();
     let (one, two) = (copy(1), copy(2));
     let differ = one
         .chunks(4096)
@@ -325,18 +304,9 @@ fn data_flushed_before_a_power_cut_is_on_both_copies_after_it() {
     let out = common::data::ok(&common::data::tool("qemu-io", &args), "qemu-io");
     assert!(!out.contains("failed"), "qemu-io: {out}");
 
-    let cut = power_cut(&dev, &mut disk, 3);
-    eprintln!(
-        "power cut: rolled back {} files ({} bytes dropped, {} restored)",
-        cut.files, cut.bytes_dropped, cut.bytes_restored
-    );
+    power_cut(&dev, &mut disk, 3);
     for node in [1, 2] {
-        let image = find_file(
-            &disk.fs.path().join(format!("node-{node}")),
-            &format!("disk-{disk_id}.img"),
-        )
-        .unwrap_or_else(|| panic!("node {node}'s image of the disk"));
-        let data = std::fs::read(&image).unwrap();
+        let data = std::fs::read(image_on(&disk, node, disk_id)).unwrap();
         let lost: Vec<u64> = (0..64u64)
             .filter(|i| {
                 let at = (*i * 64 * 1024) as usize;

@@ -1084,11 +1084,7 @@ fn running_vms_joining_a_group_keep_one_numbering_and_verify_clean() {
         dev.create_writing_vm(vm, "16MiB", "iops=150,size=4k");
         assert!(dev.cli(&["vm", "start", vm]).ok);
     }
-    let acked = |vm: &str| {
-        dev.cli(&["vm", "show", vm, "-o", "json"]).json()["guest_stats"]["writes_acked"]
-            .as_u64()
-            .unwrap_or(0)
-    };
+    let acked = |vm: &str| dev.writes_acked(vm);
     let more_writes = |n: u64| {
         let from: Vec<u64> = vms.iter().map(|v| acked(v)).collect();
         wait_for("the guests to write", Duration::from_secs(30), || {
@@ -1160,11 +1156,7 @@ fn a_sync_copy_seeded_under_steady_writes_becomes_consistent_and_keeps_up() {
         ]);
         assert!(r.ok, "{r:?}");
         assert!(dev.cli(&["vm", "start", &vm]).ok);
-        let acked = || {
-            dev.cli(&["vm", "show", &vm, "-o", "json"]).json()["guest_stats"]["writes_acked"]
-                .as_u64()
-                .unwrap_or(0)
-        };
+        let acked = || dev.writes_acked(&vm);
         let more_writes = |n: u64| {
             let before = acked();
             wait_for("the guest to write", Duration::from_secs(30), || {

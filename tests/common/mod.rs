@@ -280,6 +280,26 @@ impl Dev {
         Some(String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// Writes `vm`'s simulated guest has acknowledged; 0 while the cluster cannot answer
+    /// (an election, say).
+    pub fn writes_acked(&self, vm: &str) -> u64 {
+        let r = self.cli(&["vm", "show", vm, "-o", "json"]);
+        if !r.ok {
+            return 0;
+        }
+        r.json()["guest_stats"]["writes_acked"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// Waits up to `within` until `vm`'s guest acknowledged `more` writes beyond now.
+    pub fn wait_more_writes(&self, vm: &str, more: u64, within: Duration) {
+        let start = self.writes_acked(vm);
+        wait_for(&format!("{more} more writes of {vm}"), within, || {
+            (self.writes_acked(vm) >= start + more).then_some(())
+        });
+    }
+
     /// Refusals of stale writers counted by node `id` (stale epochs at the export,
     /// sequencer or replica; replica streams and mirrored writes from a host that no
     /// longer may send); 0 if it does not answer.
