@@ -971,14 +971,16 @@ fn a_guest_that_moved_before_an_abort_comes_back_live_and_its_group_fails_back()
     });
     let moved = moved.unwrap();
     let stayed = VMS.into_iter().find(|vm| *vm != moved).unwrap();
-    let r = dev.cli(&["migrate", "abort", &id]);
-    assert!(r.ok, "migrate abort: {}{}", r.stdout, r.stderr);
+    // It writes on node 2 before the abort (the second guest's memory copy takes seconds
+    // at 8 MiB/s): aborted at once, under load it was moved back before it wrote there.
     let on2 = wait_writes(
         &dir2.join(format!("{moved}.serial.log")),
         1,
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the moved guest to write on node 2",
     );
+    let r = dev.cli(&["migrate", "abort", &id]);
+    assert!(r.ok, "migrate abort: {}{}", r.stdout, r.stderr);
     eprintln!("{moved} arrived on node 2 (writing, {on2} so far), {stayed} had not: aborted");
 
     let mut decided = None;
