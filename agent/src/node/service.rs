@@ -378,9 +378,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// The index a linearizable read waits for: openraft's read log id, but never below this
+    /// leader's last log entry. openraft 0.9 takes the larger of the committed index and the
+    /// leader's first entry of its term; a leader restarted without losing its term (it
+    /// resumes leading at once) keeps its old first entry, and its committed index is saved
+    /// without fsync, so after a power cut it lags: entries that a majority held and that
+    /// were acknowledged would be missing from the read until the next commit (seen: the
+    /// last acknowledged `vm create` missing from `vm list`). Any entry in the leader's log
+    /// may be committed, so waiting for all of them is safe; it costs at most one commit
+    /// round under concurrent writes.
     async fn read_index_local(&self) -> Result<Attempt<u64>, ServiceError> {
+        let last_log = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
         match self.raft.get_read_log_id().await {
-            Ok((read, _applied)) => Ok(Attempt::Done(read.map_or(0, |l| l.index))),
+            Ok((read, _applied)) => Ok(Attempt::Done(read.map_or(0, |l| l.index).max(last_log))),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
                 Ok(Attempt::Retry(f.leader_id))
             }
