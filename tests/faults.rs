@@ -844,3 +844,49 @@ fn stopped_source_refuses_queued_writes(strategy: &str) {
     }
     dev.assert_no_panics();
 }
+
+/// A sequencer back from a crash waits for its synchronous replica's data
+/// (`data::crash`), but not for ever: with the replica's host down too, it goes on with
+/// its own copy once `replication.crash_pull_wait_secs` has passed, says so in
+/// `/metrics`, and its guest writes again.
+#[test]
+fn a_sequencer_back_from_a_crash_without_its_sync_replica_goes_on_after_the_wait() {
+    let dev = Dev::start(3, &["--crash-pull-wait-secs", "4"]);
+    wait_for("a leader", Duration::from_secs(20), || dev.leader());
+    writing_group(
+        &dev,
+        "w",
+        "wg",
+        "16MiB",
+        "sync",
+        "iops=100,size=4k,pattern=random,depth=1",
+    );
+    dev.wait_more_writes("w", 50, Duration::from_secs(30));
+
+    // The sequencer first, then its replica: no write in between could mark the link
+    // outdated, so Raft still calls the dead replica consistent.
+    dev.kill(1);
+    dev.kill(2);
+    let down = Instant::now();
+    dev.restart(1);
+    let link = wait_for("group wg readable", Duration::from_secs(30), || {
+        let r = dev.cli(&["cg", "show", "wg", "-o", "json"]);
+        r.ok.then(|| r.json()["replicas"][0]["state"].clone())
+    });
+    assert_eq!(link, "consistent", "the test needs a consistent sync link");
+    dev.wait_more_writes("w", 20, Duration::from_secs(60));
+    eprintln!(
+        "guest writing again {:.1} s after the crash",
+        down.elapsed().as_secs_f64()
+    );
+    let metrics = dev.metrics(1).expect("GET /metrics");
+    assert!(
+        metrics.contains("convoy_crash_pulls_total{outcome=\"gave_up\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("convoy_crash_pulls_total{outcome=\"pulled\"} 0"),
+        "{metrics}"
+    );
+    dev.assert_no_panics();
+}

@@ -214,8 +214,9 @@ fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
 /// Under `sync` a write is acknowledged only once the replica holds it durably (it
 /// fdatasyncs before it answers): after the whole cluster loses power mid-write, the
 /// replica's image, read straight off the disk before any agent starts again, holds every
-/// write the guest saw acknowledged. (The primary's own copy promises that only for
-/// writes a completed FLUSH covered, as a disk with a volatile cache would.)
+/// write the guest saw acknowledged. The primary's own copy lacks the writes no FLUSH
+/// covered; back on, it takes them from the replica before it takes writes (`data::crash`),
+/// so both copies end up holding every acknowledged write.
 #[test]
 fn writes_acknowledged_under_sync_are_on_the_replicas_disk_after_a_power_cut() {
     let mut disk = crash_disk();
@@ -254,18 +255,43 @@ fn writes_acknowledged_under_sync_are_on_the_replicas_disk_after_a_power_cut() {
         log.records.len()
     );
 
-    // Back on: node 1's copy may lack writes no FLUSH covered (its activity log names
-    // where), node 2's holds them. Once the guest is stopped and the link caught up, the
-    // two copies are identical again. (Node 1's view wins, as DRBD's primary's does: the
-    // writes no FLUSH covered are then gone from both copies. Pulling them back from the
-    // replica instead is not built.)
+    // Back on: node 1's copy lacks writes no FLUSH covered, node 2's holds them; node 1
+    // takes them before its guest writes again. Once the guest is stopped and the link
+    // caught up, both copies hold every acknowledged write, and are identical.
+    let node1_after_cut = verify_latest(
+        vm_id,
+        &log.records,
+        &ImageFile(std::fs::File::open(image_on(&disk, 1, disk_id)).unwrap()),
+        &VerifyOptions::default(),
+    )
+    .unwrap();
+    eprintln!("node 1's disk after the cut, before any agent starts: {node1_after_cut}");
+    assert!(
+        !node1_after_cut.ok(),
+        "the cut took no acknowledged write from node 1's copy: the test cannot tell whether they come back"
+    );
     power_on(&dev, 3);
     wait_for(
         "vm stop after the power cut",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || dev.cli(&["vm", "stop", "a"]).ok.then_some(()),
     );
     common::data::wait_caught_up(&dev, "g");
+    let metrics = dev.metrics(1).expect("GET /metrics");
+    assert!(
+        metrics.contains("convoy_crash_pulls_total{outcome=\"pulled\"} 1"),
+        "node 1 did not pull from its replica: {metrics}"
+    );
+    let log = WriteLog::read_all(logs.path().join("node-1").join("a.log")).unwrap();
+    for node in [1, 2] {
+        let reader = ImageFile(std::fs::File::open(image_on(&disk, node, disk_id)).unwrap());
+        let report =
+            verify_latest(vm_id, &log.records, &reader, &VerifyOptions::default()).unwrap();
+        assert!(
+            report.ok(),
+            "acknowledged writes missing on node {node} after the power cut and restart: {report}"
+        );
+    }
     let copy = |node: u64| std::fs::read(image_on(&disk, node, disk_id)).unwrap();
     let (one, two) = (copy(1), copy(2));
     let differ = one

@@ -146,6 +146,10 @@ pub struct ReplicationConfig {
     /// How long a host keeps its copy of a group after its replica link was removed, so
     /// re-adding the replica sends only what it lacks (0: delete at the next collection).
     pub keep_former_copies_secs: u64,
+    /// How long a sequencer back from an unclean stop (a crash, a power cut) waits for a
+    /// consistent synchronous replica to send what it holds before going on with its own
+    /// copy, which may lack acknowledged writes no FLUSH covered.
+    pub crash_pull_wait_secs: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -154,6 +158,7 @@ impl Default for ReplicationConfig {
             journal_limit_mib: 256,
             sync_timeout_ms: 2_000,
             keep_former_copies_secs: 600,
+            crash_pull_wait_secs: 120,
         }
     }
 }

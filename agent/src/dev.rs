@@ -53,6 +53,10 @@ pub struct DevArgs {
     /// at once).
     #[arg(long)]
     pub keep_former_copies_secs: Option<u64>,
+    /// Seconds a sequencer back from a crash waits for its synchronous replica's data
+    /// before going on with its own copy.
+    #[arg(long)]
+    pub crash_pull_wait_secs: Option<u64>,
     /// Milliseconds a QEMU guest gets to power off after an ACPI power-down before QEMU
     /// is made to quit (`vm stop`).
     #[arg(long)]
@@ -165,6 +169,9 @@ fn node_config(dir: &Path, pki: &Path, id: u64, args: &DevArgs) -> Result<(PathB
             sync_timeout_ms: args
                 .sync_timeout_ms
                 .unwrap_or(crate::config::ReplicationConfig::default().sync_timeout_ms),
+            crash_pull_wait_secs: args
+                .crash_pull_wait_secs
+                .unwrap_or(crate::config::ReplicationConfig::default().crash_pull_wait_secs),
         },
         qemu: crate::config::QemuConfig {
             powerdown_timeout_ms: args

@@ -88,6 +88,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Mirrored writes this host's sequencers refused.",
     ),
     (
+        "convoy_crash_pulls_total",
+        "Groups this host settled after an unclean stop before sequencing them, by outcome (pulled from a synchronous replica, nothing to pull, gave_up waiting for one).",
+    ),
+    (
         "convoy_mirror_flushes_total",
         "FLUSHes of VMs running on other hosts made durable on every promised copy here.",
     ),
@@ -209,6 +213,9 @@ fn describe_and_register() {
     }
     for reason in ["retired", "not_a_node"] {
         metrics::counter!("convoy_refused_peer_total", "reason" => reason).increment(0);
+    }
+    for outcome in ["pulled", "nothing", "gave_up"] {
+        metrics::counter!("convoy_crash_pulls_total", "outcome" => outcome).increment(0);
     }
     for name in [
         "convoy_journal_overflows_total",

@@ -216,7 +216,7 @@ fn spawn_responder(mut inbound: convoy_transport::Inbound, target: Target) -> Re
         disk: 1,
         min_epoch: 1,
     };
-    let resolver = move |_peer: u64, _b: &Binding| {
+    let resolver = move |_peer: u64, _b: &Binding, _role: Role| {
         Some(Offer {
             expect,
             role: Role::Destination,

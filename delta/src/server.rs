@@ -36,17 +36,18 @@ pub struct Offer<B: Backend = FileBackend> {
 /// the async executor (keep it quick; no I/O).
 pub trait Resolver<B: Backend = FileBackend>: Send + Sync + 'static {
     /// The offer for the disk a session from `peer` names in `binding` (its `cg` and
-    /// `disk`), or `None` if this node expects no session for it. The offer's
-    /// [`Expect`] is then checked against the binding (group, disk, epoch).
-    fn resolve(&self, peer: u64, binding: &Binding) -> Option<Offer<B>>;
+    /// `disk`), in which this node would play `role` (a push makes it the destination, a
+    /// pull the source), or `None` if this node expects no such session. The offer's
+    /// [`Expect`] and role are then checked against the session.
+    fn resolve(&self, peer: u64, binding: &Binding, role: Role) -> Option<Offer<B>>;
 }
 
 impl<B: Backend, F> Resolver<B> for F
 where
-    F: Fn(u64, &Binding) -> Option<Offer<B>> + Send + Sync + 'static,
+    F: Fn(u64, &Binding, Role) -> Option<Offer<B>> + Send + Sync + 'static,
 {
-    fn resolve(&self, peer: u64, binding: &Binding) -> Option<Offer<B>> {
-        self(peer, binding)
+    fn resolve(&self, peer: u64, binding: &Binding, role: Role) -> Option<Offer<B>> {
+        self(peer, binding, role)
     }
 }
 
@@ -326,7 +327,10 @@ impl<B: Backend + 'static> DeltaServer<B> {
         guard: &mut SessionGuard<B>,
     ) -> Result<Offer<B>, Refusal> {
         let b = &hello.binding;
-        let offer = self.inner.resolver.resolve(peer, b);
+        let offer = self
+            .inner
+            .resolver
+            .resolve(peer, b, hello.direction.responder_role());
         let local = offer
             .as_ref()
             .map_or(hello.shape, |o| Shape::of(o.image.geometry()));

@@ -84,14 +84,19 @@ impl Drop for SyncEntry<'_> {
 }
 
 impl DataPlane {
-    /// What this host offers a delta session from `peer` (the group's sequencer): the
-    /// destination of a group's disk it holds no live replica of, or of its replica while
-    /// the replica's stream asked for seeding by hashes (the stream then waits, so the
-    /// session is the only writer).
+    /// What this host offers a delta session from `peer` (the group's sequencer).
+    ///
+    /// - To be written (`Destination`): its copy of a group's disk it holds no live
+    ///   replica of, or its replica while the replica's stream asked for seeding by hashes
+    ///   (the stream then waits, so the session is the only writer).
+    /// - To be read (`Source`): its replica, for a sequencer that came back from a crash
+    ///   and pulls what this copy holds before it takes writes again
+    ///   ([`DataPlane::settle_crash`]); its stream has not started then.
     pub(crate) fn delta_offer(
         &self,
         peer: u64,
         binding: &convoy_delta::Binding,
+        role: convoy_delta::Role,
     ) -> Option<convoy_delta::Offer> {
         let view = self.view.borrow().clone();
         let model = &view.model;
@@ -100,8 +105,12 @@ impl DataPlane {
             return None;
         }
         let live_replica = cg.link(self.node).is_some();
-        if live_replica && !self.replicas.seeding(cg.id) {
-            return None;
+        match role {
+            convoy_delta::Role::Destination if live_replica && !self.replicas.seeding(cg.id) => {
+                return None;
+            }
+            convoy_delta::Role::Source if !live_replica => return None,
+            _ => {}
         }
         let disk = model
             .cg_disks(cg)
@@ -115,7 +124,7 @@ impl DataPlane {
                 disk: disk.id,
                 min_epoch: epoch,
             },
-            role: convoy_delta::Role::Destination,
+            role,
             image,
         })
     }

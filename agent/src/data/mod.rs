@@ -11,10 +11,12 @@
 //! Layout by concern: `images` (open images and failures), `sequencer` and `journal`
 //! (ordering a domain's writes), `sender`, `receiver`, `replica_state`, `replicas` and
 //! `wire` (replication), `mirror` and `volume` (where a disk's writes go from this host),
-//! `exports` (NBD), `delta` (compare-delta and full copies), `snapshots`, `handover`
+//! `exports` (NBD), `delta` (compare-delta and full copies), `crash` (a sequencer back
+//! from a crash takes its synchronous replica's data first), `snapshots`, `handover`
 //! (sequencer hand-over and fencing), `guests` (simulated guests), `gc` (garbage
 //! collection and hash warming).
 
+pub mod crash;
 pub mod delta;
 pub mod exports;
 pub mod gc;
@@ -82,6 +84,9 @@ pub struct DataConfig {
     /// How long a former replica's copy is kept after its link was removed, so a re-added
     /// replica catches up with only what it lacks.
     pub keep_former_copies: Duration,
+    /// How long a sequencer back from an unclean stop waits for its synchronous replica's
+    /// data before it goes on with its own copy (see [`crash`]).
+    pub crash_pull_wait: Duration,
 }
 
 /// Proposes commands to the replicated model (implemented by the agent over its cluster
@@ -96,6 +101,10 @@ pub trait ModelWriter: LinkReporter {
         request_id: u128,
         cmd: Command,
     ) -> BoxFuture<'static, Result<Result<Outcome, convoy_raft::model::ModelError>, String>>;
+
+    /// The model as of now: read after a linearizable barrier, so it includes every entry
+    /// committed before the call. `Err` while there is no leader.
+    fn current_model(&self) -> BoxFuture<'static, Result<ClusterModel, String>>;
 }
 
 /// A running sequencer and its link senders.
@@ -312,6 +321,10 @@ pub struct DataPlane {
     former_replicas: Mutex<HashMap<u64, std::time::Instant>>,
     /// `convoy cg sync` runs from this host, by group id, for their progress bars.
     syncs: Mutex<HashMap<u64, delta::SyncRun>>,
+    /// Groups and disks settled after an unclean stop (see [`crash`]).
+    settlement: crash::Settlement,
+    /// Asks the agent's reconcile loop for a reconcile now rather than at its next tick.
+    pub reconcile_soon: tokio::sync::Notify,
 }
 
 /// A writer reporter wrapper, so the sequencer sees only the narrow trait.
@@ -377,11 +390,15 @@ impl DataPlane {
             housekeeping: Mutex::new(()),
             snapshots_in_progress: Mutex::new(HashMap::new()),
             former_replicas: Mutex::new(HashMap::new()),
+            settlement: crash::Settlement::default(),
+            reconcile_soon: tokio::sync::Notify::new(),
         });
         let weak = Arc::downgrade(&plane);
-        let resolver = move |peer: u64, binding: &convoy_delta::Binding| {
-            weak.upgrade().and_then(|p| p.delta_offer(peer, binding))
-        };
+        let resolver =
+            move |peer: u64, binding: &convoy_delta::Binding, role: convoy_delta::Role| {
+                weak.upgrade()
+                    .and_then(|p| p.delta_offer(peer, binding, role))
+            };
         let server = convoy_delta::DeltaServer::new(convoy_delta::DeltaConfig::default(), resolver)
             .map_err(|e| anyhow::anyhow!("cannot start the delta server: {e}"))?;
         let _ = plane.delta.set(server);
@@ -926,6 +943,7 @@ impl DataPlane {
         self.images.forget_failures_except(&wanted_images);
         self.stop_unplanned_domains(&plan);
         self.set_replica_roles(&plan);
+        self.settle_replicas(&plan);
         for sp in plan.sequencers.values() {
             if let Err(e) = self.run_domain(sp) {
                 tracing::warn!(domain = %sp.name, error = format!("{e:#}"), "cannot run a sequencer; will retry");
@@ -1013,6 +1031,7 @@ impl DataPlane {
             .map(|d| Arc::clone(&d.seq));
         let seq = match running {
             Some(s) => s,
+            None if !self.settle_crash(sp)? => return Ok(()),
             None => self.open_domain(sp)?,
         };
         seq.set_sequencer_epoch(sp.sequencer_epoch);

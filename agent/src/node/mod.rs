@@ -25,7 +25,7 @@ use crate::config::AgentConfig;
 use crate::data::sequencer::LinkReporter;
 use crate::data::{DataConfig, DataPlane, ModelWriter};
 use convoy_raft::Command;
-use convoy_raft::model::{LinkState, NodeId};
+use convoy_raft::model::{ClusterModel, LinkState, NodeId};
 use service::Cluster;
 
 /// How long an exiting agent waits for the Raft log's database to close.
@@ -181,6 +181,7 @@ async fn serve(
         journal_limit: cfg.replication.journal_limit_mib << 20,
         sync_timeout: Duration::from_millis(cfg.replication.sync_timeout_ms),
         keep_former_copies: Duration::from_secs(cfg.replication.keep_former_copies_secs),
+        crash_pull_wait: Duration::from_secs(cfg.replication.crash_pull_wait_secs),
     };
     // Before the data plane starts: handles taken before the recorder exists record
     // nothing.
@@ -419,6 +420,15 @@ impl ModelWriter for RaftModelWriter {
             }
         })
     }
+
+    fn current_model(&self) -> futures::future::BoxFuture<'static, Result<ClusterModel, String>> {
+        let cluster = self.0.upgrade();
+        Box::pin(async move {
+            let cluster = cluster.ok_or("the agent is shutting down")?;
+            cluster.read_barrier().await.map_err(|e| e.to_string())?;
+            Ok(cluster.model.read(|m| m.clone()))
+        })
+    }
 }
 
 /// How often a host looks for local copies the cluster no longer gives it.
@@ -509,6 +519,7 @@ async fn reconcile_loop(cluster: Arc<Cluster>, plane: Arc<DataPlane>) {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 applied.borrow_and_update();
             }
+            _ = plane.reconcile_soon.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }

@@ -78,7 +78,7 @@ impl Pair {
         DeltaServer,
         mpsc::UnboundedReceiver<Result<Served, DeltaError>>,
     ) {
-        let resolver = move |_peer: u64, _b: &Binding| {
+        let resolver = move |_peer: u64, _b: &Binding, _role: Role| {
             Some(Offer {
                 expect,
                 role,
