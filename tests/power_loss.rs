@@ -13,8 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use convoy_agent::data::replica_state::{ReplicaState, StateFile};
 use convoy_crashfs::CrashFs;
-use convoy_guest::{CopyReader, VerifyOptions, WriteLog, verify_latest};
+use convoy_guest::{CopyReader, VerifyOptions, WriteLog, verify_latest, verify_prefix};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// The crash file system and its directories; declared before the cluster, so it is
 /// dropped (unmounted) after the agents are gone.
@@ -41,8 +44,13 @@ fn crash_disk() -> CrashDisk {
 /// `guest_logs`, the simulated guests' logs of acknowledged writes are kept there instead
 /// (off the crash disk: a witness of what was acknowledged that the power cut spares).
 fn cluster_on(disk: &CrashDisk, nodes: u64, guest_logs: Option<&Path>) -> Dev {
+    cluster_on_with(disk, nodes, guest_logs, &[])
+}
+
+/// [`cluster_on`] with extra `convoy dev` arguments.
+fn cluster_on_with(disk: &CrashDisk, nodes: u64, guest_logs: Option<&Path>, extra: &[&str]) -> Dev {
     let on_disk = disk.fs.path().to_path_buf();
-    Dev::start_prepared(nodes, &[], |dir| {
+    Dev::start_prepared(nodes, extra, |dir| {
         for n in 1..=nodes {
             let data = on_disk.join(format!("node-{n}"));
             std::fs::create_dir_all(&data).unwrap();
@@ -87,13 +95,16 @@ fn power_on(dev: &Dev, nodes: u64) {
     );
 }
 
-/// Node `node`'s image file of disk `disk_id`, on the crash disk.
+/// Node `node`'s image file of disk `disk_id`, on the crash disk (not a snapshot's).
 fn image_on(disk: &CrashDisk, node: u64, disk_id: u64) -> std::path::PathBuf {
-    find_file(
-        &disk.fs.path().join(format!("node-{node}")),
-        &format!("disk-{disk_id}.img"),
-    )
-    .unwrap_or_else(|| panic!("node {node}'s image of disk {disk_id}"))
+    let path = disk
+        .fs
+        .path()
+        .join(format!("node-{node}"))
+        .join("disks")
+        .join(format!("disk-{disk_id}.img"));
+    assert!(path.exists(), "node {node}'s image of disk {disk_id}");
+    path
 }
 
 /// Raft acknowledges a command only once a majority holds it durably: every VM whose
@@ -193,22 +204,6 @@ impl CopyReader for ImageFile {
         std::os::unix::fs::FileExt::read_exact_at(&self.0, &mut buf, offset)?;
         Ok(buf)
     }
-}
-
-/// The file named `name` somewhere under `dir`.
-fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
-    for e in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
-        let path = e.path();
-        if e.file_name() == name {
-            return Some(path);
-        }
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            if let Some(found) = find_file(&path, name) {
-                return Some(found);
-            }
-        }
-    }
-    None
 }
 
 /// Under `sync` a write is acknowledged only once the replica holds it durably (it
@@ -352,4 +347,121 @@ fn data_flushed_before_a_power_cut_is_on_both_copies_after_it() {
         );
         eprintln!("node {node}: all 64 flushed writes there");
     }
+}
+
+/// Node `node`'s replica progress record of group `cg_id`, read off the crash disk.
+fn replica_state_on(disk: &CrashDisk, node: u64, cg_id: u64) -> Option<ReplicaState> {
+    let path = disk
+        .fs
+        .path()
+        .join(format!("node-{node}"))
+        .join("replication")
+        .join(format!("cg-{cg_id}.replica"));
+    if !path.exists() {
+        return None;
+    }
+    StateFile::open(&path).ok().map(|(_, state)| state)
+}
+
+/// The before-resync snapshot is the replica's fallback while a resync makes its copy
+/// no prefix: a power cut in the middle of the resync leaves it intact, flagged, and a
+/// crash-consistent prefix of the guest's writes (read straight off the disk), and back on
+/// the resync finishes, the copy holds every acknowledged write and the snapshot goes.
+#[test]
+fn the_before_resync_snapshot_survives_a_power_cut_mid_resync_as_a_prefix() {
+    let mut disk = crash_disk();
+    let logs = tempfile::tempdir().unwrap();
+    let dev = cluster_on_with(&disk, 3, Some(logs.path()), &["--journal-limit-mib", "1"]);
+    wait_for("a leader", Duration::from_secs(20), || dev.leader());
+    dev.create_writing_vm("r", "128MiB", "iops=400,size=64k,pattern=random,depth=4");
+    assert!(dev.cli(&["cg", "create", "rg", "--vm", "r"]).ok);
+    let r = dev.cli(&["cg", "replicate", "rg", "--to", "2", "--mode", "async"]);
+    assert!(r.ok, "{r:?}");
+    let cg = common::data::wait_caught_up(&dev, "rg");
+    let cg_id = cg["id"].as_u64().expect("group id");
+    let vm = dev.cli(&["vm", "show", "r", "-o", "json"]).json();
+    let vm_id = vm["id"].as_u64().expect("vm id");
+    let disk_id = vm["disks"][0]["id"].as_u64().expect("disk id");
+    assert!(dev.cli(&["vm", "start", "r"]).ok);
+    dev.wait_more_writes("r", 100, Duration::from_secs(60));
+
+    // The replica freezes (no crash: its copy stays an exact prefix) while the guest
+    // writes far past the 1 MiB journal, so the link has to resync when it wakes.
+    let held = common::data::cg_show(&dev, "rg")["replicas"][0]["acked_seq"]
+        .as_u64()
+        .expect("the replica's acknowledged sequence");
+    let replica = Pid::from_raw(dev.pid(2) as i32);
+    kill(replica, Signal::SIGSTOP).unwrap();
+    dev.wait_more_writes("r", 1500, Duration::from_secs(120));
+    kill(replica, Signal::SIGCONT).unwrap();
+    wait_for(
+        "the replica to keep a before-resync snapshot",
+        Duration::from_secs(60),
+        || {
+            replica_state_on(&disk, 2, cg_id)
+                .filter(|s| s.resync_snapshot && !s.consistent)
+                .map(|_| ())
+        },
+    );
+    power_cut(&dev, &mut disk, 3);
+
+    let state = replica_state_on(&disk, 2, cg_id).expect("node 2's replica record");
+    assert!(
+        state.resync_snapshot && !state.consistent,
+        "the cut did not land in the resync (the test needs a longer one): {state:?}"
+    );
+    let snapshot = disk
+        .fs
+        .path()
+        .join("node-2")
+        .join("resync-snapshots")
+        .join(format!("cg-{cg_id}"))
+        .join(format!("disk-{disk_id}.img"));
+    assert!(
+        snapshot.exists(),
+        "no before-resync snapshot image at {snapshot:?}"
+    );
+    let log = WriteLog::read_all(logs.path().join("node-1").join("r.log")).unwrap();
+    let report = verify_prefix(
+        vm_id,
+        &log.records,
+        &ImageFile(std::fs::File::open(&snapshot).unwrap()),
+        &VerifyOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        report.ok(),
+        "the before-resync snapshot is no prefix after the power cut: {report}"
+    );
+    // Not merely some prefix (an empty copy is one): at least what the replica held.
+    assert!(
+        report.prefix_upto.is_some_and(|k| k >= held),
+        "the before-resync snapshot lost writes the replica held (up to {held}): {report}"
+    );
+    eprintln!("the before-resync snapshot after the cut: {report}");
+
+    // Back on: the resync finishes, the two copies are identical (under `async` the
+    // writes no FLUSH covered may be gone from both: they were not promised), and the
+    // snapshot is dropped.
+    power_on(&dev, 3);
+    wait_for(
+        "vm stop after the power cut",
+        Duration::from_secs(60),
+        || dev.cli(&["vm", "stop", "r"]).ok.then_some(()),
+    );
+    common::data::wait_caught_up(&dev, "rg");
+    let copy = |node: u64| std::fs::read(image_on(&disk, node, disk_id)).unwrap();
+    let (one, two) = (copy(1), copy(2));
+    let differ = one
+        .chunks(4096)
+        .zip(two.chunks(4096))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(differ, 0, "{differ} 4 KiB blocks differ between the copies");
+    wait_for(
+        "the before-resync snapshot to be dropped",
+        Duration::from_secs(30),
+        || (!snapshot.exists()).then_some(()),
+    );
+    dev.assert_no_panics();
 }
