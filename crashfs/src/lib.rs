@@ -12,6 +12,11 @@
 //!   system that commits it before the data (a file created and written but never
 //!   fsynced comes back empty, as ext4 may leave it).
 //!
+//! [`CrashFs::power_cut_torn`] models a disk whose volatile cache had written back some of
+//! the unsynced data when the power went: each overwrite since the last fsync survives or
+//! not, at random, and an unsynced tail survives up to a random length. A program that
+//! takes unsynced data for a prefix of what it wrote finds otherwise.
+//!
 //! Symlinks are kept (as metadata). Unix sockets and hard links are not supported: keep
 //! them elsewhere.
 
@@ -68,6 +73,8 @@ pub struct PowerCut {
     pub bytes_dropped: u64,
     /// Bytes overwritten since the last fsync that were put back.
     pub bytes_restored: u64,
+    /// Torn cuts: overwrites since the last fsync that survived.
+    pub writes_kept: u64,
 }
 
 /// A mounted crash file system.
@@ -131,13 +138,24 @@ impl CrashFs {
     /// Cuts the power: unmounts (every process using the file system must be gone: kill
     /// them first), rolls every file back to its last fsync, and mounts again.
     pub fn power_cut(&mut self) -> Result<PowerCut, CrashFsError> {
+        self.cut(None)
+    }
+
+    /// Like [`CrashFs::power_cut`], but a random part of what was not synced survives
+    /// (chosen by `seed`): every overwrite since a file's last fsync survives with
+    /// probability 1/2, and its unsynced tail up to a random length.
+    pub fn power_cut_torn(&mut self, seed: u64) -> Result<PowerCut, CrashFsError> {
+        self.cut(Some(SplitMix(seed)))
+    }
+
+    fn cut(&mut self, torn: Option<SplitMix>) -> Result<PowerCut, CrashFsError> {
         self.unmount_when_unused()?;
         if let Some(s) = self.session.take() {
             // Unmounted: the session's thread ends with the kernel's connection.
             s.join().map_err(|e| CrashFsError::Unmount(e.to_string()))?;
         }
         self.state.handles().clear();
-        let cut = self.state.roll_back()?;
+        let cut = self.state.roll_back(torn)?;
         self.mount_again()?;
         Ok(cut)
     }
@@ -209,6 +227,28 @@ impl Drop for CrashFs {
             unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
         }
         std::mem::forget(session);
+    }
+}
+
+/// A small seeded generator (splitmix64): which unsynced writes a torn cut keeps.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..=n`.
+    fn up_to(&mut self, n: u64) -> u64 {
+        if n == u64::MAX {
+            self.next()
+        } else {
+            self.next() % (n + 1)
+        }
     }
 }
 
@@ -341,7 +381,7 @@ impl State {
         lock(&self.undo).remove(&ino);
     }
 
-    fn roll_back(&self) -> Result<PowerCut, CrashFsError> {
+    fn roll_back(&self, mut torn: Option<SplitMix>) -> Result<PowerCut, CrashFsError> {
         let undo: Vec<(u64, Undo)> = lock(&self.undo).drain().collect();
         let paths = lock(&self.paths).clone();
         let mut cut = PowerCut::default();
@@ -365,9 +405,20 @@ impl State {
                 .map_err(failed)?;
             let len = file.metadata().map_err(failed)?.len();
             cut.files += 1;
-            cut.bytes_dropped += len.saturating_sub(u.synced_len);
-            file.set_len(u.synced_len).map_err(failed)?;
+            // A torn cut keeps part of the unsynced tail (a file shrunk since its last
+            // fsync comes back at its synced length: the bytes cut off are gone).
+            let kept_len = match torn.as_mut() {
+                Some(r) if len > u.synced_len => u.synced_len + r.up_to(len - u.synced_len),
+                _ => u.synced_len,
+            };
+            cut.bytes_dropped += len.saturating_sub(kept_len);
+            file.set_len(kept_len).map_err(failed)?;
             for (offset, old) in u.saved.iter().rev() {
+                if torn.as_mut().is_some_and(|r| r.next() & 1 == 1) {
+                    cut.writes_kept += 1;
+                    continue;
+                }
+                let old = &old[..old.len().min(kept_len.saturating_sub(*offset) as usize)];
                 file.write_all_at(old, *offset).map_err(failed)?;
                 cut.bytes_restored += old.len() as u64;
             }
@@ -955,6 +1006,41 @@ mod tests {
         drop(f);
         fs.power_cut().unwrap();
         assert_eq!(std::fs::read(&synced).unwrap(), b"hello".to_vec());
+    }
+
+    #[test]
+    fn a_torn_power_cut_keeps_some_unsynced_writes_whole_and_every_synced_byte() {
+        let mut m = mounted();
+        let fs = &mut m.fs;
+        let path = fs.path().join("disk");
+        let f = File::create(&path).unwrap();
+        f.write_all_at(&[0xaa; 150 * 4096], 0).unwrap();
+        f.sync_data().unwrap();
+        for block in 0..100u64 {
+            f.write_all_at(&[0xbb; 4096], block * 4096).unwrap();
+        }
+        f.write_all_at(&[0xcc; 8192], 150 * 4096).unwrap();
+        drop(f);
+
+        let cut = fs.power_cut_torn(7).unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert!(
+            data.len() >= 150 * 4096 && data.len() <= 152 * 4096,
+            "{}",
+            data.len()
+        );
+        let blocks: Vec<&[u8]> = data[..150 * 4096].chunks(4096).collect();
+        let kept = blocks[..100].iter().filter(|b| b[0] == 0xbb).count();
+        for b in &blocks[..100] {
+            assert!(b.iter().all(|&x| x == b[0]) && (b[0] == 0xaa || b[0] == 0xbb));
+        }
+        assert!(
+            blocks[100..].iter().all(|b| b.iter().all(|&x| x == 0xaa)),
+            "synced bytes no write touched changed"
+        );
+        assert!(kept > 0 && kept < 100, "kept {kept} of 100 overwrites");
+        assert_eq!(cut.writes_kept, kept as u64, "{cut:?}");
+        assert!(data[150 * 4096..].iter().all(|&x| x == 0xcc));
     }
 
     #[test]

@@ -372,6 +372,11 @@ impl Dev {
 
     /// Restarts node `id` on its data dir with its config (as an operator would).
     pub fn restart(&self, id: u64) {
+        self.restart_with_env(id, &[]);
+    }
+
+    /// [`Dev::restart`] with `env` set for the agent (fault injection, say).
+    pub fn restart_with_env(&self, id: u64, env: &[(&str, &str)]) {
         let node = self.node(id);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -382,6 +387,7 @@ impl Dev {
             .arg("agent")
             .arg("--config")
             .arg(&node.config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
