@@ -697,6 +697,54 @@ fn retired_nodes_certificate_is_refused_on_every_stream() {
     dev.assert_no_panics();
 }
 
+/// Plaintext NBD over TCP only when asked for: with `nbd.tcp_insecure = true` in its
+/// config, a restarted agent exports `nbd://` URIs that plain clients open, and says so
+/// in its log; TLS URIs are gone.
+#[test]
+fn plaintext_nbd_over_tcp_is_served_only_when_the_config_asks_for_it() {
+    use common::data::{ok, tool};
+
+    let dev = Dev::start(1, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    assert!(
+        dev.cli(&["vm", "create", "plain", "--host", "1", "--disk", "16MiB"])
+            .ok
+    );
+    let config = dev.node(1).config.clone();
+    let toml = std::fs::read_to_string(&config).unwrap();
+    assert!(toml.contains("[nbd]"), "{toml}");
+    assert!(!toml.contains("tcp_insecure = true"), "{toml}");
+    dev.kill(1);
+    let insecure = if toml.contains("tcp_insecure = false") {
+        toml.replacen("tcp_insecure = false", "tcp_insecure = true", 1)
+    } else {
+        toml.replacen("[nbd]\n", "[nbd]\ntcp_insecure = true\n", 1)
+    };
+    std::fs::write(&config, insecure).unwrap();
+    dev.restart(1);
+
+    let tcp = wait_for("a plaintext TCP URI", Duration::from_secs(30), || {
+        let v = dev.cli(&["vm", "show", "plain", "-o", "json"]).json();
+        v["disks"][0]["uris"]
+            .as_array()?
+            .iter()
+            .filter_map(|u| u.as_str())
+            .find(|u| u.starts_with("nbd://"))
+            .map(String::from)
+    });
+    let out = ok(
+        &tool("nbdinfo", &["--size", &tcp]),
+        "nbdinfo over plain TCP",
+    );
+    assert_eq!(out.trim(), (16u64 << 20).to_string());
+    let log = std::fs::read_to_string(&dev.node(1).log).unwrap();
+    assert!(
+        log.contains("tcp_insecure") || log.contains("plaintext"),
+        "the agent does not say it serves NBD in plaintext"
+    );
+    dev.assert_no_panics();
+}
+
 /// The doors of one agent: NBD over TCP takes only TLS with an NBD client certificate
 /// (QEMU and libnbd as clients), Unix sockets are 0660 in the agent's group, only admin
 /// certificates drive the admin API, and numeric API input is bounded, not a panic.

@@ -163,6 +163,55 @@ fn raft_views(dev: &Dev) -> Vec<(u64, Option<u64>, Option<u64>)> {
         .collect()
 }
 
+/// Item 7. A create interrupted before its image's metadata landed (the host killed
+/// inside `vm create`: the image file exists, never written, without its metadata) is
+/// finished when the agent starts again: the disk is ready rather than failed, and takes
+/// writes through its export. (A disk that was written is reported instead: above.)
+#[test]
+fn a_create_interrupted_before_its_metadata_landed_is_finished_on_restart() {
+    let dev = Dev::start(2, &[]);
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    let r = dev.cli(&["vm", "create", "fresh", "--host", "1", "--disk", "16MiB"]);
+    assert!(r.ok, "{r:?}");
+    let disk = vm_show(&dev, "fresh")["disks"][0]["id"].as_u64().unwrap();
+    dev.kill(1);
+    let meta = dev
+        .node(1)
+        .data_dir
+        .join("disks")
+        .join(format!("disk-{disk}.meta"));
+    std::fs::remove_file(&meta).unwrap_or_else(|e| panic!("cannot remove {}: {e}", meta.display()));
+    dev.restart(1);
+
+    let show = wait_for("the disk to be ready", Duration::from_secs(30), || {
+        let v = vm_show(&dev, "fresh");
+        (v["state"] == "ready" || v["state"] == "failed").then_some(v)
+    });
+    assert_eq!(show["state"], "ready", "{show:#}");
+    assert!(meta.exists(), "{} was not written again", meta.display());
+    let uri = vm_uri(&dev, "fresh", 0);
+    let out = ok(
+        &tool(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 0 64k",
+                "-c",
+                "read -P 0x5a 0 64k",
+                &uri,
+            ],
+        ),
+        "qemu-io",
+    );
+    assert!(
+        !out.contains("failed") && !out.contains("mismatch"),
+        "{out}"
+    );
+    dev.assert_no_panics();
+}
+
 /// Item 8. Every fsync of every disk image takes 300 ms on every node, while two groups
 /// on node 1 write and replicate to node 2 (one async, one sync, guests flushing, random
 /// writes over 1 GiB so first writes to extents keep coming): for ten seconds no node sees
@@ -887,6 +936,120 @@ fn a_sequencer_back_from_a_crash_without_its_sync_replica_goes_on_after_the_wait
     assert!(
         metrics.contains("convoy_crash_pulls_total{outcome=\"pulled\"} 0"),
         "{metrics}"
+    );
+    dev.assert_no_panics();
+}
+
+/// A size-limited tmpfs, unmounted (lazily if still in use) when dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mount(8): {e}; this test needs root"));
+        assert!(
+            out.status.success(),
+            "cannot mount a {size} tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// Item 5, end to end. Node 1's images live on a 24 MiB file system. Writes past what
+/// fits fail at the NBD client with "No space left on device"; what was acknowledged
+/// before stays; a failed write takes no sequence number (the replica, caught up, holds
+/// exactly what node 1 holds); and once space is freed the disk takes writes again.
+#[test]
+fn a_full_file_system_fails_writes_with_enospc_and_the_disk_serves_again_once_space_is_freed() {
+    let fs = Tmpfs::mount("24m");
+    let small = fs.0.path().to_path_buf();
+    let dev = Dev::start_prepared(2, &[], |dir| {
+        let data = dir.join("node-1").join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::os::unix::fs::symlink(&small, data.join("disks")).unwrap();
+    });
+    wait_for("a leader", Duration::from_secs(10), || dev.leader());
+    // Room to free later.
+    std::fs::write(small.join("filler"), vec![1u8; 8 << 20]).unwrap();
+    let r = dev.cli(&["vm", "create", "full", "--host", "1", "--disk", "64MiB"]);
+    assert!(r.ok, "{r:?}");
+    assert!(dev.cli(&["cg", "create", "fg", "--vm", "full"]).ok);
+    let r = dev.cli(&["cg", "replicate", "fg", "--to", "2", "--mode", "async"]);
+    assert!(r.ok, "{r:?}");
+    wait_caught_up(&dev, "fg");
+    let uri = vm_uri(&dev, "full", 0);
+    let qemu_io = |cmds: &[&str]| {
+        let mut args = vec!["-f", "raw"];
+        for c in cmds {
+            args.extend(["-c", c]);
+        }
+        args.push(&uri);
+        let out = tool("qemu-io", &args);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+
+    let out = qemu_io(&["write -P 0x11 0 4M"]);
+    assert!(!out.contains("failed"), "{out}");
+    // Far more than fits.
+    let out = qemu_io(&["write -P 0x22 4M 40M"]);
+    assert!(
+        out.contains("No space left on device"),
+        "the guest was not told the disk is full: {out}"
+    );
+    let out = qemu_io(&["read -P 0x11 0 4M"]);
+    assert!(
+        !out.contains("failed") && !out.contains("mismatch"),
+        "{out}"
+    );
+
+    std::fs::remove_file(small.join("filler")).unwrap();
+    let out = qemu_io(&["write -P 0x33 50M 4M", "read -P 0x33 50M 4M"]);
+    assert!(
+        !out.contains("failed") && !out.contains("mismatch"),
+        "no writes after space was freed: {out}"
+    );
+    let v = wait_caught_up(&dev, "fg");
+    eprintln!(
+        "after the full file system: last_seq {}, replica acked {}",
+        v["last_seq"], v["replicas"][0]["acked_seq"]
+    );
+    let disk = vm_show(&dev, "full")["disks"][0]["id"].as_u64().unwrap();
+    let image = |node: u64| {
+        std::fs::read(
+            dev.node(node)
+                .data_dir
+                .join("disks")
+                .join(format!("disk-{disk}.img")),
+        )
+        .unwrap()
+    };
+    let (one, two) = (image(1), image(2));
+    let differ = one
+        .chunks(4096)
+        .zip(two.chunks(4096))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        differ, 0,
+        "{differ} 4 KiB blocks differ between node 1 and its caught-up replica"
     );
     dev.assert_no_panics();
 }

@@ -165,6 +165,35 @@ async fn an_older_snapshot_never_replaces_a_newer_one() {
     assert_eq!(applied, entries.last().unwrap().log_id.index);
 }
 
+/// The install side of the same race: a snapshot installed from the leader (openraft
+/// installs in its own task) that is older than the one built meanwhile leaves the newer
+/// file in place.
+#[tokio::test]
+async fn an_older_installed_snapshot_never_replaces_a_newer_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let entries = v1_entries();
+    sm.apply(entries[..10].to_vec()).await.unwrap();
+    let old = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    sm.apply(entries[10..].to_vec()).await.unwrap();
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    sm.install_snapshot(&old.meta, old.snapshot).await.unwrap();
+    let reopened = StateMachineStore::open(dir.path()).unwrap();
+    assert_eq!(
+        reopened.reader().applied_index(),
+        entries.last().unwrap().log_id.index
+    );
+}
+
 /// Schema 3 only appended a command: schema 2's log entries and snapshot file (written by
 /// schema 2 code) read back as they were, and re-encode at version 3.
 #[tokio::test]

@@ -276,6 +276,37 @@ pub fn tracker_name(to: NodeId) -> String {
     format!("link-{to}")
 }
 
+/// Whether `peer` may write `disk` (its VM runs there, or the host holds an active-active
+/// copy of its group), judged on `model`. A refusal says why, and whether the writer's
+/// `epoch` is newer than the model's (so a model that lags may yet allow it).
+fn write_verdict(
+    model: &ClusterModel,
+    peer: NodeId,
+    disk: DiskId,
+    epoch: u64,
+) -> Result<(), (String, bool)> {
+    let Some(d) = model.disks.get(&disk) else {
+        return Err((format!("disk {disk} is not in the model"), false));
+    };
+    let vm = model.vms.get(&d.vm);
+    let runs_there = vm.is_some_and(|v| v.host == peer);
+    let active_active = vm
+        .and_then(|v| v.cg.as_ref())
+        .and_then(|c| model.cgs.get(c))
+        .and_then(|c| c.link(peer))
+        .is_some_and(|l| l.mode.is_active_active());
+    if runs_there || active_active {
+        return Ok(());
+    }
+    Err((
+        format!(
+            "node {peer} may not write disk {disk}: its VM runs on node {}",
+            vm.map_or(0, |v| v.host)
+        ),
+        d.epoch < epoch,
+    ))
+}
+
 /// Counts one bulk transfer for as long as it lives.
 pub(crate) struct BulkTransfer(Arc<AtomicUsize>);
 
@@ -742,33 +773,7 @@ impl DataPlane {
         let mut rx = self.view.subscribe();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         loop {
-            let verdict = {
-                let view = rx.borrow_and_update();
-                let m = &view.model;
-                match m.disks.get(&disk) {
-                    None => Err((format!("disk {disk} is not in the model"), false)),
-                    Some(d) => {
-                        let vm = m.vms.get(&d.vm);
-                        let runs_there = vm.is_some_and(|v| v.host == peer);
-                        let active_active = vm
-                            .and_then(|v| v.cg.as_ref())
-                            .and_then(|c| m.cgs.get(c))
-                            .and_then(|c| c.link(peer))
-                            .is_some_and(|l| l.mode.is_active_active());
-                        if runs_there || active_active {
-                            Ok(())
-                        } else {
-                            Err((
-                                format!(
-                                    "node {peer} may not write disk {disk}: its VM runs on node {}",
-                                    vm.map_or(0, |v| v.host)
-                                ),
-                                d.epoch < epoch,
-                            ))
-                        }
-                    }
-                }
-            };
+            let verdict = write_verdict(&rx.borrow_and_update().model, peer, disk, epoch);
             match verdict {
                 Ok(()) => return Ok(()),
                 Err((why, true)) => {
@@ -1281,5 +1286,85 @@ impl DataPlane {
             }
         }
         self.images.close_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use convoy_raft::model::ReplicationMode;
+
+    fn apply(m: &mut ClusterModel, cmd: Command) {
+        if let Err(e) = m.apply(0, &cmd) {
+            panic!("{} refused: {e}", cmd.kind());
+        }
+    }
+
+    /// VM `a` on host 1 in group `g`, with a copy of `mode` on host 2; host 3 holds none.
+    fn model(mode: ReplicationMode) -> (ClusterModel, DiskId) {
+        let mut m = ClusterModel::default();
+        for id in 1..=3 {
+            apply(
+                &mut m,
+                Command::RegisterHost {
+                    id,
+                    raft_addr: format!("r{id}"),
+                    admin_addr: format!("a{id}"),
+                },
+            );
+        }
+        apply(
+            &mut m,
+            Command::CreateVm {
+                name: "a".into(),
+                host: 1,
+                disk_sizes: vec![1 << 20],
+                workload: None,
+                created_at_ms: 0,
+            },
+        );
+        apply(
+            &mut m,
+            Command::CreateCg {
+                name: "g".into(),
+                vms: vec!["a".into()],
+            },
+        );
+        apply(
+            &mut m,
+            Command::AddReplica {
+                cg: "g".into(),
+                to: 2,
+                mode,
+            },
+        );
+        let disk = *m.disks.keys().next().expect("a disk");
+        (m, disk)
+    }
+
+    #[test]
+    fn only_the_host_a_disks_vm_runs_on_or_an_active_active_copy_may_write_it() {
+        let (m, disk) = model(ReplicationMode::Sync);
+        let epoch = m.disks[&disk].epoch;
+        assert_eq!(write_verdict(&m, 1, disk, epoch), Ok(()));
+        // A replica that is not active-active, or a host with no copy, is refused.
+        for peer in [2, 3] {
+            let (why, newer) = write_verdict(&m, peer, disk, epoch).unwrap_err();
+            assert!(
+                why.contains(&format!("node {peer} may not write disk {disk}")),
+                "{why}"
+            );
+            assert!(!newer);
+        }
+        // A writer that knows a newer epoch than this model is told the model may lag.
+        assert!(write_verdict(&m, 3, disk, epoch + 1).unwrap_err().1);
+        assert!(
+            write_verdict(&m, 1, disk + 1, epoch).is_err(),
+            "unknown disk"
+        );
+
+        let (m, disk) = model(ReplicationMode::ActiveActiveSync);
+        assert_eq!(write_verdict(&m, 2, disk, epoch), Ok(()));
+        assert!(write_verdict(&m, 3, disk, epoch).is_err());
     }
 }

@@ -880,12 +880,43 @@ impl Sequencer {
                 .map_err(|e| WriteError::Meta(e.to_string()))?;
             g.reserved_until = reserved_until;
         }
-        // Applying under the lock keeps the local images in sequence order. A failed local
-        // write takes no sequence number.
-        match &payload {
-            Payload::Data(b) => slot.image.write_at(b, offset)?,
-            Payload::Zeroes(n) => slot.image.write_zeroes(offset, *n)?,
+        // Applying under the lock keeps the local images in sequence order.
+        let applied = match &payload {
+            Payload::Data(b) => slot.image.write_at(b, offset),
+            Payload::Zeroes(n) => slot.image.write_zeroes(offset, *n),
+        };
+        if let Err(e) = applied {
+            // The write may have landed in part (a full file system fails it midway): what
+            // the range holds now is sequenced and replicated like any write, so no data
+            // stays here without a sequence number and every copy holds the same bytes.
+            // The writer still gets the error. A range that cannot be read back means a
+            // failed image, which takes no more writes.
+            let mut now = vec![0u8; payload.len() as usize];
+            if slot.image.read_at(&mut now, offset).is_ok() {
+                self.assign(&mut g, seq, disk, offset, Payload::Data(Bytes::from(now)));
+                self.written.notify_waiters();
+            }
+            return Err(e.into());
         }
+        self.assign(&mut g, seq, disk, offset, payload);
+        let waits = g
+            .links
+            .iter_mut()
+            .filter(|(_, l)| l.promises())
+            .map(|(to, l)| {
+                let (tx, rx) = oneshot::channel();
+                l.ack_waiters.push_back((seq, tx));
+                (*to, rx)
+            })
+            .collect();
+        let key = (disk, writer_epoch);
+        *g.in_flight.entry(key).or_default() += 1;
+        Ok((seq, waits, InFlight { seq: self, key }))
+    }
+
+    /// Gives the write applied locally as `seq` its number: the next one is taken, and the
+    /// write is journaled for the links that stream from the journal.
+    fn assign(&self, g: &mut Inner, seq: u64, disk: DiskId, offset: u64, payload: Payload) {
         g.next_seq += 1;
         let now = Instant::now();
         for l in g.links.values_mut() {
@@ -907,24 +938,11 @@ impl Sequencer {
                 g.journal.reset(seq + 1);
             }
             if g.journal.over_limit() {
-                Self::drop_laggards(&mut g);
+                Self::drop_laggards(g);
             }
         } else {
             g.journal.reset(seq + 1);
         }
-        let waits = g
-            .links
-            .iter_mut()
-            .filter(|(_, l)| l.promises())
-            .map(|(to, l)| {
-                let (tx, rx) = oneshot::channel();
-                l.ack_waiters.push_back((seq, tx));
-                (*to, rx)
-            })
-            .collect();
-        let key = (disk, writer_epoch);
-        *g.in_flight.entry(key).or_default() += 1;
-        Ok((seq, waits, InFlight { seq: self, key }))
     }
 
     /// The journal is over its limit: stop retaining for the replica furthest behind (it
