@@ -26,8 +26,16 @@ fn init_logging(default: &str) {
 /// Fault injection for the integration tests, not an operator setting (so not in the
 /// config file or `--help`): `CONVOY_TEST_FSYNC_DELAY_MS=N` makes every fsync/fdatasync of
 /// this agent's disk images (data, chunk hashes, activity log) wait N ms first, as a slow
-/// disk would. Read once, at start.
+/// disk would; `CONVOY_TEST_FSYNC_FAIL_WHILE=FILE` makes each of them fail with EIO while
+/// FILE exists. Read once, at start.
 fn test_fault_injection() -> anyhow::Result<()> {
+    if let Some(trigger) = std::env::var_os("CONVOY_TEST_FSYNC_FAIL_WHILE") {
+        tracing::warn!(
+            trigger = %std::path::Path::new(&trigger).display(),
+            "CONVOY_TEST_FSYNC_FAIL_WHILE is set: disk image fsyncs fail while that file exists (fault injection for tests)"
+        );
+        convoy_store::set_test_sync_failure_while(trigger.into());
+    }
     const VAR: &str = "CONVOY_TEST_FSYNC_DELAY_MS";
     let Some(value) = std::env::var_os(VAR) else {
         return Ok(());

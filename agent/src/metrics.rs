@@ -448,12 +448,12 @@ const DATA_PLANE_FAMILIES: &[(&str, &str, &str)] = &[
     (
         "convoy_disk_open_failures",
         "gauge",
-        "Disks this host should hold whose image cannot be opened.",
+        "Disks this host should hold whose image cannot be opened or has failed (a failed fsync fences it until a restart).",
     ),
     (
         "convoy_disk_open_failed",
         "gauge",
-        "1 for each disk whose image cannot be opened here (see `convoy vm show`).",
+        "1 for each disk whose image cannot be opened here or has failed (see `convoy vm show`).",
     ),
 ];
 

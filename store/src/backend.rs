@@ -148,12 +148,31 @@ pub fn set_test_sync_delay(delay: Duration) {
     TEST_SYNC_DELAY_MS.store(ms, Ordering::Relaxed);
 }
 
-/// Waits out the test-only sync delay, if one is set (see [`set_test_sync_delay`]).
-fn test_sync_delay() {
+/// Fault injection for tests only: while this file exists, every [`FileBackend`]
+/// fsync/fdatasync fails with EIO.
+static TEST_SYNC_FAIL_IF: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// **Test-only fault injection**: from now on, every fsync/fdatasync of every
+/// [`FileBackend`] in this process fails with EIO while `trigger` exists, as on a disk
+/// that lost its write cache. Tests use it to check that a failed sync fences the image
+/// and is reported; nothing else should call it. Set once per process.
+pub fn set_test_sync_failure_while(trigger: PathBuf) {
+    let _ = TEST_SYNC_FAIL_IF.set(trigger);
+}
+
+/// Waits out the test-only sync delay and fails as the test-only trigger says, if set
+/// (see [`set_test_sync_delay`], [`set_test_sync_failure_while`]).
+fn test_sync_delay() -> io::Result<()> {
     let ms = TEST_SYNC_DELAY_MS.load(Ordering::Relaxed);
     if ms > 0 {
         std::thread::sleep(Duration::from_millis(ms));
     }
+    if TEST_SYNC_FAIL_IF.get().is_some_and(|p| p.exists()) {
+        return Err(io::Error::from_raw_os_error(
+            rustix::io::Errno::IO.raw_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 /// The paths of image `id` in `dir`: data, metadata, activity log. The image has one more
@@ -439,7 +458,7 @@ impl Backend for FileBackend {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        test_sync_delay();
+        test_sync_delay()?;
         self.image.sync_data()
     }
 
@@ -500,7 +519,7 @@ impl Backend for FileBackend {
         let mut handle = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         let res = log_file(&mut handle, &self.log_path).and_then(|f| {
             f.write_all(bytes)?;
-            test_sync_delay();
+            test_sync_delay()?;
             f.sync_data()
         });
         match res {
@@ -557,7 +576,7 @@ impl Backend for FileBackend {
     }
 
     fn sync_hashes(&self) -> io::Result<()> {
-        test_sync_delay();
+        test_sync_delay()?;
         self.hashes.sync_data()
     }
 

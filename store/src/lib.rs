@@ -71,7 +71,10 @@ mod sparse;
 mod tree;
 
 pub use activity::ActivityLog;
-pub use backend::{Backend, FileBackend, image_files, image_paths, set_test_sync_delay};
+pub use backend::{
+    Backend, FileBackend, image_files, image_paths, set_test_sync_delay,
+    set_test_sync_failure_while,
+};
 pub use bitmap::Bitmap;
 pub use chunkmap::{ChunkMap, DirtySet, HashTicket, RecoveryReport, Trust, WriteSeq};
 pub use error::{Result, StoreError};
