@@ -393,27 +393,60 @@ fn the_before_resync_snapshot_survives_a_power_cut_mid_resync_as_a_prefix() {
     let vm = dev.cli(&["vm", "show", "r", "-o", "json"]).json();
     let vm_id = vm["id"].as_u64().expect("vm id");
     let disk_id = vm["disks"][0]["id"].as_u64().expect("disk id");
+    // Node 2's disk is slow (each fdatasync 20 ms), so its resync lasts long enough to
+    // be caught in the middle.
+    dev.kill(2);
+    dev.restart_with_env(2, &[("CONVOY_TEST_FSYNC_DELAY_MS", "20")]);
+    common::data::wait_caught_up(&dev, "rg");
     assert!(dev.cli(&["vm", "start", "r"]).ok);
     dev.wait_more_writes("r", 100, Duration::from_secs(60));
 
-    // The replica freezes (no crash: its copy stays an exact prefix) while the guest
-    // writes far past the 1 MiB journal, so the link has to resync when it wakes.
-    let held = common::data::cg_show(&dev, "rg")["replicas"][0]["acked_seq"]
+    // The replica freezes at a settled point (no crash, no batch half applied: its copy
+    // is an exact prefix and its record says so) while the guest writes far past the
+    // 1 MiB journal, so the link has to resync when it wakes. (Frozen in the middle of a
+    // batch, its new session could not tell its copy from a torn one, and would keep no
+    // snapshot.)
+    assert!(dev.cli(&["vm", "stop", "r"]).ok);
+    let held = common::data::wait_caught_up(&dev, "rg")["replicas"][0]["acked_seq"]
         .as_u64()
         .expect("the replica's acknowledged sequence");
+    wait_for("node 2's record to settle", Duration::from_secs(30), || {
+        replica_state_on(&disk, 2, cg_id)
+            .filter(|s| {
+                s.consistent && s.applied_seq >= held && s.may_have_applied == s.applied_seq
+            })
+            .map(|_| ())
+    });
     let replica = Pid::from_raw(dev.pid(2) as i32);
     kill(replica, Signal::SIGSTOP).unwrap();
+    assert!(dev.cli(&["vm", "start", "r"]).ok);
     dev.wait_more_writes("r", 1500, Duration::from_secs(120));
     kill(replica, Signal::SIGCONT).unwrap();
-    wait_for(
-        "the replica to keep a before-resync snapshot",
-        Duration::from_secs(60),
-        || {
-            replica_state_on(&disk, 2, cg_id)
-                .filter(|s| s.resync_snapshot && !s.consistent)
-                .map(|_| ())
-        },
-    );
+    // Every state the record passes through, for the failure message.
+    let mut seen: Vec<ReplicaState> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(state) = replica_state_on(&disk, 2, cg_id) {
+            if state.resync_snapshot && !state.consistent {
+                break;
+            }
+            if seen.last() != Some(&state) {
+                seen.push(state);
+            }
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(&dev.node(2).log).unwrap_or_default();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("resync") || l.contains("snapshot") || l.contains("torn"))
+                .collect();
+            panic!(
+                "no before-resync snapshot within 60 s; node 2's record went through {seen:#?}; its log:\n{}",
+                lines.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     power_cut(&dev, &mut disk, 3);
 
     let state = replica_state_on(&disk, 2, cg_id).expect("node 2's replica record");
@@ -506,38 +539,56 @@ fn a_torn_power_cut_never_leaves_a_before_resync_snapshot_that_is_no_prefix() {
     dev.wait_more_writes("t", 300, Duration::from_secs(60));
 
     // The power goes as the replica applies a batch (it stops first); the disk keeps part
-    // of what it had not synced.
-    cut_power(&dev, &mut disk, &[2, 1, 3], Some(0x5eed));
-    let records = |()| {
-        WriteLog::read_all(logs.path().join("node-1").join("t.log"))
-            .unwrap()
-            .records
+    // of what it had not synced. A cut that happens to leave a prefix (the replica had
+    // synced everything, or one write was pending) tells nothing: the power comes back
+    // and goes again, up to 5 times.
+    let back_on = |dev: &Dev, delay_ms: &str| {
+        for n in [1, 3] {
+            dev.restart(n);
+        }
+        dev.restart_with_env(2, &[("CONVOY_TEST_FSYNC_DELAY_MS", delay_ms)]);
+        wait_for(
+            "a leader after the power cut",
+            Duration::from_secs(60),
+            || dev.leader(),
+        );
     };
-    let replica_copy = verify_prefix(
-        vm_id,
-        &records(()),
-        &ImageFile(std::fs::File::open(image_on(&disk, 2, disk_id)).unwrap()),
-        &VerifyOptions::default(),
-    )
-    .unwrap();
-    let torn = !replica_copy.ok();
-    eprintln!("node 2's copy after the torn cut (torn: {torn}): {replica_copy}");
-    assert!(
-        torn,
-        "the cut left node 2's copy a prefix: the test needs a torn one (another seed?)"
-    );
+    let mut attempt = 0u64;
+    loop {
+        attempt += 1;
+        cut_power(&dev, &mut disk, &[2, 1, 3], Some(0x5eed + attempt));
+        let records = WriteLog::read_all(logs.path().join("node-1").join("t.log"))
+            .unwrap()
+            .records;
+        let replica_copy = verify_prefix(
+            vm_id,
+            &records,
+            &ImageFile(std::fs::File::open(image_on(&disk, 2, disk_id)).unwrap()),
+            &VerifyOptions::default(),
+        )
+        .unwrap();
+        let torn = !replica_copy.ok();
+        eprintln!("cut {attempt}: node 2's copy (torn: {torn}): {replica_copy}");
+        if torn {
+            break;
+        }
+        assert!(attempt < 5, "5 torn cuts all left node 2's copy a prefix");
+        back_on(&dev, "40");
+        wait_for(
+            "the replica to stream again",
+            Duration::from_secs(120),
+            || {
+                let v = common::data::cg_show(&dev, "tg");
+                let r = &v["replicas"][0];
+                (r["state"] == "consistent" && r["phase"] == "streaming").then_some(())
+            },
+        );
+        dev.wait_more_writes("t", 300, Duration::from_secs(60));
+    }
 
     // Back on, node 2's disk slow, so the resync the lost journal forces is long enough to
     // watch: once it began, any snapshot kept must be a prefix, and a torn copy keeps none.
-    for n in [1, 3] {
-        dev.restart(n);
-    }
-    dev.restart_with_env(2, &[("CONVOY_TEST_FSYNC_DELAY_MS", "150")]);
-    wait_for(
-        "a leader after the power cut",
-        Duration::from_secs(60),
-        || dev.leader(),
-    );
+    back_on(&dev, "150");
     let state = wait_for("the resync to begin", Duration::from_secs(60), || {
         replica_state_on(&disk, 2, cg_id).filter(|s| !s.consistent)
     });
