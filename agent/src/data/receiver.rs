@@ -213,16 +213,21 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         recorded: 0,
         reapply_until: None,
     };
-    if resumed_at > session.state.applied_seq {
+    // After a crash the images may hold writes past the recorded progress; re-applying
+    // those is not a prefix until the copy passes them again. Judged before the record
+    // below, which would otherwise bring the mark down to the acknowledged point and
+    // forget a torn suffix past it (a torn power cut showed one: a snapshot was kept).
+    let until = session.state.may_have_applied.min(hello.last_seq);
+    let lagged = resumed_at > session.state.applied_seq;
+    if lagged {
         // The data through `resumed_at` is durable (this replica acknowledged it); only
         // the record lagged.
         session.state.applied_seq = resumed_at;
+    }
+    session.reapply_until = (until > session.state.applied_seq).then_some(until);
+    if lagged {
         session = record(session).await?;
     }
-    // After a crash the images may hold writes past the recorded progress; re-applying
-    // those is not a prefix until the copy passes them again.
-    let until = session.state.may_have_applied.min(hello.last_seq);
-    session.reapply_until = (until > session.state.applied_seq).then_some(until);
     session.recorded = session.state.applied_seq;
     let accept = HelloReply::Accept {
         applied_seq: session.state.applied_seq,
