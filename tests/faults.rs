@@ -1046,11 +1046,7 @@ fn a_full_file_system_fails_writes_with_enospc_and_the_disk_serves_again_once_sp
         .unwrap()
     };
     let (one, two) = (image(1), image(2));
-    let differ = one
-        .chunks(4096)
-        .zip(two.chunks(4096))
-        .filter(|(a, b)| a != b)
-        .count();
+    let differ = blocks_differ(&one, &two);
     assert_eq!(
         differ, 0,
         "{differ} 4 KiB blocks differ between node 1 and its caught-up replica"

@@ -300,11 +300,7 @@ fn writes_acknowledged_under_sync_are_on_the_replicas_disk_after_a_power_cut() {
     }
     let copy = |node: u64| std::fs::read(image_on(&disk, node, disk_id)).unwrap();
     let (one, two) = (copy(1), copy(2));
-    let differ = one
-        .chunks(4096)
-        .zip(two.chunks(4096))
-        .filter(|(a, b)| a != b)
-        .count();
+    let differ = common::data::blocks_differ(&one, &two);
     assert_eq!(differ, 0, "{differ} 4 KiB blocks differ between the copies");
     dev.assert_no_panics();
 }
@@ -496,11 +492,7 @@ fn the_before_resync_snapshot_survives_a_power_cut_mid_resync_as_a_prefix() {
     common::data::wait_caught_up(&dev, "rg");
     let copy = |node: u64| std::fs::read(image_on(&disk, node, disk_id)).unwrap();
     let (one, two) = (copy(1), copy(2));
-    let differ = one
-        .chunks(4096)
-        .zip(two.chunks(4096))
-        .filter(|(a, b)| a != b)
-        .count();
+    let differ = common::data::blocks_differ(&one, &two);
     assert_eq!(differ, 0, "{differ} 4 KiB blocks differ between the copies");
     wait_for(
         "the before-resync snapshot to be dropped",
@@ -618,11 +610,7 @@ fn a_torn_power_cut_never_leaves_a_before_resync_snapshot_that_is_no_prefix() {
     });
     let copy = |node: u64| std::fs::read(image_on(&disk, node, disk_id)).unwrap();
     let (one, two) = (copy(1), copy(2));
-    let differ = one
-        .chunks(4096)
-        .zip(two.chunks(4096))
-        .filter(|(a, b)| a != b)
-        .count();
+    let differ = common::data::blocks_differ(&one, &two);
     assert_eq!(differ, 0, "{differ} 4 KiB blocks differ between the copies");
     dev.assert_no_panics();
 }

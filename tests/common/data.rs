@@ -111,3 +111,12 @@ pub fn setup_group(dev: &Dev, vm: &str, cg: &str, size: &str, mode: &str) {
     let r = dev.cli(&["cg", "replicate", cg, "--to", "2", "--mode", mode]);
     assert!(r.ok, "{r:?}");
 }
+
+/// How many 4 KiB blocks differ between two copies of a disk read whole.
+#[allow(dead_code)]
+pub fn blocks_differ(one: &[u8], two: &[u8]) -> usize {
+    one.chunks(4096)
+        .zip(two.chunks(4096))
+        .filter(|(a, b)| a != b)
+        .count()
+}
