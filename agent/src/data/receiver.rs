@@ -238,6 +238,19 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
     tracing::info!(cg = %role.cg, sequencer = peer, applied = session.state.applied_seq, consistent = session.state.consistent, holds_data, "replication stream accepted");
 
     let mut record_at: Option<tokio::time::Instant> = None;
+    // A broken stream or a bad frame ends the session through the record below, not by
+    // returning at once: between batches nothing is half applied, so the copy is an exact
+    // prefix through `applied_seq`, and the record brings the "may have applied" mark down
+    // to it. (Returning left the mark up, and the next session, unable to tell the copy
+    // from a torn one, kept no before-resync snapshot after a replica froze under load.)
+    macro_rules! or_end {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(e) => break Err(anyhow::Error::from(e)),
+            }
+        };
+    }
     let result = loop {
         // Progress records are cheap to delay: written at most RECORD_EVERY after the
         // first unrecorded batch, measured from that batch (a timer re-armed on every
@@ -248,11 +261,11 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         }
         let deadline = record_at.unwrap_or_else(|| tokio::time::Instant::now() + RECORD_EVERY);
         let frame = tokio::select! {
-            f = recv.recv_frame() => f?,
+            f = recv.recv_frame() => or_end!(f),
             _ = tokio::time::sleep_until(deadline), if behind => {
                 record_at = None;
                 session = record(session).await?;
-                send.send_frame(&convoy_codec::encode(&session.ack())?).await?;
+                or_end!(send.send_frame(&or_end!(convoy_codec::encode(&session.ack()))).await);
                 continue;
             }
         };
@@ -267,10 +280,12 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
                 _ => break,
             }
         }
-        let msgs: Vec<ToReplica> = frames
-            .iter()
-            .map(|f| convoy_codec::decode(f))
-            .collect::<Result<_, _>>()?;
+        let msgs: Vec<ToReplica> = or_end!(
+            frames
+                .iter()
+                .map(|f| convoy_codec::decode(f))
+                .collect::<Result<_, _>>()
+        );
         let seeding = msgs
             .last()
             .is_some_and(|m| matches!(m, ToReplica::SeedByHashes { .. }));
@@ -299,12 +314,14 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
                     record_at = None;
                     session = record(session).await?;
                 }
-                send.send_frame(&convoy_codec::encode(&session.ack())?)
-                    .await?;
+                or_end!(
+                    send.send_frame(&or_end!(convoy_codec::encode(&session.ack())))
+                        .await
+                );
                 if seeding {
                     plane.set_seeding(session.cg_id, true);
-                    send.send_frame(&convoy_codec::encode(&FromReplica::SeedReady)?)
-                        .await?;
+                    let ready = or_end!(convoy_codec::encode(&FromReplica::SeedReady));
+                    or_end!(send.send_frame(&ready).await);
                 }
             }
             Err(refusal) => {
@@ -313,8 +330,8 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
                 let msg = FromReplica::Refused {
                     reason: refusal.to_string(),
                 };
-                send.send_frame(&convoy_codec::encode(&msg)?).await?;
-                send.finish()?;
+                or_end!(send.send_frame(&or_end!(convoy_codec::encode(&msg))).await);
+                or_end!(send.finish());
                 // Read on until the sender ends its half: dropping ours now would stop the
                 // sender's writes, and that error could end its session before it read the
                 // reason.
@@ -328,7 +345,9 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
     };
     plane.set_seeding(session.cg_id, false);
     // The stream ended: record progress so a reconnect resumes without re-applying.
-    if session.state.applied_seq > session.recorded {
+    if session.state.applied_seq > session.recorded
+        || session.state.may_have_applied > session.state.applied_seq
+    {
         record(session).await?;
     }
     result
