@@ -944,6 +944,58 @@ fn a_sequencer_back_from_a_crash_without_its_sync_replica_goes_on_after_the_wait
     dev.assert_no_panics();
 }
 
+/// The operator's way out of the crash pull's wait when the synchronous replica's host
+/// stays down: `cg set-mode GROUP async` (the copy no longer promises every acknowledged
+/// write) lets the sequencer go on at once with its own copy, long before the wait ends.
+#[test]
+fn an_operator_ends_the_crash_pull_wait_by_making_the_dead_replica_async() {
+    let dev = Dev::start(3, &["--crash-pull-wait-secs", "600"]);
+    wait_for("a leader", Duration::from_secs(20), || dev.leader());
+    writing_group(
+        &dev,
+        "w",
+        "wg",
+        "16MiB",
+        "sync",
+        "iops=100,size=4k,pattern=random,depth=1",
+    );
+    dev.wait_more_writes("w", 50, Duration::from_secs(30));
+    dev.kill(1);
+    dev.kill(2);
+    dev.restart(1);
+    wait_for(
+        "node 1 to wait for its synchronous replica's data",
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string(&dev.node(1).log).unwrap_or_default();
+            log.contains("convoy cg set-mode wg async").then_some(())
+        },
+    );
+    let asked = Instant::now();
+    let r = dev.cli(&["cg", "set-mode", "wg", "async", "-o", "json"]);
+    assert!(r.ok, "{r:?}");
+    // Within 60 s, where the configured wait is 600 s.
+    dev.wait_more_writes("w", 20, Duration::from_secs(60));
+    eprintln!(
+        "guest writing again {:.1} s after set-mode async",
+        asked.elapsed().as_secs_f64()
+    );
+    // The pull's own next attempt then finds no synchronous replica either.
+    let metrics = wait_for(
+        "the crash pull to end with nothing to take",
+        Duration::from_secs(10),
+        || {
+            dev.metrics(1)
+                .filter(|m| m.contains("convoy_crash_pulls_total{outcome=\"nothing\"} 1"))
+        },
+    );
+    assert!(
+        metrics.contains("convoy_crash_pulls_total{outcome=\"gave_up\"} 0"),
+        "{metrics}"
+    );
+    dev.assert_no_panics();
+}
+
 /// A size-limited tmpfs, unmounted (lazily if still in use) when dropped.
 struct Tmpfs(tempfile::TempDir);
 

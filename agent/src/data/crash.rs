@@ -15,7 +15,9 @@
 //! replica answers within [`DataConfig::crash_pull_wait`](super::DataConfig), the
 //! sequencer goes on with its own copy and says so (an error in the log and
 //! `convoy_crash_pulls_total{outcome="gave_up"}`): writes no FLUSH covered may then be
-//! lost, as without this step.
+//! lost, as without this step. An operator who knows the replica's host stays down ends
+//! the wait at once with `convoy cg set-mode GROUP async`: every attempt re-reads the
+//! model, and the next one finds no synchronous replica to take data from.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
@@ -217,7 +219,8 @@ async fn settle(
             }
             Err(e) => {
                 if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    tracing::warn!(group = %name, error = format!("{e:#}"), "back from an unclean stop: waiting for the synchronous replica's data before taking writes");
+                    let left = p.cfg.crash_pull_wait.saturating_sub(started.elapsed());
+                    tracing::warn!(group = %name, error = format!("{e:#}"), left_secs = left.as_secs(), "back from an unclean stop: waiting for the synchronous replica's data before taking writes; to go on now with this host's copy, which may lack acknowledged writes no FLUSH covered: convoy cg set-mode {name} async");
                     last_said = Some(Instant::now());
                 }
                 drop(p);
