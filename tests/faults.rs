@@ -898,13 +898,12 @@ fn stopped_source_refuses_queued_writes(strategy: &str) {
     dev.assert_no_panics();
 }
 
-/// A sequencer back from a crash waits for its synchronous replica's data
-/// (`data::crash`), but not for ever: with the replica's host down too, it goes on with
-/// its own copy once `replication.crash_pull_wait_secs` has passed, says so in
-/// `/metrics`, and its guest writes again.
-#[test]
-fn a_sequencer_back_from_a_crash_without_its_sync_replica_goes_on_after_the_wait() {
-    let dev = Dev::start(3, &["--crash-pull-wait-secs", "4"]);
+/// Group `wg` of VM `w` (node 1) writing under `sync` to node 2; then both hosts are
+/// killed and only node 1 comes back, with `--crash-pull-wait-secs wait_secs`. Returns
+/// the cluster and when the hosts went down, once Raft is seen to still call the dead
+/// replica consistent.
+fn sequencer_back_without_its_sync_replica(wait_secs: &str) -> (Dev, Instant) {
+    let dev = Dev::start(3, &["--crash-pull-wait-secs", wait_secs]);
     wait_for("a leader", Duration::from_secs(20), || dev.leader());
     writing_group(
         &dev,
@@ -915,7 +914,6 @@ fn a_sequencer_back_from_a_crash_without_its_sync_replica_goes_on_after_the_wait
         "iops=100,size=4k,pattern=random,depth=1",
     );
     dev.wait_more_writes("w", 50, Duration::from_secs(30));
-
     // The sequencer first, then its replica: no write in between could mark the link
     // outdated, so Raft still calls the dead replica consistent.
     dev.kill(1);
@@ -927,6 +925,16 @@ fn a_sequencer_back_from_a_crash_without_its_sync_replica_goes_on_after_the_wait
         r.ok.then(|| r.json()["replicas"][0]["state"].clone())
     });
     assert_eq!(link, "consistent", "the test needs a consistent sync link");
+    (dev, down)
+}
+
+/// A sequencer back from a crash waits for its synchronous replica's data
+/// (`data::crash`), but not for ever: with the replica's host down too, it goes on with
+/// its own copy once `replication.crash_pull_wait_secs` has passed, says so in
+/// `/metrics`, and its guest writes again.
+#[test]
+fn a_sequencer_back_from_a_crash_without_its_sync_replica_goes_on_after_the_wait() {
+    let (dev, down) = sequencer_back_without_its_sync_replica("4");
     dev.wait_more_writes("w", 20, Duration::from_secs(60));
     eprintln!(
         "guest writing again {:.1} s after the crash",
@@ -949,20 +957,7 @@ fn a_sequencer_back_from_a_crash_without_its_sync_replica_goes_on_after_the_wait
 /// write) lets the sequencer go on at once with its own copy, long before the wait ends.
 #[test]
 fn an_operator_ends_the_crash_pull_wait_by_making_the_dead_replica_async() {
-    let dev = Dev::start(3, &["--crash-pull-wait-secs", "600"]);
-    wait_for("a leader", Duration::from_secs(20), || dev.leader());
-    writing_group(
-        &dev,
-        "w",
-        "wg",
-        "16MiB",
-        "sync",
-        "iops=100,size=4k,pattern=random,depth=1",
-    );
-    dev.wait_more_writes("w", 50, Duration::from_secs(30));
-    dev.kill(1);
-    dev.kill(2);
-    dev.restart(1);
+    let (dev, _) = sequencer_back_without_its_sync_replica("600");
     wait_for(
         "node 1 to wait for its synchronous replica's data",
         Duration::from_secs(30),
