@@ -92,13 +92,22 @@ fn refuse_metric(r: &Refusal) {
     crate::metrics::replica_refused(kind);
 }
 
+/// Sends one message to the sequencer.
+async fn send_msg(
+    send: &mut convoy_transport::FramedSend,
+    msg: &(impl serde::Serialize + ?Sized),
+) -> anyhow::Result<()> {
+    send.send_frame(&convoy_codec::encode(msg)?).await?;
+    Ok(())
+}
+
 /// Sends the hello's refusal and finishes the stream, so the sender reads the reason:
 /// a stream dropped unfinished is reset, and a reset discards what was not read yet.
 async fn end_with_refusal(
     send: &mut convoy_transport::FramedSend,
     msg: &HelloReply,
 ) -> anyhow::Result<()> {
-    send.send_frame(&convoy_codec::encode(msg)?).await?;
+    send_msg(send, msg).await?;
     send.finish()?;
     Ok(())
 }
@@ -234,7 +243,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
         consistent: session.state.consistent,
         holds_data: holds_data || session.state.applied_seq > 0,
     };
-    send.send_frame(&convoy_codec::encode(&accept)?).await?;
+    send_msg(&mut send, &accept).await?;
     tracing::info!(cg = %role.cg, sequencer = peer, applied = session.state.applied_seq, consistent = session.state.consistent, holds_data, "replication stream accepted");
 
     let mut record_at: Option<tokio::time::Instant> = None;
@@ -265,7 +274,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
             _ = tokio::time::sleep_until(deadline), if behind => {
                 record_at = None;
                 session = record(session).await?;
-                or_end!(send.send_frame(&or_end!(convoy_codec::encode(&session.ack()))).await);
+                or_end!(send_msg(&mut send, &session.ack()).await);
                 continue;
             }
         };
@@ -314,14 +323,10 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
                     record_at = None;
                     session = record(session).await?;
                 }
-                or_end!(
-                    send.send_frame(&or_end!(convoy_codec::encode(&session.ack())))
-                        .await
-                );
+                or_end!(send_msg(&mut send, &session.ack()).await);
                 if seeding {
                     plane.set_seeding(session.cg_id, true);
-                    let ready = or_end!(convoy_codec::encode(&FromReplica::SeedReady));
-                    or_end!(send.send_frame(&ready).await);
+                    or_end!(send_msg(&mut send, &FromReplica::SeedReady).await);
                 }
             }
             Err(refusal) => {
@@ -330,7 +335,7 @@ pub async fn serve(stream: InboundStream, plane: Arc<DataPlane>) -> anyhow::Resu
                 let msg = FromReplica::Refused {
                     reason: refusal.to_string(),
                 };
-                or_end!(send.send_frame(&or_end!(convoy_codec::encode(&msg))).await);
+                or_end!(send_msg(&mut send, &msg).await);
                 or_end!(send.finish());
                 // Read on until the sender ends its half: dropping ours now would stop the
                 // sender's writes, and that error could end its session before it read the
