@@ -318,17 +318,22 @@ pub async fn run(cluster: Arc<Cluster>, shared: Arc<Migrations>) {
                 ..Observations::default()
             };
             if acting {
-                if let Ok(links) = provider.link_status(&m.cg).await {
-                    shared.update(id, |l| l.link = links.get(&m.to).copied());
-                    obs.links = links;
-                }
                 let vms: Vec<String> = model
                     .cgs
                     .get(&m.cg)
                     .map(|c| c.vms.clone())
                     .unwrap_or_default();
-                for vm in vms {
-                    let mut state = provider.state(&vm).await;
+                // Asked together: each may be a request to another host, and a step waits
+                // for all of them (while a guest is paused for its switchover, too).
+                let (links, states) = tokio::join!(
+                    provider.link_status(&m.cg),
+                    futures::future::join_all(vms.iter().map(|vm| provider.state(vm)))
+                );
+                if let Ok(links) = links {
+                    shared.update(id, |l| l.link = links.get(&m.to).copied());
+                    obs.links = links;
+                }
+                for (vm, mut state) in vms.into_iter().zip(states) {
                     // A QEMU guest on a host that does not answer may still run there:
                     // within the grace it counts as running (the engine waits to pause it)
                     // and its host as up.

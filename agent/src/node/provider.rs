@@ -48,13 +48,20 @@ impl Cluster {
     /// coordinated under its claim, in its phase.
     async fn guard_holds(&self, guard: &Guard) -> Result<bool, ServiceError> {
         self.read_barrier().await?;
-        Ok(self.model.read(|m| {
+        Ok(self.guard_holds_here(guard))
+    }
+
+    /// [`Self::guard_holds`] on this node's applied model, without the read barrier's
+    /// round to the leader. Only for checks that merely save work: what a stale
+    /// coordinator asks next is a guarded command the model refuses.
+    fn guard_holds_here(&self, guard: &Guard) -> bool {
+        self.model.read(|m| {
             m.migrations.get(&guard.migration).is_some_and(|mig| {
                 mig.decision.is_none()
                     && mig.claim.number == guard.claim
                     && mig.phase == guard.phase
             })
-        }))
+        })
     }
 
     fn cg_id_of(&self, cg: &str) -> Result<u64, StorageError> {
@@ -417,8 +424,11 @@ impl Cluster {
                     return Err(HypervisorError::Failed(format!("{e:#}")));
                 }
                 // The memory copy took a while: a coordinator that lost its claim
-                // meanwhile must not leave the guest paused.
-                if !self.guard_holds(&guard).await.unwrap_or(false) {
+                // meanwhile must not leave the guest paused. Checked on this node's model,
+                // not through a read barrier, because the guest is paused now: a claim
+                // lost but not yet applied here is caught all the same, as the stale
+                // coordinator's move is refused and its successor resumes the guest here.
+                if !self.guard_holds_here(&guard) {
                     qemu.cancel_out(&vm).await;
                     abort_incoming().await;
                     return Err(HypervisorError::Stale(vm));
