@@ -971,6 +971,18 @@ fn a_guest_that_moved_before_an_abort_comes_back_live_and_its_group_fails_back()
     });
     let moved = moved.unwrap();
     let stayed = VMS.into_iter().find(|vm| *vm != moved).unwrap();
+    // At 8 MiB/s what the guest dirties per pass cannot fit the first limit (30 ms): the
+    // source raised it pass by pass until the memory converged.
+    let log = std::fs::read_to_string(&dev.node(1).log).unwrap_or_default();
+    let raised: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("downtime limit raised"))
+        .map(without_colours)
+        .collect();
+    assert!(
+        raised.iter().any(|l| l.contains("downtime_limit_ms=60")),
+        "node 1 raised: {raised:?}"
+    );
     // It writes on node 2 before the abort (the second guest's memory copy takes seconds
     // at 8 MiB/s): aborted at once, under load it was moved back before it wrote there.
     let on2 = wait_writes(

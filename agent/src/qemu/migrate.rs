@@ -85,8 +85,10 @@ pub struct QemuMigrationStats {
 /// QEMU's migration parameters (from the source host's `[qemu]` configuration).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct MigrationParams {
-    /// QEMU's `downtime-limit`, ms.
+    /// QEMU's `downtime-limit`, ms: the most it is raised to.
     pub downtime_limit_ms: u64,
+    /// QEMU's first `downtime-limit`, ms (see [`MigrationParams::next_downtime_limit`]).
+    pub downtime_start_ms: u64,
     /// QEMU's `max-bandwidth`, bytes/s (0: QEMU's default).
     pub max_bandwidth: u64,
     /// QEMU's `auto-converge` capability.
@@ -94,10 +96,25 @@ pub struct MigrationParams {
 }
 
 impl MigrationParams {
+    /// The `downtime-limit` QEMU starts with: the start, or the limit if that is lower.
+    pub fn first_downtime_limit(&self) -> u64 {
+        self.downtime_start_ms.min(self.downtime_limit_ms).max(1)
+    }
+
+    /// The `downtime-limit` after a pass over the memory ended without converging at
+    /// `current`: twice as long, up to the limit.
+    pub fn next_downtime_limit(&self, current: u64) -> u64 {
+        current
+            .saturating_mul(2)
+            .min(self.downtime_limit_ms)
+            .max(current)
+    }
+
     /// These parameters with a migration's own settings in place of the host's.
     pub fn with(self, live: &LiveSettings) -> Self {
         MigrationParams {
             downtime_limit_ms: live.downtime_limit_ms.unwrap_or(self.downtime_limit_ms),
+            downtime_start_ms: self.downtime_start_ms,
             max_bandwidth: live
                 .max_bandwidth_mib
                 .map_or(self.max_bandwidth, |mib| mib << 20),
@@ -259,6 +276,7 @@ impl QemuHost {
             vm,
             to,
             downtime_limit_ms = params.downtime_limit_ms,
+            downtime_start_ms = params.first_downtime_limit(),
             max_bandwidth = params.max_bandwidth,
             auto_converge = params.auto_converge,
             "live migration parameters"
@@ -300,7 +318,8 @@ impl QemuHost {
         ]});
         m.execute("migrate-set-capabilities", Some(capabilities), QMP_TIMEOUT)
             .await?;
-        let mut parameters = json!({ "downtime-limit": params.downtime_limit_ms });
+        let mut downtime_limit = params.first_downtime_limit();
+        let mut parameters = json!({ "downtime-limit": downtime_limit });
         if params.max_bandwidth > 0 {
             parameters["max-bandwidth"] = json!(params.max_bandwidth);
         }
@@ -342,10 +361,37 @@ impl QemuHost {
             return Err(e.into());
         }
         let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        // QEMU syncs its dirty bitmap once at the start, then whenever the pages left of a
+        // pass fit the limit, and right after such a sync decides whether the rest does: a
+        // sync seen with the migration still active is a pass that did not converge.
+        let mut syncs_seen = 1;
         loop {
             // Watched before asking, so an event between the answer and the wait wakes it.
             let mut events = m.events();
             let info = m.execute("query-migrate", None, QMP_TIMEOUT).await?;
+            let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+            if syncs > syncs_seen && info["status"] == "active" {
+                // Another pass began: the last one did not converge at this limit (a raise
+                // that races QEMU's decision only applies to the next one).
+                syncs_seen = syncs;
+                let next = params.next_downtime_limit(downtime_limit);
+                if next != downtime_limit {
+                    downtime_limit = next;
+                    m.execute(
+                        "migrate-set-parameters",
+                        Some(json!({ "downtime-limit": downtime_limit })),
+                        QMP_TIMEOUT,
+                    )
+                    .await?;
+                    tracing::info!(
+                        vm,
+                        to,
+                        passes = syncs - 1,
+                        downtime_limit_ms = downtime_limit,
+                        "the guest's memory has not converged yet: downtime limit raised"
+                    );
+                }
+            }
             match info["status"].as_str().unwrap_or("") {
                 "pre-switchover" => return Ok(()),
                 s @ ("failed" | "cancelled" | "cancelling") => {
@@ -609,4 +655,35 @@ async fn pipe(unix: UnixStream, mut send: FramedSend, mut recv: FramedRecv) -> (
         total
     };
     tokio::join!(outbound, inbound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(start: u64, limit: u64) -> MigrationParams {
+        MigrationParams {
+            downtime_limit_ms: limit,
+            downtime_start_ms: start,
+            max_bandwidth: 0,
+            auto_converge: true,
+        }
+    }
+
+    #[test]
+    fn the_downtime_limit_starts_low_and_doubles_up_to_the_limit_per_unconverged_pass() {
+        let p = params(30, 300);
+        let mut steps = vec![p.first_downtime_limit()];
+        for _ in 0..6 {
+            steps.push(p.next_downtime_limit(*steps.last().unwrap()));
+        }
+        assert_eq!(steps, [30, 60, 120, 240, 300, 300, 300]);
+        // A migration's own limit below the start is used from the first pass on.
+        let low = params(30, 20);
+        assert_eq!(low.first_downtime_limit(), 20);
+        assert_eq!(low.next_downtime_limit(20), 20);
+        // A start of 0 still starts somewhere and rises.
+        assert_eq!(params(0, 300).first_downtime_limit(), 1);
+        assert_eq!(params(0, 300).next_downtime_limit(1), 2);
+    }
 }
