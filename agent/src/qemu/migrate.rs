@@ -371,11 +371,13 @@ impl QemuHost {
             let info = m.execute("query-migrate", None, QMP_TIMEOUT).await?;
             let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
             if syncs > syncs_seen && info["status"] == "active" {
-                // Another pass began: the last one did not converge at this limit (a raise
-                // that races QEMU's decision only applies to the next one).
                 syncs_seen = syncs;
+                // The guest still runs after the sync: another pass began, as the last one
+                // did not converge at this limit. (A guest stopping is QEMU converging; a
+                // raise that races that decision only applies to a next one.)
+                let running = m.query_status(QMP_TIMEOUT).await?.running;
                 let next = params.next_downtime_limit(downtime_limit);
-                if next != downtime_limit {
+                if running && next != downtime_limit {
                     downtime_limit = next;
                     m.execute(
                         "migrate-set-parameters",
