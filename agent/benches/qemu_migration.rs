@@ -7,8 +7,9 @@
 //! except the downtime limit: Convoy's first one (30 ms), which Convoy raises only for a
 //! pass that does not converge, so both aim for the same pause. Then Convoy, on a 2-node
 //! `convoy dev` cluster with the guest's disk replicated (async) to node 2: `vm move` there
-//! and back, and `migrate start` with each strategy, alternating direction. Per method it prints QEMU's
-//! downtime (Convoy: the stun in the migration's report, which is QEMU's downtime) and the
+//! and back, and `migrate start` with each strategy, alternating direction. Per method it
+//! prints QEMU's downtime (Convoy: the stun in the migration's report, which is QEMU's
+//! downtime) and the
 //! total time (QEMU's `total-time`; for `migrate start`, start to decision from the
 //! migration record), and both against the baseline. Targets (printed, not asserted):
 //! downtime within 20 ms of plain QEMU's; total within 1.5x plus the time to move the disk

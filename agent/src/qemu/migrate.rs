@@ -370,14 +370,13 @@ impl QemuHost {
             let mut events = m.events();
             let info = m.execute("query-migrate", None, QMP_TIMEOUT).await?;
             let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
-            if syncs > syncs_seen && info["status"] == "active" {
+            let next = params.next_downtime_limit(downtime_limit);
+            if syncs > syncs_seen && info["status"] == "active" && next != downtime_limit {
                 syncs_seen = syncs;
                 // The guest still runs after the sync: another pass began, as the last one
                 // did not converge at this limit. (A guest stopping is QEMU converging; a
                 // raise that races that decision only applies to a next one.)
-                let running = m.query_status(QMP_TIMEOUT).await?.running;
-                let next = params.next_downtime_limit(downtime_limit);
-                if running && next != downtime_limit {
+                if m.query_status(QMP_TIMEOUT).await?.running {
                     downtime_limit = next;
                     m.execute(
                         "migrate-set-parameters",
