@@ -40,11 +40,15 @@ pub enum StreamKind {
     /// A QEMU guest's live-migration stream (memory and device state), piped between the
     /// source's and the destination's QEMU.
     QemuMigration = 8,
+    /// A QEMU guest's live-migration stream whose receiver acknowledges the bytes it has
+    /// handed to the arriving QEMU, so that the sender keeps only a bounded amount in
+    /// flight (what is in flight when the guest pauses lengthens the pause).
+    QemuMigrationAcked = 9,
 }
 
 impl StreamKind {
     /// Every kind, in wire-value order.
-    pub const ALL: [StreamKind; 8] = [
+    pub const ALL: [StreamKind; 9] = [
         StreamKind::RaftAppend,
         StreamKind::RaftVote,
         StreamKind::RaftSnapshot,
@@ -53,6 +57,7 @@ impl StreamKind {
         StreamKind::Delta,
         StreamKind::Mirror,
         StreamKind::QemuMigration,
+        StreamKind::QemuMigrationAcked,
     ];
 
     /// The wire value of this kind.
@@ -77,6 +82,7 @@ impl fmt::Display for StreamKind {
             StreamKind::Delta => "delta",
             StreamKind::Mirror => "mirror",
             StreamKind::QemuMigration => "qemu-migration",
+            StreamKind::QemuMigrationAcked => "qemu-migration-acked",
         })
     }
 }
@@ -464,7 +470,8 @@ mod tests {
         assert_eq!(StreamKind::Delta.as_u8(), 6);
         assert_eq!(StreamKind::Mirror.as_u8(), 7);
         assert_eq!(StreamKind::QemuMigration.as_u8(), 8);
-        for b in [0u8, 9, 99, 255] {
+        assert_eq!(StreamKind::QemuMigrationAcked.as_u8(), 9);
+        for b in [0u8, 10, 99, 255] {
             assert_eq!(StreamKind::from_u8(b), None);
         }
     }

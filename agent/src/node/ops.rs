@@ -11,6 +11,7 @@ use convoy_raft::{Command, Outcome};
 use super::rpc::{LocalRequest, LocalResponse};
 use super::service::{Cluster, ServiceError};
 use crate::data::handover::HandOverReport;
+use crate::qemu::migrate::{SwitchoverReport, guest_pause_ms};
 
 /// What moving a VM did.
 #[derive(Clone, Debug)]
@@ -300,7 +301,23 @@ impl Cluster {
             None => true,
         };
         let at_epochs = disks.iter().map(|d| (d.id, d.epoch)).collect();
-        let switched = async {
+        // The source sent the guest's last state when it paused (it answers once all is
+        // sent); the destination resumes the arrived guest once its exports are at the new
+        // epochs.
+        let source = async {
+            match self
+                .local(from, LocalRequest::QemuSwitchover { vm: name.clone() })
+                .await?
+            {
+                LocalResponse::QemuSwitchedOver(report) => Ok(report),
+                LocalResponse::QemuMigrated(stats) => Ok(SwitchoverReport {
+                    stats,
+                    paused_at_unix_us: None,
+                }),
+                other => Err(unexpected("a switchover", other)),
+            }
+        };
+        let destination = async {
             match self
                 .local(to, LocalRequest::QemuExportsReady { disks: at_epochs })
                 .await?
@@ -308,20 +325,32 @@ impl Cluster {
                 LocalResponse::Done => {}
                 other => return Err(unexpected("an export wait", other)),
             }
-            let stats = match self
-                .local(from, LocalRequest::QemuSwitchover { vm: name.clone() })
-                .await?
-            {
-                LocalResponse::QemuMigrated(stats) => stats,
-                other => return Err(unexpected("a switchover", other)),
-            };
             match self
                 .local(to, LocalRequest::QemuFinishIncoming { vm: name.clone() })
                 .await?
             {
-                LocalResponse::Done => Ok(stats),
+                LocalResponse::QemuResumed {
+                    waited_ms,
+                    resumed_at_unix_us,
+                } => Ok((waited_ms, resumed_at_unix_us)),
                 other => Err(unexpected("a migration's end", other)),
             }
+        };
+        let switched = async {
+            let (report, resumed) = tokio::join!(source, destination);
+            let (report, (waited_ms, resumed_at)) = (report?, resumed?);
+            // QEMU's downtime ends when the source has sent everything; the guest's pause
+            // lasts until it runs on `to`.
+            let mut stats = report.stats;
+            let pause = guest_pause_ms(
+                stats.downtime_ms,
+                waited_ms,
+                report.paused_at_unix_us,
+                resumed_at,
+            );
+            stats.total_ms += pause - stats.downtime_ms;
+            stats.downtime_ms = pause;
+            Ok::<_, ServiceError>(stats)
         };
         let stats = match switched.await {
             Ok(stats) => stats,

@@ -21,7 +21,7 @@ use convoy_raft::model::{DiskId, DiskRoots, LinkState, LiveMove, NodeId, Sequenc
 use super::rpc::{LocalRequest, LocalResponse};
 use super::service::{Cluster, ServiceError};
 use crate::data::handover::HandOverError;
-use crate::qemu::migrate::Role;
+use crate::qemu::migrate::{Role, SwitchoverReport, guest_pause_ms};
 
 /// How long a resumed guest may take to start on its host.
 const RESUME_WAIT: Duration = Duration::from_secs(15);
@@ -433,6 +433,13 @@ impl Cluster {
                     abort_incoming().await;
                     return Err(HypervisorError::Stale(vm));
                 }
+                // The device state and last pages travel while the coordinator does the
+                // storage step; the destination resumes the guest only after it.
+                if let Err(e) = qemu.begin_switchover(&vm).await {
+                    qemu.cancel_out(&vm).await;
+                    abort_incoming().await;
+                    return Err(HypervisorError::Failed(format!("{e:#}")));
+                }
                 Ok(HypervisorReply::Drained)
             }
             HypervisorOp::Resume { vm, host, guard } => {
@@ -456,42 +463,105 @@ impl Cluster {
                 })?;
                 match qemu.role(&vm).await {
                     Some(Role::Incoming { from, .. }) => {
-                        let deadline = Instant::now() + Duration::from_secs(10);
-                        while !plane.exported_at(&disks) {
-                            if Instant::now() > deadline {
-                                return Err(HypervisorError::Failed(format!(
-                                    "node {}'s exports did not reach VM {vm}'s new epochs",
-                                    self.id
-                                )));
-                            }
-                            tokio::time::sleep(Duration::from_millis(2)).await;
-                        }
-                        let switchover = LocalRequest::QemuSwitchover { vm: vm.clone() };
-                        let stats = match Box::pin(self.local(from, switchover)).await {
-                            Ok(LocalResponse::QemuMigrated(stats)) => stats,
-                            other => {
-                                // The source's QEMU quit (its disks are fenced): the guest
-                                // starts afresh here from its disks, as after a host loss.
-                                qemu.abort_incoming(&vm).await;
-                                return Err(HypervisorError::Failed(format!(
-                                    "VM {vm}'s switchover failed ({other:?}); it restarts on node {} from its disks",
-                                    self.id
-                                )));
+                        // The source sent the guest's last state when it paused; it
+                        // answers once all is sent, then quits its QEMU (a failed transfer
+                        // leaves it fenced: it quits all the same).
+                        let switchover = async {
+                            let req = LocalRequest::QemuSwitchover { vm: vm.clone() };
+                            match Box::pin(self.local(from, req)).await {
+                                Ok(LocalResponse::QemuSwitchedOver(report)) => Ok(report),
+                                Ok(LocalResponse::QemuMigrated(stats)) => Ok(SwitchoverReport {
+                                    stats,
+                                    paused_at_unix_us: None,
+                                }),
+                                other => Err(format!("{other:?}")),
                             }
                         };
-                        qemu.finish_incoming(&vm, RESUME_WAIT)
-                            .await
-                            .map_err(|e| HypervisorError::Failed(format!("{e:#}")))?;
+                        // The arrived guest runs once its disks are exported here at their
+                        // new epochs.
+                        let arrival = async {
+                            let exported = async {
+                                let deadline = Instant::now() + Duration::from_secs(10);
+                                while !plane.exported_at(&disks) {
+                                    if Instant::now() > deadline {
+                                        return false;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                }
+                                true
+                            };
+                            let (exported, arrived) =
+                                tokio::join!(exported, qemu.wait_arrived(&vm, RESUME_WAIT));
+                            let arrived = arrived.map_err(|e| (true, format!("{e:#}")))?;
+                            if !exported {
+                                return Err((
+                                    false,
+                                    format!(
+                                        "node {}'s exports did not reach VM {vm}'s new epochs",
+                                        self.id
+                                    ),
+                                ));
+                            }
+                            let resumed_at = qemu
+                                .resume_arrived(&vm)
+                                .await
+                                .map_err(|e| (false, format!("{e:#}")))?;
+                            Ok((arrived.elapsed(), resumed_at))
+                        };
+                        let (stats, waited) = tokio::join!(switchover, arrival);
+                        let (waited, resumed_at) = match waited {
+                            Ok(resumed) => resumed,
+                            Err((true, why)) => {
+                                // The guest's state did not arrive, and the source's QEMU
+                                // quit (its disks are fenced): the guest starts afresh
+                                // here from its disks, as after a host loss.
+                                qemu.abort_incoming(&vm).await;
+                                return Err(HypervisorError::Failed(format!(
+                                    "VM {vm}'s switchover failed ({why}; the source said {:?}); it restarts on node {} from its disks",
+                                    stats.err(),
+                                    self.id
+                                )));
+                            }
+                            Err((false, why)) => return Err(HypervisorError::Failed(why)),
+                        };
                         let ids: Vec<u64> = disks.iter().map(|(d, _)| *d).collect();
                         plane.seal_exports(&ids);
+                        let report = match stats {
+                            Ok(report) => report,
+                            Err(why) => {
+                                // The guest runs here; only its figures are lost (a retried
+                                // resume finds the source's QEMU gone).
+                                tracing::warn!(
+                                    vm,
+                                    from,
+                                    why,
+                                    "the guest arrived but its source did not report the migration's figures"
+                                );
+                                return Ok(HypervisorReply::Resumed { stun_ms: None });
+                            }
+                        };
+                        // QEMU's downtime ends when the source has sent everything; the
+                        // guest's pause lasts until it runs here.
+                        let mut stats = report.stats;
+                        let waited_ms = (waited.as_micros() as u64).div_ceil(1000);
+                        let pause = guest_pause_ms(
+                            stats.downtime_ms,
+                            waited_ms,
+                            report.paused_at_unix_us,
+                            resumed_at,
+                        );
                         tracing::info!(
                             vm,
                             from,
-                            downtime_ms = stats.downtime_ms,
+                            paused_ms = pause,
+                            qemu_downtime_ms = stats.downtime_ms,
+                            waited_here_ms = waited_ms,
                             total_ms = stats.total_ms,
                             ram_bytes = stats.ram_bytes,
                             "QEMU guest arrived by live migration"
                         );
+                        stats.total_ms += pause - stats.downtime_ms;
+                        stats.downtime_ms = pause;
                         // For the migration's report only: a record that does not land
                         // changes nothing else.
                         let record = Command::RecordLiveMove {

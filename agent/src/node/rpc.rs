@@ -228,7 +228,8 @@ pub enum LocalRequest {
         /// (disk, epoch).
         disks: Vec<(u64, u64)>,
     },
-    /// Wait until an arrived guest runs here.
+    /// Wait until an arriving guest has all its state, then resume it here (its disks'
+    /// exports must be at their new epochs: [`LocalRequest::QemuExportsReady`]).
     QemuFinishIncoming {
         /// VM name.
         vm: String,
@@ -352,6 +353,16 @@ pub enum LocalResponse {
     },
     /// Bytes a [`LocalRequest::LinkProbe`] carried.
     LinkProbed(u64),
+    /// An arrived QEMU guest runs here.
+    QemuResumed {
+        /// From its arrival to its resume, ms.
+        waited_ms: u64,
+        /// When it resumed, microseconds since the Unix epoch (this host's clock).
+        resumed_at_unix_us: u64,
+    },
+    /// What the source of a QEMU live migration reports of its switchover (agents before
+    /// this one answered [`LocalResponse::QemuMigrated`]).
+    QemuSwitchedOver(crate::qemu::migrate::SwitchoverReport),
 }
 
 /// The leader's answer.
@@ -409,7 +420,10 @@ pub async fn serve_inbound(mut inbound: Inbound, cluster: Arc<Cluster>) {
             }
             continue;
         }
-        if stream.kind == StreamKind::QemuMigration {
+        if matches!(
+            stream.kind,
+            StreamKind::QemuMigration | StreamKind::QemuMigrationAcked
+        ) {
             match cluster.qemu.get().cloned() {
                 Some(qemu) => {
                     tokio::spawn(async move { qemu.serve_stream(stream).await });

@@ -1098,15 +1098,20 @@ impl Cluster {
                 qemu.migrate_out(&vm, to, &self.endpoint, addr, &live)
                     .await
                     .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
+                // The device state travels while the coordinator commits the move.
+                if let Err(e) = qemu.begin_switchover(&vm).await {
+                    qemu.cancel_out(&vm).await;
+                    return Err(ServiceError::Conflict(format!("{e:#}")));
+                }
                 LocalResponse::Done
             }
             LocalRequest::QemuSwitchover { vm } => {
-                let stats = self
+                let report = self
                     .qemu_here()?
                     .switchover(&vm)
                     .await
                     .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
-                LocalResponse::QemuMigrated(stats)
+                LocalResponse::QemuSwitchedOver(report)
             }
             LocalRequest::QemuCancelOut { vm } => {
                 self.qemu_here()?.cancel_out(&vm).await;
@@ -1126,7 +1131,8 @@ impl Cluster {
                 LocalResponse::Done
             }
             LocalRequest::QemuFinishIncoming { vm } => {
-                self.qemu_here()?
+                let (waited, resumed_at_unix_us) = self
+                    .qemu_here()?
                     .finish_incoming(&vm, Duration::from_secs(30))
                     .await
                     .map_err(|e| ServiceError::Conflict(format!("{e:#}")))?;
@@ -1137,7 +1143,10 @@ impl Cluster {
                         .unwrap_or_default()
                 });
                 plane.seal_exports(&disks);
-                LocalResponse::Done
+                LocalResponse::QemuResumed {
+                    waited_ms: (waited.as_micros() as u64).div_ceil(1000),
+                    resumed_at_unix_us,
+                }
             }
             LocalRequest::QemuAbortIncoming { vm, disks } => {
                 self.qemu_here()?.abort_incoming(&vm).await;

@@ -8,12 +8,22 @@
 //!
 //! The source runs with QEMU's `pause-before-switchover`: when the memory has converged,
 //! QEMU stops the guest (draining and flushing its disk requests) and waits in
-//! `pre-switchover`. [`QemuHost::migrate_out`] returns there; the caller does the storage
-//! step (the VM's move commits, its epochs fence the source) and then calls
-//! [`QemuHost::switchover`], which sends `migrate-continue`: the device state follows and
-//! the guest resumes on the destination. Before the switchover, [`QemuHost::cancel_out`]
-//! resumes the guest on the source and [`QemuHost::abort_incoming`] removes the waiting
-//! destination QEMU: the guest never runs on two hosts.
+//! `pre-switchover`. [`QemuHost::migrate_out`] returns there, and
+//! [`QemuHost::begin_switchover`] lets the device state and last pages follow while the
+//! caller does the storage step (the VM's move commits, its epochs fence the source). The
+//! destination QEMU runs with `-S` and `late-block-activate`: the arrived guest waits
+//! paused, its disks untouched, until [`QemuHost::finish_incoming`] (or
+//! [`QemuHost::resume_arrived`]) resumes it once its exports are at the new epochs;
+//! [`QemuHost::switchover`] collects the source's figures and quits its QEMU. Until the
+//! destination resumes the guest, [`QemuHost::cancel_out`] resumes it on the source (also
+//! after a completed transfer: QEMU re-activates the disks on `cont`) and
+//! [`QemuHost::abort_incoming`] removes the destination QEMU: the guest never runs on two
+//! hosts. The guest's downtime is measured from its pause on the source to its resume on
+//! the destination ([`guest_pause_ms`]).
+//!
+//! The relay acknowledges what it hands to the arriving QEMU and the source keeps at most
+//! `RELAY_WINDOW` (2 MiB) beyond that in flight, so QEMU sizes the paused part by the rate the
+//! stream really delivers.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,7 +49,13 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the switchover (device state, final pages) may take.
 const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes read from QEMU per frame.
-const PIPE_CHUNK: usize = 256 * 1024;
+const PIPE_CHUNK: usize = 64 * 1024;
+/// Bytes the source's relay sends beyond what the destination has handed to its QEMU.
+/// QEMU sizes the last part of the migration, sent with the guest paused, by the rate it
+/// can write at: a relay that buffered more would let it write faster than the stream
+/// delivers, and the backlog would drain during the pause (20-60 ms were seen with the
+/// stream's 16 MiB window). A few frames keep the stream busy.
+const RELAY_WINDOW: u64 = 2 * 1024 * 1024;
 
 /// A QEMU's part in a live migration.
 #[derive(Clone, Debug)]
@@ -80,6 +96,49 @@ pub struct QemuMigrationStats {
     pub total_ms: u64,
     /// Guest memory bytes sent.
     pub ram_bytes: u64,
+}
+
+/// What the source reports of a switchover.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverReport {
+    /// QEMU's figures.
+    pub stats: QemuMigrationStats,
+    /// When QEMU paused the guest here (its `STOP` event's stamp: wall clock, microseconds
+    /// since the Unix epoch), if seen.
+    pub paused_at_unix_us: Option<u64>,
+}
+
+/// How far apart two hosts' clocks may seem before [`guest_pause_ms`] stops trusting them.
+const CLOCKS_TRUSTED_MS: u64 = 10_000;
+
+/// How long a migrated guest was paused, ms: from its pause on the source to its resume
+/// on the destination by the two hosts' wall clocks (as libvirt measures downtime), which
+/// counts the stream's tail in the agents' relay and the destination's loading of it.
+/// Never less than what is known without comparing clocks, QEMU's downtime on the source
+/// (up to the source's last byte) plus the arrived guest's wait at the destination; that
+/// figure alone when the clocks disagree (the pause would be shorter than it, or longer
+/// by more than `CLOCKS_TRUSTED_MS`, 10 s).
+pub fn guest_pause_ms(
+    qemu_downtime_ms: u64,
+    waited_ms: u64,
+    paused_at_unix_us: Option<u64>,
+    resumed_at_unix_us: u64,
+) -> u64 {
+    let known = qemu_downtime_ms.saturating_add(waited_ms);
+    let by_clocks = paused_at_unix_us
+        .and_then(|paused| resumed_at_unix_us.checked_sub(paused))
+        .map(|us| us.div_ceil(1000));
+    match by_clocks {
+        Some(ms) if ms >= known && ms - known <= CLOCKS_TRUSTED_MS => ms,
+        _ => known,
+    }
+}
+
+/// Microseconds since the Unix epoch, by this host's clock.
+pub fn unix_now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// QEMU's migration parameters (from the source host's `[qemu]` configuration).
@@ -191,6 +250,15 @@ impl QemuHost {
         let _ = std::fs::remove_file(&socket);
         let listen = async {
             let m = monitor.context("the arriving QEMU's QMP socket did not answer")?;
+            // `late-block-activate`: the arrived QEMU leaves its disks alone until `cont`,
+            // so nothing touches them before their new epochs are exported here. `events`:
+            // its MIGRATION event says when the guest has arrived.
+            let capabilities = json!({ "capabilities": [
+                { "capability": "late-block-activate", "state": true },
+                { "capability": "events", "state": true },
+            ]});
+            m.execute("migrate-set-capabilities", Some(capabilities), QMP_TIMEOUT)
+                .await?;
             m.execute(
                 "migrate-incoming",
                 Some(json!({ "uri": format!("unix:{}", socket.display()) })),
@@ -250,7 +318,12 @@ impl QemuHost {
                 return;
             }
         };
-        let (sent, received) = pipe(unix, stream.send, stream.recv).await;
+        let (sent, received) = if stream.kind == StreamKind::QemuMigrationAcked {
+            (0, relay_in(unix, stream.send, stream.recv).await)
+        } else {
+            // An agent before acknowledged streams: QEMU's bytes both ways, unpaced.
+            pipe(unix, stream.send, stream.recv).await
+        };
         tracing::info!(
             vm = header.vm,
             peer,
@@ -330,7 +403,7 @@ impl QemuHost {
         let listener = UnixListener::bind(&socket)
             .with_context(|| format!("cannot listen on {}", socket.display()))?;
         let (send, recv) = endpoint
-            .open_stream(to, addr, StreamKind::QemuMigration)
+            .open_stream(to, addr, StreamKind::QemuMigrationAcked)
             .await
             .with_context(|| format!("cannot open a migration stream to node {to}"))?;
         let vm_name = vm.to_string();
@@ -344,8 +417,8 @@ impl QemuHost {
                 vm: vm_name.clone(),
             })?;
             send.send_frame(&header).await?;
-            let (sent, received) = pipe(unix, send, recv).await;
-            tracing::info!(vm = vm_name, to, sent, received, "migration stream ended");
+            let sent = relay_out(unix, send, recv).await;
+            tracing::info!(vm = vm_name, to, sent, "migration stream ended");
             anyhow::Ok(())
         });
         let started = m
@@ -442,11 +515,82 @@ impl QemuHost {
         tracing::info!(vm, "live migration cancelled; the guest runs here");
     }
 
-    /// Completes a migration paused by [`Self::migrate_out`]: the device state follows,
-    /// the guest resumes on the destination, and this host's QEMU quits.
+    /// Lets a migration paused by [`Self::migrate_out`] send the device state and last
+    /// pages (`migrate-continue`) while the caller does the storage step: the destination
+    /// QEMU waits paused (`-S`) until [`Self::resume_arrived`], so the guest still runs on
+    /// one host only, and the transfer no longer adds to the pause after the storage step.
+    /// Until the destination resumes it, [`Self::cancel_out`] still resumes the guest here
+    /// (QEMU re-activates its disks on `cont` after a completed migration).
+    pub async fn begin_switchover(&self, vm: &str) -> anyhow::Result<()> {
+        let m = self.monitor_of(vm).await?;
+        m.execute(
+            "migrate-continue",
+            Some(json!({ "state": "pre-switchover" })),
+            QMP_TIMEOUT,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until the guest arriving here has all its state (QEMU's incoming migration
+    /// completed; the guest stays paused); returns when this agent learnt it (from QEMU's
+    /// event, which may have come before this call).
+    pub async fn wait_arrived(&self, vm: &str, timeout: Duration) -> anyhow::Result<Instant> {
+        let m = self.monitor_of(vm).await?;
+        let pid = self.live_pid(vm);
+        let deadline = Instant::now() + timeout;
+        // The MIGRATION event ends the wait; QEMU's monitor answers slowly while it loads
+        // the stream, so it is asked again only now and then.
+        let mut asked_at: Option<Instant> = None;
+        loop {
+            let mut events = m.events();
+            let mut status = m.state().migration;
+            if asked_at.is_none_or(|at| at.elapsed() > Duration::from_millis(200)) {
+                asked_at = Some(Instant::now());
+                let info = m.execute("query-migrate", None, QMP_TIMEOUT).await?;
+                status = info["status"].as_str().map(str::to_string).or(status);
+            }
+            match status.as_deref() {
+                Some("completed") => {
+                    let state = m.state();
+                    let seen = state
+                        .migration_since
+                        .filter(|_| state.migration.as_deref() == Some("completed"));
+                    return Ok(seen.unwrap_or_else(Instant::now));
+                }
+                Some(s @ ("failed" | "cancelled")) => {
+                    bail!("the guest's incoming migration {s}")
+                }
+                _ => {}
+            }
+            if pid.is_none() || self.live_pid(vm) != pid {
+                bail!("the arriving QEMU exited (its migration stream broke)");
+            }
+            if Instant::now() > deadline {
+                bail!("the guest did not arrive within {timeout:?}");
+            }
+            events.next(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Resumes a guest that arrived here (after [`Self::wait_arrived`]), once its disks
+    /// are exported here at their new epochs; from then on its QEMU is treated as any
+    /// other. Returns when it resumed (after QEMU confirmed it), microseconds since the
+    /// Unix epoch.
+    pub async fn resume_arrived(&self, vm: &str) -> anyhow::Result<u64> {
+        let m = self.monitor_of(vm).await?;
+        m.cont(QMP_TIMEOUT).await?;
+        let resumed_at = unix_now_us();
+        self.set_role(vm, None).await;
+        Ok(resumed_at)
+    }
+
+    /// Completes a migration paused by [`Self::migrate_out`]: the device state follows
+    /// (if [`Self::begin_switchover`] has not sent it on already), and this host's QEMU
+    /// quits once it has sent everything.
     /// If it fails, this host's QEMU quits all the same: its disks are fenced, and a
     /// guest resumed here could only fail its writes.
-    pub async fn switchover(&self, vm: &str) -> anyhow::Result<QemuMigrationStats> {
+    pub async fn switchover(&self, vm: &str) -> anyhow::Result<SwitchoverReport> {
         // Only a guest this host is migrating out is handed over (and its QEMU quit): a
         // request for any other (a stale coordinator's) changes nothing.
         if !matches!(self.role(vm).await, Some(Role::Outgoing { .. })) {
@@ -463,14 +607,17 @@ impl QemuHost {
         result
     }
 
-    async fn continue_to_completion(&self, vm: &str) -> anyhow::Result<QemuMigrationStats> {
+    async fn continue_to_completion(&self, vm: &str) -> anyhow::Result<SwitchoverReport> {
         let m = self.monitor_of(vm).await?;
-        m.execute(
-            "migrate-continue",
-            Some(json!({ "state": "pre-switchover" })),
-            QMP_TIMEOUT,
-        )
-        .await?;
+        let info = m.execute("query-migrate", None, QMP_TIMEOUT).await?;
+        if info["status"] == "pre-switchover" {
+            m.execute(
+                "migrate-continue",
+                Some(json!({ "state": "pre-switchover" })),
+                QMP_TIMEOUT,
+            )
+            .await?;
+        }
         let deadline = Instant::now() + SWITCHOVER_TIMEOUT;
         let mut completed_at = None;
         let info = loop {
@@ -501,7 +648,10 @@ impl QemuHost {
             total_ms: info["total-time"].as_u64().unwrap_or(0),
             ram_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
         };
-        Ok(stats)
+        Ok(SwitchoverReport {
+            stats,
+            paused_at_unix_us: m.state().stopped_at_unix_us,
+        })
     }
 
     /// Quits `vm`'s QEMU here at once (its guest runs elsewhere, or is given up): with
@@ -596,27 +746,88 @@ impl QemuHost {
         r.migration.clone()
     }
 
-    /// Waits until the arrived guest runs here, then treats its QEMU as any other.
-    pub async fn finish_incoming(&self, vm: &str, timeout: Duration) -> anyhow::Result<()> {
-        let m = self.monitor_of(vm).await?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut events = m.events();
-            let s = m.query_status(QMP_TIMEOUT).await?;
-            if s.running {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the guest did not run here within {timeout:?} after its migration (QEMU says {})",
-                    s.status
-                );
-            }
-            events.next(Duration::from_millis(5)).await;
-        }
-        self.set_role(vm, None).await;
-        Ok(())
+    /// Waits until the guest arriving here has all its state, resumes it and treats its
+    /// QEMU as any other from then on; returns how long the arrived guest waited paused
+    /// and when it resumed ([`Self::resume_arrived`]), for [`guest_pause_ms`].
+    pub async fn finish_incoming(
+        &self,
+        vm: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(Duration, u64)> {
+        let arrived = self.wait_arrived(vm, timeout).await?;
+        let resumed_at = self.resume_arrived(vm).await?;
+        Ok((arrived.elapsed(), resumed_at))
     }
+}
+
+/// The source's relay: copies the QEMU stream `unix` → `send` (as frames) until QEMU
+/// closes it, at most [`RELAY_WINDOW`] ahead of the destination's acknowledgements on
+/// `recv` (each an 8-byte little-endian count of the bytes handed to its QEMU; QEMU's
+/// return path is not carried: Convoy does not enable it). Returns the bytes sent.
+async fn relay_out(unix: UnixStream, mut send: FramedSend, mut recv: FramedRecv) -> u64 {
+    let (acked_tx, mut acked) = tokio::sync::watch::channel(0u64);
+    let acks = async move {
+        while let Ok(Some(frame)) = recv.recv_frame().await {
+            let Ok(count) = <[u8; 8]>::try_from(&frame[..]) else {
+                tracing::warn!(
+                    len = frame.len(),
+                    "bad acknowledgement on a migration stream"
+                );
+                break;
+            };
+            acked_tx.send_replace(u64::from_le_bytes(count));
+        }
+    };
+    let outbound = async move {
+        let mut read = unix;
+        let mut total = 0u64;
+        let mut buf = vec![0u8; PIPE_CHUNK];
+        'relay: loop {
+            while total.saturating_sub(*acked.borrow_and_update()) > RELAY_WINDOW {
+                if acked.changed().await.is_err() {
+                    // The destination stopped acknowledging: its side is gone.
+                    break 'relay;
+                }
+            }
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if send
+                        .send_frame_bytes(Bytes::copy_from_slice(&buf[..n]))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    total += n as u64;
+                }
+            }
+        }
+        let _ = send.finish();
+        total
+    };
+    let ((), sent) = tokio::join!(acks, outbound);
+    sent
+}
+
+/// The destination's relay: copies the frames of `recv` into the arriving QEMU's stream
+/// `unix`, acknowledging on `send` the bytes handed over so far (see [`relay_out`]).
+/// Returns the bytes received.
+async fn relay_in(unix: UnixStream, mut send: FramedSend, mut recv: FramedRecv) -> u64 {
+    let mut write = unix;
+    let mut total = 0u64;
+    while let Ok(Some(frame)) = recv.recv_frame().await {
+        if write.write_all(&frame).await.is_err() {
+            break;
+        }
+        total += frame.len() as u64;
+        if send.send_frame(&total.to_le_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = write.shutdown().await;
+    let _ = send.finish();
+    total
 }
 
 /// Copies `unix` → `send` (as frames) and `recv` → `unix` until both directions end;
@@ -686,5 +897,20 @@ mod tests {
         // A start of 0 still starts somewhere and rises.
         assert_eq!(params(0, 300).first_downtime_limit(), 1);
         assert_eq!(params(0, 300).next_downtime_limit(1), 2);
+    }
+
+    #[test]
+    fn the_guest_pause_runs_from_the_source_stop_to_the_destination_resume_unless_clocks_disagree()
+    {
+        let stop = 1_700_000_000_000_000;
+        // By the clocks: 37.2 ms, more than QEMU's 23 ms plus the 5 ms wait here.
+        assert_eq!(guest_pause_ms(23, 5, Some(stop), stop + 37_200), 38);
+        // The destination's clock behind: the pause cannot be shorter than what is known.
+        assert_eq!(guest_pause_ms(23, 5, Some(stop), stop + 10_000), 28);
+        assert_eq!(guest_pause_ms(23, 5, Some(stop), stop - 1_000), 28);
+        // Far ahead: not believed.
+        assert_eq!(guest_pause_ms(23, 5, Some(stop), stop + 60_000_000), 28);
+        // No pause stamp from the source.
+        assert_eq!(guest_pause_ms(23, 5, None, stop), 28);
     }
 }

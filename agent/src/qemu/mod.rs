@@ -376,7 +376,9 @@ impl QemuHost {
             .arg(&pidfile)
             .arg("-daemonize");
         if incoming {
-            cmd.args(["-incoming", "defer"]);
+            // `-S`: the arrived guest stays paused until its agent has the disks' new
+            // epochs exported here and sends `cont` (see `migrate::QemuHost::resume_arrived`).
+            cmd.args(["-incoming", "defer", "-S"]);
         }
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
@@ -666,7 +668,7 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(&line).expect("json");
             let reply = match v["execute"].as_str() {
                 Some("qmp_capabilities") => "{\"return\": {}}\n".to_string(),
-                Some("query-status") => "{\"event\": \"STOP\", \"data\": {}}\n{\"return\": {\"running\": false, \"status\": \"paused\"}}\n".to_string(),
+                Some("query-status") => "{\"event\": \"STOP\", \"data\": {}, \"timestamp\": {\"seconds\": 1700000000, \"microseconds\": 250}}\n{\"return\": {\"running\": false, \"status\": \"paused\"}}\n".to_string(),
                 Some("system_powerdown") => "{\"return\": {}}\n{\"event\": \"SHUTDOWN\", \"data\": {\"guest\": true, \"reason\": \"guest-shutdown\"}}\n{\"event\": \"MIGRATION\", \"data\": {\"status\": \"pre-switchover\"}}\n".to_string(),
                 Some("quit") => {
                     let _ = write.write_all(b"{\"return\": {}}\n").await;
@@ -690,6 +692,7 @@ mod tests {
         assert!(!status.running);
         assert_eq!(status.status, "paused");
         assert!(m.state().stopped, "the STOP event was seen");
+        assert_eq!(m.state().stopped_at_unix_us, Some(1_700_000_000_000_250));
         match m.execute("bogus", None, t).await {
             Err(qmp::QmpError::Refused { command, class, .. }) => {
                 assert_eq!(

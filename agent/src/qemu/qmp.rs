@@ -129,8 +129,22 @@ pub struct MonitorState {
     pub stopped: bool,
     /// Last migration status from a `MIGRATION` event.
     pub migration: Option<String>,
+    /// When that event came (this process's clock).
+    pub migration_since: Option<std::time::Instant>,
+    /// When the last `STOP` event happened, by QEMU's stamp (wall clock, microseconds
+    /// since the Unix epoch).
+    pub stopped_at_unix_us: Option<u64>,
     /// The latest events, oldest first.
     pub events: VecDeque<QmpEvent>,
+}
+
+/// An event's `timestamp` (QEMU stamps events with the host's wall clock), in
+/// microseconds since the Unix epoch.
+fn event_unix_us(event: &Value) -> Option<u64> {
+    let ts = event.get("timestamp")?;
+    let seconds = ts.get("seconds")?.as_u64()?;
+    let micros = ts.get("microseconds")?.as_u64()?;
+    seconds.checked_mul(1_000_000)?.checked_add(micros)
 }
 
 /// `query-status`.
@@ -357,10 +371,16 @@ async fn run(
                     let event = QmpEvent::parse(name, v.get("data").unwrap_or(&Value::Null));
                     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
                     match &event {
-                        QmpEvent::Stop => s.stopped = true,
+                        QmpEvent::Stop => {
+                            s.stopped = true;
+                            s.stopped_at_unix_us = event_unix_us(&v);
+                        }
                         QmpEvent::Resume => s.stopped = false,
                         QmpEvent::Shutdown { .. } => s.shut_down = true,
-                        QmpEvent::Migration { status } => s.migration = Some(status.clone()),
+                        QmpEvent::Migration { status } => {
+                            s.migration = Some(status.clone());
+                            s.migration_since = Some(std::time::Instant::now());
+                        }
                         QmpEvent::Other(_) => {}
                     }
                     s.events.push_back(event);
