@@ -275,8 +275,8 @@ impl QemuHost {
         Ok(())
     }
 
-    /// Serves a migration stream another agent opened: pipes it into the arriving QEMU's
-    /// socket (and its return path back).
+    /// Serves a migration stream another agent opened: relays it into the arriving QEMU's
+    /// socket.
     pub async fn serve_stream(&self, mut stream: InboundStream) {
         let peer = stream.peer;
         let header = match stream.read_request().await {
@@ -318,19 +318,11 @@ impl QemuHost {
                 return;
             }
         };
-        let (sent, received) = if stream.kind == StreamKind::QemuMigrationAcked {
-            (0, relay_in(unix, stream.send, stream.recv).await)
-        } else {
-            // An agent before acknowledged streams: QEMU's bytes both ways, unpaced.
-            pipe(unix, stream.send, stream.recv).await
-        };
-        tracing::info!(
-            vm = header.vm,
-            peer,
-            sent,
-            received,
-            "migration stream ended"
-        );
+        // A source agent from before acknowledged streams sends unpaced and reads nothing
+        // back (the arriving QEMU sends nothing: Convoy does not enable a return path).
+        let acknowledge = stream.kind == StreamKind::QemuMigrationAcked;
+        let received = relay_in(unix, stream.send, stream.recv, acknowledge).await;
+        tracing::info!(vm = header.vm, peer, received, "migration stream ended");
     }
 
     /// Migrates `vm`'s guest to `to` (reached through `endpoint` at `addr`) until QEMU
@@ -811,9 +803,14 @@ async fn relay_out(unix: UnixStream, mut send: FramedSend, mut recv: FramedRecv)
 }
 
 /// The destination's relay: copies the frames of `recv` into the arriving QEMU's stream
-/// `unix`, acknowledging on `send` the bytes handed over so far (see [`relay_out`]).
-/// Returns the bytes received.
-async fn relay_in(unix: UnixStream, mut send: FramedSend, mut recv: FramedRecv) -> u64 {
+/// `unix`; with `acknowledge`, sends on `send` the bytes handed over so far after each
+/// frame (see [`relay_out`]). Returns the bytes received.
+async fn relay_in(
+    unix: UnixStream,
+    mut send: FramedSend,
+    mut recv: FramedRecv,
+    acknowledge: bool,
+) -> u64 {
     let mut write = unix;
     let mut total = 0u64;
     while let Ok(Some(frame)) = recv.recv_frame().await {
@@ -821,52 +818,13 @@ async fn relay_in(unix: UnixStream, mut send: FramedSend, mut recv: FramedRecv) 
             break;
         }
         total += frame.len() as u64;
-        if send.send_frame(&total.to_le_bytes()).await.is_err() {
+        if acknowledge && send.send_frame(&total.to_le_bytes()).await.is_err() {
             break;
         }
     }
     let _ = write.shutdown().await;
     let _ = send.finish();
     total
-}
-
-/// Copies `unix` → `send` (as frames) and `recv` → `unix` until both directions end;
-/// returns the bytes each way.
-async fn pipe(unix: UnixStream, mut send: FramedSend, mut recv: FramedRecv) -> (u64, u64) {
-    let (mut read, mut write) = unix.into_split();
-    let outbound = async {
-        let mut total = 0u64;
-        let mut buf = vec![0u8; PIPE_CHUNK];
-        loop {
-            match read.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if send
-                        .send_frame_bytes(Bytes::copy_from_slice(&buf[..n]))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                    total += n as u64;
-                }
-            }
-        }
-        let _ = send.finish();
-        total
-    };
-    let inbound = async {
-        let mut total = 0u64;
-        while let Ok(Some(frame)) = recv.recv_frame().await {
-            if write.write_all(&frame).await.is_err() {
-                break;
-            }
-            total += frame.len() as u64;
-        }
-        let _ = write.shutdown().await;
-        total
-    };
-    tokio::join!(outbound, inbound)
 }
 
 #[cfg(test)]
